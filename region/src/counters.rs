@@ -1,0 +1,279 @@
+//! Exact counters and histograms.
+//!
+//! Region-wide totals are incremented *at the source*, in the header, at the same time
+//! as the slot's own share. A slot's death therefore never loses a count, and a reader
+//! summing nothing cannot see a fold half done: reclaiming a slot only clears its
+//! attribution copy. That is the "fold into region totals" done with one add per
+//! counter instead of a cross-field transaction a dying process could tear.
+
+use crate::layout::{Histogram, HIST_BUCKETS, NUM_COUNTERS};
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Which lock. The discriminant indexes `RegionLayout::locks`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum LockId {
+    /// Short region bookkeeping.
+    Region = 0,
+    /// Host-PID detection: held from the NVML snapshot to the slot write.
+    Detect = 1,
+}
+
+impl LockId {
+    pub const ALL: [LockId; 2] = [LockId::Region, LockId::Detect];
+    pub fn name(self) -> &'static str {
+        match self {
+            LockId::Region => "region",
+            LockId::Detect => "detect",
+        }
+    }
+    pub fn from_u8(v: u8) -> Option<LockId> {
+        match v {
+            0 => Some(LockId::Region),
+            1 => Some(LockId::Detect),
+            _ => None,
+        }
+    }
+}
+
+/// Why a lock was taken from its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ForceReason {
+    /// The owner's liveness token was free: it died holding the lock.
+    OwnerDead = 0,
+    /// The owner is alive but held the lock past its lease: evicted, fenced.
+    LeaseExpired = 1,
+}
+
+impl ForceReason {
+    pub const ALL: [ForceReason; 2] = [ForceReason::OwnerDead, ForceReason::LeaseExpired];
+    pub fn name(self) -> &'static str {
+        match self {
+            ForceReason::OwnerDead => "owner_dead",
+            ForceReason::LeaseExpired => "lease_expired",
+        }
+    }
+    pub fn from_u8(v: u8) -> Option<ForceReason> {
+        match v {
+            0 => Some(ForceReason::OwnerDead),
+            1 => Some(ForceReason::LeaseExpired),
+            _ => None,
+        }
+    }
+}
+
+/// Outcome of one host-PID detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DetectOutcome {
+    Found = 1,
+    /// The driver reports container PIDs: our own PID appeared.
+    SameNamespace = 2,
+    /// More than one unclaimed new PID: refused to guess.
+    Ambiguous = 3,
+    Timeout = 4,
+    NvmlError = 5,
+}
+
+impl DetectOutcome {
+    pub const ALL: [DetectOutcome; 5] = [
+        DetectOutcome::Found,
+        DetectOutcome::SameNamespace,
+        DetectOutcome::Ambiguous,
+        DetectOutcome::Timeout,
+        DetectOutcome::NvmlError,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            DetectOutcome::Found => "found",
+            DetectOutcome::SameNamespace => "same_namespace",
+            DetectOutcome::Ambiguous => "ambiguous",
+            DetectOutcome::Timeout => "timeout",
+            DetectOutcome::NvmlError => "nvml_error",
+        }
+    }
+    pub fn from_u8(v: u8) -> Option<DetectOutcome> {
+        DetectOutcome::ALL.into_iter().find(|o| *o as u8 == v)
+    }
+}
+
+/// Every exact counter. The discriminant is the index in the counter arrays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum Counter {
+    RegionInitializations = 0,
+    RegionRecoveries,
+    ProcessInitsInitializer,
+    ProcessInitsFastPath,
+    SlotsClaimed,
+    SlotsReleased,
+    SlotsReclaimedDead,
+    LockAcquisitionsRegion,
+    LockAcquisitionsDetect,
+    LockRetriesRegion,
+    LockRetriesDetect,
+    ForcePostsRegionOwnerDead,
+    ForcePostsRegionLeaseExpired,
+    ForcePostsDetectOwnerDead,
+    ForcePostsDetectLeaseExpired,
+    FencedReleasesRegion,
+    FencedReleasesDetect,
+    DetectFound,
+    DetectSameNamespace,
+    DetectAmbiguous,
+    DetectTimeout,
+    DetectNvmlError,
+    AllocationDenials,
+    /// Must stay last.
+    _Count,
+}
+
+const _: () = assert!((Counter::_Count as usize) <= NUM_COUNTERS);
+
+impl Counter {
+    pub fn lock_acquisitions(lock: LockId) -> Counter {
+        match lock {
+            LockId::Region => Counter::LockAcquisitionsRegion,
+            LockId::Detect => Counter::LockAcquisitionsDetect,
+        }
+    }
+    pub fn lock_retries(lock: LockId) -> Counter {
+        match lock {
+            LockId::Region => Counter::LockRetriesRegion,
+            LockId::Detect => Counter::LockRetriesDetect,
+        }
+    }
+    pub fn force_posts(lock: LockId, reason: ForceReason) -> Counter {
+        match (lock, reason) {
+            (LockId::Region, ForceReason::OwnerDead) => Counter::ForcePostsRegionOwnerDead,
+            (LockId::Region, ForceReason::LeaseExpired) => Counter::ForcePostsRegionLeaseExpired,
+            (LockId::Detect, ForceReason::OwnerDead) => Counter::ForcePostsDetectOwnerDead,
+            (LockId::Detect, ForceReason::LeaseExpired) => Counter::ForcePostsDetectLeaseExpired,
+        }
+    }
+    pub fn fenced_releases(lock: LockId) -> Counter {
+        match lock {
+            LockId::Region => Counter::FencedReleasesRegion,
+            LockId::Detect => Counter::FencedReleasesDetect,
+        }
+    }
+    pub fn detections(outcome: DetectOutcome) -> Counter {
+        match outcome {
+            DetectOutcome::Found => Counter::DetectFound,
+            DetectOutcome::SameNamespace => Counter::DetectSameNamespace,
+            DetectOutcome::Ambiguous => Counter::DetectAmbiguous,
+            DetectOutcome::Timeout => Counter::DetectTimeout,
+            DetectOutcome::NvmlError => Counter::DetectNvmlError,
+        }
+    }
+}
+
+/// Which histogram. The discriminant indexes `RegionLayout::histograms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum HistogramId {
+    /// Contended waits only; uncontended acquisitions are `acquisitions - count`.
+    LockWaitRegion = 0,
+    LockWaitDetect = 1,
+    DetectionLatency = 2,
+    DetectionPolls = 3,
+    InitDuration = 4,
+}
+
+impl HistogramId {
+    pub fn lock_wait(lock: LockId) -> HistogramId {
+        match lock {
+            LockId::Region => HistogramId::LockWaitRegion,
+            LockId::Detect => HistogramId::LockWaitDetect,
+        }
+    }
+    /// The value of bucket 0's upper bound: 1 µs for durations (stored in ns), 1 for counts.
+    pub fn unit(self) -> u64 {
+        match self {
+            HistogramId::DetectionPolls => 1,
+            _ => 1_000,
+        }
+    }
+}
+
+/// Index of the bucket for `value`: the smallest `i` with `value <= unit << i`.
+pub fn bucket_index(value: u64, unit: u64) -> usize {
+    if value <= unit {
+        return 0;
+    }
+    // ceil(value / unit), then ceil(log2).
+    let q = value.div_ceil(unit);
+    let idx = (64 - (q - 1).leading_zeros()) as usize;
+    idx.min(HIST_BUCKETS - 1)
+}
+
+/// Upper bound of bucket `i` in the histogram's own unit; `None` for +Inf.
+pub fn bucket_upper_bound(i: usize, unit: u64) -> Option<u64> {
+    if i + 1 >= HIST_BUCKETS {
+        None
+    } else {
+        Some(unit << i)
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, value: u64, unit: u64) {
+        self.buckets[bucket_index(value, unit)].fetch_add(1, Relaxed);
+        self.sum.fetch_add(value, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+}
+
+/// A plain copy of a histogram.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HistogramSnapshot {
+    pub unit: u64,
+    /// Non-cumulative bucket counts; the last is +Inf.
+    pub buckets: Vec<u64>,
+    pub count: u64,
+    pub sum: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_upper_inclusive_powers_of_two() {
+        assert_eq!(bucket_index(0, 1000), 0);
+        assert_eq!(bucket_index(1000, 1000), 0);
+        assert_eq!(bucket_index(1001, 1000), 1);
+        assert_eq!(bucket_index(2000, 1000), 1);
+        assert_eq!(bucket_index(2001, 1000), 2);
+        assert_eq!(bucket_index(1, 1), 0);
+        assert_eq!(bucket_index(2, 1), 1);
+        assert_eq!(bucket_index(3, 1), 2);
+        assert_eq!(bucket_index(4, 1), 2);
+        assert_eq!(bucket_index(u64::MAX, 1), HIST_BUCKETS - 1);
+        for v in [1u64, 7, 999, 1_000_000, 123_456_789] {
+            let i = bucket_index(v, 1000);
+            if let Some(ub) = bucket_upper_bound(i, 1000) {
+                assert!(v <= ub);
+            }
+            if i > 0 {
+                assert!(v > bucket_upper_bound(i - 1, 1000).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn enums_round_trip() {
+        for l in LockId::ALL {
+            assert_eq!(LockId::from_u8(l as u8), Some(l));
+        }
+        for r in ForceReason::ALL {
+            assert_eq!(ForceReason::from_u8(r as u8), Some(r));
+        }
+        for o in DetectOutcome::ALL {
+            assert_eq!(DetectOutcome::from_u8(o as u8), Some(o));
+        }
+        assert_eq!(DetectOutcome::from_u8(0), None);
+        assert_eq!(LockId::from_u8(9), None);
+    }
+}

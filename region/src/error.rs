@@ -1,0 +1,64 @@
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// Everything that can go wrong with a region. Every message names the file.
+#[derive(Debug, Error)]
+pub enum RegionError {
+    #[error("region {}: cannot {op}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("region {}: file is {len} bytes but a layout v{} region needs {expected} (truncated, or not a Vigil region)", path.display(), crate::layout::LAYOUT_VERSION)]
+    Truncated {
+        path: PathBuf,
+        len: u64,
+        expected: u64,
+    },
+    #[error("region {}: bad magic {found:#018x} (expected {:#018x}): not a Vigil region", path.display(), crate::layout::MAGIC)]
+    WrongMagic { path: PathBuf, found: u64 },
+    #[error("region {}: layout version {found} is not supported (this build reads v{supported}); upgrade the reader or remove the file once no process uses it", path.display())]
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("region {}: not initialized yet (state {state})", path.display())]
+    NotReady { path: PathBuf, state: u32 },
+    #[error("region {}: impossible value {value} in {field}: {why}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        field: &'static str,
+        value: u64,
+        why: &'static str,
+    },
+    #[error("region {}: initialization did not finish within {waited_ms} ms (initializer alive but stalled?)", path.display())]
+    InitTimeout { path: PathBuf, waited_ms: u64 },
+    #[error("region {}: all {max} process slots are held by live processes", path.display())]
+    SlotsExhausted { path: PathBuf, max: usize },
+    #[error("region {}: invalid parameter {what}: {why}", path.display())]
+    InvalidParam {
+        path: PathBuf,
+        what: &'static str,
+        why: String,
+    },
+}
+
+impl RegionError {
+    /// A short stable label for metrics (`vigil_exporter_region_errors_total{reason}`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RegionError::Io { .. } => "io",
+            RegionError::Truncated { .. } => "truncated",
+            RegionError::WrongMagic { .. } => "bad_magic",
+            RegionError::UnsupportedVersion { .. } => "bad_version",
+            RegionError::NotReady { .. } => "not_ready",
+            RegionError::Corrupt { .. } => "corrupt",
+            RegionError::InitTimeout { .. } => "init_timeout",
+            RegionError::SlotsExhausted { .. } => "slots_exhausted",
+            RegionError::InvalidParam { .. } => "invalid_param",
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The shared-memory layout: the one contract between the interposer (writer) and the
+//! exporter (reader). Everything is `#[repr(C)]`, every field is an atomic (the region
+//! is shared between processes that may die at any instruction), and the size and
+//! offsets are pinned below so that a change is a deliberate version bump.
+
+use std::mem::{offset_of, size_of};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
+
+/// "VIGILRGN", little-endian.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"VIGILRGN");
+/// Bump on any change to this file's structs.
+pub const LAYOUT_VERSION: u32 = 1;
+
+pub const MAX_DEVICES: usize = 16;
+pub const MAX_SLOTS: usize = 1024;
+/// Events in the ring; a power of two.
+pub const RING_CAPACITY: usize = 16384;
+pub const NUM_COUNTERS: usize = 64;
+pub const NUM_LOCKS: usize = 2;
+pub const HIST_BUCKETS: usize = 30;
+pub const NUM_HISTOGRAMS: usize = 8;
+
+/// Region states, in `Header::state`.
+pub const STATE_UNINIT: u32 = 0;
+pub const STATE_INITIALIZING: u32 = 1;
+pub const STATE_READY: u32 = 2;
+
+/// Slot states, in `Slot::state`.
+pub const SLOT_FREE: u32 = 0;
+pub const SLOT_ACTIVE: u32 = 1;
+
+#[repr(C)]
+pub struct Header {
+    pub magic: AtomicU64,
+    pub version: AtomicU32,
+    pub state: AtomicU32,
+    /// Total size the writer expects; readers check it against the file.
+    pub region_size: AtomicU64,
+    /// PID (in its own namespace) of the last process that initialized the region.
+    pub init_pid: AtomicU32,
+    /// How many times the region was initialized: 1, plus one per recovery.
+    pub init_count: AtomicU32,
+    /// Identity of the initialization (random per init), so readers can tell a
+    /// re-created region from the one they knew.
+    pub init_nonce: AtomicU64,
+    pub created_realtime_ns: AtomicU64,
+    pub created_monotonic_ns: AtomicU64,
+    pub device_count: AtomicU32,
+    pub slot_count: AtomicU32,
+    pub ring_capacity: AtomicU32,
+    pub flags: AtomicU32,
+    pub _reserved: [AtomicU64; 7],
+}
+
+/// Per-device memory limit and accounting. `used` is the sum of all slots' `mem_used`.
+#[repr(C)]
+pub struct DeviceEntry {
+    /// 0 = no limit.
+    pub limit: AtomicU64,
+    pub used: AtomicU64,
+    pub denials: AtomicU64,
+    pub peak: AtomicU64,
+}
+
+/// A log2 histogram: bucket `i` counts observations `<= unit << i`; the last bucket is
+/// +Inf. Exact, because it is only ever incremented.
+#[repr(C)]
+pub struct Histogram {
+    pub buckets: [AtomicU64; HIST_BUCKETS],
+    pub count: AtomicU64,
+    pub sum: AtomicU64,
+}
+
+/// One cross-process lock. See `lock` for the protocol.
+#[repr(C, align(64))]
+pub struct LockState {
+    /// {owner slot + 1 (16 bits) | owner slot generation (16) | epoch (32)}; owner 0 = free.
+    pub word: AtomicU64,
+    /// Processes currently sleeping on the word's futex.
+    pub waiters: AtomicU32,
+    pub _pad: AtomicU32,
+    /// Lease: a live owner holding longer than this is evicted (fenced).
+    pub lease_ns: AtomicU64,
+    pub _reserved: [AtomicU64; 5],
+}
+
+/// One process slot.
+#[repr(C, align(64))]
+pub struct Slot {
+    pub state: AtomicU32,
+    /// Bumped on every claim, so a lock word naming an old incarnation is stale.
+    pub generation: AtomicU32,
+    /// PID in the process's own namespace.
+    pub pid: AtomicU32,
+    /// Host PID, once detected; 0 = unknown.
+    pub host_pid: AtomicU32,
+    pub claimed_realtime_ns: AtomicU64,
+    /// Last host-PID detection outcome (see `counters::DetectOutcome`), 0 = none yet.
+    pub detect_outcome: AtomicU32,
+    pub flags: AtomicU32,
+    pub _reserved: [AtomicU64; 4],
+    /// Bytes this process holds on each device.
+    pub mem_used: [AtomicU64; MAX_DEVICES],
+    /// This process's share of the region counters (attribution only; the region
+    /// totals are incremented at the source, see `counters`).
+    pub counters: [AtomicU64; NUM_COUNTERS],
+}
+
+/// One event in the ring: a seqlock word and seven payload words.
+#[repr(C, align(64))]
+pub struct EventSlot {
+    /// 0 = never written; ((pos + 1) << 1) = committed event `pos`; | 1 = being written.
+    pub seq: AtomicU64,
+    pub words: [AtomicU64; 7],
+}
+
+#[repr(C, align(64))]
+pub struct RingHeader {
+    /// Next position to hand out; also the total number of events ever started.
+    pub head: AtomicU64,
+    pub _reserved: [AtomicU64; 7],
+}
+
+/// Bytes whose open-file-description locks are liveness tokens. Their contents are
+/// never read; only the locks on them matter.
+#[repr(C)]
+pub struct Tokens {
+    pub init: [AtomicU8; 64],
+    pub slots: [AtomicU8; MAX_SLOTS],
+}
+
+#[repr(C)]
+pub struct RegionLayout {
+    pub header: Header,
+    pub devices: [DeviceEntry; MAX_DEVICES],
+    pub counters: [AtomicU64; NUM_COUNTERS],
+    pub histograms: [Histogram; NUM_HISTOGRAMS],
+    pub locks: [LockState; NUM_LOCKS],
+    pub ring: RingHeader,
+    pub tokens: Tokens,
+    pub slots: [Slot; MAX_SLOTS],
+    pub events: [EventSlot; RING_CAPACITY],
+}
+
+pub const REGION_SIZE: usize = size_of::<RegionLayout>();
+
+/// File offset of the initializer's liveness token.
+pub const INIT_TOKEN_OFFSET: u64 = offset_of!(RegionLayout, tokens) as u64;
+/// File offset of slot `i`'s liveness token.
+pub fn slot_token_offset(i: usize) -> u64 {
+    (offset_of!(RegionLayout, tokens) + offset_of!(Tokens, slots) + i) as u64
+}
+
+// Pinned layout. If one of these fails you changed the shared format: bump
+// LAYOUT_VERSION and update the numbers together.
+const _: () = {
+    assert!(size_of::<Header>() == 128);
+    assert!(offset_of!(Header, magic) == 0);
+    assert!(offset_of!(Header, version) == 8);
+    assert!(offset_of!(Header, state) == 12);
+    assert!(offset_of!(Header, region_size) == 16);
+    assert!(offset_of!(Header, init_pid) == 24);
+    assert!(offset_of!(Header, init_nonce) == 32);
+    assert!(offset_of!(Header, device_count) == 56);
+    assert!(offset_of!(Header, slot_count) == 60);
+    assert!(offset_of!(Header, ring_capacity) == 64);
+    assert!(size_of::<DeviceEntry>() == 32);
+    assert!(size_of::<Histogram>() == 256);
+    assert!(size_of::<LockState>() == 64);
+    assert!(size_of::<Slot>() == 704);
+    assert!(offset_of!(Slot, mem_used) == 64);
+    assert!(offset_of!(Slot, counters) == 192);
+    assert!(size_of::<EventSlot>() == 64);
+    assert!(size_of::<Tokens>() == 64 + MAX_SLOTS);
+    assert!(offset_of!(RegionLayout, devices) == 128);
+    assert!(offset_of!(RegionLayout, counters) == 640);
+    assert!(offset_of!(RegionLayout, histograms) == 1152);
+    assert!(offset_of!(RegionLayout, locks) == 3200);
+    assert!(offset_of!(RegionLayout, ring) == 3328);
+    assert!(offset_of!(RegionLayout, tokens) == 3392);
+    assert!(offset_of!(RegionLayout, slots) == 4480);
+    assert!(offset_of!(RegionLayout, events) == 725376);
+    assert!(REGION_SIZE == 1773952);
+    assert!(RING_CAPACITY.is_power_of_two());
+    assert!(MAX_SLOTS < u16::MAX as usize);
+    // The futex word is the low half of the lock word.
+    assert!(offset_of!(LockState, word) == 0);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_pinned() {
+        assert_eq!(REGION_SIZE, 1773952);
+        assert_eq!(offset_of!(RegionLayout, events) % 64, 0);
+        assert_eq!(offset_of!(RegionLayout, slots) % 64, 0);
+        assert_eq!(slot_token_offset(0), INIT_TOKEN_OFFSET + 64);
+    }
+}

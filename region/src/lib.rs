@@ -1,0 +1,27 @@
+//! vigil-region: the one contract between Vigil's writers (the interposer in every
+//! workload) and its reader (the exporter sidecar).
+//!
+//! A region is a file, memory-mapped shared by every process of one container. It
+//! holds a versioned header, per-device limits and usage, exact counters and
+//! histograms, two cross-process locks, process slots with liveness tokens, and an
+//! event ring. See `docs/region.md` for the protocols and the reasons behind them.
+//!
+//! Unsafe code lives only in `sys` (syscalls) and in the one cast from mapping to
+//! layout in `region`.
+
+pub mod counters;
+pub mod error;
+pub mod layout;
+pub mod lock;
+pub mod region;
+pub mod ring;
+pub mod slot;
+mod sys;
+
+pub use counters::{Counter, DetectOutcome, ForceReason, HistogramId, HistogramSnapshot, LockId};
+pub use error::RegionError;
+pub use lock::{LockGuard, LockOutcome, ReleaseOutcome};
+pub use region::{DeviceInfo, InitParams, InitPath, InitReport, Region, RegionReader, SlotInfo, Snapshot};
+pub use ring::{DrainStats, Event, EventKind, LostCounts, RingConsumer, NO_SLOT};
+pub use slot::SlotHandle;
+pub use sys::{getpid, monotonic_ns, realtime_ns};

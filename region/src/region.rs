@@ -1,0 +1,625 @@
+//! Opening, validating and initializing a region; the writer and read-only handles.
+
+use crate::counters::{Counter, HistogramId, HistogramSnapshot};
+use crate::error::RegionError;
+use crate::layout::*;
+use crate::ring::{self, Event, EventKind, NO_SLOT};
+use crate::sys::{self, monotonic_ns, realtime_ns, Mapping};
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::time::{Duration, Instant};
+
+/// What the first process writes into a new region. Later processes' values are
+/// ignored: the region wins (they can compare with [`Region::device_limits`]).
+#[derive(Debug, Clone)]
+pub struct InitParams {
+    /// Per-device memory limits in bytes; 0 = unlimited. Its length is the device count.
+    pub device_limits: Vec<u64>,
+    /// Lease of the region lock (see `lock`).
+    pub region_lock_lease: Duration,
+    /// Lease of the detection lock; must exceed the detection deadline.
+    pub detect_lock_lease: Duration,
+    /// How long to wait for another process's initialization before giving up.
+    pub init_timeout: Duration,
+}
+
+impl Default for InitParams {
+    fn default() -> Self {
+        InitParams {
+            device_limits: Vec::new(),
+            region_lock_lease: Duration::from_secs(5),
+            detect_lock_lease: Duration::from_secs(30),
+            init_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How this process got a usable region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum InitPath {
+    /// Won the CAS and initialized a new region.
+    Initializer = 0,
+    /// Found it READY (or waited for it): no lock taken.
+    FastPath = 1,
+    /// Found it stuck in INITIALIZING with a dead initializer, and re-initialized it.
+    Recovered = 2,
+}
+
+impl InitPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            InitPath::Initializer => "initializer",
+            InitPath::FastPath => "fast_path",
+            InitPath::Recovered => "recovered",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct InitReport {
+    pub path: InitPath,
+    pub duration: Duration,
+}
+
+/// A writer's handle on a region: a read-write mapping plus the open file description
+/// whose byte locks are this process's liveness tokens.
+pub struct Region {
+    pub(crate) path: PathBuf,
+    pub(crate) file: File,
+    map: Mapping,
+    /// Slots this process holds, so we never "reclaim" our own (our own OFD locks
+    /// never conflict with us) and threads never claim the same one.
+    pub(crate) held: Box<[AtomicU64; MAX_SLOTS / 64]>,
+    opened_pid: u32,
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> RegionError + 'a {
+    move |source| RegionError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// Reinterprets a mapping of at least REGION_SIZE bytes as the layout.
+fn layout_of(map: &Mapping) -> &RegionLayout {
+    // SAFETY: every mapping passed here is REGION_SIZE bytes long (checked by the
+    // callers before mapping) and page-aligned, which satisfies RegionLayout's 64-byte
+    // alignment. RegionLayout consists only of atomics, valid for any bit pattern and
+    // sound to share across threads and processes. The reference borrows `map`, so it
+    // cannot outlive the mapping.
+    unsafe { &*(map.as_ptr() as *const RegionLayout) }
+}
+
+/// Checks every header field a reader relies on. Used by writers and readers alike.
+pub(crate) fn validate(layout: &RegionLayout, path: &Path, file_len: u64) -> Result<(), RegionError> {
+    let h = &layout.header;
+    let corrupt = |field, value: u64, why| RegionError::Corrupt {
+        path: path.to_path_buf(),
+        field,
+        value,
+        why,
+    };
+    let magic = h.magic.load(Acquire);
+    if magic != MAGIC {
+        return Err(RegionError::WrongMagic {
+            path: path.to_path_buf(),
+            found: magic,
+        });
+    }
+    let version = h.version.load(Relaxed);
+    if version != LAYOUT_VERSION {
+        return Err(RegionError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found: version,
+            supported: LAYOUT_VERSION,
+        });
+    }
+    let state = h.state.load(Acquire);
+    if state != STATE_READY {
+        if state > STATE_READY {
+            return Err(corrupt("header.state", state as u64, "not a known state"));
+        }
+        return Err(RegionError::NotReady {
+            path: path.to_path_buf(),
+            state,
+        });
+    }
+    let size = h.region_size.load(Relaxed);
+    if size != REGION_SIZE as u64 {
+        return Err(corrupt("header.region_size", size, "does not match layout size"));
+    }
+    if file_len < REGION_SIZE as u64 {
+        return Err(RegionError::Truncated {
+            path: path.to_path_buf(),
+            len: file_len,
+            expected: REGION_SIZE as u64,
+        });
+    }
+    let dc = h.device_count.load(Relaxed);
+    if dc as usize > MAX_DEVICES {
+        return Err(corrupt("header.device_count", dc as u64, "exceeds 16 devices"));
+    }
+    let sc = h.slot_count.load(Relaxed);
+    if sc as usize != MAX_SLOTS {
+        return Err(corrupt("header.slot_count", sc as u64, "does not match layout"));
+    }
+    let rc = h.ring_capacity.load(Relaxed);
+    if rc as usize != RING_CAPACITY {
+        return Err(corrupt("header.ring_capacity", rc as u64, "does not match layout"));
+    }
+    for l in &layout.locks {
+        if l.lease_ns.load(Relaxed) == 0 {
+            return Err(corrupt("locks.lease_ns", 0, "a lease of zero would evict every owner"));
+        }
+    }
+    Ok(())
+}
+
+fn file_len(file: &File, path: &Path) -> Result<u64, RegionError> {
+    Ok(file.metadata().map_err(io_err(path, "stat"))?.len())
+}
+
+/// Polls `f` with a short backoff until it returns Some, or the deadline passes.
+fn wait_until<T>(deadline: Instant, mut f: impl FnMut() -> Result<Option<T>, RegionError>) -> Result<Option<T>, RegionError> {
+    let mut pause = Duration::from_micros(20);
+    loop {
+        if let Some(v) = f()? {
+            return Ok(Some(v));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(1));
+    }
+}
+
+impl Region {
+    /// Opens the region at `path`, creating and initializing it if needed.
+    ///
+    /// Exactly one process initializes a new region: it holds the init token (an OFD
+    /// lock, released by the kernel if it dies) and CASes the state UNINIT ->
+    /// INITIALIZING -> READY. Everyone who finds READY takes the fast path with no lock.
+    /// A region left in INITIALIZING by a dead initializer is re-initialized by
+    /// whoever gets the token next.
+    pub fn open(path: impl AsRef<Path>, params: &InitParams) -> Result<(Region, InitReport), RegionError> {
+        let path = path.as_ref();
+        let start = Instant::now();
+        if params.device_limits.len() > MAX_DEVICES {
+            return Err(RegionError::InvalidParam {
+                path: path.to_path_buf(),
+                what: "device_limits",
+                why: format!("{} devices, at most {MAX_DEVICES} supported", params.device_limits.len()),
+            });
+        }
+        for (what, d) in [("region_lock_lease", params.region_lock_lease), ("detect_lock_lease", params.detect_lock_lease)] {
+            if d.is_zero() {
+                return Err(RegionError::InvalidParam {
+                    path: path.to_path_buf(),
+                    what,
+                    why: "must be greater than zero".into(),
+                });
+            }
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o666)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io_err(path, "open"))?;
+        let deadline = start + params.init_timeout;
+
+        let mut len = file_len(&file, path)?;
+        if len < REGION_SIZE as u64 {
+            // Grow a new (empty or all-zero) file under the init token, so nobody maps
+            // it while it is short. Never touch a short file with data in it.
+            let got = wait_until(deadline, || {
+                sys::ofd_try_lock(&file, INIT_TOKEN_OFFSET).map_err(io_err(path, "lock init token"))
+                    .map(|ok| ok.then_some(()))
+            })?;
+            if got.is_none() {
+                return Err(RegionError::InitTimeout { path: path.to_path_buf(), waited_ms: start.elapsed().as_millis() as u64 });
+            }
+            let res = grow_if_blank(&file, path);
+            let _ = sys::ofd_unlock(&file, INIT_TOKEN_OFFSET);
+            res?;
+            len = file_len(&file, path)?;
+        }
+        let map = Mapping::new(&file, REGION_SIZE, true).map_err(io_err(path, "mmap"))?;
+        let region = Region {
+            path: path.to_path_buf(),
+            file,
+            map,
+            held: Box::new([const { AtomicU64::new(0) }; MAX_SLOTS / 64]),
+            opened_pid: sys::getpid(),
+        };
+        let init_path = region.initialize(params, deadline, len)?;
+        let duration = start.elapsed();
+        let c = match init_path {
+            InitPath::Initializer | InitPath::Recovered => Counter::ProcessInitsInitializer,
+            InitPath::FastPath => Counter::ProcessInitsFastPath,
+        };
+        region.count(None, c, 1);
+        region.observe(HistogramId::InitDuration, duration.as_nanos() as u64);
+        region.emit(&Event::new(EventKind::Init, NO_SLOT, init_path as u32, duration.as_nanos() as u64, 0, 0));
+        Ok((region, InitReport { path: init_path, duration }))
+    }
+
+    fn initialize(&self, params: &InitParams, deadline: Instant, len: u64) -> Result<InitPath, RegionError> {
+        let l = self.layout();
+        if l.header.state.load(Acquire) == STATE_READY {
+            validate(l, &self.path, len)?;
+            return Ok(InitPath::FastPath);
+        }
+        let path = &self.path;
+        let outcome = wait_until(deadline, || {
+            if l.header.state.load(Acquire) == STATE_READY {
+                return Ok(Some(InitPath::FastPath));
+            }
+            if !sys::ofd_try_lock(&self.file, INIT_TOKEN_OFFSET).map_err(io_err(path, "lock init token"))? {
+                return Ok(None);
+            }
+            let r = self.initialize_holding_token(params);
+            let _ = sys::ofd_unlock(&self.file, INIT_TOKEN_OFFSET);
+            r.map(Some)
+        })?;
+        match outcome {
+            Some(p) => {
+                validate(l, path, len)?;
+                Ok(p)
+            }
+            None => Err(RegionError::InitTimeout {
+                path: path.clone(),
+                waited_ms: params.init_timeout.as_millis() as u64,
+            }),
+        }
+    }
+
+    /// Called with the init token held: nobody else can be initializing right now.
+    fn initialize_holding_token(&self, params: &InitParams) -> Result<InitPath, RegionError> {
+        let l = self.layout();
+        let h = &l.header;
+        let magic = h.magic.load(Relaxed);
+        if magic != 0 && magic != MAGIC {
+            return Err(RegionError::WrongMagic { path: self.path.clone(), found: magic });
+        }
+        let path = match h.state.load(Acquire) {
+            STATE_READY => return Ok(InitPath::FastPath),
+            STATE_UNINIT => {
+                if h.state.compare_exchange(STATE_UNINIT, STATE_INITIALIZING, AcqRel, Acquire).is_err() {
+                    return Ok(InitPath::FastPath);
+                }
+                InitPath::Initializer
+            }
+            STATE_INITIALIZING => {
+                // Its initializer held the token until READY; we hold it now, so the
+                // initializer died half-way. Nobody can have used the region yet.
+                zero_all(l);
+                h.state.store(STATE_INITIALIZING, Relaxed);
+                InitPath::Recovered
+            }
+            other => {
+                return Err(RegionError::Corrupt {
+                    path: self.path.clone(),
+                    field: "header.state",
+                    value: other as u64,
+                    why: "not a known state",
+                })
+            }
+        };
+        h.magic.store(MAGIC, Relaxed);
+        h.version.store(LAYOUT_VERSION, Relaxed);
+        h.region_size.store(REGION_SIZE as u64, Relaxed);
+        h.init_pid.store(sys::getpid(), Relaxed);
+        h.init_count.fetch_add(1, Relaxed);
+        h.init_nonce.store(realtime_ns() ^ (sys::getpid() as u64) << 32 ^ monotonic_ns().rotate_left(17), Relaxed);
+        h.created_realtime_ns.store(realtime_ns(), Relaxed);
+        h.created_monotonic_ns.store(monotonic_ns(), Relaxed);
+        h.device_count.store(params.device_limits.len() as u32, Relaxed);
+        h.slot_count.store(MAX_SLOTS as u32, Relaxed);
+        h.ring_capacity.store(RING_CAPACITY as u32, Relaxed);
+        for (d, &lim) in l.devices.iter().zip(params.device_limits.iter()) {
+            d.limit.store(lim, Relaxed);
+        }
+        l.locks[0].lease_ns.store(params.region_lock_lease.as_nanos().max(1) as u64, Relaxed);
+        l.locks[1].lease_ns.store(params.detect_lock_lease.as_nanos().max(1) as u64, Relaxed);
+        l.counters[Counter::RegionInitializations as usize].fetch_add(1, Relaxed);
+        if path == InitPath::Recovered {
+            l.counters[Counter::RegionRecoveries as usize].fetch_add(1, Relaxed);
+        }
+        h.state.store(STATE_READY, Release);
+        Ok(path)
+    }
+
+    pub(crate) fn layout(&self) -> &RegionLayout {
+        layout_of(&self.map)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True in a child forked after this handle was opened: the child must call
+    /// [`Region::reattach_after_fork`] before touching slots or locks.
+    pub fn is_forked_copy(&self) -> bool {
+        self.opened_pid != sys::getpid()
+    }
+
+    /// In a forked child: drops the parent's open file description (and with it any
+    /// claim on the parent's liveness tokens) and opens a fresh one, so the child
+    /// gets its own identity. The mapping is kept: it is the same shared file.
+    pub fn reattach_after_fork(&mut self) -> Result<(), RegionError> {
+        let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let fresh = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&proc_path)
+            .map_err(io_err(&self.path, "reopen after fork"))?;
+        self.file = fresh;
+        for w in self.held.iter() {
+            w.store(0, Relaxed);
+        }
+        self.opened_pid = sys::getpid();
+        Ok(())
+    }
+
+    /// Adds `n` to a region-wide counter, and to `slot`'s share if given.
+    pub fn count(&self, slot: Option<u16>, c: Counter, n: u64) {
+        let l = self.layout();
+        l.counters[c as usize].fetch_add(n, Relaxed);
+        if let Some(s) = slot.and_then(|s| l.slots.get(s as usize)) {
+            s.counters[c as usize].fetch_add(n, Relaxed);
+        }
+    }
+
+    pub fn observe(&self, h: HistogramId, value: u64) {
+        self.layout().histograms[h as usize].observe(value, h.unit());
+    }
+
+    /// Appends an event to the ring. Never blocks; see `ring`.
+    pub fn emit(&self, ev: &Event) -> bool {
+        ring::write(self.layout(), ev)
+    }
+
+    /// Device limits as recorded in the region (the first process's view).
+    pub fn device_limits(&self) -> Vec<u64> {
+        let l = self.layout();
+        let n = (l.header.device_count.load(Relaxed) as usize).min(MAX_DEVICES);
+        l.devices[..n].iter().map(|d| d.limit.load(Relaxed)).collect()
+    }
+
+    /// A consistent-enough copy for tools and tests (same as the reader's).
+    pub fn snapshot(&self) -> Snapshot {
+        snapshot(self.layout())
+    }
+
+    pub fn ring_consumer(&self) -> crate::ring::RingConsumer {
+        crate::ring::RingConsumer::new(self.layout())
+    }
+
+    /// Drains events through `consumer` (tests and tools; the exporter uses the reader).
+    pub fn drain(&self, consumer: &mut crate::ring::RingConsumer, max: usize, f: impl FnMut(Event)) -> crate::ring::DrainStats {
+        consumer.drain(self.layout(), max, f)
+    }
+}
+
+/// Extends an empty or all-zero file to the layout size; refuses a short file with data.
+fn grow_if_blank(file: &File, path: &Path) -> Result<(), RegionError> {
+    let len = file_len(file, path)?;
+    if len >= REGION_SIZE as u64 {
+        return Ok(());
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    (&*file).read_to_end(&mut buf).map_err(io_err(path, "read"))?;
+    if buf.iter().any(|&b| b != 0) {
+        return Err(RegionError::Truncated { path: path.to_path_buf(), len, expected: REGION_SIZE as u64 });
+    }
+    file.set_len(REGION_SIZE as u64).map_err(io_err(path, "grow"))
+}
+
+fn zero_all(l: &RegionLayout) {
+    let h = &l.header;
+    for a in [&h.magic, &h.region_size, &h.init_nonce, &h.created_realtime_ns, &h.created_monotonic_ns] {
+        a.store(0, Relaxed);
+    }
+    for d in &l.devices {
+        for a in [&d.limit, &d.used, &d.denials, &d.peak] {
+            a.store(0, Relaxed);
+        }
+    }
+    l.counters.iter().for_each(|c| c.store(0, Relaxed));
+    for hist in &l.histograms {
+        hist.buckets.iter().for_each(|b| b.store(0, Relaxed));
+        hist.count.store(0, Relaxed);
+        hist.sum.store(0, Relaxed);
+    }
+    for lock in &l.locks {
+        lock.word.store(0, Relaxed);
+        lock.waiters.store(0, Relaxed);
+    }
+    l.ring.head.store(0, Relaxed);
+    for s in &l.slots {
+        s.state.store(SLOT_FREE, Relaxed);
+        s.host_pid.store(0, Relaxed);
+        s.mem_used.iter().for_each(|m| m.store(0, Relaxed));
+        s.counters.iter().for_each(|c| c.store(0, Relaxed));
+    }
+    for e in &l.events {
+        e.seq.store(0, Relaxed);
+    }
+}
+
+/// A read-only handle for the exporter: `PROT_READ` mapping, every field validated,
+/// and no way to write. It holds no tokens and takes no locks.
+pub struct RegionReader {
+    path: PathBuf,
+    map: Mapping,
+    _file: File,
+}
+
+impl RegionReader {
+    pub fn open(path: impl AsRef<Path>) -> Result<RegionReader, RegionError> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io_err(path, "open read-only"))?;
+        let len = file_len(&file, path)?;
+        if len < std::mem::size_of::<Header>() as u64 {
+            return Err(RegionError::Truncated { path: path.to_path_buf(), len, expected: REGION_SIZE as u64 });
+        }
+        // Check the header by plain reads before mapping the whole layout, so a short
+        // file with a valid-looking header is reported, not mapped past its end.
+        let mut head = [0u8; 16];
+        (&file).read_exact(&mut head).map_err(io_err(path, "read header"))?;
+        let magic = u64::from_le_bytes(head[0..8].try_into().unwrap_or_default());
+        let version = u32::from_le_bytes(head[8..12].try_into().unwrap_or_default());
+        if magic != MAGIC {
+            return Err(RegionError::WrongMagic { path: path.to_path_buf(), found: magic });
+        }
+        if version != LAYOUT_VERSION {
+            return Err(RegionError::UnsupportedVersion { path: path.to_path_buf(), found: version, supported: LAYOUT_VERSION });
+        }
+        if len < REGION_SIZE as u64 {
+            return Err(RegionError::Truncated { path: path.to_path_buf(), len, expected: REGION_SIZE as u64 });
+        }
+        let map = Mapping::new(&file, REGION_SIZE, false).map_err(io_err(path, "mmap read-only"))?;
+        validate(layout_of(&map), path, len)?;
+        Ok(RegionReader { path: path.to_path_buf(), map, _file: file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Re-checks the header (it may have been re-created or damaged since open).
+    pub fn revalidate(&self) -> Result<(), RegionError> {
+        let len = file_len(&self._file, &self.path)?;
+        validate(self.layout(), &self.path, len)
+    }
+
+    pub(crate) fn layout(&self) -> &RegionLayout {
+        layout_of(&self.map)
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        snapshot(self.layout())
+    }
+
+    pub fn ring_consumer(&self) -> crate::ring::RingConsumer {
+        crate::ring::RingConsumer::new(self.layout())
+    }
+
+    pub fn drain(&self, consumer: &mut crate::ring::RingConsumer, max: usize, f: impl FnMut(Event)) -> crate::ring::DrainStats {
+        consumer.drain(self.layout(), max, f)
+    }
+}
+
+/// One live process slot, as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub index: u16,
+    pub generation: u32,
+    pub pid: u32,
+    pub host_pid: u32,
+    pub detect_outcome: u32,
+    pub mem_used: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub limit: u64,
+    pub used: u64,
+    pub denials: u64,
+    pub peak: u64,
+}
+
+/// A plain copy of everything a reader exports. Values are clamped to the layout's
+/// bounds, so garbage in the region yields garbage numbers, never a crash.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub init_count: u32,
+    pub init_nonce: u64,
+    pub created_realtime_ns: u64,
+    pub devices: Vec<DeviceInfo>,
+    pub counters: Vec<u64>,
+    pub histograms: Vec<HistogramSnapshot>,
+    /// Slots marked active (whose owners may have died since; liveness needs a writer).
+    pub slots: Vec<SlotInfo>,
+    pub ring_head: u64,
+}
+
+impl Snapshot {
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.counters.get(c as usize).copied().unwrap_or(0)
+    }
+    pub fn histogram(&self, h: HistogramId) -> &HistogramSnapshot {
+        &self.histograms[h as usize]
+    }
+}
+
+fn snapshot(l: &RegionLayout) -> Snapshot {
+    let h = &l.header;
+    let dc = (h.device_count.load(Relaxed) as usize).min(MAX_DEVICES);
+    let devices = l.devices[..dc]
+        .iter()
+        .map(|d| DeviceInfo {
+            limit: d.limit.load(Relaxed),
+            used: d.used.load(Relaxed),
+            denials: d.denials.load(Relaxed),
+            peak: d.peak.load(Relaxed),
+        })
+        .collect();
+    let histograms = [
+        HistogramId::LockWaitRegion,
+        HistogramId::LockWaitDetect,
+        HistogramId::DetectionLatency,
+        HistogramId::DetectionPolls,
+        HistogramId::InitDuration,
+    ]
+    .into_iter()
+    .map(|id| {
+        let src = &l.histograms[id as usize];
+        HistogramSnapshot {
+            unit: id.unit(),
+            buckets: src.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+            count: src.count.load(Relaxed),
+            sum: src.sum.load(Relaxed),
+        }
+    })
+    .collect();
+    let slots = l
+        .slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.state.load(Acquire) == SLOT_ACTIVE)
+        .map(|(i, s)| SlotInfo {
+            index: i as u16,
+            generation: s.generation.load(Relaxed),
+            pid: s.pid.load(Relaxed),
+            host_pid: s.host_pid.load(Relaxed),
+            detect_outcome: s.detect_outcome.load(Relaxed),
+            mem_used: s.mem_used[..dc].iter().map(|m| m.load(Relaxed)).collect(),
+        })
+        .collect();
+    Snapshot {
+        init_count: h.init_count.load(Relaxed),
+        init_nonce: h.init_nonce.load(Relaxed),
+        created_realtime_ns: h.created_realtime_ns.load(Relaxed),
+        devices,
+        counters: l.counters.iter().map(|c| c.load(Relaxed)).collect(),
+        histograms,
+        slots,
+        ring_head: l.ring.head.load(Acquire),
+    }
+}

@@ -1,0 +1,363 @@
+//! The event ring: multi-producer, single-consumer, fixed-size events, overwrite when
+//! full.
+//!
+//! Producers reserve a position with one `fetch_add` on `head`, then claim the slot at
+//! `pos % CAPACITY` by CAS-ing its sequence word to "busy for pos", write seven words
+//! and publish "committed pos". They never wait: a slot owned by a newer lap drops the
+//! older event (the consumer counts it as overwritten), and a slot left busy by an
+//! older lap (a writer that died or stalled mid-write) is simply taken over. A stalled
+//! writer that wakes up and scribbles over the new event is caught by the checksum,
+//! which covers the position, so the consumer counts a torn event instead of
+//! delivering garbage.
+//!
+//! The consumer visits every position exactly once and either delivers it or counts
+//! it lost as overwritten, torn or abandoned (a position still unwritten after a grace
+//! period: its producer died between reserving and publishing).
+
+use crate::layout::{EventSlot, RegionLayout, RING_CAPACITY};
+use crate::sys::monotonic_ns;
+use std::sync::atomic::{fence, Ordering::*};
+
+const MASK: u64 = RING_CAPACITY as u64 - 1;
+/// `Event::slot` when the event belongs to no process slot.
+pub const NO_SLOT: u16 = u16::MAX;
+
+/// What an event records. Payload meaning per kind is documented on each variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum EventKind {
+    /// arg: `InitPath`; a: duration ns.
+    Init = 1,
+    /// arg: lock; a: wait ns; b: retries (timed-out wait slices).
+    LockWait = 2,
+    /// arg: lock | reason << 8; a: victim slot; b: victim generation; c: ns the
+    /// taker saw the victim hold the lock.
+    ForcePost = 3,
+    /// arg: lock; a: ns held before the release found itself fenced.
+    FencedRelease = 4,
+    /// arg: outcome; a: latency ns; b: polls; c: host pid (0 if none).
+    Detection = 5,
+    /// a: victim slot; b: bytes credited back.
+    SlotReclaimed = 6,
+    /// arg: device; a: requested bytes; b: used bytes; c: limit bytes.
+    AllocationDenied = 7,
+    /// Free-form, for tools and tests: a..d as given.
+    Marker = 8,
+}
+
+impl EventKind {
+    pub fn from_u16(v: u16) -> Option<EventKind> {
+        use EventKind::*;
+        [
+            Init,
+            LockWait,
+            ForcePost,
+            FencedRelease,
+            Detection,
+            SlotReclaimed,
+            AllocationDenied,
+            Marker,
+        ]
+        .into_iter()
+        .find(|k| *k as u16 == v)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Init => "init",
+            EventKind::LockWait => "lock_wait",
+            EventKind::ForcePost => "force_post",
+            EventKind::FencedRelease => "fenced_release",
+            EventKind::Detection => "detection",
+            EventKind::SlotReclaimed => "slot_reclaimed",
+            EventKind::AllocationDenied => "allocation_denied",
+            EventKind::Marker => "marker",
+        }
+    }
+}
+
+/// One decoded event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_MONOTONIC ns at write.
+    pub ts_ns: u64,
+    pub kind: EventKind,
+    /// Writer's slot, or [`NO_SLOT`].
+    pub slot: u16,
+    pub arg: u32,
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+    pub d: u64,
+}
+
+impl Event {
+    pub fn new(kind: EventKind, slot: u16, arg: u32, a: u64, b: u64, c: u64) -> Event {
+        Event {
+            ts_ns: 0,
+            kind,
+            slot,
+            arg,
+            a,
+            b,
+            c,
+            d: 0,
+        }
+    }
+
+    fn encode(&self) -> [u64; 6] {
+        [
+            self.ts_ns,
+            self.kind as u64 | (self.slot as u64) << 16 | (self.arg as u64) << 32,
+            self.a,
+            self.b,
+            self.c,
+            self.d,
+        ]
+    }
+
+    fn decode(w: &[u64; 6]) -> Option<Event> {
+        Some(Event {
+            ts_ns: w[0],
+            kind: EventKind::from_u16(w[1] as u16)?,
+            slot: (w[1] >> 16) as u16,
+            arg: (w[1] >> 32) as u32,
+            a: w[2],
+            b: w[3],
+            c: w[4],
+            d: w[5],
+        })
+    }
+}
+
+/// Binds the payload to its position, so stale or mixed words never verify.
+fn checksum(pos: u64, w: &[u64; 6]) -> u64 {
+    let mut h = pos ^ 0x243F_6A88_85A3_08D3;
+    for &x in w {
+        h = (h ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^= h >> 29;
+    }
+    h
+}
+
+/// Writes one event, stamping `ts_ns` if it is 0. Never blocks. Returns false if the
+/// event was dropped because a newer lap already owns the slot (the consumer counts
+/// that position as overwritten, so nothing goes missing silently).
+pub(crate) fn write(layout: &RegionLayout, ev: &Event) -> bool {
+    let mut ev = *ev;
+    if ev.ts_ns == 0 {
+        ev.ts_ns = monotonic_ns();
+    }
+    let words = ev.encode();
+    let pos = layout.ring.head.fetch_add(1, Relaxed);
+    write_at(&layout.events[(pos & MASK) as usize], pos, &words)
+}
+
+fn write_at(slot: &EventSlot, pos: u64, words: &[u64; 6]) -> bool {
+    let committed = (pos + 1) << 1;
+    let busy = committed | 1;
+    let mut cur = slot.seq.load(Relaxed);
+    loop {
+        if cur >> 1 > pos + 1 {
+            return false;
+        }
+        match slot.seq.compare_exchange_weak(cur, busy, Relaxed, Relaxed) {
+            Ok(_) => break,
+            Err(now) => cur = now,
+        }
+    }
+    // Seqlock writer: the busy mark must be visible before any payload word.
+    fence(Release);
+    for (dst, &w) in slot.words.iter().zip(words.iter()) {
+        dst.store(w, Relaxed);
+    }
+    slot.words[6].store(checksum(pos, words), Relaxed);
+    slot.seq
+        .compare_exchange(busy, committed, Release, Relaxed)
+        .is_ok()
+}
+
+/// Lost events by reason, cumulative over a consumer's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LostCounts {
+    /// The ring lapped the consumer, or a newer event took the slot first.
+    pub overwritten: u64,
+    /// The payload failed its checksum or did not decode.
+    pub torn: u64,
+    /// A position never got published: its producer died mid-write.
+    pub abandoned: u64,
+}
+
+impl LostCounts {
+    pub fn total(&self) -> u64 {
+        self.overwritten + self.torn + self.abandoned
+    }
+}
+
+/// The single consumer's cursor. It lives in the consumer's own memory, so a
+/// read-only mapping is enough.
+#[derive(Debug)]
+pub struct RingConsumer {
+    tail: u64,
+    stalled: Option<(u64, u64)>,
+    abandon_after_ns: u64,
+    delivered: u64,
+    lost: LostCounts,
+}
+
+/// What one `drain` call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainStats {
+    pub delivered: u64,
+    pub lost: LostCounts,
+    /// True if the drain stopped at an event still being written.
+    pub waiting: bool,
+}
+
+impl RingConsumer {
+    /// Starts at the oldest event still in the ring.
+    pub fn new(layout: &RegionLayout) -> RingConsumer {
+        let head = layout.ring.head.load(Acquire);
+        RingConsumer {
+            tail: head.saturating_sub(RING_CAPACITY as u64),
+            stalled: None,
+            abandon_after_ns: 100_000_000,
+            delivered: 0,
+            lost: LostCounts::default(),
+        }
+    }
+
+    /// Starts at the current head: only events written from now on.
+    pub fn from_now(layout: &RegionLayout) -> RingConsumer {
+        let mut c = RingConsumer::new(layout);
+        c.tail = layout.ring.head.load(Acquire);
+        c
+    }
+
+    /// How long a reserved but unpublished position may stay so before it is
+    /// counted as abandoned. Default 100 ms.
+    pub fn with_abandon_after(mut self, ns: u64) -> RingConsumer {
+        self.abandon_after_ns = ns;
+        self
+    }
+
+    pub fn position(&self) -> u64 {
+        self.tail
+    }
+    pub fn lost(&self) -> LostCounts {
+        self.lost
+    }
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// Delivers up to `max` events to `f`, in position order, and accounts for every
+    /// position passed over.
+    pub fn drain(
+        &mut self,
+        layout: &RegionLayout,
+        max: usize,
+        mut f: impl FnMut(Event),
+    ) -> DrainStats {
+        let mut stats = DrainStats::default();
+        let head = layout.ring.head.load(Acquire);
+        if head < self.tail {
+            // The region was re-initialized under us; start over from its oldest event.
+            self.tail = head.saturating_sub(RING_CAPACITY as u64);
+            self.stalled = None;
+        }
+        if head - self.tail > RING_CAPACITY as u64 {
+            let skipped = head - RING_CAPACITY as u64 - self.tail;
+            stats.lost.overwritten += skipped;
+            self.tail += skipped;
+        }
+        let mut n = 0usize;
+        while self.tail < head && n < max {
+            let pos = self.tail;
+            let slot = &layout.events[(pos & MASK) as usize];
+            let committed = (pos + 1) << 1;
+            let s1 = slot.seq.load(Acquire);
+            if s1 == committed {
+                let mut w = [0u64; 6];
+                for (dst, src) in w.iter_mut().zip(slot.words.iter()) {
+                    *dst = src.load(Relaxed);
+                }
+                let sum = slot.words[6].load(Relaxed);
+                fence(Acquire);
+                let s2 = slot.seq.load(Relaxed);
+                if s2 != s1 {
+                    stats.lost.overwritten += 1;
+                } else {
+                    match Event::decode(&w) {
+                        Some(ev) if checksum(pos, &w) == sum => {
+                            f(ev);
+                            stats.delivered += 1;
+                        }
+                        _ => stats.lost.torn += 1,
+                    }
+                }
+            } else if s1 >> 1 > pos + 1 {
+                stats.lost.overwritten += 1;
+            } else {
+                // Reserved but not yet published (or being written right now).
+                let now = monotonic_ns();
+                match self.stalled {
+                    Some((p, since)) if p == pos => {
+                        if now.saturating_sub(since) < self.abandon_after_ns {
+                            stats.waiting = true;
+                            break;
+                        }
+                        stats.lost.abandoned += 1;
+                    }
+                    _ => {
+                        self.stalled = Some((pos, now));
+                        stats.waiting = true;
+                        break;
+                    }
+                }
+            }
+            self.stalled = None;
+            self.tail += 1;
+            n += 1;
+        }
+        self.delivered += stats.delivered;
+        self.lost.overwritten += stats.lost.overwritten;
+        self.lost.torn += stats.lost.torn;
+        self.lost.abandoned += stats.lost.abandoned;
+        stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_decode_round_trip() {
+        let ev = Event {
+            ts_ns: 42,
+            kind: EventKind::ForcePost,
+            slot: 7,
+            arg: 0x0101,
+            a: 1,
+            b: 2,
+            c: 3,
+            d: u64::MAX,
+        };
+        assert_eq!(Event::decode(&ev.encode()), Some(ev));
+        let mut bad = ev.encode();
+        bad[1] = (bad[1] & !0xffff) | 999;
+        assert_eq!(Event::decode(&bad), None);
+    }
+
+    #[test]
+    fn checksum_binds_position_and_every_word() {
+        let w = Event::new(EventKind::Marker, 1, 2, 3, 4, 5).encode();
+        let base = checksum(10, &w);
+        assert_ne!(base, checksum(10 + RING_CAPACITY as u64, &w));
+        for i in 0..6 {
+            let mut m = w;
+            m[i] ^= 1;
+            assert_ne!(base, checksum(10, &m), "word {i}");
+        }
+    }
+}

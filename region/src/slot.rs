@@ -1,0 +1,215 @@
+//! Process slots and their liveness tokens.
+//!
+//! A slot is owned by whoever holds the open-file-description lock on its token byte.
+//! The kernel drops that lock when the last descriptor of the owner's open file
+//! description closes, which happens when the process dies however it dies. OFD
+//! locks belong to the file description, not to a PID, so they work across PID
+//! namespaces and cannot be fooled by PID reuse. A forked child shares its parent's
+//! description, which is why it must `reattach_after_fork` and claim its own slot.
+
+use crate::counters::Counter;
+use crate::error::RegionError;
+use crate::layout::*;
+use crate::region::Region;
+use crate::ring::{Event, EventKind};
+use crate::sys;
+use std::sync::atomic::Ordering::*;
+
+/// This process's claim on a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotHandle {
+    pub index: u16,
+    pub generation: u32,
+}
+
+impl Region {
+    fn mark_held(&self, i: usize) -> bool {
+        let bit = 1u64 << (i % 64);
+        self.held[i / 64].fetch_or(bit, AcqRel) & bit == 0
+    }
+
+    fn unmark_held(&self, i: usize) {
+        self.held[i / 64].fetch_and(!(1u64 << (i % 64)), AcqRel);
+    }
+
+    pub(crate) fn holds(&self, i: usize) -> bool {
+        self.held[i / 64].load(Acquire) & (1u64 << (i % 64)) != 0
+    }
+
+    /// Claims a free slot, or reclaims one whose owner died. Free slots are tried first
+    /// so that a dead process's slot (and its accounting) is kept for inspection until
+    /// space runs short or someone reaps it.
+    pub fn claim_slot(&self) -> Result<SlotHandle, RegionError> {
+        let l = self.layout();
+        for pass in 0..2 {
+            for i in 0..MAX_SLOTS {
+                if pass == 0 && l.slots[i].state.load(Relaxed) != SLOT_FREE {
+                    continue;
+                }
+                if let Some(h) = self.try_claim(i)? {
+                    return Ok(h);
+                }
+            }
+        }
+        Err(RegionError::SlotsExhausted {
+            path: self.path.clone(),
+            max: MAX_SLOTS,
+        })
+    }
+
+    fn try_claim(&self, i: usize) -> Result<Option<SlotHandle>, RegionError> {
+        if !self.mark_held(i) {
+            return Ok(None);
+        }
+        match sys::ofd_try_lock(&self.file, slot_token_offset(i)) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.unmark_held(i);
+                return Ok(None);
+            }
+            Err(source) => {
+                self.unmark_held(i);
+                return Err(RegionError::Io {
+                    path: self.path.clone(),
+                    op: "lock slot token",
+                    source,
+                });
+            }
+        }
+        let s = &self.layout().slots[i];
+        if s.state.load(Acquire) != SLOT_FREE {
+            self.reclaim_holding_token(i, None);
+        }
+        let generation = s.generation.fetch_add(1, AcqRel).wrapping_add(1);
+        s.pid.store(sys::getpid(), Relaxed);
+        s.host_pid.store(0, Relaxed);
+        s.detect_outcome.store(0, Relaxed);
+        s.claimed_realtime_ns.store(sys::realtime_ns(), Relaxed);
+        s.state.store(SLOT_ACTIVE, Release);
+        let handle = SlotHandle {
+            index: i as u16,
+            generation,
+        };
+        self.count(Some(handle.index), Counter::SlotsClaimed, 1);
+        Ok(Some(handle))
+    }
+
+    /// Credits a dead owner's memory back and clears its attribution. The caller holds
+    /// the slot's token, so the owner is gone and nobody else is reclaiming it.
+    fn reclaim_holding_token(&self, i: usize, by: Option<u16>) -> u64 {
+        let l = self.layout();
+        let s = &l.slots[i];
+        let freed = self.credit_slot_memory(i);
+        s.counters.iter().for_each(|c| c.store(0, Relaxed));
+        s.host_pid.store(0, Relaxed);
+        s.state.store(SLOT_FREE, Release);
+        self.count(by, Counter::SlotsReclaimedDead, 1);
+        self.emit(&Event::new(
+            EventKind::SlotReclaimed,
+            by.unwrap_or(crate::ring::NO_SLOT),
+            0,
+            i as u64,
+            freed,
+            0,
+        ));
+        freed
+    }
+
+    /// Moves slot `i`'s per-device usage out of the device totals; returns the bytes.
+    fn credit_slot_memory(&self, i: usize) -> u64 {
+        let l = self.layout();
+        let mut freed = 0u64;
+        for (d, used) in l.slots[i].mem_used.iter().enumerate() {
+            let v = used.swap(0, AcqRel);
+            if v > 0 {
+                let _ = l.devices[d]
+                    .used
+                    .fetch_update(AcqRel, Relaxed, |u| Some(u.saturating_sub(v)));
+                freed = freed.saturating_add(v);
+            }
+        }
+        freed
+    }
+
+    /// Releases a slot this process holds (normal exit). Its memory is credited back:
+    /// the driver frees a process's allocations when it goes away.
+    pub fn release_slot(&self, h: SlotHandle) -> Result<(), RegionError> {
+        let i = h.index as usize;
+        if i >= MAX_SLOTS || !self.holds(i) {
+            return Err(RegionError::InvalidParam {
+                path: self.path.clone(),
+                what: "slot",
+                why: format!("slot {} is not held by this process", h.index),
+            });
+        }
+        let s = &self.layout().slots[i];
+        self.credit_slot_memory(i);
+        s.state.store(SLOT_FREE, Release);
+        self.count(None, Counter::SlotsReleased, 1);
+        let r = sys::ofd_unlock(&self.file, slot_token_offset(i));
+        self.unmark_held(i);
+        r.map_err(|source| RegionError::Io {
+            path: self.path.clone(),
+            op: "unlock slot token",
+            source,
+        })
+    }
+
+    /// Reclaims every active slot whose owner is dead; returns how many. Cheap enough
+    /// to run at every process start and before denying an allocation.
+    pub fn reap_dead_slots(&self, by: Option<u16>) -> usize {
+        let l = self.layout();
+        let mut n = 0;
+        for i in 0..MAX_SLOTS {
+            if l.slots[i].state.load(Acquire) != SLOT_ACTIVE || self.holds(i) {
+                continue;
+            }
+            if !self.mark_held(i) {
+                continue;
+            }
+            if let Ok(true) = sys::ofd_try_lock(&self.file, slot_token_offset(i)) {
+                if l.slots[i].state.load(Acquire) == SLOT_ACTIVE {
+                    self.reclaim_holding_token(i, by);
+                    n += 1;
+                }
+                let _ = sys::ofd_unlock(&self.file, slot_token_offset(i));
+            }
+            self.unmark_held(i);
+        }
+        n
+    }
+
+    /// Is slot `i`, incarnation `gen16` (the generation's low 16 bits), still alive?
+    /// On an error we cannot tell, and answer "alive": the lease still bounds the wait.
+    pub(crate) fn slot_alive(&self, i: usize, gen16: u16) -> bool {
+        let Some(s) = self.layout().slots.get(i) else {
+            return false;
+        };
+        if s.generation.load(Acquire) as u16 != gen16 {
+            return false;
+        }
+        if self.holds(i) {
+            return true;
+        }
+        sys::ofd_is_locked(&self.file, slot_token_offset(i)).unwrap_or(true)
+    }
+
+    /// Records this slot's host PID.
+    pub fn set_host_pid(&self, h: SlotHandle, host_pid: u32) {
+        if let Some(s) = self.layout().slots.get(h.index as usize) {
+            s.host_pid.store(host_pid, Release);
+        }
+    }
+
+    /// Host PIDs recorded by live slots other than `except`.
+    pub fn claimed_host_pids(&self, except: Option<u16>) -> Vec<u32> {
+        let l = self.layout();
+        l.slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| Some(*i as u16) != except && s.state.load(Acquire) == SLOT_ACTIVE)
+            .map(|(_, s)| s.host_pid.load(Acquire))
+            .filter(|&p| p != 0)
+            .collect()
+    }
+}

@@ -1,0 +1,188 @@
+//! The only place in this crate that talks to the kernel: mmap, open-file-description
+//! locks, futexes and clocks. Everything above it is safe Rust over atomics.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+use std::time::Duration;
+
+/// A shared file mapping. Unmapped on drop.
+pub(crate) struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all access through it goes through
+// atomics (see `layout`), so sharing the pointer between threads is sound.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `file` shared, read-write or read-only.
+    pub(crate) fn new(file: &File, len: usize, writable: bool) -> io::Result<Mapping> {
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh mapping at a kernel-chosen address; the fd is valid for the
+        // duration of the call, and the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?,
+            len,
+        })
+    }
+
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len came from a successful mmap and are unmapped exactly once;
+        // no references into the mapping outlive `self` (they borrow it).
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+fn ofd_flock(kind: libc::c_short, offset: u64) -> libc::flock {
+    // SAFETY: flock is a plain C struct for which all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = offset as libc::off_t;
+    fl.l_len = 1;
+    fl.l_pid = 0; // required to be 0 for OFD locks
+    fl
+}
+
+/// Tries to take an exclusive open-file-description lock on one byte.
+/// Returns Ok(false) if another open file description holds it.
+pub(crate) fn ofd_try_lock(file: &File, offset: u64) -> io::Result<bool> {
+    let fl = ofd_flock(libc::F_WRLCK as libc::c_short, offset);
+    // SAFETY: valid fd and a pointer to an initialized flock for the call's duration.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(err),
+    }
+}
+
+/// Releases a byte lock taken with [`ofd_try_lock`].
+pub(crate) fn ofd_unlock(file: &File, offset: u64) -> io::Result<()> {
+    let fl = ofd_flock(libc::F_UNLCK as libc::c_short, offset);
+    // SAFETY: valid fd and a pointer to an initialized flock for the call's duration.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// True if some *other* open file description holds a lock on the byte. Locks held
+/// through `file` itself never conflict, so never ask about your own token.
+pub(crate) fn ofd_is_locked(file: &File, offset: u64) -> io::Result<bool> {
+    let mut fl = ofd_flock(libc::F_WRLCK as libc::c_short, offset);
+    // SAFETY: valid fd; the kernel writes the result into `fl`, which we own.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Outcome of one futex wait slice.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Wait {
+    Woken,
+    TimedOut,
+}
+
+/// Waits while the 32-bit word at `addr` equals `expected`, for at most `timeout`.
+/// Shared (not private) futex: the word lives in a MAP_SHARED file mapping.
+pub(crate) fn futex_wait(addr: *const u32, expected: u32, timeout: Duration) -> Wait {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: addr points into a live mapping (the caller borrows it) and is 4-aligned;
+    // FUTEX_WAIT only reads it. The timespec outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            addr,
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+    if rc == 0 {
+        return Wait::Woken;
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::ETIMEDOUT) => Wait::TimedOut,
+        // EAGAIN: the word already changed; EINTR: a signal. Both mean "look again".
+        _ => Wait::Woken,
+    }
+}
+
+/// Wakes up to `n` waiters on the word at `addr`.
+pub(crate) fn futex_wake(addr: *const u32, n: i32) {
+    // SAFETY: addr points into a live mapping; FUTEX_WAKE does not dereference it
+    // beyond using it as a key.
+    unsafe {
+        libc::syscall(libc::SYS_futex, addr, libc::FUTEX_WAKE, n);
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer; clock ids used here always exist on Linux.
+    unsafe {
+        libc::clock_gettime(clock, &mut ts);
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// CLOCK_MONOTONIC in ns: one timeline shared by every process on the host.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Wall-clock time in ns since the Unix epoch.
+pub fn realtime_ns() -> u64 {
+    clock_ns(libc::CLOCK_REALTIME)
+}
+
+/// The calling process's PID as it sees it (its own namespace).
+pub fn getpid() -> u32 {
+    std::process::id()
+}
