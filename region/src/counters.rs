@@ -130,8 +130,35 @@ pub enum Counter {
 }
 
 const _: () = assert!((Counter::_Count as usize) <= NUM_COUNTERS);
+const _: () = assert!(Counter::ALL.len() == Counter::_Count as usize);
 
 impl Counter {
+    pub const ALL: [Counter; 23] = [
+        Counter::RegionInitializations,
+        Counter::RegionRecoveries,
+        Counter::ProcessInitsInitializer,
+        Counter::ProcessInitsFastPath,
+        Counter::SlotsClaimed,
+        Counter::SlotsReleased,
+        Counter::SlotsReclaimedDead,
+        Counter::LockAcquisitionsRegion,
+        Counter::LockAcquisitionsDetect,
+        Counter::LockRetriesRegion,
+        Counter::LockRetriesDetect,
+        Counter::ForcePostsRegionOwnerDead,
+        Counter::ForcePostsRegionLeaseExpired,
+        Counter::ForcePostsDetectOwnerDead,
+        Counter::ForcePostsDetectLeaseExpired,
+        Counter::FencedReleasesRegion,
+        Counter::FencedReleasesDetect,
+        Counter::DetectFound,
+        Counter::DetectSameNamespace,
+        Counter::DetectAmbiguous,
+        Counter::DetectTimeout,
+        Counter::DetectNvmlError,
+        Counter::AllocationDenials,
+    ];
+
     pub fn lock_acquisitions(lock: LockId) -> Counter {
         match lock {
             LockId::Region => Counter::LockAcquisitionsRegion,

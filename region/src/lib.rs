@@ -11,6 +11,7 @@
 
 pub mod counters;
 pub mod error;
+pub mod fault;
 pub mod layout;
 pub mod lock;
 pub mod region;
@@ -21,7 +22,10 @@ mod sys;
 pub use counters::{Counter, DetectOutcome, ForceReason, HistogramId, HistogramSnapshot, LockId};
 pub use error::RegionError;
 pub use lock::{LockGuard, LockOutcome, ReleaseOutcome};
-pub use region::{DeviceInfo, InitParams, InitPath, InitReport, Region, RegionReader, SlotInfo, Snapshot};
+pub use region::{
+    DeviceInfo, InitParams, InitPath, InitReport, LockInfo, Region, RegionReader, SlotInfo,
+    Snapshot,
+};
 pub use ring::{DrainStats, Event, EventKind, LostCounts, RingConsumer, NO_SLOT};
 pub use slot::SlotHandle;
 pub use sys::{getpid, monotonic_ns, realtime_ns};

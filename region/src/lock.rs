@@ -46,7 +46,11 @@ pub fn epoch_of(word: u64) -> u32 {
 
 /// The word a slot installs when it takes the lock after `prev`.
 fn take_word(prev: u64, me: SlotHandle) -> u64 {
-    pack(me.index + 1, me.generation as u16, epoch_of(prev).wrapping_add(1))
+    pack(
+        me.index + 1,
+        me.generation as u16,
+        epoch_of(prev).wrapping_add(1),
+    )
 }
 
 /// The word a release installs.

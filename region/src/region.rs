@@ -97,7 +97,11 @@ fn layout_of(map: &Mapping) -> &RegionLayout {
 }
 
 /// Checks every header field a reader relies on. Used by writers and readers alike.
-pub(crate) fn validate(layout: &RegionLayout, path: &Path, file_len: u64) -> Result<(), RegionError> {
+pub(crate) fn validate(
+    layout: &RegionLayout,
+    path: &Path,
+    file_len: u64,
+) -> Result<(), RegionError> {
     let h = &layout.header;
     let corrupt = |field, value: u64, why| RegionError::Corrupt {
         path: path.to_path_buf(),
@@ -132,7 +136,11 @@ pub(crate) fn validate(layout: &RegionLayout, path: &Path, file_len: u64) -> Res
     }
     let size = h.region_size.load(Relaxed);
     if size != REGION_SIZE as u64 {
-        return Err(corrupt("header.region_size", size, "does not match layout size"));
+        return Err(corrupt(
+            "header.region_size",
+            size,
+            "does not match layout size",
+        ));
     }
     if file_len < REGION_SIZE as u64 {
         return Err(RegionError::Truncated {
@@ -143,19 +151,35 @@ pub(crate) fn validate(layout: &RegionLayout, path: &Path, file_len: u64) -> Res
     }
     let dc = h.device_count.load(Relaxed);
     if dc as usize > MAX_DEVICES {
-        return Err(corrupt("header.device_count", dc as u64, "exceeds 16 devices"));
+        return Err(corrupt(
+            "header.device_count",
+            dc as u64,
+            "exceeds 16 devices",
+        ));
     }
     let sc = h.slot_count.load(Relaxed);
     if sc as usize != MAX_SLOTS {
-        return Err(corrupt("header.slot_count", sc as u64, "does not match layout"));
+        return Err(corrupt(
+            "header.slot_count",
+            sc as u64,
+            "does not match layout",
+        ));
     }
     let rc = h.ring_capacity.load(Relaxed);
     if rc as usize != RING_CAPACITY {
-        return Err(corrupt("header.ring_capacity", rc as u64, "does not match layout"));
+        return Err(corrupt(
+            "header.ring_capacity",
+            rc as u64,
+            "does not match layout",
+        ));
     }
     for l in &layout.locks {
         if l.lease_ns.load(Relaxed) == 0 {
-            return Err(corrupt("locks.lease_ns", 0, "a lease of zero would evict every owner"));
+            return Err(corrupt(
+                "locks.lease_ns",
+                0,
+                "a lease of zero would evict every owner",
+            ));
         }
     }
     Ok(())
@@ -166,7 +190,10 @@ fn file_len(file: &File, path: &Path) -> Result<u64, RegionError> {
 }
 
 /// Polls `f` with a short backoff until it returns Some, or the deadline passes.
-fn wait_until<T>(deadline: Instant, mut f: impl FnMut() -> Result<Option<T>, RegionError>) -> Result<Option<T>, RegionError> {
+fn wait_until<T>(
+    deadline: Instant,
+    mut f: impl FnMut() -> Result<Option<T>, RegionError>,
+) -> Result<Option<T>, RegionError> {
     let mut pause = Duration::from_micros(20);
     loop {
         if let Some(v) = f()? {
@@ -188,17 +215,26 @@ impl Region {
     /// INITIALIZING -> READY. Everyone who finds READY takes the fast path with no lock.
     /// A region left in INITIALIZING by a dead initializer is re-initialized by
     /// whoever gets the token next.
-    pub fn open(path: impl AsRef<Path>, params: &InitParams) -> Result<(Region, InitReport), RegionError> {
+    pub fn open(
+        path: impl AsRef<Path>,
+        params: &InitParams,
+    ) -> Result<(Region, InitReport), RegionError> {
         let path = path.as_ref();
         let start = Instant::now();
         if params.device_limits.len() > MAX_DEVICES {
             return Err(RegionError::InvalidParam {
                 path: path.to_path_buf(),
                 what: "device_limits",
-                why: format!("{} devices, at most {MAX_DEVICES} supported", params.device_limits.len()),
+                why: format!(
+                    "{} devices, at most {MAX_DEVICES} supported",
+                    params.device_limits.len()
+                ),
             });
         }
-        for (what, d) in [("region_lock_lease", params.region_lock_lease), ("detect_lock_lease", params.detect_lock_lease)] {
+        for (what, d) in [
+            ("region_lock_lease", params.region_lock_lease),
+            ("detect_lock_lease", params.detect_lock_lease),
+        ] {
             if d.is_zero() {
                 return Err(RegionError::InvalidParam {
                     path: path.to_path_buf(),
@@ -222,11 +258,15 @@ impl Region {
             // Grow a new (empty or all-zero) file under the init token, so nobody maps
             // it while it is short. Never touch a short file with data in it.
             let got = wait_until(deadline, || {
-                sys::ofd_try_lock(&file, INIT_TOKEN_OFFSET).map_err(io_err(path, "lock init token"))
+                sys::ofd_try_lock(&file, INIT_TOKEN_OFFSET)
+                    .map_err(io_err(path, "lock init token"))
                     .map(|ok| ok.then_some(()))
             })?;
             if got.is_none() {
-                return Err(RegionError::InitTimeout { path: path.to_path_buf(), waited_ms: start.elapsed().as_millis() as u64 });
+                return Err(RegionError::InitTimeout {
+                    path: path.to_path_buf(),
+                    waited_ms: start.elapsed().as_millis() as u64,
+                });
             }
             let res = grow_if_blank(&file, path);
             let _ = sys::ofd_unlock(&file, INIT_TOKEN_OFFSET);
@@ -249,11 +289,29 @@ impl Region {
         };
         region.count(None, c, 1);
         region.observe(HistogramId::InitDuration, duration.as_nanos() as u64);
-        region.emit(&Event::new(EventKind::Init, NO_SLOT, init_path as u32, duration.as_nanos() as u64, 0, 0));
-        Ok((region, InitReport { path: init_path, duration }))
+        region.emit(&Event::new(
+            EventKind::Init,
+            NO_SLOT,
+            init_path as u32,
+            duration.as_nanos() as u64,
+            0,
+            0,
+        ));
+        Ok((
+            region,
+            InitReport {
+                path: init_path,
+                duration,
+            },
+        ))
     }
 
-    fn initialize(&self, params: &InitParams, deadline: Instant, len: u64) -> Result<InitPath, RegionError> {
+    fn initialize(
+        &self,
+        params: &InitParams,
+        deadline: Instant,
+        len: u64,
+    ) -> Result<InitPath, RegionError> {
         let l = self.layout();
         if l.header.state.load(Acquire) == STATE_READY {
             validate(l, &self.path, len)?;
@@ -264,7 +322,9 @@ impl Region {
             if l.header.state.load(Acquire) == STATE_READY {
                 return Ok(Some(InitPath::FastPath));
             }
-            if !sys::ofd_try_lock(&self.file, INIT_TOKEN_OFFSET).map_err(io_err(path, "lock init token"))? {
+            if !sys::ofd_try_lock(&self.file, INIT_TOKEN_OFFSET)
+                .map_err(io_err(path, "lock init token"))?
+            {
                 return Ok(None);
             }
             let r = self.initialize_holding_token(params);
@@ -289,12 +349,18 @@ impl Region {
         let h = &l.header;
         let magic = h.magic.load(Relaxed);
         if magic != 0 && magic != MAGIC {
-            return Err(RegionError::WrongMagic { path: self.path.clone(), found: magic });
+            return Err(RegionError::WrongMagic {
+                path: self.path.clone(),
+                found: magic,
+            });
         }
         let path = match h.state.load(Acquire) {
             STATE_READY => return Ok(InitPath::FastPath),
             STATE_UNINIT => {
-                if h.state.compare_exchange(STATE_UNINIT, STATE_INITIALIZING, AcqRel, Acquire).is_err() {
+                if h.state
+                    .compare_exchange(STATE_UNINIT, STATE_INITIALIZING, AcqRel, Acquire)
+                    .is_err()
+                {
                     return Ok(InitPath::FastPath);
                 }
                 InitPath::Initializer
@@ -316,21 +382,30 @@ impl Region {
             }
         };
         h.magic.store(MAGIC, Relaxed);
+        crate::fault::point("region.init.mid");
         h.version.store(LAYOUT_VERSION, Relaxed);
         h.region_size.store(REGION_SIZE as u64, Relaxed);
         h.init_pid.store(sys::getpid(), Relaxed);
         h.init_count.fetch_add(1, Relaxed);
-        h.init_nonce.store(realtime_ns() ^ (sys::getpid() as u64) << 32 ^ monotonic_ns().rotate_left(17), Relaxed);
+        h.init_nonce.store(
+            realtime_ns() ^ (sys::getpid() as u64) << 32 ^ monotonic_ns().rotate_left(17),
+            Relaxed,
+        );
         h.created_realtime_ns.store(realtime_ns(), Relaxed);
         h.created_monotonic_ns.store(monotonic_ns(), Relaxed);
-        h.device_count.store(params.device_limits.len() as u32, Relaxed);
+        h.device_count
+            .store(params.device_limits.len() as u32, Relaxed);
         h.slot_count.store(MAX_SLOTS as u32, Relaxed);
         h.ring_capacity.store(RING_CAPACITY as u32, Relaxed);
         for (d, &lim) in l.devices.iter().zip(params.device_limits.iter()) {
             d.limit.store(lim, Relaxed);
         }
-        l.locks[0].lease_ns.store(params.region_lock_lease.as_nanos().max(1) as u64, Relaxed);
-        l.locks[1].lease_ns.store(params.detect_lock_lease.as_nanos().max(1) as u64, Relaxed);
+        l.locks[0]
+            .lease_ns
+            .store(params.region_lock_lease.as_nanos().max(1) as u64, Relaxed);
+        l.locks[1]
+            .lease_ns
+            .store(params.detect_lock_lease.as_nanos().max(1) as u64, Relaxed);
         l.counters[Counter::RegionInitializations as usize].fetch_add(1, Relaxed);
         if path == InitPath::Recovered {
             l.counters[Counter::RegionRecoveries as usize].fetch_add(1, Relaxed);
@@ -394,12 +469,15 @@ impl Region {
     pub fn device_limits(&self) -> Vec<u64> {
         let l = self.layout();
         let n = (l.header.device_count.load(Relaxed) as usize).min(MAX_DEVICES);
-        l.devices[..n].iter().map(|d| d.limit.load(Relaxed)).collect()
+        l.devices[..n]
+            .iter()
+            .map(|d| d.limit.load(Relaxed))
+            .collect()
     }
 
     /// A consistent-enough copy for tools and tests (same as the reader's).
     pub fn snapshot(&self) -> Snapshot {
-        snapshot(self.layout())
+        snapshot(self.layout(), &self.file)
     }
 
     pub fn ring_consumer(&self) -> crate::ring::RingConsumer {
@@ -407,7 +485,12 @@ impl Region {
     }
 
     /// Drains events through `consumer` (tests and tools; the exporter uses the reader).
-    pub fn drain(&self, consumer: &mut crate::ring::RingConsumer, max: usize, f: impl FnMut(Event)) -> crate::ring::DrainStats {
+    pub fn drain(
+        &self,
+        consumer: &mut crate::ring::RingConsumer,
+        max: usize,
+        f: impl FnMut(Event),
+    ) -> crate::ring::DrainStats {
         consumer.drain(self.layout(), max, f)
     }
 }
@@ -419,16 +502,29 @@ fn grow_if_blank(file: &File, path: &Path) -> Result<(), RegionError> {
         return Ok(());
     }
     let mut buf = Vec::with_capacity(len as usize);
-    (&*file).read_to_end(&mut buf).map_err(io_err(path, "read"))?;
+    (&*file)
+        .read_to_end(&mut buf)
+        .map_err(io_err(path, "read"))?;
     if buf.iter().any(|&b| b != 0) {
-        return Err(RegionError::Truncated { path: path.to_path_buf(), len, expected: REGION_SIZE as u64 });
+        return Err(RegionError::Truncated {
+            path: path.to_path_buf(),
+            len,
+            expected: REGION_SIZE as u64,
+        });
     }
-    file.set_len(REGION_SIZE as u64).map_err(io_err(path, "grow"))
+    file.set_len(REGION_SIZE as u64)
+        .map_err(io_err(path, "grow"))
 }
 
 fn zero_all(l: &RegionLayout) {
     let h = &l.header;
-    for a in [&h.magic, &h.region_size, &h.init_nonce, &h.created_realtime_ns, &h.created_monotonic_ns] {
+    for a in [
+        &h.magic,
+        &h.region_size,
+        &h.init_nonce,
+        &h.created_realtime_ns,
+        &h.created_monotonic_ns,
+    ] {
         a.store(0, Relaxed);
     }
     for d in &l.devices {
@@ -476,26 +572,48 @@ impl RegionReader {
             .map_err(io_err(path, "open read-only"))?;
         let len = file_len(&file, path)?;
         if len < std::mem::size_of::<Header>() as u64 {
-            return Err(RegionError::Truncated { path: path.to_path_buf(), len, expected: REGION_SIZE as u64 });
+            return Err(RegionError::Truncated {
+                path: path.to_path_buf(),
+                len,
+                expected: REGION_SIZE as u64,
+            });
         }
         // Check the header by plain reads before mapping the whole layout, so a short
         // file with a valid-looking header is reported, not mapped past its end.
         let mut head = [0u8; 16];
-        (&file).read_exact(&mut head).map_err(io_err(path, "read header"))?;
+        (&file)
+            .read_exact(&mut head)
+            .map_err(io_err(path, "read header"))?;
         let magic = u64::from_le_bytes(head[0..8].try_into().unwrap_or_default());
         let version = u32::from_le_bytes(head[8..12].try_into().unwrap_or_default());
         if magic != MAGIC {
-            return Err(RegionError::WrongMagic { path: path.to_path_buf(), found: magic });
+            return Err(RegionError::WrongMagic {
+                path: path.to_path_buf(),
+                found: magic,
+            });
         }
         if version != LAYOUT_VERSION {
-            return Err(RegionError::UnsupportedVersion { path: path.to_path_buf(), found: version, supported: LAYOUT_VERSION });
+            return Err(RegionError::UnsupportedVersion {
+                path: path.to_path_buf(),
+                found: version,
+                supported: LAYOUT_VERSION,
+            });
         }
         if len < REGION_SIZE as u64 {
-            return Err(RegionError::Truncated { path: path.to_path_buf(), len, expected: REGION_SIZE as u64 });
+            return Err(RegionError::Truncated {
+                path: path.to_path_buf(),
+                len,
+                expected: REGION_SIZE as u64,
+            });
         }
-        let map = Mapping::new(&file, REGION_SIZE, false).map_err(io_err(path, "mmap read-only"))?;
+        let map =
+            Mapping::new(&file, REGION_SIZE, false).map_err(io_err(path, "mmap read-only"))?;
         validate(layout_of(&map), path, len)?;
-        Ok(RegionReader { path: path.to_path_buf(), map, _file: file })
+        Ok(RegionReader {
+            path: path.to_path_buf(),
+            map,
+            _file: file,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -513,14 +631,19 @@ impl RegionReader {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        snapshot(self.layout())
+        snapshot(self.layout(), &self._file)
     }
 
     pub fn ring_consumer(&self) -> crate::ring::RingConsumer {
         crate::ring::RingConsumer::new(self.layout())
     }
 
-    pub fn drain(&self, consumer: &mut crate::ring::RingConsumer, max: usize, f: impl FnMut(Event)) -> crate::ring::DrainStats {
+    pub fn drain(
+        &self,
+        consumer: &mut crate::ring::RingConsumer,
+        max: usize,
+        f: impl FnMut(Event),
+    ) -> crate::ring::DrainStats {
         consumer.drain(self.layout(), max, f)
     }
 }
@@ -534,6 +657,8 @@ pub struct SlotInfo {
     pub host_pid: u32,
     pub detect_outcome: u32,
     pub mem_used: Vec<u64>,
+    /// Its liveness token is held: the owner is running (or is this process).
+    pub alive: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -554,9 +679,21 @@ pub struct Snapshot {
     pub devices: Vec<DeviceInfo>,
     pub counters: Vec<u64>,
     pub histograms: Vec<HistogramSnapshot>,
-    /// Slots marked active (whose owners may have died since; liveness needs a writer).
+    /// Slots marked active, each with its owner's liveness.
     pub slots: Vec<SlotInfo>,
+    /// Per lock (indexed by `LockId`).
+    pub locks: Vec<LockInfo>,
     pub ring_head: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockInfo {
+    /// Slot index of the owner, if held.
+    pub owner: Option<u16>,
+    pub epoch: u32,
+    /// Processes asleep on the lock (may over-count waiters that were killed asleep).
+    pub waiters: u32,
+    pub lease_ns: u64,
 }
 
 impl Snapshot {
@@ -568,7 +705,7 @@ impl Snapshot {
     }
 }
 
-fn snapshot(l: &RegionLayout) -> Snapshot {
+fn snapshot(l: &RegionLayout, file: &File) -> Snapshot {
     let h = &l.header;
     let dc = (h.device_count.load(Relaxed) as usize).min(MAX_DEVICES);
     let devices = l.devices[..dc]
@@ -610,6 +747,7 @@ fn snapshot(l: &RegionLayout) -> Snapshot {
             host_pid: s.host_pid.load(Relaxed),
             detect_outcome: s.detect_outcome.load(Relaxed),
             mem_used: s.mem_used[..dc].iter().map(|m| m.load(Relaxed)).collect(),
+            alive: sys::ofd_is_locked(file, slot_token_offset(i)).unwrap_or(true),
         })
         .collect();
     Snapshot {
@@ -620,6 +758,19 @@ fn snapshot(l: &RegionLayout) -> Snapshot {
         counters: l.counters.iter().map(|c| c.load(Relaxed)).collect(),
         histograms,
         slots,
+        locks: l
+            .locks
+            .iter()
+            .map(|st| {
+                let w = st.word.load(Acquire);
+                LockInfo {
+                    owner: crate::lock::owner_of(w).map(|(o, _)| o),
+                    epoch: crate::lock::epoch_of(w),
+                    waiters: st.waiters.load(Relaxed),
+                    lease_ns: st.lease_ns.load(Relaxed),
+                }
+            })
+            .collect(),
         ring_head: l.ring.head.load(Acquire),
     }
 }

@@ -167,8 +167,11 @@ fn write_at(slot: &EventSlot, pos: u64, words: &[u64; 6]) -> bool {
     }
     // Seqlock writer: the busy mark must be visible before any payload word.
     fence(Release);
-    for (dst, &w) in slot.words.iter().zip(words.iter()) {
+    for (i, (dst, &w)) in slot.words.iter().zip(words.iter()).enumerate() {
         dst.store(w, Relaxed);
+        if i == 2 {
+            crate::fault::point("ring.mid_write");
+        }
     }
     slot.words[6].store(checksum(pos, words), Relaxed);
     slot.seq

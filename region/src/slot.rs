@@ -80,6 +80,7 @@ impl Region {
         if s.state.load(Acquire) != SLOT_FREE {
             self.reclaim_holding_token(i, None);
         }
+        crate::fault::point("slot.claim.mid");
         let generation = s.generation.fetch_add(1, AcqRel).wrapping_add(1);
         s.pid.store(sys::getpid(), Relaxed);
         s.host_pid.store(0, Relaxed);

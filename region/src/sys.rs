@@ -103,9 +103,11 @@ pub(crate) fn ofd_unlock(file: &File, offset: u64) -> io::Result<()> {
 }
 
 /// True if some *other* open file description holds a lock on the byte. Locks held
-/// through `file` itself never conflict, so never ask about your own token.
+/// through `file` itself never conflict, so never ask about your own token. Probes
+/// with a read lock, which conflicts with the tokens' write locks and works on a
+/// read-only descriptor too.
 pub(crate) fn ofd_is_locked(file: &File, offset: u64) -> io::Result<bool> {
-    let mut fl = ofd_flock(libc::F_WRLCK as libc::c_short, offset);
+    let mut fl = ofd_flock(libc::F_RDLCK as libc::c_short, offset);
     // SAFETY: valid fd; the kernel writes the result into `fl`, which we own.
     let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
     if rc != 0 {
@@ -185,4 +187,14 @@ pub fn realtime_ns() -> u64 {
 /// The calling process's PID as it sees it (its own namespace).
 pub fn getpid() -> u32 {
     std::process::id()
+}
+
+/// SIGKILLs the calling process (fault injection).
+#[cfg(feature = "fault-injection")]
+pub(crate) fn kill_self() -> ! {
+    // SAFETY: raise has no memory-safety preconditions; SIGKILL cannot be caught.
+    unsafe {
+        libc::raise(libc::SIGKILL);
+    }
+    std::process::abort()
 }

@@ -1,1 +1,413 @@
-fn main() {}
+//! `vigil-region`: inspect a Vigil region, follow its events, and drive it from real
+//! processes (the `exercise` commands are what the crash tests and benchmarks run).
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use vigil_region::{
+    monotonic_ns, Counter, Event, EventKind, ForceReason, InitParams, LockId, Region, RegionReader,
+    ReleaseOutcome, Snapshot,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "vigil-region",
+    version,
+    about = "Inspect and exercise Vigil shared regions"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print a region's header, devices, counters and live slots (read-only).
+    Inspect { path: PathBuf },
+    /// Print the events in a region's ring (read-only).
+    Events {
+        path: PathBuf,
+        /// Keep printing new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Create (or open) a region with the given parameters and print how it went.
+    Create {
+        path: PathBuf,
+        #[command(flatten)]
+        init: InitArgs,
+    },
+    /// Drive a region from this process; used by the crash tests and benchmarks.
+    #[command(subcommand)]
+    Exercise(Exercise),
+}
+
+#[derive(clap::Args, Clone)]
+struct InitArgs {
+    /// Device memory limit in bytes, one per device (repeat for more devices).
+    #[arg(long = "device-limit")]
+    device_limits: Vec<u64>,
+    /// Region lock lease in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    region_lease_ms: u64,
+    /// Detection lock lease in milliseconds.
+    #[arg(long, default_value_t = 30000)]
+    detect_lease_ms: u64,
+}
+
+impl InitArgs {
+    fn params(&self) -> InitParams {
+        InitParams {
+            device_limits: self.device_limits.clone(),
+            region_lock_lease: Duration::from_millis(self.region_lease_ms),
+            detect_lock_lease: Duration::from_millis(self.detect_lease_ms),
+            ..InitParams::default()
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LockArg {
+    Region,
+    Detect,
+}
+
+impl From<LockArg> for LockId {
+    fn from(l: LockArg) -> LockId {
+        match l {
+            LockArg::Region => LockId::Region,
+            LockArg::Detect => LockId::Detect,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Exercise {
+    /// Attach (initializing if first) and print the init path.
+    Attach {
+        path: PathBuf,
+        /// Busy-wait until CLOCK_MONOTONIC reaches this many ns (a start barrier).
+        #[arg(long)]
+        start_at_ns: Option<u64>,
+        #[command(flatten)]
+        init: InitArgs,
+    },
+    /// Claim a slot, take a lock, hold it, release it; print each step.
+    Hold {
+        path: PathBuf,
+        #[arg(long, value_enum, default_value = "region")]
+        lock: LockArg,
+        /// How long to hold the lock (0 = until killed).
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        #[command(flatten)]
+        init: InitArgs,
+    },
+    /// Take the lock N times and do a non-atomic read-modify-write of a counter in
+    /// `--data` inside, with an overlap canary. Exits 3 on a detected overlap.
+    LockLoop {
+        path: PathBuf,
+        /// Shared data file: [canary u64][counter u64][log u64 ...].
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        iterations: u64,
+        /// This worker's id (recorded in the log).
+        #[arg(long)]
+        id: u32,
+        /// Extra time spent inside each critical section, in microseconds.
+        #[arg(long, default_value_t = 0)]
+        hold_us: u64,
+        #[command(flatten)]
+        init: InitArgs,
+    },
+    /// Write N marker events (a = id, b = sequence number).
+    Ring {
+        path: PathBuf,
+        #[arg(long)]
+        events: u64,
+        #[arg(long)]
+        id: u32,
+        #[arg(long)]
+        start_at_ns: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vigil-region: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Inspect { path } => {
+            let r = RegionReader::open(&path)?;
+            print_snapshot(&path, &r.snapshot());
+        }
+        Cmd::Events { path, follow } => {
+            let r = RegionReader::open(&path)?;
+            let mut c = r.ring_consumer();
+            loop {
+                r.drain(&mut c, usize::MAX, |e| println!("{}", format_event(&e)));
+                if !follow {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let lost = c.lost();
+            println!(
+                "# lost: overwritten={} torn={} abandoned={}",
+                lost.overwritten, lost.torn, lost.abandoned
+            );
+        }
+        Cmd::Create { path, init } => {
+            let (r, rep) = Region::open(&path, &init.params())?;
+            println!(
+                "init path={} duration_ns={} limits={:?}",
+                rep.path.name(),
+                rep.duration.as_nanos(),
+                r.device_limits()
+            );
+        }
+        Cmd::Exercise(e) => return exercise(e),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn spin_until(t: Option<u64>) {
+    if let Some(t) = t {
+        while monotonic_ns() < t {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+fn exercise(e: Exercise) -> Result<ExitCode> {
+    match e {
+        Exercise::Attach {
+            path,
+            start_at_ns,
+            init,
+        } => {
+            spin_until(start_at_ns);
+            let (_r, rep) = Region::open(&path, &init.params())?;
+            println!(
+                "init path={} duration_ns={} pid={}",
+                rep.path.name(),
+                rep.duration.as_nanos(),
+                std::process::id()
+            );
+        }
+        Exercise::Hold {
+            path,
+            lock,
+            hold_ms,
+            init,
+        } => {
+            let (r, _) = Region::open(&path, &init.params())?;
+            let me = r.claim_slot()?;
+            println!("slot index={} pid={}", me.index, std::process::id());
+            let g = r.lock(lock.into(), me)?;
+            let o = g.outcome();
+            println!(
+                "locked ts_ns={} wait_ns={} retries={} forced={} victim={} epoch={}",
+                monotonic_ns(),
+                o.wait_ns,
+                o.retries,
+                o.forced.map(|(r, _)| r.name()).unwrap_or("none"),
+                o.forced.map(|(_, v)| v as i64).unwrap_or(-1),
+                o.epoch
+            );
+            let start = monotonic_ns();
+            let mut disturbed = 0u64;
+            while hold_ms == 0 || monotonic_ns() - start < hold_ms * 1_000_000 {
+                std::thread::sleep(Duration::from_millis(1));
+                if !g.is_current() {
+                    disturbed += 1;
+                }
+            }
+            let out = g.release();
+            r.release_slot(me)?;
+            println!(
+                "released outcome={} disturbed_ms={disturbed}",
+                match out {
+                    ReleaseOutcome::Released => "released",
+                    ReleaseOutcome::Fenced => "fenced",
+                }
+            );
+        }
+        Exercise::LockLoop {
+            path,
+            data,
+            iterations,
+            id,
+            hold_us,
+            init,
+        } => return lock_loop(&path, &data, iterations, id, hold_us, &init),
+        Exercise::Ring {
+            path,
+            events,
+            id,
+            start_at_ns,
+        } => {
+            let (r, _) = Region::open(&path, &InitParams::default())?;
+            spin_until(start_at_ns);
+            for seq in 0..events {
+                r.emit(&Event::new(EventKind::Marker, 0, id, id as u64, seq, 0));
+            }
+            println!("wrote events={events}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_u64(f: &File, off: u64) -> std::io::Result<u64> {
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, off)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn write_u64(f: &File, off: u64, v: u64) -> std::io::Result<()> {
+    f.write_all_at(&v.to_le_bytes(), off)
+}
+
+/// The mutual-exclusion workload. The counter update is a plain read then write, so
+/// two processes inside at once lose updates; the canary catches them in the act.
+fn lock_loop(
+    path: &Path,
+    data: &Path,
+    iterations: u64,
+    id: u32,
+    hold_us: u64,
+    init: &InitArgs,
+) -> Result<ExitCode> {
+    let (r, _) = Region::open(path, &init.params())?;
+    let me = r.claim_slot()?;
+    let f = OpenOptions::new().read(true).write(true).open(data)?;
+    println!("slot index={} pid={}", me.index, std::process::id());
+    let mut overlaps = 0u64;
+    for seq in 0..iterations {
+        let g = r.lock(LockId::Region, me)?;
+        let canary = read_u64(&f, 0)?;
+        let expected_leftover = match g.outcome().forced {
+            Some((ForceReason::OwnerDead, victim)) => victim as u64 + 1,
+            _ => 0,
+        };
+        if canary != 0 && canary != expected_leftover {
+            overlaps += 1;
+            eprintln!(
+                "overlap: canary {canary} found by slot {} (seq {seq})",
+                me.index
+            );
+        }
+        write_u64(&f, 0, me.index as u64 + 1)?;
+        let n = read_u64(&f, 8)?;
+        if hold_us > 0 {
+            let t = monotonic_ns();
+            while monotonic_ns() - t < hold_us * 1000 {
+                std::hint::spin_loop();
+            }
+        }
+        write_u64(&f, 16 + 8 * n, (id as u64) << 32 | (seq + 1))?;
+        write_u64(&f, 8, n + 1)?;
+        if read_u64(&f, 0)? != me.index as u64 + 1 {
+            overlaps += 1;
+            eprintln!(
+                "overlap: canary changed under slot {} (seq {seq})",
+                me.index
+            );
+        }
+        write_u64(&f, 0, 0)?;
+        drop(g);
+    }
+    println!("done iterations={iterations} overlaps={overlaps}");
+    Ok(if overlaps == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
+
+fn format_event(e: &Event) -> String {
+    let detail = match e.kind {
+        EventKind::Init => format!("path={} duration_ns={}", e.arg, e.a),
+        EventKind::LockWait => format!("lock={} wait_ns={} retries={}", lock_name(e.arg), e.a, e.b),
+        EventKind::ForcePost => format!(
+            "lock={} reason={} victim_slot={} victim_gen={} held_ns={}",
+            lock_name(e.arg & 0xff),
+            ForceReason::from_u8((e.arg >> 8) as u8)
+                .map(|r| r.name())
+                .unwrap_or("?"),
+            e.a,
+            e.b,
+            e.c
+        ),
+        EventKind::FencedRelease => format!("lock={}", lock_name(e.arg)),
+        EventKind::Detection => format!(
+            "outcome={} latency_ns={} polls={} host_pid={}",
+            vigil_region::DetectOutcome::from_u8(e.arg as u8)
+                .map(|o| o.name())
+                .unwrap_or("?"),
+            e.a,
+            e.b,
+            e.c
+        ),
+        EventKind::SlotReclaimed => format!("victim_slot={} bytes={}", e.a, e.b),
+        EventKind::AllocationDenied => format!(
+            "device={} requested={} used={} limit={}",
+            e.arg, e.a, e.b, e.c
+        ),
+        EventKind::Marker => format!("arg={} a={} b={} c={} d={}", e.arg, e.a, e.b, e.c, e.d),
+    };
+    format!(
+        "ts_ns={} kind={} slot={} {detail}",
+        e.ts_ns,
+        e.kind.name(),
+        e.slot
+    )
+}
+
+fn lock_name(v: u32) -> &'static str {
+    LockId::from_u8(v as u8).map(|l| l.name()).unwrap_or("?")
+}
+
+fn print_snapshot(path: &Path, s: &Snapshot) {
+    println!("region {}", path.display());
+    println!(
+        "  initializations={} nonce={:#x} created_realtime_ns={}",
+        s.init_count, s.init_nonce, s.created_realtime_ns
+    );
+    for (i, d) in s.devices.iter().enumerate() {
+        println!(
+            "  device {i}: limit={} used={} peak={} denials={}",
+            d.limit, d.used, d.peak, d.denials
+        );
+    }
+    println!("  counters:");
+    for c in Counter::ALL {
+        println!("    {c:?}={}", s.counter(c));
+    }
+    println!("  ring: events_written={}", s.ring_head);
+    println!(
+        "  active slots: {} ({} alive)",
+        s.slots.len(),
+        s.slots.iter().filter(|s| s.alive).count()
+    );
+    for sl in &s.slots {
+        println!(
+            "    slot {} gen={} pid={} host_pid={} detect={} mem={:?} alive={}",
+            sl.index, sl.generation, sl.pid, sl.host_pid, sl.detect_outcome, sl.mem_used, sl.alive
+        );
+    }
+}
