@@ -430,7 +430,9 @@ impl Region {
 
     /// In a forked child: drops the parent's open file description (and with it any
     /// claim on the parent's liveness tokens) and opens a fresh one, so the child
-    /// gets its own identity. The mapping is kept: it is the same shared file.
+    /// gets its own identity. The mapping is replaced too: a mapping holds a reference
+    /// to the description it was made from, so the inherited one alone would keep the
+    /// parent's tokens held after the parent died.
     pub fn reattach_after_fork(&mut self) -> Result<(), RegionError> {
         let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
         let fresh = OpenOptions::new()
@@ -439,6 +441,9 @@ impl Region {
             .custom_flags(libc::O_CLOEXEC)
             .open(&proc_path)
             .map_err(io_err(&self.path, "reopen after fork"))?;
+        let map = Mapping::new(&fresh, REGION_SIZE, true)
+            .map_err(io_err(&self.path, "mmap after fork"))?;
+        self.map = map;
         self.file = fresh;
         for w in self.held.iter() {
             w.store(0, Relaxed);
@@ -482,6 +487,16 @@ impl Region {
 
     pub fn ring_consumer(&self) -> crate::ring::RingConsumer {
         crate::ring::RingConsumer::new(self.layout())
+    }
+
+    /// Events ever started in the ring (its head position).
+    pub fn ring_head(&self) -> u64 {
+        self.layout().ring.head.load(Acquire)
+    }
+
+    /// A consumer that sees only events written from now on.
+    pub fn ring_consumer_from_now(&self) -> crate::ring::RingConsumer {
+        crate::ring::RingConsumer::from_now(self.layout())
     }
 
     /// Drains events through `consumer` (tests and tools; the exporter uses the reader).
@@ -636,6 +651,16 @@ impl RegionReader {
 
     pub fn ring_consumer(&self) -> crate::ring::RingConsumer {
         crate::ring::RingConsumer::new(self.layout())
+    }
+
+    /// Events ever started in the ring (its head position).
+    pub fn ring_head(&self) -> u64 {
+        self.layout().ring.head.load(Acquire)
+    }
+
+    /// A consumer that sees only events written from now on.
+    pub fn ring_consumer_from_now(&self) -> crate::ring::RingConsumer {
+        crate::ring::RingConsumer::from_now(self.layout())
     }
 
     pub fn drain(

@@ -218,7 +218,7 @@ pub struct DrainStats {
 
 impl RingConsumer {
     /// Starts at the oldest event still in the ring.
-    pub fn new(layout: &RegionLayout) -> RingConsumer {
+    pub(crate) fn new(layout: &RegionLayout) -> RingConsumer {
         let head = layout.ring.head.load(Acquire);
         RingConsumer {
             tail: head.saturating_sub(RING_CAPACITY as u64),
@@ -230,7 +230,7 @@ impl RingConsumer {
     }
 
     /// Starts at the current head: only events written from now on.
-    pub fn from_now(layout: &RegionLayout) -> RingConsumer {
+    pub(crate) fn from_now(layout: &RegionLayout) -> RingConsumer {
         let mut c = RingConsumer::new(layout);
         c.tail = layout.ring.head.load(Acquire);
         c
@@ -255,7 +255,7 @@ impl RingConsumer {
 
     /// Delivers up to `max` events to `f`, in position order, and accounts for every
     /// position passed over.
-    pub fn drain(
+    pub(crate) fn drain(
         &mut self,
         layout: &RegionLayout,
         max: usize,

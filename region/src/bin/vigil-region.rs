@@ -124,6 +124,14 @@ enum Exercise {
         #[command(flatten)]
         init: InitArgs,
     },
+    /// Claim a slot, fork, and have the child claim its own; both then wait to be
+    /// killed. With --no-reattach the child keeps the parent's open file description
+    /// (what a naive interposer would do), to show why reattaching matters.
+    Fork {
+        path: PathBuf,
+        #[arg(long)]
+        no_reattach: bool,
+    },
     /// Write N marker events (a = id, b = sequence number).
     Ring {
         path: PathBuf,
@@ -255,6 +263,26 @@ fn exercise(e: Exercise) -> Result<ExitCode> {
             hold_us,
             init,
         } => return lock_loop(&path, &data, iterations, id, hold_us, &init),
+        Exercise::Fork { path, no_reattach } => {
+            let (mut r, _) = Region::open(&path, &InitParams::default())?;
+            let me = r.claim_slot()?;
+            println!("parent slot={} pid={}", me.index, std::process::id());
+            match fork()? {
+                0 => {
+                    if !no_reattach {
+                        r.reattach_after_fork()?;
+                        let mine = r.claim_slot()?;
+                        println!("child slot={} pid={}", mine.index, std::process::id());
+                    } else {
+                        println!("child slot=none pid={}", std::process::id());
+                    }
+                }
+                _ => {}
+            }
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
         Exercise::Ring {
             path,
             events,
@@ -270,6 +298,18 @@ fn exercise(e: Exercise) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// fork(2). Only called from this single-threaded tool.
+fn fork() -> std::io::Result<i32> {
+    // SAFETY: the process is single-threaded here (no runtime threads are started by
+    // this tool), so the child may keep running arbitrary Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(pid)
+    }
 }
 
 fn read_u64(f: &File, off: u64) -> std::io::Result<u64> {

@@ -76,7 +76,16 @@ impl Proc {
     pub fn wait_ok(mut self) -> String {
         let mut rest = String::new();
         std::io::Read::read_to_string(&mut self.out, &mut rest).ok();
-        let out = self.child.wait_with_output().expect("wait");
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut stderr).ok();
+        }
+        let status = self.child.wait().expect("wait");
+        let out = std::process::Output {
+            status,
+            stdout: Vec::new(),
+            stderr: stderr.into_bytes(),
+        };
         assert!(
             out.status.success(),
             "child failed: {:?}\nstdout: {rest}\nstderr: {}",
@@ -84,6 +93,16 @@ impl Proc {
             String::from_utf8_lossy(&out.stderr)
         );
         rest
+    }
+}
+
+impl Drop for Proc {
+    /// A failed test must not leave its children running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
