@@ -76,6 +76,7 @@ pub struct Region {
     /// never conflict with us) and threads never claim the same one.
     pub(crate) held: Box<[AtomicU64; MAX_SLOTS / 64]>,
     opened_pid: u32,
+    fork_gen: u64,
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> RegionError + 'a {
@@ -280,6 +281,7 @@ impl Region {
             map,
             held: Box::new([const { AtomicU64::new(0) }; MAX_SLOTS / 64]),
             opened_pid: sys::getpid(),
+            fork_gen: sys::fork_generation(),
         };
         let init_path = region.initialize(params, deadline, len)?;
         let duration = start.elapsed();
@@ -425,7 +427,12 @@ impl Region {
     /// True in a child forked after this handle was opened: the child must call
     /// [`Region::reattach_after_fork`] before touching slots or locks.
     pub fn is_forked_copy(&self) -> bool {
-        self.opened_pid != sys::getpid()
+        self.fork_gen != sys::fork_generation()
+    }
+
+    /// The slow but certain check (a syscall), for code paths that are not hot.
+    pub fn is_forked_copy_exact(&self) -> bool {
+        self.is_forked_copy() || self.opened_pid != sys::getpid()
     }
 
     /// In a forked child: drops the parent's open file description (and with it any
@@ -449,6 +456,7 @@ impl Region {
             w.store(0, Relaxed);
         }
         self.opened_pid = sys::getpid();
+        self.fork_gen = sys::fork_generation();
         Ok(())
     }
 

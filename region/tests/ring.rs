@@ -82,7 +82,10 @@ fn eight_producers_one_million_events_each_received_once_or_counted_lost() {
         "every position delivered or counted lost"
     );
     assert_eq!(markers + others, c.delivered());
-    assert!(last.keys().all(|id| *id < 8), "unknown producer ids: {last:?}");
+    assert!(
+        last.keys().all(|id| *id < 8),
+        "unknown producer ids: {last:?}"
+    );
     // Torn events are possible here and are not errors: on 2 cores a producer can be
     // preempted mid-write long enough for the next lap to take its slot; when it
     // resumes, its stray stores fail the new event's checksum and the consumer counts

@@ -132,6 +132,12 @@ enum Exercise {
         #[arg(long)]
         no_reattach: bool,
     },
+    /// Take and release the region lock in a tight loop for a while (benchmarks).
+    Contend {
+        path: PathBuf,
+        #[arg(long)]
+        duration_ms: u64,
+    },
     /// Write N marker events (a = id, b = sequence number).
     Ring {
         path: PathBuf,
@@ -282,6 +288,20 @@ fn exercise(e: Exercise) -> Result<ExitCode> {
             loop {
                 std::thread::sleep(Duration::from_secs(1));
             }
+        }
+        Exercise::Contend { path, duration_ms } => {
+            let (r, _) = Region::open(&path, &InitParams::default())?;
+            let me = r.claim_slot()?;
+            println!("slot index={}", me.index);
+            let end = monotonic_ns() + duration_ms * 1_000_000;
+            let mut n = 0u64;
+            while monotonic_ns() < end {
+                for _ in 0..64 {
+                    drop(r.lock(LockId::Region, me)?);
+                }
+                n += 64;
+            }
+            println!("done acquisitions={n}");
         }
         Exercise::Ring {
             path,
