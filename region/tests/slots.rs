@@ -91,8 +91,7 @@ fn slots_reclaimed_by_a_new_claimer_when_space_runs_out_of_free_ones() {
     assert_eq!(got.len(), vigil_region::layout::MAX_SLOTS);
     let err = r
         .claim_slot()
-        .err()
-        .expect("all slots held by a live process");
+        .expect_err("all slots held by a live process");
     assert!(
         err.to_string().contains("r.cache") && err.to_string().contains("1024"),
         "{err}"

@@ -273,17 +273,14 @@ fn exercise(e: Exercise) -> Result<ExitCode> {
             let (mut r, _) = Region::open(&path, &InitParams::default())?;
             let me = r.claim_slot()?;
             println!("parent slot={} pid={}", me.index, std::process::id());
-            match fork()? {
-                0 => {
-                    if !no_reattach {
-                        r.reattach_after_fork()?;
-                        let mine = r.claim_slot()?;
-                        println!("child slot={} pid={}", mine.index, std::process::id());
-                    } else {
-                        println!("child slot=none pid={}", std::process::id());
-                    }
+            if fork()? == 0 {
+                if no_reattach {
+                    println!("child slot=none pid={}", std::process::id());
+                } else {
+                    r.reattach_after_fork()?;
+                    let mine = r.claim_slot()?;
+                    println!("child slot={} pid={}", mine.index, std::process::id());
                 }
-                _ => {}
             }
             loop {
                 std::thread::sleep(Duration::from_secs(1));
