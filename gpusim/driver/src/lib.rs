@@ -1,0 +1,15 @@
+//! `libcuda.so.1` and `libnvidia-ml.so.1` stand-ins. One library exports both APIs;
+//! `vigil-gpusim install-libs DIR` links it under both names, and programs find it
+//! through `LD_LIBRARY_PATH` exactly as they find the real driver.
+//!
+//! Every export catches panics and returns an error code instead: nothing may unwind
+//! into C. Pointer handling is confined to `ffi`.
+
+mod client;
+mod cuda;
+mod ffi;
+mod nvml;
+mod procaddress;
+
+pub use cuda::*;
+pub use nvml::*;

@@ -1,0 +1,438 @@
+//! The NVML subset. Struct layouts match NVIDIA's `nvml.h`, so `nvidia-ml-py` and
+//! the `nvml-wrapper` crate work against it unchanged.
+
+use crate::client::{self, call, sim_error, state};
+use crate::ffi::{self, guard, out};
+use std::ffi::{c_char, c_int, c_uint};
+use vigil_gpusim::protocol::num;
+
+pub type NvmlReturn = c_uint;
+pub type NvmlDevice = *mut u8;
+
+pub const NVML_SUCCESS: NvmlReturn = 0;
+pub const NVML_ERROR_UNINITIALIZED: NvmlReturn = 1;
+pub const NVML_ERROR_INVALID_ARGUMENT: NvmlReturn = 2;
+pub const NVML_ERROR_NOT_SUPPORTED: NvmlReturn = 3;
+pub const NVML_ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
+pub const NVML_ERROR_DRIVER_NOT_LOADED: NvmlReturn = 9;
+pub const NVML_ERROR_ARGUMENT_VERSION_MISMATCH: NvmlReturn = 25;
+pub const NVML_ERROR_UNKNOWN: NvmlReturn = 999;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NvmlMemory {
+    pub total: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NvmlMemoryV2 {
+    pub version: c_uint,
+    pub total: u64,
+    pub reserved: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+/// `nvmlMemory_v2`: sizeof(nvmlMemory_v2_t) | 2 << 24.
+pub const NVML_MEMORY_V2: c_uint = 0x0200_0028;
+
+/// nvmlProcessInfo_v1_t (for the unsuffixed call).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NvmlProcessInfoV1 {
+    pub pid: c_uint,
+    pub used_gpu_memory: u64,
+}
+
+/// nvmlProcessInfo_v2_t, also nvmlProcessInfo_t (for `_v2` and `_v3`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NvmlProcessInfo {
+    pub pid: c_uint,
+    pub used_gpu_memory: u64,
+    pub gpu_instance_id: c_uint,
+    pub compute_instance_id: c_uint,
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<NvmlMemory>() == 24);
+    assert!(std::mem::size_of::<NvmlMemoryV2>() == 40);
+    assert!(std::mem::size_of::<NvmlProcessInfoV1>() == 16);
+    assert!(std::mem::size_of::<NvmlProcessInfo>() == 24);
+    assert!(std::mem::offset_of!(NvmlProcessInfo, gpu_instance_id) == 16);
+};
+
+/// Device handles are addresses inside this array: opaque to callers, checkable here.
+static HANDLES: [u8; 16] = [0; 16];
+
+fn handle_of(i: u32) -> NvmlDevice {
+    HANDLES.as_ptr().wrapping_add(i as usize) as NvmlDevice
+}
+
+/// A handle back to its index, if it is one of ours and NVML is initialized.
+fn index_of(h: NvmlDevice) -> Result<u32, NvmlReturn> {
+    let g = state();
+    let s = g
+        .as_ref()
+        .filter(|s| s.nvml_refs > 0)
+        .ok_or(NVML_ERROR_UNINITIALIZED)?;
+    let off = (h as usize).wrapping_sub(HANDLES.as_ptr() as usize);
+    if off < s.devices.len() {
+        Ok(off as u32)
+    } else {
+        Err(NVML_ERROR_INVALID_ARGUMENT)
+    }
+}
+
+fn nvml_initialized() -> Result<(), NvmlReturn> {
+    match state().as_ref() {
+        Some(s) if s.nvml_refs > 0 => Ok(()),
+        _ => Err(NVML_ERROR_UNINITIALIZED),
+    }
+}
+
+fn code(r: Result<(), NvmlReturn>) -> NvmlReturn {
+    r.err().unwrap_or(NVML_SUCCESS)
+}
+
+fn nvml_err(e: &vigil_gpusim::protocol::CallError) -> NvmlReturn {
+    sim_error(
+        e,
+        NVML_ERROR_UNKNOWN,
+        NVML_ERROR_INVALID_ARGUMENT,
+        NVML_ERROR_INVALID_ARGUMENT,
+        NVML_ERROR_UNKNOWN,
+    )
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> NvmlReturn {
+    guard("nvmlInitWithFlags", NVML_ERROR_UNKNOWN, || {
+        if let Err(e) = client::ensure_loaded() {
+            client::log_warn(&format!("nvmlInit: {e:?}"));
+            return NVML_ERROR_DRIVER_NOT_LOADED;
+        }
+        if let Some(s) = state().as_mut() {
+            s.nvml_refs += 1;
+        }
+        NVML_SUCCESS
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlInit_v2() -> NvmlReturn {
+    nvmlInitWithFlags(0)
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlInit() -> NvmlReturn {
+    nvmlInitWithFlags(0)
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlShutdown() -> NvmlReturn {
+    guard("nvmlShutdown", NVML_ERROR_UNKNOWN, || {
+        let mut g = state();
+        match g.as_mut() {
+            Some(s) if s.nvml_refs > 0 => {
+                s.nvml_refs -= 1;
+                NVML_SUCCESS
+            }
+            _ => NVML_ERROR_UNINITIALIZED,
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlErrorString(r: NvmlReturn) -> *const c_char {
+    let s: &'static str = match r {
+        NVML_SUCCESS => "Success\0",
+        NVML_ERROR_UNINITIALIZED => "Uninitialized\0",
+        NVML_ERROR_INVALID_ARGUMENT => "Invalid Argument\0",
+        NVML_ERROR_NOT_SUPPORTED => "Not Supported\0",
+        NVML_ERROR_INSUFFICIENT_SIZE => "Insufficient Size\0",
+        NVML_ERROR_DRIVER_NOT_LOADED => "Driver Not Loaded\0",
+        NVML_ERROR_ARGUMENT_VERSION_MISMATCH => "Argument Version Mismatch\0",
+        _ => "Unknown Error\0",
+    };
+    s.as_ptr().cast()
+}
+
+fn write_string(buf: *mut c_char, len: c_uint, s: &str) -> NvmlReturn {
+    if buf.is_null() {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    if (len as usize) < s.len() + 1 {
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    ffi::write_str(buf, len as usize, s);
+    NVML_SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlSystemGetDriverVersion(buf: *mut c_char, len: c_uint) -> NvmlReturn {
+    guard("nvmlSystemGetDriverVersion", NVML_ERROR_UNKNOWN, || {
+        if let Err(e) = nvml_initialized() {
+            return e;
+        }
+        let v = state()
+            .as_ref()
+            .map(|s| s.driver_version.clone())
+            .unwrap_or_default();
+        write_string(buf, len, &v)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlSystemGetCudaDriverVersion(v: *mut c_int) -> NvmlReturn {
+    guard("nvmlSystemGetCudaDriverVersion", NVML_ERROR_UNKNOWN, || {
+        code(nvml_initialized().and_then(|_| {
+            let ver = state().as_ref().map(|s| s.cuda_version).unwrap_or(0);
+            out(v, ver as c_int)
+                .then_some(())
+                .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+        }))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlSystemGetCudaDriverVersion_v2(v: *mut c_int) -> NvmlReturn {
+    nvmlSystemGetCudaDriverVersion(v)
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetCount_v2(n: *mut c_uint) -> NvmlReturn {
+    guard("nvmlDeviceGetCount_v2", NVML_ERROR_UNKNOWN, || {
+        code(nvml_initialized().and_then(|_| {
+            let c = state().as_ref().map(|s| s.devices.len()).unwrap_or(0);
+            out(n, c as c_uint)
+                .then_some(())
+                .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+        }))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetCount(n: *mut c_uint) -> NvmlReturn {
+    nvmlDeviceGetCount_v2(n)
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetHandleByIndex_v2(i: c_uint, h: *mut NvmlDevice) -> NvmlReturn {
+    guard("nvmlDeviceGetHandleByIndex_v2", NVML_ERROR_UNKNOWN, || {
+        code(nvml_initialized().and_then(|_| {
+            let n = state().as_ref().map(|s| s.devices.len()).unwrap_or(0);
+            if i as usize >= n {
+                return Err(NVML_ERROR_INVALID_ARGUMENT);
+            }
+            out(h, handle_of(i))
+                .then_some(())
+                .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+        }))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetHandleByIndex(i: c_uint, h: *mut NvmlDevice) -> NvmlReturn {
+    nvmlDeviceGetHandleByIndex_v2(i, h)
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetIndex(h: NvmlDevice, i: *mut c_uint) -> NvmlReturn {
+    guard("nvmlDeviceGetIndex", NVML_ERROR_UNKNOWN, || {
+        code(index_of(h).and_then(|d| out(i, d).then_some(()).ok_or(NVML_ERROR_INVALID_ARGUMENT)))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetUUID(h: NvmlDevice, buf: *mut c_char, len: c_uint) -> NvmlReturn {
+    guard("nvmlDeviceGetUUID", NVML_ERROR_UNKNOWN, || {
+        match index_of(h) {
+            Ok(d) => {
+                let u = state()
+                    .as_ref()
+                    .map(|s| s.devices[d as usize].uuid.clone())
+                    .unwrap_or_default();
+                write_string(buf, len, &u)
+            }
+            Err(e) => e,
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetName(h: NvmlDevice, buf: *mut c_char, len: c_uint) -> NvmlReturn {
+    guard("nvmlDeviceGetName", NVML_ERROR_UNKNOWN, || {
+        match index_of(h) {
+            Ok(d) => {
+                let n = state()
+                    .as_ref()
+                    .map(|s| s.devices[d as usize].name.clone())
+                    .unwrap_or_default();
+                write_string(buf, len, &n)
+            }
+            Err(e) => e,
+        }
+    })
+}
+
+fn memory(h: NvmlDevice) -> Result<(u64, u64, u64), NvmlReturn> {
+    let d = index_of(h)?;
+    let v = call(&format!("nvml_meminfo {d}")).map_err(|e| nvml_err(&e))?;
+    match (num(&v, 0), num(&v, 1), num(&v, 2)) {
+        (Ok(t), Ok(f), Ok(u)) => Ok((t, f, u)),
+        _ => Err(NVML_ERROR_UNKNOWN),
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetMemoryInfo(h: NvmlDevice, m: *mut NvmlMemory) -> NvmlReturn {
+    guard("nvmlDeviceGetMemoryInfo", NVML_ERROR_UNKNOWN, || {
+        code(memory(h).and_then(|(total, free, used)| {
+            out(m, NvmlMemory { total, free, used })
+                .then_some(())
+                .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+        }))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetMemoryInfo_v2(h: NvmlDevice, m: *mut NvmlMemoryV2) -> NvmlReturn {
+    guard("nvmlDeviceGetMemoryInfo_v2", NVML_ERROR_UNKNOWN, || {
+        let Some(given) = ffi::read(m) else {
+            return NVML_ERROR_INVALID_ARGUMENT;
+        };
+        if given.version != NVML_MEMORY_V2 {
+            return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+        }
+        code(memory(h).map(|(total, free, used)| {
+            out(
+                m,
+                NvmlMemoryV2 {
+                    version: NVML_MEMORY_V2,
+                    total,
+                    reserved: 0,
+                    free,
+                    used,
+                },
+            );
+        }))
+    })
+}
+
+/// The shared body of the three process-list calls, with NVML's two-call protocol:
+/// too small a buffer gets `INSUFFICIENT_SIZE` and the needed count.
+fn running_processes<T>(
+    h: NvmlDevice,
+    count: *mut c_uint,
+    infos: *mut T,
+    make: impl Fn(u32, u64) -> T,
+) -> NvmlReturn {
+    let d = match index_of(h) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    let Some(cap) = ffi::read(count) else {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    };
+    let v = match call(&format!("nvml_procs {d}")) {
+        Ok(v) => v,
+        Err(e) => return nvml_err(&e),
+    };
+    let procs: Vec<(u32, u64)> = v
+        .iter()
+        .skip(1)
+        .filter_map(|p| {
+            let (pid, used) = p.split_once(':')?;
+            Some((pid.parse().ok()?, used.parse().ok()?))
+        })
+        .collect();
+    out(count, procs.len() as c_uint);
+    if procs.is_empty() {
+        return NVML_SUCCESS;
+    }
+    if infos.is_null() || (cap as usize) < procs.len() {
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    for (i, (pid, used)) in procs.into_iter().enumerate() {
+        out(infos.wrapping_add(i), make(pid, used));
+    }
+    NVML_SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetComputeRunningProcesses(
+    h: NvmlDevice,
+    count: *mut c_uint,
+    infos: *mut NvmlProcessInfoV1,
+) -> NvmlReturn {
+    guard(
+        "nvmlDeviceGetComputeRunningProcesses",
+        NVML_ERROR_UNKNOWN,
+        || {
+            running_processes(h, count, infos, |pid, used_gpu_memory| NvmlProcessInfoV1 {
+                pid,
+                used_gpu_memory,
+            })
+        },
+    )
+}
+
+fn v2_info(pid: u32, used_gpu_memory: u64) -> NvmlProcessInfo {
+    NvmlProcessInfo {
+        pid,
+        used_gpu_memory,
+        // 0xFFFFFFFF: not in a MIG instance, as NVML reports on non-MIG GPUs.
+        gpu_instance_id: u32::MAX,
+        compute_instance_id: u32::MAX,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
+    h: NvmlDevice,
+    count: *mut c_uint,
+    infos: *mut NvmlProcessInfo,
+) -> NvmlReturn {
+    guard(
+        "nvmlDeviceGetComputeRunningProcesses_v2",
+        NVML_ERROR_UNKNOWN,
+        || running_processes(h, count, infos, v2_info),
+    )
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
+    h: NvmlDevice,
+    count: *mut c_uint,
+    infos: *mut NvmlProcessInfo,
+) -> NvmlReturn {
+    guard(
+        "nvmlDeviceGetComputeRunningProcesses_v3",
+        NVML_ERROR_UNKNOWN,
+        || running_processes(h, count, infos, v2_info),
+    )
+}
+
+/// No graphics workloads on a simulated GPU.
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
+    h: NvmlDevice,
+    count: *mut c_uint,
+    _infos: *mut NvmlProcessInfo,
+) -> NvmlReturn {
+    guard(
+        "nvmlDeviceGetGraphicsRunningProcesses_v3",
+        NVML_ERROR_UNKNOWN,
+        || {
+            code(index_of(h).and_then(|_| {
+                out(count, 0)
+                    .then_some(())
+                    .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+            }))
+        },
+    )
+}

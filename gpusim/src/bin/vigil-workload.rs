@@ -1,0 +1,281 @@
+//! `vigil-workload`: a CUDA driver API workload for tests and demos. It loads
+//! `libcuda.so.1` with dlopen and resolves every entry point through
+//! `cuGetProcAddress_v2` (as the CUDA 12/13 runtime and cuda-python do) or with plain
+//! dlsym, then creates a context, allocates, optionally checks a copy round-trip,
+//! holds, frees and exits the way it is told to.
+//!
+//! It prints one `key=value` line per step, so tests can follow it:
+//! `ctx`, `alloc`, `ready`, `freed`, and `error` on a failed call (exit status 3).
+
+use clap::{Parser, ValueEnum};
+use libloading::Library;
+use std::ffi::{c_char, c_int, c_uint, c_void, CString};
+use std::process::ExitCode;
+use std::time::Duration;
+use vigil_gpusim::config::{parse_duration, parse_size};
+use vigil_gpusim::sys::monotonic_ns;
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Api {
+    /// cuGetProcAddress_v2, as the CUDA runtime does.
+    Procaddress,
+    /// dlsym on the dlopened library.
+    Dlsym,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Exit {
+    /// Free everything, release the context, exit 0.
+    Normal,
+    /// abort() while holding memory.
+    Abort,
+    /// Print `ready` and wait to be killed.
+    Wait,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "vigil-workload",
+    version,
+    about = "CUDA driver API test workload"
+)]
+struct Cli {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: c_int,
+    /// Allocate this much (bytes or 64MiB, 1g, ...); repeat for several allocations.
+    #[arg(long = "alloc", default_values_t = vec!["64MiB".to_string()])]
+    allocs: Vec<String>,
+    /// Allocate through cuMemCreate (VMM) instead of cuMemAlloc_v2.
+    #[arg(long)]
+    vmm: bool,
+    /// How entry points are resolved.
+    #[arg(long, value_enum, default_value = "procaddress")]
+    api: Api,
+    /// CUDA version passed to cuGetProcAddress.
+    #[arg(long, default_value_t = 12060)]
+    cuda_version: c_int,
+    /// How long to hold the memory before freeing (e.g. 500ms).
+    #[arg(long, default_value = "0")]
+    hold: String,
+    /// How to end.
+    #[arg(long, value_enum, default_value = "normal")]
+    exit: Exit,
+    /// Write a pattern to the first allocation and read it back.
+    #[arg(long)]
+    verify: bool,
+    /// Busy-wait until CLOCK_MONOTONIC reaches this many ns before starting.
+    #[arg(long)]
+    start_at_ns: Option<u64>,
+}
+
+type Res = u32;
+
+/// The entry points this workload uses, resolved once.
+struct Cuda {
+    _lib: Library,
+    init: unsafe extern "C" fn(c_uint) -> Res,
+    device_get: unsafe extern "C" fn(*mut c_int, c_int) -> Res,
+    retain: unsafe extern "C" fn(*mut *mut c_void, c_int) -> Res,
+    release: unsafe extern "C" fn(c_int) -> Res,
+    set_current: unsafe extern "C" fn(*mut c_void) -> Res,
+    mem_alloc: unsafe extern "C" fn(*mut u64, usize) -> Res,
+    mem_free: unsafe extern "C" fn(u64) -> Res,
+    mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> Res,
+    htod: unsafe extern "C" fn(u64, *const c_void, usize) -> Res,
+    dtoh: unsafe extern "C" fn(*mut c_void, u64, usize) -> Res,
+    mem_create: unsafe extern "C" fn(*mut u64, usize, *const c_void, u64) -> Res,
+    mem_release: unsafe extern "C" fn(u64) -> Res,
+}
+
+type GetProc = unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> Res;
+
+impl Cuda {
+    fn load(api: Api, version: c_int) -> Result<Cuda, String> {
+        // SAFETY: loading the CUDA driver library runs its initializers, which is what
+        // every CUDA program does.
+        let lib = unsafe { Library::new("libcuda.so.1") }
+            .map_err(|e| format!("dlopen libcuda.so.1: {e}"))?;
+        let getproc: Option<GetProc> = match api {
+            // SAFETY: the symbol has this signature in the CUDA 12+ driver API.
+            Api::Procaddress => Some(
+                *unsafe { lib.get::<GetProc>(b"cuGetProcAddress_v2\0") }
+                    .map_err(|e| format!("dlsym cuGetProcAddress_v2: {e}"))?,
+            ),
+            Api::Dlsym => None,
+        };
+        let resolve = |base: &str, exported: &str| -> Result<*mut c_void, String> {
+            match getproc {
+                Some(gp) => {
+                    let name = CString::new(base).map_err(|e| e.to_string())?;
+                    let mut p: *mut c_void = std::ptr::null_mut();
+                    let mut status: c_int = -1;
+                    // SAFETY: valid C string and out-pointers; gp is cuGetProcAddress_v2.
+                    let r = unsafe { gp(name.as_ptr(), &mut p, version, 0, &mut status) };
+                    if r != 0 || p.is_null() {
+                        return Err(format!(
+                            "cuGetProcAddress({base}) = {r}, symbolStatus {status}"
+                        ));
+                    }
+                    Ok(p)
+                }
+                None => {
+                    let name = CString::new(exported).map_err(|e| e.to_string())?;
+                    // SAFETY: looking up a data-less symbol address; not called here.
+                    let s = unsafe { lib.get::<*mut c_void>(name.as_bytes_with_nul()) }
+                        .map_err(|e| format!("dlsym {exported}: {e}"))?;
+                    Ok(*s)
+                }
+            }
+        };
+        macro_rules! f {
+            ($base:literal, $exp:literal) => {{
+                let p = resolve($base, $exp)?;
+                // SAFETY: the driver returned this entry point for this name; its C
+                // signature is the field's type per the CUDA driver API.
+                unsafe { std::mem::transmute_copy(&p) }
+            }};
+        }
+        Ok(Cuda {
+            init: f!("cuInit", "cuInit"),
+            device_get: f!("cuDeviceGet", "cuDeviceGet"),
+            retain: f!("cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRetain"),
+            release: f!("cuDevicePrimaryCtxRelease", "cuDevicePrimaryCtxRelease_v2"),
+            set_current: f!("cuCtxSetCurrent", "cuCtxSetCurrent"),
+            mem_alloc: f!("cuMemAlloc", "cuMemAlloc_v2"),
+            mem_free: f!("cuMemFree", "cuMemFree_v2"),
+            mem_get_info: f!("cuMemGetInfo", "cuMemGetInfo_v2"),
+            htod: f!("cuMemcpyHtoD", "cuMemcpyHtoD_v2"),
+            dtoh: f!("cuMemcpyDtoH", "cuMemcpyDtoH_v2"),
+            mem_create: f!("cuMemCreate", "cuMemCreate"),
+            mem_release: f!("cuMemRelease", "cuMemRelease"),
+            _lib: lib,
+        })
+    }
+}
+
+/// Fails with the call's name and code.
+fn check(call: &str, r: Res) -> Result<(), String> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(format!("call={call} code={r}"))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("error {e}");
+            eprintln!("vigil-workload: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), String> {
+    let sizes: Vec<u64> = cli
+        .allocs
+        .iter()
+        .map(|s| parse_size("--alloc", s).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let hold = parse_duration("--hold", &cli.hold).map_err(|e| e.to_string())?;
+    if let Some(t) = cli.start_at_ns {
+        while monotonic_ns() < t {
+            std::hint::spin_loop();
+        }
+    }
+    let cu = Cuda::load(cli.api, cli.cuda_version)?;
+    let mut dev: c_int = 0;
+    let mut ctx: *mut c_void = std::ptr::null_mut();
+    // SAFETY (for every call below): entry points resolved above, called with valid
+    // out-pointers and arguments per the CUDA driver API.
+    unsafe {
+        check("cuInit", (cu.init)(0))?;
+        check("cuDeviceGet", (cu.device_get)(&mut dev, cli.device))?;
+        let t0 = monotonic_ns();
+        check("cuDevicePrimaryCtxRetain", (cu.retain)(&mut ctx, dev))?;
+        let t1 = monotonic_ns();
+        check("cuCtxSetCurrent", (cu.set_current)(ctx))?;
+        println!(
+            "ctx pid={} device={dev} ts_ns={t1} create_ns={}",
+            std::process::id(),
+            t1 - t0
+        );
+    }
+    let mut ptrs = Vec::new();
+    for &size in &sizes {
+        let mut p = 0u64;
+        // SAFETY: as above; the allocation property struct for cuMemCreate is laid out
+        // as CUmemAllocationProp (type pinned, location device `dev`).
+        unsafe {
+            if cli.vmm {
+                let mut prop = [0u8; 32];
+                prop[0..4].copy_from_slice(&1u32.to_le_bytes()); // CU_MEM_ALLOCATION_TYPE_PINNED
+                prop[8..12].copy_from_slice(&1u32.to_le_bytes()); // CU_MEM_LOCATION_TYPE_DEVICE
+                prop[12..16].copy_from_slice(&dev.to_le_bytes());
+                check(
+                    "cuMemCreate",
+                    (cu.mem_create)(&mut p, size as usize, prop.as_ptr().cast(), 0),
+                )?;
+            } else {
+                check("cuMemAlloc", (cu.mem_alloc)(&mut p, size as usize))?;
+            }
+        }
+        println!("alloc bytes={size} ptr={p:#x}");
+        ptrs.push(p);
+    }
+    if cli.verify && !cli.vmm {
+        let (&p, &size) = ptrs
+            .first()
+            .zip(sizes.first())
+            .ok_or("--verify needs an allocation")?;
+        let n = size.min(1 << 20) as usize;
+        let pattern: Vec<u8> = (0..n).map(|i| (i * 7 + 3) as u8).collect();
+        let mut back = vec![0u8; n];
+        // SAFETY: both host buffers are n bytes long; p points to at least n bytes.
+        unsafe {
+            check("cuMemcpyHtoD", (cu.htod)(p, pattern.as_ptr().cast(), n))?;
+            check("cuMemcpyDtoH", (cu.dtoh)(back.as_mut_ptr().cast(), p, n))?;
+        }
+        if back != pattern {
+            return Err("call=verify code=mismatch".into());
+        }
+        println!("verified bytes={n}");
+    }
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: valid out-pointers.
+    unsafe { check("cuMemGetInfo", (cu.mem_get_info)(&mut free, &mut total))? };
+    println!(
+        "ready pid={} free={free} total={total} ts_ns={}",
+        std::process::id(),
+        monotonic_ns()
+    );
+    match cli.exit {
+        Exit::Wait => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        Exit::Abort => {
+            std::thread::sleep(hold);
+            std::process::abort()
+        }
+        Exit::Normal => {}
+    }
+    std::thread::sleep(hold);
+    for p in ptrs {
+        // SAFETY: freeing what we allocated, once.
+        unsafe {
+            if cli.vmm {
+                check("cuMemRelease", (cu.mem_release)(p))?;
+            } else {
+                check("cuMemFree", (cu.mem_free)(p))?;
+            }
+        }
+    }
+    // SAFETY: releasing the primary context we retained.
+    unsafe { check("cuDevicePrimaryCtxRelease", (cu.release)(dev))? };
+    println!("freed");
+    Ok(())
+}

@@ -1,0 +1,588 @@
+//! The simulator end to end: the real daemon, the driver library found through
+//! LD_LIBRARY_PATH, the test workload, and nvidia-ml-py as an unmodified NVML client.
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+use vigil_gpusim::protocol::{num, Conn};
+use vigil_gpusim::sys::monotonic_ns;
+
+/// target/<profile>/, where cargo put the driver library.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn driver_lib() -> PathBuf {
+    let p = target_dir().join("libvigil_gpusim_driver.so");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first with `cargo build -p vigil-gpusim-driver` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+fn python() -> String {
+    std::env::var("VIGIL_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+struct Sim {
+    dir: tempfile::TempDir,
+    daemon: Child,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+impl Sim {
+    fn start(args: &[&str]) -> Sim {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("lib");
+        let st = Command::new(env!("CARGO_BIN_EXE_vigil-gpusim"))
+            .arg("install-libs")
+            .arg(&lib)
+            .arg("--driver")
+            .arg(driver_lib())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut daemon = Command::new(env!("CARGO_BIN_EXE_vigil-gpusim"))
+            .arg("--socket")
+            .arg(dir.path().join("gpu.sock"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(daemon.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("listening"),
+            "daemon did not start: {line:?}"
+        );
+        Sim { dir, daemon }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("gpu.sock")
+    }
+
+    fn env(&self, c: &mut Command) {
+        c.env("VIGIL_GPUSIM_SOCKET", self.socket())
+            .env("LD_LIBRARY_PATH", self.dir.path().join("lib"));
+    }
+
+    fn workload(&self, args: &[&str]) -> Workload {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vigil-workload"));
+        c.args(args);
+        self.spawn(c)
+    }
+
+    fn spawn(&self, mut c: Command) -> Workload {
+        self.env(&mut c);
+        c.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = c.spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Workload { child, out }
+    }
+
+    fn probe(&self, args: &[&str]) -> String {
+        let mut c = Command::new(python());
+        c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nvml_probe.py"))
+            .args(args);
+        self.env(&mut c);
+        let out = c.output().expect("run python");
+        assert!(
+            out.status.success(),
+            "nvml_probe.py failed (is nvidia-ml-py installed? scripts/test.sh installs it):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A direct protocol connection, for fast polling in timing tests.
+    fn conn(&self) -> Conn {
+        Conn::connect(&self.socket(), std::process::id()).unwrap()
+    }
+
+    fn stats(&self) -> HashMap<String, u64> {
+        self.conn()
+            .call("stats")
+            .unwrap()
+            .iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+            })
+            .collect()
+    }
+}
+
+struct Workload {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Workload {
+    fn expect(&mut self, word: &str) -> HashMap<String, String> {
+        loop {
+            let mut line = String::new();
+            assert!(
+                self.out.read_line(&mut line).unwrap() > 0,
+                "workload exited before {word:?}"
+            );
+            let mut it = line.split_whitespace();
+            if it.next() == Some(word) {
+                return it
+                    .filter_map(|t| {
+                        t.split_once('=')
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                    })
+                    .collect();
+            }
+            assert!(!line.starts_with("error"), "workload failed: {line}");
+        }
+    }
+}
+
+fn list(sim: &Sim) -> Value {
+    serde_json::from_str(&sim.probe(&["list"])).expect("probe output is JSON")
+}
+
+/// (pid, used bytes) per process NVML lists on `device`, through pynvml's `_v3` call.
+fn procs(v: &Value, device: usize, key: &str) -> Vec<(u64, u64)> {
+    v["devices"][device][key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["pid"].as_u64().unwrap(), p["used"].as_u64().unwrap()))
+        .collect()
+}
+
+fn nvml_pids(sim: &Sim, device: usize) -> Vec<(u64, u64)> {
+    procs(&list(sim), device, "procs")
+}
+
+#[test]
+fn nvidia_ml_py_sees_devices_memory_and_the_workload_with_its_pid() {
+    let sim = Sim::start(&[
+        "--nvml-lag",
+        "0",
+        "--devices",
+        "2",
+        "--memory",
+        "8GiB",
+        "--ctx-memory",
+        "300MiB",
+    ]);
+    let v = list(&sim);
+    assert_eq!(v["driver"], "560.35.03");
+    let devs = v["devices"].as_array().unwrap();
+    assert_eq!(devs.len(), 2);
+    assert_eq!(devs[0]["name"], "Vigil Simulated GPU");
+    let uuid = devs[0]["uuid"].as_str().unwrap();
+    assert!(uuid.starts_with("GPU-") && devs[0]["uuid"] != devs[1]["uuid"]);
+    assert_eq!(devs[0]["total"].as_u64(), Some(8 << 30));
+    assert!(procs(&v, 0, "procs").is_empty());
+
+    let mut w = sim.workload(&[
+        "--alloc", "100MiB", "--alloc", "28MiB", "--exit", "wait", "--verify",
+    ]);
+    let pid: u64 = w.expect("ready")["pid"].parse().unwrap();
+    assert_eq!(pid, w.child.id() as u64);
+    let v = list(&sim);
+    let expected: u64 = (300 + 128) << 20;
+    assert_eq!(procs(&v, 0, "procs"), vec![(pid, expected)]);
+    assert_eq!(
+        procs(&v, 0, "procs_v2"),
+        vec![(pid, expected)],
+        "_v2 struct layout"
+    );
+    assert_eq!(v["devices"][0]["used"].as_u64(), Some(expected));
+    assert_eq!(
+        v["devices"][0]["used_v2"].as_u64(),
+        Some(expected),
+        "nvmlMemory_v2_t layout"
+    );
+    assert_eq!(v["devices"][0]["total_v2"].as_u64(), Some(8 << 30));
+    assert!(procs(&v, 1, "procs").is_empty(), "nothing on device 1");
+}
+
+fn find_child(pid: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+            if let Some(c) = s.split_whitespace().next() {
+                return c.parse().unwrap();
+            }
+        }
+        assert!(Instant::now() < deadline, "no child of {pid}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn unshare_available() -> bool {
+    Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn namespaced_workload(sim: &Sim) -> (Workload, u32) {
+    let mut c = Command::new("unshare");
+    c.args([
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        env!("CARGO_BIN_EXE_vigil-workload"),
+        "--exit",
+        "wait",
+    ]);
+    let mut w = sim.spawn(c);
+    let ready = w.expect("ready");
+    assert_eq!(
+        ready["pid"], "1",
+        "inside its namespace the workload is PID 1"
+    );
+    let host_pid = find_child(w.child.id());
+    (w, host_pid)
+}
+
+#[test]
+fn a_workload_in_a_pid_namespace_appears_with_its_host_pid() {
+    if !unshare_available() {
+        eprintln!("SKIPPED: unshare --pid is not permitted here");
+        return;
+    }
+    let sim = Sim::start(&["--nvml-lag", "0"]);
+    let (_w, host_pid) = namespaced_workload(&sim);
+    let pids: Vec<u64> = nvml_pids(&sim, 0).iter().map(|p| p.0).collect();
+    assert_eq!(pids, vec![host_pid as u64], "NVML must report the host PID");
+}
+
+#[test]
+fn in_namespace_pid_mode_it_appears_with_its_namespace_pid() {
+    if !unshare_available() {
+        eprintln!("SKIPPED: unshare --pid is not permitted here");
+        return;
+    }
+    let sim = Sim::start(&["--nvml-lag", "0", "--pid-mode", "namespace"]);
+    let (_w, _host_pid) = namespaced_workload(&sim);
+    let pids: Vec<u64> = nvml_pids(&sim, 0).iter().map(|p| p.0).collect();
+    assert_eq!(pids, vec![1]);
+}
+
+#[test]
+fn a_new_context_is_invisible_to_nvml_until_the_lag_has_passed() {
+    let lag = 300_000_000u64;
+    let sim = Sim::start(&["--nvml-lag", "300ms", "--ctx-create-time", "20ms"]);
+    // The poller (pynvml, polling every ~2 ms) runs across the whole window.
+    let mut c = Command::new(python());
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nvml_probe.py"))
+        .args(["poll", "1500"]);
+    let mut poller = sim.spawn(c);
+    poller.expect("start");
+    let before = monotonic_ns();
+    let mut w = sim.workload(&["--exit", "wait"]);
+    let ctx = w.expect("ctx");
+    let pid = w.child.id().to_string();
+    let ctx_done: u64 = ctx["ts_ns"].parse().unwrap();
+    let out = poller.child.wait_with_output_of(&mut poller.out);
+    let mut last_absent = 0u64;
+    let mut first_present = None;
+    for line in out.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(ts), pids) = (
+            it.next().and_then(|t| t.parse::<u64>().ok()),
+            it.next().unwrap_or(""),
+        ) else {
+            continue;
+        };
+        let present = pids.split(',').any(|p| p == pid);
+        if present {
+            first_present.get_or_insert(ts);
+        } else if first_present.is_none() {
+            last_absent = ts;
+        } else {
+            panic!("the process vanished from NVML at {ts} after appearing");
+        }
+    }
+    let first_present = first_present.expect("the workload never appeared in NVML");
+    let tol = 60_000_000;
+    // The context was created between `before` and `ctx_done`; visibility is lag later.
+    assert!(
+        first_present >= before + lag,
+        "visible {} ms before the lag",
+        (before + lag - first_present) / 1_000_000
+    );
+    assert!(
+        first_present <= ctx_done + lag + tol,
+        "visible {} ms after the lag",
+        (first_present - ctx_done - lag) / 1_000_000
+    );
+    assert!(
+        last_absent + tol >= ctx_done + lag,
+        "not observed absent close enough to the boundary"
+    );
+    eprintln!(
+        "lag boundary: last absent at ctx+{} ms, first present at ctx+{} ms (lag 300 ms)",
+        (last_absent as i64 - ctx_done as i64) / 1_000_000,
+        (first_present as i64 - ctx_done as i64) / 1_000_000
+    );
+}
+
+trait WaitOutput {
+    fn wait_with_output_of(&mut self, out: &mut BufReader<ChildStdout>) -> String;
+}
+
+impl WaitOutput for Child {
+    fn wait_with_output_of(&mut self, out: &mut BufReader<ChildStdout>) -> String {
+        let mut s = String::new();
+        std::io::Read::read_to_string(out, &mut s).unwrap();
+        let st = self.wait().unwrap();
+        assert!(st.success(), "poller failed");
+        s
+    }
+}
+
+#[test]
+fn a_sigkilled_workload_leaves_nvml_and_meminfo_within_100ms() {
+    let sim = Sim::start(&["--nvml-lag", "0", "--memory", "4GiB"]);
+    let mut conn = sim.conn();
+    let total = num(&conn.call("meminfo 0").unwrap(), 1).unwrap();
+    let mut w = sim.workload(&["--alloc", "1GiB", "--exit", "wait"]);
+    w.expect("ready");
+    let listed = |c: &mut Conn| c.call("nvml_procs 0").unwrap()[0] != "0";
+    let free = |c: &mut Conn| num(&c.call("meminfo 0").unwrap(), 0).unwrap();
+    assert!(listed(&mut conn));
+    assert!(free(&mut conn) < total);
+    let killed = Instant::now();
+    w.child.kill().unwrap();
+    loop {
+        if !listed(&mut conn) && free(&mut conn) == total {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_millis(100),
+            "still accounted 100 ms after SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    eprintln!("gone {} us after SIGKILL", killed.elapsed().as_micros());
+    assert!(nvml_pids(&sim, 0).is_empty(), "and through NVML itself");
+    assert_eq!(sim.stats()["used"], 0);
+}
+
+#[test]
+fn thirty_two_concurrent_workloads_are_all_tracked_and_accounting_returns_to_zero() {
+    let sim = Sim::start(&[
+        "--nvml-lag",
+        "0",
+        "--memory",
+        "64GiB",
+        "--ctx-memory",
+        "100MiB",
+        "--ctx-create-time",
+        "5ms",
+    ]);
+    let start = (monotonic_ns() + 300_000_000).to_string();
+    let mut ws: Vec<Workload> = (0..32)
+        .map(|i| {
+            let exit = if i % 2 == 0 { "wait" } else { "normal" };
+            let api = if i % 4 < 2 { "procaddress" } else { "dlsym" };
+            sim.workload(&[
+                "--alloc",
+                "64MiB",
+                "--alloc",
+                "32MiB",
+                "--exit",
+                exit,
+                "--hold",
+                "2s",
+                "--api",
+                api,
+                "--start-at-ns",
+                &start,
+            ])
+        })
+        .collect();
+    let mut pids: Vec<u64> = ws
+        .iter_mut()
+        .map(|w| w.expect("ready")["pid"].parse().unwrap())
+        .collect();
+    pids.sort_unstable();
+    let st = sim.stats();
+    assert_eq!(st["processes"], 32);
+    assert_eq!(st["contexts"], 32);
+    assert_eq!(st["allocations"], 64);
+    assert_eq!(st["used"], 32 * ((100 + 64 + 32) << 20));
+    let mut listed: Vec<u64> = nvml_pids(&sim, 0).iter().map(|p| p.0).collect();
+    listed.sort_unstable();
+    assert_eq!(listed, pids, "NVML lists every workload");
+    // Half exit normally after their hold; kill the other half.
+    for (i, w) in ws.iter_mut().enumerate() {
+        if i % 2 == 0 {
+            w.child.kill().unwrap();
+        }
+    }
+    for w in ws.iter_mut() {
+        w.child.wait().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while sim.stats()["processes"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "daemon still tracks {:?}",
+            sim.stats()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = sim.stats();
+    assert_eq!((st["contexts"], st["allocations"], st["used"]), (0, 0, 0));
+}
+
+#[test]
+fn refused_contexts_and_oom_return_the_real_error_codes() {
+    let sim = Sim::start(&[
+        "--nvml-lag",
+        "0",
+        "--memory",
+        "1GiB",
+        "--ctx-memory",
+        "100MiB",
+        "--ctx-refuse-rate",
+        "1",
+    ]);
+    let mut w = sim.workload(&[]);
+    let e = w.expect("error");
+    assert_eq!(e["call"], "cuDevicePrimaryCtxRetain");
+    assert_eq!(e["code"], "999", "CUDA_ERROR_UNKNOWN");
+    drop(sim);
+    let sim = Sim::start(&[
+        "--nvml-lag",
+        "0",
+        "--memory",
+        "1GiB",
+        "--ctx-memory",
+        "100MiB",
+    ]);
+    let mut w = sim.workload(&["--alloc", "2GiB"]);
+    let e = w.expect("error");
+    assert_eq!(
+        (e["call"].as_str(), e["code"].as_str()),
+        ("cuMemAlloc", "2"),
+        "CUDA_ERROR_OUT_OF_MEMORY"
+    );
+    let mut w = sim.workload(&["--device", "7"]);
+    assert_eq!(
+        w.expect("error")["code"],
+        "101",
+        "CUDA_ERROR_INVALID_DEVICE"
+    );
+}
+
+#[test]
+fn nvml_faults_hang_and_fail_as_configured() {
+    let sim = Sim::start(&[
+        "--nvml-lag",
+        "0",
+        "--nvml-hang",
+        "200ms",
+        "--nvml-error-rate",
+        "1",
+    ]);
+    let mut c = sim.conn();
+    let t = Instant::now();
+    let r = c.call("nvml_procs 0");
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "the NVML call must hang"
+    );
+    assert!(matches!(
+        r,
+        Err(vigil_gpusim::protocol::CallError::Sim(
+            vigil_gpusim::state::SimError::NvmlUnknown
+        ))
+    ));
+    // CUDA calls are unaffected.
+    assert!(c.call("meminfo 0").is_ok());
+}
+
+#[test]
+fn without_a_daemon_cuinit_reports_no_device_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("lib");
+    Command::new(env!("CARGO_BIN_EXE_vigil-gpusim"))
+        .arg("install-libs")
+        .arg(&lib)
+        .arg("--driver")
+        .arg(driver_lib())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil-workload"))
+        .env("VIGIL_GPUSIM_SOCKET", dir.path().join("none.sock"))
+        .env("LD_LIBRARY_PATH", &lib)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("call=cuInit code=100"), "{stdout}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("none.sock"),
+        "the log names the socket"
+    );
+}
+
+#[test]
+fn bad_settings_are_rejected_with_the_setting_named() {
+    for (args, env, what) in [
+        (vec!["--nvml-lag", "banana"], None, "--nvml-lag"),
+        (vec!["--memory=-5"], None, "--memory"),
+        (vec!["--devices", "0"], None, "--devices"),
+        (vec!["--pid-mode", "guest"], None, "--pid-mode"),
+        (vec!["--nvml-error-rate", "1.5"], None, "--nvml-error-rate"),
+        (
+            vec![],
+            Some(("VIGIL_GPUSIM_MEMORY", "-5")),
+            "VIGIL_GPUSIM_MEMORY",
+        ),
+        (
+            vec![],
+            Some(("VIGIL_GPUSIM_NVML_LAG", "uniform:9ms..1ms")),
+            "VIGIL_GPUSIM_NVML_LAG",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vigil-gpusim"));
+        c.arg("--socket").arg(dir.path().join("s.sock")).args(&args);
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {err}");
+        assert!(
+            err.contains(what),
+            "{args:?}: error must name {what}: {err}"
+        );
+    }
+}
