@@ -85,7 +85,7 @@ fn serve(sim: Arc<Mutex<Sim>>, conn: u64, stream: UnixStream) {
         }
     }
     // Exit or SIGKILL: the kernel closed the socket; free everything the client held.
-    lock(&sim).disconnect(conn);
+    lock(&sim).disconnect(conn, Instant::now());
 }
 
 fn reply(r: Result<String, SimError>) -> String {
@@ -119,7 +119,7 @@ fn handle(sim: &Mutex<Sim>, conn: u64, host_pid: u32, registered: &mut bool, lin
             let s = lock(sim);
             let d = arg(0);
             d.and_then(|d| {
-                s.mem_info(d as u32)?;
+                s.mem_info(d as u32, Instant::now())?;
                 Ok(format!(
                     "{} {} {}",
                     s.cfg.memory,
@@ -129,12 +129,14 @@ fn handle(sim: &Mutex<Sim>, conn: u64, host_pid: u32, registered: &mut bool, lin
             })
         }
         "ctx_create" => {
-            // Creating a context takes time on a real GPU; do it outside the lock.
+            // Creating a context takes time on a real GPU; wait outside the lock. NVML's
+            // lag counts from the start of creation.
+            let started = Instant::now();
             let delay = lock(sim).cfg.ctx_create_time;
             std::thread::sleep(delay);
             arg(0).and_then(|d| {
                 lock(sim)
-                    .create_context(conn, d as u32, Instant::now())
+                    .create_context(conn, d as u32, started)
                     .map(|c| c.to_string())
             })
         }
@@ -154,7 +156,7 @@ fn handle(sim: &Mutex<Sim>, conn: u64, host_pid: u32, registered: &mut bool, lin
         "free" => arg(0).and_then(|a| lock(sim).free(conn, a).map(|n| n.to_string())),
         "meminfo" => arg(0).and_then(|d| {
             lock(sim)
-                .mem_info(d as u32)
+                .mem_info(d as u32, Instant::now())
                 .map(|(f, t)| format!("{f} {t}"))
         }),
         "nvml_meminfo" | "nvml_procs" => nvml(sim, op, arg(0)),
@@ -190,7 +192,7 @@ fn nvml(sim: &Mutex<Sim>, op: &str, dev: Result<u64, SimError>) -> Result<String
     }
     let s = lock(sim);
     if op == "nvml_meminfo" {
-        let (free, total) = s.mem_info(dev)?;
+        let (free, total) = s.mem_info(dev, Instant::now())?;
         return Ok(format!("{total} {free} {}", total - free));
     }
     let procs = s.nvml_processes(dev, Instant::now())?;

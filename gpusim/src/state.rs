@@ -22,6 +22,9 @@ pub struct SimConfig {
     pub nvml_lag: Lag,
     pub ctx_create_time: Duration,
     pub ctx_memory: u64,
+    /// How long a dead process's contexts and memory stay visible after its
+    /// connection closes (the real driver takes about 100 ms).
+    pub teardown_time: Duration,
     pub pid_mode: PidMode,
     pub nvml_error_rate: f64,
     pub nvml_hang: Duration,
@@ -39,8 +42,9 @@ impl Default for SimConfig {
             memory: 16 << 30,
             device_name: "Vigil Simulated GPU".into(),
             nvml_lag: Lag::Uniform(Duration::from_millis(20), Duration::from_millis(200)),
-            ctx_create_time: Duration::from_millis(50),
-            ctx_memory: 500 << 20,
+            ctx_create_time: Duration::from_millis(130),
+            ctx_memory: 518 << 20,
+            teardown_time: Duration::ZERO,
             pid_mode: PidMode::Host,
             nvml_error_rate: 0.0,
             nvml_hang: Duration::ZERO,
@@ -101,6 +105,14 @@ struct Process {
     allocations: HashMap<u64, (u32, u64)>,
     /// Bytes in use per device, context footprints included.
     used: Vec<u64>,
+    /// Set when the client went away: it still counts until then (teardown).
+    gone_at: Option<Instant>,
+}
+
+impl Process {
+    fn alive_at(&self, now: Instant) -> bool {
+        self.gone_at.is_none_or(|g| now < g)
+    }
 }
 
 /// Totals for tests and the daemon's status line.
@@ -181,18 +193,32 @@ impl Sim {
                 contexts: HashMap::new(),
                 allocations: HashMap::new(),
                 used: vec![0; self.cfg.devices as usize],
+                gone_at: None,
             },
         );
     }
 
-    /// The client went away (exit or kill): everything it held is freed.
-    pub fn disconnect(&mut self, conn: u64) {
-        self.procs.remove(&conn);
+    /// The client went away (exit or kill): everything it held is freed, after the
+    /// configured teardown time.
+    pub fn disconnect(&mut self, conn: u64, now: Instant) {
+        let teardown = self.cfg.teardown_time;
+        match self.procs.get_mut(&conn) {
+            Some(p) if !teardown.is_zero() => p.gone_at = Some(now + teardown),
+            _ => {
+                self.procs.remove(&conn);
+            }
+        }
     }
 
-    pub fn device_used(&self, device: u32) -> u64 {
+    /// Forgets processes whose teardown is over.
+    pub fn purge(&mut self, now: Instant) {
+        self.procs.retain(|_, p| p.alive_at(now));
+    }
+
+    pub fn device_used(&self, device: u32, now: Instant) -> u64 {
         self.procs
             .values()
+            .filter(|p| p.alive_at(now))
             .map(|p| p.used.get(device as usize).copied().unwrap_or(0))
             .sum()
     }
@@ -203,7 +229,9 @@ impl Sim {
 
     fn charge(&mut self, conn: u64, device: u32, bytes: u64) -> Result<(), SimError> {
         self.check_device(device)?;
-        let used = self.device_used(device);
+        let now = Instant::now();
+        self.purge(now);
+        let used = self.device_used(device, now);
         if used.checked_add(bytes).is_none_or(|t| t > self.cfg.memory) {
             return Err(SimError::OutOfMemory);
         }
@@ -216,11 +244,14 @@ impl Sim {
         self.next_id
     }
 
+    /// Creates a context whose creation began at `started`: NVML shows it `lag` after
+    /// that, which can be before creation finishes (as on the 580 driver, where it
+    /// shows about 30 ms into a 130 ms creation) or long after (older drivers).
     pub fn create_context(
         &mut self,
         conn: u64,
         device: u32,
-        now: Instant,
+        started: Instant,
     ) -> Result<u64, SimError> {
         self.check_device(device)?;
         if self.rng.chance(self.cfg.ctx_refuse_rate) {
@@ -235,7 +266,7 @@ impl Sim {
             id,
             Context {
                 device,
-                visible_at: now + lag,
+                visible_at: started + lag,
             },
         );
         Ok(id)
@@ -285,10 +316,12 @@ impl Sim {
     }
 
     /// (free, total) for a device, as cuMemGetInfo sees it: the whole device.
-    pub fn mem_info(&self, device: u32) -> Result<(u64, u64), SimError> {
+    pub fn mem_info(&self, device: u32, now: Instant) -> Result<(u64, u64), SimError> {
         self.check_device(device)?;
         Ok((
-            self.cfg.memory.saturating_sub(self.device_used(device)),
+            self.cfg
+                .memory
+                .saturating_sub(self.device_used(device, now)),
             self.cfg.memory,
         ))
     }
@@ -300,6 +333,7 @@ impl Sim {
         let mut v: Vec<(u32, u64)> = self
             .procs
             .values()
+            .filter(|p| p.alive_at(now))
             .filter(|p| {
                 p.contexts
                     .values()
@@ -323,7 +357,9 @@ impl Sim {
             processes: self.procs.keys().filter(|k| Some(**k) != asking).count(),
             contexts: self.procs.values().map(|p| p.contexts.len()).sum(),
             allocations: self.procs.values().map(|p| p.allocations.len()).sum(),
-            used: (0..self.cfg.devices).map(|d| self.device_used(d)).sum(),
+            used: (0..self.cfg.devices)
+                .map(|d| self.device_used(d, Instant::now()))
+                .sum(),
         }
     }
 }
@@ -366,7 +402,7 @@ mod tests {
             s.nvml_processes(0, t0 + Duration::from_secs(1)).unwrap()[0].0,
             7
         );
-        s.disconnect(1);
+        s.disconnect(1, t0);
         assert!(s
             .nvml_processes(0, t0 + Duration::from_secs(1))
             .unwrap()
@@ -385,7 +421,7 @@ mod tests {
         assert_eq!(s.alloc(2, 0, 400 << 20), Err(SimError::OutOfMemory));
         let b = s.alloc(2, 0, 300 << 20).unwrap();
         assert_ne!(a, b);
-        assert_eq!(s.mem_info(0).unwrap(), (24 << 20, 1 << 30));
+        assert_eq!(s.mem_info(0, now).unwrap(), (24 << 20, 1 << 30));
         assert_eq!(
             s.free(2, a),
             Err(SimError::InvalidValue),
@@ -396,12 +432,29 @@ mod tests {
         s.destroy_context(1, c).unwrap();
         assert_eq!(s.alloc(1, 5, 1), Err(SimError::InvalidDevice));
         assert_eq!(s.alloc(1, 0, 0), Err(SimError::InvalidValue));
-        s.disconnect(2);
+        s.disconnect(2, now);
         assert_eq!(s.stats(None).used, 0);
         let h = s.mem_create(1, 1, 1 << 20).unwrap();
-        assert_eq!(s.device_used(1), 1 << 20);
+        assert_eq!(s.device_used(1, now), 1 << 20);
         s.free(1, h).unwrap();
         assert_eq!(s.stats(None).used, 0);
+    }
+
+    #[test]
+    fn a_dead_process_lingers_for_the_teardown_time() {
+        let mut s = sim(0);
+        s.cfg.teardown_time = Duration::from_millis(100);
+        let t0 = Instant::now();
+        s.connect(1, 42, 42);
+        s.create_context(1, 0, t0).unwrap();
+        s.disconnect(1, t0);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(s.nvml_processes(0, at(99)).unwrap().len(), 1);
+        assert_eq!(s.device_used(0, at(99)), 100 << 20);
+        assert!(s.nvml_processes(0, at(100)).unwrap().is_empty());
+        assert_eq!(s.mem_info(0, at(100)).unwrap().0, 1 << 30);
+        s.purge(at(100));
+        assert_eq!(s.stats(None), Stats::default());
     }
 
     #[test]

@@ -15,7 +15,6 @@ const STATUS_VERSION_NOT_SUFFICIENT: c_int = 2;
 
 struct Entry {
     base: &'static str,
-    exported: &'static str,
     since: c_int,
     ptds: bool,
     ptr: usize,
@@ -25,7 +24,6 @@ macro_rules! e {
     ($base:literal, $since:literal, $f:ident) => {
         Entry {
             base: $base,
-            exported: stringify!($f),
             since: $since,
             ptds: false,
             ptr: $f as *const () as usize,
@@ -34,7 +32,6 @@ macro_rules! e {
     ($base:literal, $since:literal, $f:ident, ptds) => {
         Entry {
             base: $base,
-            exported: stringify!($f),
             since: $since,
             ptds: true,
             ptr: $f as *const () as usize,
@@ -122,7 +119,6 @@ fn table() -> &'static [Entry] {
         for (name, f) in crate::cuda::unsupported_entries() {
             t.push(Entry {
                 base: name.trim_end_matches("_v2"),
-                exported: name,
                 since: 0,
                 ptds: false,
                 ptr: f as usize,
@@ -132,7 +128,10 @@ fn table() -> &'static [Entry] {
     })
 }
 
-/// Resolves `symbol` for `version`. Also accepts an exported (suffixed) name as is.
+/// Resolves `symbol` for `version`. As the real driver does (measured on 580.159.04):
+/// `_v2` reports "not found" and "version not sufficient" through `symbolStatus` with
+/// CUDA_SUCCESS and a null pointer, while `_v1` (no status) returns
+/// CUDA_ERROR_NOT_FOUND; only base names are accepted, never suffixed ones.
 pub fn lookup(
     symbol: *const c_char,
     pfn: *mut *mut c_void,
@@ -140,9 +139,13 @@ pub fn lookup(
     flags: u64,
     status: *mut c_int,
 ) -> CUresult {
-    let set_status = |s: c_int| {
-        if !status.is_null() {
+    let has_status = !status.is_null();
+    let miss = |s: c_int| {
+        if has_status {
             out(status, s);
+            CUDA_SUCCESS
+        } else {
+            CUDA_ERROR_NOT_FOUND
         }
     };
     let Some(name) = cstr(symbol) else {
@@ -152,15 +155,10 @@ pub fn lookup(
         return CUDA_ERROR_INVALID_VALUE;
     }
     out(pfn, std::ptr::null_mut());
-    let t = table();
-    let mut candidates: Vec<&Entry> = t.iter().filter(|e| e.base == name).collect();
-    if candidates.is_empty() {
-        candidates = t.iter().filter(|e| e.exported == name).collect();
-    }
+    let candidates: Vec<&Entry> = table().iter().filter(|e| e.base == name).collect();
     if candidates.is_empty() {
         crate::client::log_debug(&format!("cuGetProcAddress: unknown symbol {name}"));
-        set_status(STATUS_SYMBOL_NOT_FOUND);
-        return CUDA_ERROR_NOT_FOUND;
+        return miss(STATUS_SYMBOL_NOT_FOUND);
     }
     let want_ptds = flags & CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM != 0;
     let fits = |e: &&&Entry| e.since <= version;
@@ -179,12 +177,119 @@ pub fn lookup(
     match best {
         Some(e) => {
             out(pfn, e.ptr as *mut c_void);
-            set_status(STATUS_SUCCESS);
+            if has_status {
+                out(status, STATUS_SUCCESS);
+            }
             CUDA_SUCCESS
         }
-        None => {
-            set_status(STATUS_VERSION_NOT_SUFFICIENT);
+        None => miss(STATUS_VERSION_NOT_SUFFICIENT),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+
+    fn ask(name: &str, version: c_int, flags: u64, v2: bool) -> (CUresult, c_int, usize) {
+        let n = CString::new(name).unwrap();
+        let mut p: *mut c_void = std::ptr::null_mut();
+        let mut st: c_int = -1;
+        let status = if v2 {
+            &mut st as *mut c_int
+        } else {
+            std::ptr::null_mut()
+        };
+        let r = lookup(n.as_ptr(), &mut p, version, flags, status);
+        (r, st, p as usize)
+    }
+
+    /// The cases measured on the real 580.159.04 driver (gpusim/calibrate/).
+    #[test]
+    fn matches_the_real_driver() {
+        assert_eq!(
+            ask("cuMemAlloc", 12000, 0, true),
+            (0, 0, cuMemAlloc_v2 as *const () as usize)
+        );
+        assert_eq!(ask("cuNoSuchThing", 12000, 0, true), (0, 1, 0));
+        assert_eq!(
+            ask("cuNoSuchThing", 12000, 0, false).0,
             CUDA_ERROR_NOT_FOUND
-        }
+        );
+        assert_eq!(
+            ask("cuMemAlloc_v2", 12000, 0, true),
+            (0, 1, 0),
+            "suffixed names are not accepted"
+        );
+        assert_eq!(ask("cuMemAllocAsync", 11000, 0, true), (0, 2, 0));
+        assert_eq!(
+            ask("cuMemAllocAsync", 11000, 0, false).0,
+            CUDA_ERROR_NOT_FOUND
+        );
+        assert_eq!(
+            ask("cuMemAllocAsync", 12000, 2, true).2,
+            cuMemAllocAsync_ptsz as *const () as usize
+        );
+        assert_eq!(
+            ask("cuMemcpyHtoD", 12000, 2, true).2,
+            cuMemcpyHtoD_v2_ptds as *const () as usize
+        );
+        assert_eq!(
+            ask("cuMemcpyHtoD", 12000, 0, true).2,
+            cuMemcpyHtoD_v2 as *const () as usize
+        );
+        assert_eq!(
+            ask("cuDevicePrimaryCtxRelease", 10000, 0, true).2,
+            cuDevicePrimaryCtxRelease as *const () as usize
+        );
+        assert_eq!(
+            ask("cuDevicePrimaryCtxRelease", 11000, 0, true).2,
+            cuDevicePrimaryCtxRelease_v2 as *const () as usize
+        );
+        assert_eq!(
+            ask("cuCtxCreate", 12080, 0, true).2,
+            cuCtxCreate_v4 as *const () as usize
+        );
+        assert_eq!(
+            ask("cuCtxCreate", 11040, 0, true).2,
+            cuCtxCreate_v3 as *const () as usize
+        );
+        assert_eq!(
+            ask("cuGetProcAddress", 12000, 0, true).2,
+            cuGetProcAddress_v2 as *const () as usize
+        );
+        // Known but unimplemented here: resolvable, and returns NOT_SUPPORTED when called.
+        let (r, st, p) = ask("cuStreamCreate", 12000, 0, true);
+        assert_eq!((r, st), (0, 0));
+        assert_ne!(p, 0);
+        assert_eq!(cuStreamCreate(), CUDA_ERROR_NOT_SUPPORTED);
+    }
+
+    #[test]
+    fn bad_arguments_are_invalid_value_not_a_crash() {
+        let mut p: *mut c_void = std::ptr::null_mut();
+        assert_eq!(
+            lookup(std::ptr::null(), &mut p, 12000, 0, std::ptr::null_mut()),
+            CUDA_ERROR_INVALID_VALUE
+        );
+        let n = CString::new("cuInit").unwrap();
+        assert_eq!(
+            lookup(
+                n.as_ptr(),
+                std::ptr::null_mut(),
+                12000,
+                0,
+                std::ptr::null_mut()
+            ),
+            CUDA_ERROR_INVALID_VALUE
+        );
+    }
+
+    #[test]
+    fn calls_before_cuinit_report_not_initialized() {
+        let mut n = 0;
+        assert_eq!(cuDeviceGetCount(&mut n), CUDA_ERROR_NOT_INITIALIZED);
+        let mut d = 0u64;
+        assert_eq!(cuMemAlloc_v2(&mut d, 16), CUDA_ERROR_NOT_INITIALIZED);
     }
 }
