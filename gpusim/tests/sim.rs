@@ -42,19 +42,25 @@ impl Drop for Sim {
     }
 }
 
+/// Links the driver library into DIR/lib under the real libraries' names.
+fn install_libs(dir: &Path) -> PathBuf {
+    let lib = dir.join("lib");
+    let st = Command::new(env!("CARGO_BIN_EXE_vigil-gpusim"))
+        .arg("install-libs")
+        .arg(&lib)
+        .arg("--driver")
+        .arg(driver_lib())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    lib
+}
+
 impl Sim {
     fn start(args: &[&str]) -> Sim {
         let dir = tempfile::tempdir().unwrap();
-        let lib = dir.path().join("lib");
-        let st = Command::new(env!("CARGO_BIN_EXE_vigil-gpusim"))
-            .arg("install-libs")
-            .arg(&lib)
-            .arg("--driver")
-            .arg(driver_lib())
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
+        install_libs(dir.path());
         let mut daemon = Command::new(env!("CARGO_BIN_EXE_vigil-gpusim"))
             .arg("--socket")
             .arg(dir.path().join("gpu.sock"))
@@ -534,15 +540,7 @@ fn nvml_faults_hang_and_fail_as_configured() {
 #[test]
 fn without_a_daemon_cuinit_reports_no_device_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
-    let lib = dir.path().join("lib");
-    Command::new(env!("CARGO_BIN_EXE_vigil-gpusim"))
-        .arg("install-libs")
-        .arg(&lib)
-        .arg("--driver")
-        .arg(driver_lib())
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
+    let lib = install_libs(dir.path());
     let out = Command::new(env!("CARGO_BIN_EXE_vigil-workload"))
         .env("VIGIL_GPUSIM_SOCKET", dir.path().join("none.sock"))
         .env("LD_LIBRARY_PATH", &lib)

@@ -492,30 +492,6 @@ impl Region {
     pub fn snapshot(&self) -> Snapshot {
         snapshot(self.layout(), &self.file)
     }
-
-    pub fn ring_consumer(&self) -> crate::ring::RingConsumer {
-        crate::ring::RingConsumer::new(self.layout())
-    }
-
-    /// Events ever started in the ring (its head position).
-    pub fn ring_head(&self) -> u64 {
-        self.layout().ring.head.load(Acquire)
-    }
-
-    /// A consumer that sees only events written from now on.
-    pub fn ring_consumer_from_now(&self) -> crate::ring::RingConsumer {
-        crate::ring::RingConsumer::from_now(self.layout())
-    }
-
-    /// Drains events through `consumer` (tests and tools; the exporter uses the reader).
-    pub fn drain(
-        &self,
-        consumer: &mut crate::ring::RingConsumer,
-        max: usize,
-        f: impl FnMut(Event),
-    ) -> crate::ring::DrainStats {
-        consumer.drain(self.layout(), max, f)
-    }
 }
 
 /// Extends an empty or all-zero file to the layout size; refuses a short file with data.
@@ -576,6 +552,57 @@ fn zero_all(l: &RegionLayout) {
         e.seq.store(0, Relaxed);
     }
 }
+
+mod sealed {
+    /// Lets the shared read methods reach the mapping without exposing it: a caller
+    /// holding `&RegionLayout` of a read-only mapping could try to store into it.
+    pub trait Mapped {
+        fn mapped_layout(&self) -> &crate::layout::RegionLayout;
+    }
+}
+
+impl sealed::Mapped for Region {
+    fn mapped_layout(&self) -> &RegionLayout {
+        self.layout()
+    }
+}
+
+impl sealed::Mapped for RegionReader {
+    fn mapped_layout(&self) -> &RegionLayout {
+        self.layout()
+    }
+}
+
+/// Reading the event ring, from either handle.
+pub trait RegionRead: sealed::Mapped {
+    /// A consumer starting at the oldest event still in the ring.
+    fn ring_consumer(&self) -> crate::ring::RingConsumer {
+        crate::ring::RingConsumer::new(self.mapped_layout())
+    }
+
+    /// A consumer that sees only events written from now on.
+    fn ring_consumer_from_now(&self) -> crate::ring::RingConsumer {
+        crate::ring::RingConsumer::from_now(self.mapped_layout())
+    }
+
+    /// Events ever started in the ring (its head position).
+    fn ring_head(&self) -> u64 {
+        self.mapped_layout().ring.head.load(Acquire)
+    }
+
+    /// Delivers up to `max` events to `f` and accounts for every position passed.
+    fn drain(
+        &self,
+        consumer: &mut crate::ring::RingConsumer,
+        max: usize,
+        f: impl FnMut(Event),
+    ) -> crate::ring::DrainStats {
+        consumer.drain(self.mapped_layout(), max, f)
+    }
+}
+
+impl RegionRead for Region {}
+impl RegionRead for RegionReader {}
 
 /// A read-only handle for the exporter: `PROT_READ` mapping, every field validated,
 /// and no way to write. It holds no tokens and takes no locks.
@@ -655,29 +682,6 @@ impl RegionReader {
 
     pub fn snapshot(&self) -> Snapshot {
         snapshot(self.layout(), &self._file)
-    }
-
-    pub fn ring_consumer(&self) -> crate::ring::RingConsumer {
-        crate::ring::RingConsumer::new(self.layout())
-    }
-
-    /// Events ever started in the ring (its head position).
-    pub fn ring_head(&self) -> u64 {
-        self.layout().ring.head.load(Acquire)
-    }
-
-    /// A consumer that sees only events written from now on.
-    pub fn ring_consumer_from_now(&self) -> crate::ring::RingConsumer {
-        crate::ring::RingConsumer::from_now(self.layout())
-    }
-
-    pub fn drain(
-        &self,
-        consumer: &mut crate::ring::RingConsumer,
-        max: usize,
-        f: impl FnMut(Event),
-    ) -> crate::ring::DrainStats {
-        consumer.drain(self.layout(), max, f)
     }
 }
 

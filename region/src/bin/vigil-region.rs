@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use vigil_region::{
-    monotonic_ns, Counter, Event, EventKind, ForceReason, InitParams, LockId, Region, RegionReader,
-    ReleaseOutcome, Snapshot,
+    monotonic_ns, Counter, Event, EventKind, ForceReason, InitParams, LockId, Region, RegionRead,
+    RegionReader, ReleaseOutcome, Snapshot,
 };
 
 #[derive(Parser)]
