@@ -35,7 +35,8 @@ pub enum EventKind {
     ForcePost = 3,
     /// arg: lock; a: ns held before the release found itself fenced.
     FencedRelease = 4,
-    /// arg: outcome; a: latency ns; b: polls; c: host pid (0 if none).
+    /// arg: outcome; a: latency ns (from the start of context creation); b: polls;
+    /// c: host pid (0 if none); d: ns the context creation itself took.
     Detection = 5,
     /// a: victim slot; b: bytes credited back.
     SlotReclaimed = 6,

@@ -202,6 +202,38 @@ impl Region {
         }
     }
 
+    /// Records a detection in the slot (host PID if any, and the outcome), and in the
+    /// counters, histograms and event ring.
+    pub fn record_detection(
+        &self,
+        h: SlotHandle,
+        outcome: crate::DetectOutcome,
+        host_pid: Option<u32>,
+        latency_ns: u64,
+        polls: u32,
+        context_ns: u64,
+    ) {
+        if let Some(s) = self.layout().slots.get(h.index as usize) {
+            if let Some(p) = host_pid {
+                s.host_pid.store(p, Release);
+            }
+            s.detect_outcome.store(outcome as u32, Release);
+        }
+        self.count(Some(h.index), Counter::detections(outcome), 1);
+        self.observe(crate::HistogramId::DetectionLatency, latency_ns);
+        self.observe(crate::HistogramId::DetectionPolls, polls as u64);
+        let mut ev = Event::new(
+            EventKind::Detection,
+            h.index,
+            outcome as u32,
+            latency_ns,
+            polls as u64,
+            host_pid.unwrap_or(0) as u64,
+        );
+        ev.d = context_ns;
+        self.emit(&ev);
+    }
+
     /// Host PIDs recorded by live slots other than `except`.
     pub fn claimed_host_pids(&self, except: Option<u16>) -> Vec<u32> {
         let l = self.layout();

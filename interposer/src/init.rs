@@ -1,0 +1,303 @@
+//! Per-process start-up: attach the region (CAS-elected initializer or fast path),
+//! claim a slot, and detect the host PID under the detection lock. Runs once per
+//! process (and again in a forked child), from the first successful `cuInit`.
+
+use crate::config::Config;
+use crate::detect::{self, Detection, Policy, Probe};
+use crate::log::{vlog, DEBUG, ERROR, INFO, WARN};
+use crate::nvml::Nvml;
+use crate::real;
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use vigil_region::{DetectOutcome, InitParams, LockId, Region, ReleaseOutcome, SlotHandle};
+
+/// Vigil's hold on this process: the region (whose open file description carries our
+/// slot's liveness token, so it must live as long as the process) and our slot.
+pub struct Process {
+    region: Region,
+    slot: SlotHandle,
+    pid: u32,
+}
+
+enum State {
+    Ready(Process),
+    /// Vigil could not start in this process; the workload runs without it.
+    Failed(u32),
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+/// Initializes Vigil for this process if not done yet. Never fails: problems are
+/// logged and the process continues without Vigil.
+pub fn ensure() {
+    let pid = std::process::id();
+    let mut g = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    let next = match g.take() {
+        Some(State::Ready(p)) if p.pid == pid => State::Ready(p),
+        Some(State::Failed(f)) if f == pid => State::Failed(f),
+        Some(State::Ready(mut p)) => {
+            // A forked child: it must not keep its parent's identity.
+            vlog!(
+                INFO,
+                "forked from pid {} (slot {}): taking a slot of our own",
+                p.pid,
+                p.slot.index
+            );
+            match p.region.reattach_after_fork() {
+                Ok(()) => start(Some(p.region)),
+                Err(e) => {
+                    vlog!(ERROR, "after fork: {e}; continuing without Vigil");
+                    State::Failed(pid)
+                }
+            }
+        }
+        _ => start(None),
+    };
+    *g = Some(next);
+}
+
+fn start(existing: Option<Region>) -> State {
+    let pid = std::process::id();
+    let cfg = crate::config();
+    crate::log::config_warnings(cfg);
+    let region = match existing {
+        Some(r) => r,
+        None => match Region::open(&cfg.region_path, &InitParams::default()) {
+            Ok((r, rep)) => {
+                vlog!(
+                    INFO,
+                    "region {}: {} in {} us",
+                    cfg.region_path.display(),
+                    match rep.path {
+                        vigil_region::InitPath::Initializer =>
+                            "initialized it (the one initializer)",
+                        vigil_region::InitPath::Recovered => "recovered it from a dead initializer",
+                        vigil_region::InitPath::FastPath => "fast path",
+                    },
+                    rep.duration.as_micros()
+                );
+                r
+            }
+            Err(e) => {
+                vlog!(
+                    ERROR,
+                    "{e}; continuing without Vigil (no limits, no telemetry)"
+                );
+                return State::Failed(pid);
+            }
+        },
+    };
+    let slot = match region.claim_slot() {
+        Ok(s) => s,
+        Err(e) => {
+            vlog!(ERROR, "{e}; continuing without Vigil");
+            return State::Failed(pid);
+        }
+    };
+    let reaped = region.reap_dead_slots(Some(slot.index));
+    if reaped > 0 {
+        vlog!(INFO, "reclaimed {reaped} slot(s) of dead processes");
+    }
+    vlog!(DEBUG, "slot {} generation {}", slot.index, slot.generation);
+    detect_host_pid(&region, slot, cfg);
+    State::Ready(Process { region, slot, pid })
+}
+
+/// Live inputs for `detect::run`.
+struct Live<'a> {
+    nvml: &'a Nvml,
+    region: &'a Region,
+    slot: SlotHandle,
+    start: Instant,
+}
+
+impl Probe for Live<'_> {
+    fn nvml_pids(&mut self) -> Result<Vec<u32>, String> {
+        self.nvml.pids()
+    }
+    fn claimed(&mut self) -> BTreeSet<u32> {
+        self.region
+            .claimed_host_pids(Some(self.slot.index))
+            .into_iter()
+            .collect()
+    }
+    fn elapsed(&mut self) -> Duration {
+        self.start.elapsed()
+    }
+    fn sleep(&mut self, d: Duration) {
+        std::thread::sleep(d);
+    }
+}
+
+/// Serializes detection node-wide through `VIGIL_NODE_LOCK_DIR`, when set.
+fn node_lock(cfg: &Config) -> Option<std::fs::File> {
+    let dir = cfg.node_lock_dir.as_ref()?;
+    let path = dir.join("vigil-detect.lock");
+    let f = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            vlog!(WARN, "VIGIL_NODE_LOCK_DIR: cannot open {}: {e}; detection is serialized per container only", path.display());
+            return None;
+        }
+    };
+    let deadline = Instant::now() + cfg.deadline;
+    while !real::try_flock(&f) {
+        if Instant::now() >= deadline {
+            vlog!(
+                WARN,
+                "node lock {} still held after {:?}; detecting without it",
+                path.display(),
+                cfg.deadline
+            );
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Some(f)
+}
+
+fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
+    let guard = match region.lock(LockId::Detect, slot) {
+        Ok(g) => g,
+        Err(e) => {
+            vlog!(ERROR, "detection lock: {e}");
+            return;
+        }
+    };
+    let o = guard.outcome();
+    if let Some((reason, victim)) = o.forced {
+        vlog!(
+            WARN,
+            "took the detection lock from slot {victim} ({}) after {} ms",
+            reason.name(),
+            o.wait_ns / 1_000_000
+        );
+    } else if o.wait_ns > 0 {
+        vlog!(
+            INFO,
+            "waited {:.1} ms for the detection lock ({} retries)",
+            o.wait_ns as f64 / 1e6,
+            o.retries
+        );
+    }
+    let _node = node_lock(cfg);
+    crate::testpoint::hold_detect();
+
+    let me = std::process::id();
+    let device = cfg.physical_device(0);
+    let nvml = Nvml::open(device);
+    let before = nvml.as_ref().map_err(Clone::clone).and_then(|n| n.pids());
+    let start = Instant::now();
+    let ctx_ok = retain_primary_context();
+    let ctx_ns = start.elapsed().as_nanos() as u64;
+    let det = match (&nvml, &before, ctx_ok) {
+        (_, _, Err(e)) => {
+            vlog!(WARN, "host PID detection skipped: {e}");
+            Detection {
+                outcome: DetectOutcome::Timeout,
+                host_pid: None,
+                polls: 0,
+                candidates: Vec::new(),
+            }
+        }
+        (Ok(n), Ok(b), Ok(())) => {
+            let policy = Policy {
+                poll_start: cfg.poll_start,
+                poll_max: cfg.poll_max,
+                deadline: cfg.deadline,
+            };
+            detect::run(
+                &policy,
+                b,
+                me,
+                &mut Live {
+                    nvml: n,
+                    region,
+                    slot,
+                    start,
+                },
+            )
+        }
+        (Err(e), _, _) | (_, Err(e), _) => {
+            vlog!(WARN, "host PID detection: NVML unusable: {e}");
+            Detection {
+                outcome: DetectOutcome::NvmlError,
+                host_pid: None,
+                polls: 0,
+                candidates: Vec::new(),
+            }
+        }
+    };
+    let latency_ns = start.elapsed().as_nanos() as u64;
+    let det = if guard.is_current() {
+        det
+    } else {
+        vlog!(
+            WARN,
+            "evicted from the detection lock while detecting; not publishing a PID"
+        );
+        Detection {
+            outcome: DetectOutcome::Ambiguous,
+            host_pid: None,
+            ..det
+        }
+    };
+    region.record_detection(
+        slot,
+        det.outcome,
+        det.host_pid,
+        latency_ns,
+        det.polls,
+        ctx_ns,
+    );
+    let ms = latency_ns as f64 / 1e6;
+    match det.outcome {
+        DetectOutcome::Found => vlog!(
+            INFO,
+            "host PID {} found after {} polls in {ms:.1} ms (context creation {:.1} ms)",
+            det.host_pid.unwrap_or(0),
+            det.polls,
+            ctx_ns as f64 / 1e6
+        ),
+        DetectOutcome::SameNamespace => vlog!(INFO, "the driver reports namespace PIDs: our PID {me} is what NVML shows"),
+        DetectOutcome::Ambiguous => vlog!(
+            WARN,
+            "host PID ambiguous after {} polls: new unclaimed PIDs {:?} (another container started at the same time?); continuing with PID {me}",
+            det.polls,
+            det.candidates
+        ),
+        DetectOutcome::Timeout => vlog!(WARN, "host PID not found within {:?}; continuing with PID {me}", cfg.deadline),
+        DetectOutcome::NvmlError => vlog!(WARN, "host PID detection failed on NVML errors; continuing with PID {me}"),
+    }
+    if guard.release() == ReleaseOutcome::Fenced {
+        vlog!(
+            WARN,
+            "our detection lock had been taken over (fenced release)"
+        );
+    }
+}
+
+/// Retains the primary context on CUDA device 0 (kept: the workload will use it).
+fn retain_primary_context() -> Result<(), String> {
+    let get = real::cu_device_get().ok_or("cuDeviceGet missing")?;
+    let retain = real::cu_primary_retain().ok_or("cuDevicePrimaryCtxRetain missing")?;
+    let mut dev = 0i32;
+    // SAFETY: valid out-pointer; cuInit has succeeded.
+    let r = unsafe { get(&mut dev, 0) };
+    if r != 0 {
+        return Err(format!("cuDeviceGet(0) returned {r}"));
+    }
+    let mut ctx: *mut std::ffi::c_void = std::ptr::null_mut();
+    // SAFETY: valid out-pointer and device.
+    let r = unsafe { retain(&mut ctx, dev) };
+    if r != 0 {
+        return Err(format!("cuDevicePrimaryCtxRetain returned {r}"));
+    }
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! The real driver: handles from our own `dlopen` of the real libraries, and the real
+//! `dlsym` (ours is a hook) from `dlvsym(RTLD_NEXT)`. Nothing here ever resolves a
+//! symbol through Vigil's own exports, so a hook can never recurse into itself.
+
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+pub type DlsymFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void;
+
+static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
+
+/// libc's dlsym. Found with dlvsym, which we do not hook, so this is safe to call
+/// from inside our dlsym hook.
+pub fn dlsym_fn() -> Option<DlsymFn> {
+    let mut p = REAL_DLSYM.load(Ordering::Acquire);
+    if p == 0 {
+        for ver in [c"GLIBC_2.34", c"GLIBC_2.2.5", c"GLIBC_2.17"] {
+            // SAFETY: dlvsym with RTLD_NEXT and NUL-terminated names; it allocates
+            // nothing of ours and does not call dlsym.
+            let f = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), ver.as_ptr()) };
+            if !f.is_null() {
+                p = f as usize;
+                break;
+            }
+        }
+        if p == 0 {
+            return None;
+        }
+        REAL_DLSYM.store(p, Ordering::Release);
+    }
+    // SAFETY: p is the address of libc's dlsym, whose C signature is DlsymFn.
+    Some(unsafe { std::mem::transmute::<usize, DlsymFn>(p) })
+}
+
+/// Calls the real dlsym.
+pub fn dlsym(handle: *mut c_void, name: &CStr) -> Option<usize> {
+    let f = dlsym_fn()?;
+    // SAFETY: a handle from dlopen (or a pseudo-handle) and a NUL-terminated name.
+    let p = unsafe { f(handle, name.as_ptr()) };
+    (!p.is_null()).then_some(p as usize)
+}
+
+fn open(name: &CStr) -> usize {
+    // SAFETY: dlopen of a system library by soname; the handle is never closed, like
+    // the driver's own.
+    unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) as usize }
+}
+
+/// The real libcuda.so.1 (0 if it cannot be loaded).
+pub fn cuda_handle() -> usize {
+    static H: OnceLock<usize> = OnceLock::new();
+    *H.get_or_init(|| open(c"libcuda.so.1"))
+}
+
+/// The real libnvidia-ml.so.1 (0 if it cannot be loaded).
+pub fn nvml_handle() -> usize {
+    static H: OnceLock<usize> = OnceLock::new();
+    *H.get_or_init(|| open(c"libnvidia-ml.so.1"))
+}
+
+/// A real libcuda function's address.
+pub fn cuda_sym(name: &CStr) -> Option<usize> {
+    match cuda_handle() {
+        0 => None,
+        h => dlsym(h as *mut c_void, name),
+    }
+}
+
+pub fn nvml_sym(name: &CStr) -> Option<usize> {
+    match nvml_handle() {
+        0 => None,
+        h => dlsym(h as *mut c_void, name),
+    }
+}
+
+/// Declares a cached, typed accessor for a real function.
+macro_rules! real_fn {
+    ($vis:vis fn $acc:ident = $lib:ident($name:literal) as $ty:ty) => {
+        $vis fn $acc() -> Option<$ty> {
+            static F: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+            let p = (*F.get_or_init(|| $crate::real::$lib($name)))?;
+            // SAFETY: the driver exports this symbol with exactly this C signature.
+            Some(unsafe { std::mem::transmute::<usize, $ty>(p) })
+        }
+    };
+}
+pub(crate) use real_fn;
+
+pub type CuInit = unsafe extern "C" fn(u32) -> u32;
+pub type CuDeviceGet = unsafe extern "C" fn(*mut i32, i32) -> u32;
+pub type CuPrimaryRetain = unsafe extern "C" fn(*mut *mut c_void, i32) -> u32;
+pub type CuMemAlloc = unsafe extern "C" fn(*mut u64, usize) -> u32;
+pub type CuGetProcAddress = unsafe extern "C" fn(*const c_char, *mut *mut c_void, i32, u64) -> u32;
+pub type CuGetProcAddressV2 =
+    unsafe extern "C" fn(*const c_char, *mut *mut c_void, i32, u64, *mut i32) -> u32;
+
+real_fn!(pub fn cu_init = cuda_sym(c"cuInit") as CuInit);
+real_fn!(pub fn cu_device_get = cuda_sym(c"cuDeviceGet") as CuDeviceGet);
+real_fn!(pub fn cu_primary_retain = cuda_sym(c"cuDevicePrimaryCtxRetain") as CuPrimaryRetain);
+real_fn!(pub fn cu_mem_alloc = cuda_sym(c"cuMemAlloc_v2") as CuMemAlloc);
+real_fn!(pub fn cu_get_proc_address = cuda_sym(c"cuGetProcAddress") as CuGetProcAddress);
+real_fn!(pub fn cu_get_proc_address_v2 = cuda_sym(c"cuGetProcAddress_v2") as CuGetProcAddressV2);
+
+/// Tries to take an exclusive `flock` on `file` (released by the kernel if we die).
+pub fn try_flock(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open fd; flock has no memory-safety preconditions.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}

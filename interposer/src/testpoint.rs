@@ -1,0 +1,28 @@
+//! Test-only hold and panic points, compiled in only with the `fault-injection`
+//! feature (the scenario tests build libvigil.so with it; releases never do).
+
+/// Panics here if `VIGIL_FAULT` names this point.
+pub fn panic_point(name: &str) {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("VIGIL_FAULT").is_ok_and(|v| v.split(',').any(|p| p.trim() == name)) {
+        panic!("vigil test panic at {name}");
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = name;
+}
+
+/// Holds the detection lock for `VIGIL_TEST_HOLD_DETECT_MS` before detecting, so a
+/// test can kill the holder at a known point.
+pub fn hold_detect() {
+    #[cfg(feature = "fault-injection")]
+    if let Some(ms) = std::env::var("VIGIL_TEST_HOLD_DETECT_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        crate::log::vlog!(
+            crate::log::INFO,
+            "test hold point: holding the detection lock {ms} ms"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
