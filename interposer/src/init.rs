@@ -110,11 +110,16 @@ struct Live<'a> {
     region: &'a Region,
     slot: SlotHandle,
     start: Instant,
+    ctx: Context,
+    marker: Option<u64>,
 }
 
+/// Size of the confirmation marker: one 2 MiB page, what NVML accounts in.
+const MARKER: u64 = 2 << 20;
+
 impl Probe for Live<'_> {
-    fn nvml_pids(&mut self) -> Result<Vec<u32>, String> {
-        self.nvml.pids()
+    fn nvml_procs(&mut self) -> Result<Vec<(u32, u64)>, String> {
+        self.nvml.procs()
     }
     fn claimed(&mut self) -> BTreeSet<u32> {
         self.region
@@ -122,11 +127,61 @@ impl Probe for Live<'_> {
             .into_iter()
             .collect()
     }
+    fn namespace_pids_seen(&mut self) -> bool {
+        self.region.namespace_pids_seen()
+    }
+    fn mark(&mut self) -> Result<u64, String> {
+        let p = self.ctx.with_current(|| {
+            let alloc = real::cu_mem_alloc().ok_or("cuMemAlloc_v2 missing")?;
+            let mut p = 0u64;
+            // SAFETY: valid out-pointer; our context is current.
+            let r = unsafe { alloc(&mut p, MARKER as usize) };
+            if r == 0 {
+                Ok(p)
+            } else {
+                Err(format!("cuMemAlloc_v2 returned {r}"))
+            }
+        })??;
+        self.marker = Some(p);
+        Ok(MARKER)
+    }
+    fn unmark(&mut self) {
+        if let Some(p) = self.marker.take() {
+            let _ = self.ctx.with_current(|| {
+                if let Some(free) = real::cu_mem_free() {
+                    // SAFETY: freeing the marker we allocated, once.
+                    unsafe { free(p) };
+                }
+            });
+        }
+    }
     fn elapsed(&mut self) -> Duration {
         self.start.elapsed()
     }
     fn sleep(&mut self, d: Duration) {
         std::thread::sleep(d);
+    }
+}
+
+/// Our retained primary context.
+#[derive(Clone, Copy)]
+struct Context(*mut std::ffi::c_void);
+
+impl Context {
+    /// Runs `f` with this context current on the calling thread, then restores it.
+    fn with_current<T>(&self, f: impl FnOnce() -> T) -> Result<T, String> {
+        let push = real::cu_ctx_push().ok_or("cuCtxPushCurrent_v2 missing")?;
+        let pop = real::cu_ctx_pop().ok_or("cuCtxPopCurrent_v2 missing")?;
+        // SAFETY: a context we retained; push/pop are balanced below.
+        let r = unsafe { push(self.0) };
+        if r != 0 {
+            return Err(format!("cuCtxPushCurrent_v2 returned {r}"));
+        }
+        let v = f();
+        let mut old = std::ptr::null_mut();
+        // SAFETY: pops the context pushed above.
+        unsafe { pop(&mut old) };
+        Ok(v)
     }
 }
 
@@ -192,46 +247,43 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
     let me = std::process::id();
     let device = cfg.physical_device(0);
     let nvml = Nvml::open(device);
-    let before = nvml.as_ref().map_err(Clone::clone).and_then(|n| n.pids());
+    let before = nvml.as_ref().map_err(Clone::clone).and_then(|n| n.procs());
     let start = Instant::now();
     let ctx_ok = retain_primary_context();
     let ctx_ns = start.elapsed().as_nanos() as u64;
+    let failed = |outcome| Detection {
+        outcome,
+        host_pid: None,
+        polls: 0,
+        candidates: Vec::new(),
+        foreign: Vec::new(),
+    };
     let det = match (&nvml, &before, ctx_ok) {
         (_, _, Err(e)) => {
             vlog!(WARN, "host PID detection skipped: {e}");
-            Detection {
-                outcome: DetectOutcome::Timeout,
-                host_pid: None,
-                polls: 0,
-                candidates: Vec::new(),
-            }
+            failed(DetectOutcome::Timeout)
         }
-        (Ok(n), Ok(b), Ok(())) => {
+        (Ok(n), Ok(b), Ok(ctx)) => {
             let policy = Policy {
                 poll_start: cfg.poll_start,
                 poll_max: cfg.poll_max,
                 deadline: cfg.deadline,
             };
-            detect::run(
-                &policy,
-                b,
-                me,
-                &mut Live {
-                    nvml: n,
-                    region,
-                    slot,
-                    start,
-                },
-            )
+            let mut live = Live {
+                nvml: n,
+                region,
+                slot,
+                start,
+                ctx,
+                marker: None,
+            };
+            let d = detect::run(&policy, b, me, &mut live);
+            live.unmark();
+            d
         }
         (Err(e), _, _) | (_, Err(e), _) => {
             vlog!(WARN, "host PID detection: NVML unusable: {e}");
-            Detection {
-                outcome: DetectOutcome::NvmlError,
-                host_pid: None,
-                polls: 0,
-                candidates: Vec::new(),
-            }
+            failed(DetectOutcome::NvmlError)
         }
     };
     let latency_ns = start.elapsed().as_nanos() as u64;
@@ -257,6 +309,9 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
         ctx_ns,
     );
     let ms = latency_ns as f64 / 1e6;
+    if !det.foreign.is_empty() {
+        vlog!(WARN, "ignored PIDs {:?}: they appeared in our window but their memory did not move with ours (other containers)", det.foreign);
+    }
     match det.outcome {
         DetectOutcome::Found => vlog!(
             INFO,
@@ -284,7 +339,7 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
 }
 
 /// Retains the primary context on CUDA device 0 (kept: the workload will use it).
-fn retain_primary_context() -> Result<(), String> {
+fn retain_primary_context() -> Result<Context, String> {
     let get = real::cu_device_get().ok_or("cuDeviceGet missing")?;
     let retain = real::cu_primary_retain().ok_or("cuDevicePrimaryCtxRetain missing")?;
     let mut dev = 0i32;
@@ -299,5 +354,5 @@ fn retain_primary_context() -> Result<(), String> {
     if r != 0 {
         return Err(format!("cuDevicePrimaryCtxRetain returned {r}"));
     }
-    Ok(())
+    Ok(Context(ctx))
 }

@@ -56,8 +56,9 @@ impl Nvml {
         Ok(Nvml { device, procs })
     }
 
-    /// PIDs with a compute context on the device, with NVML's two-call protocol.
-    pub fn pids(&self) -> Result<Vec<u32>, String> {
+    /// (PID, used bytes) per compute process on the device, with NVML's two-call
+    /// protocol.
+    pub fn procs(&self) -> Result<Vec<(u32, u64)>, String> {
         let mut cap = 0u32;
         let mut buf: Vec<ProcessInfo> = Vec::new();
         for _ in 0..4 {
@@ -72,7 +73,7 @@ impl Nvml {
             match r {
                 NVML_SUCCESS => {
                     let n = (count as usize).min(buf.len());
-                    return Ok(buf[..n].iter().map(|p| p.pid).collect());
+                    return Ok(buf[..n].iter().map(|p| (p.pid, p.used)).collect());
                 }
                 NVML_ERROR_INSUFFICIENT_SIZE => {
                     cap = count.saturating_mul(2).saturating_add(8);

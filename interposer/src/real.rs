@@ -91,6 +91,9 @@ pub type CuInit = unsafe extern "C" fn(u32) -> u32;
 pub type CuDeviceGet = unsafe extern "C" fn(*mut i32, i32) -> u32;
 pub type CuPrimaryRetain = unsafe extern "C" fn(*mut *mut c_void, i32) -> u32;
 pub type CuMemAlloc = unsafe extern "C" fn(*mut u64, usize) -> u32;
+pub type CuMemFree = unsafe extern "C" fn(u64) -> u32;
+pub type CuCtxPush = unsafe extern "C" fn(*mut c_void) -> u32;
+pub type CuCtxPop = unsafe extern "C" fn(*mut *mut c_void) -> u32;
 pub type CuGetProcAddress = unsafe extern "C" fn(*const c_char, *mut *mut c_void, i32, u64) -> u32;
 pub type CuGetProcAddressV2 =
     unsafe extern "C" fn(*const c_char, *mut *mut c_void, i32, u64, *mut i32) -> u32;
@@ -99,6 +102,9 @@ real_fn!(pub fn cu_init = cuda_sym(c"cuInit") as CuInit);
 real_fn!(pub fn cu_device_get = cuda_sym(c"cuDeviceGet") as CuDeviceGet);
 real_fn!(pub fn cu_primary_retain = cuda_sym(c"cuDevicePrimaryCtxRetain") as CuPrimaryRetain);
 real_fn!(pub fn cu_mem_alloc = cuda_sym(c"cuMemAlloc_v2") as CuMemAlloc);
+real_fn!(pub fn cu_mem_free = cuda_sym(c"cuMemFree_v2") as CuMemFree);
+real_fn!(pub fn cu_ctx_push = cuda_sym(c"cuCtxPushCurrent_v2") as CuCtxPush);
+real_fn!(pub fn cu_ctx_pop = cuda_sym(c"cuCtxPopCurrent_v2") as CuCtxPop);
 real_fn!(pub fn cu_get_proc_address = cuda_sym(c"cuGetProcAddress") as CuGetProcAddress);
 real_fn!(pub fn cu_get_proc_address_v2 = cuda_sym(c"cuGetProcAddress_v2") as CuGetProcAddressV2);
 

@@ -25,6 +25,9 @@ pub const STATE_UNINIT: u32 = 0;
 pub const STATE_INITIALIZING: u32 = 1;
 pub const STATE_READY: u32 = 2;
 
+/// `Header::flags`: some process of this region saw the driver report namespace PIDs.
+pub const FLAG_NAMESPACE_PIDS: u32 = 1;
+
 /// Slot states, in `Slot::state`.
 pub const SLOT_FREE: u32 = 0;
 pub const SLOT_ACTIVE: u32 = 1;

@@ -219,6 +219,12 @@ impl Region {
             }
             s.detect_outcome.store(outcome as u32, Release);
         }
+        if outcome == crate::DetectOutcome::SameNamespace {
+            self.layout()
+                .header
+                .flags
+                .fetch_or(FLAG_NAMESPACE_PIDS, Release);
+        }
         self.count(Some(h.index), Counter::detections(outcome), 1);
         self.observe(crate::HistogramId::DetectionLatency, latency_ns);
         self.observe(crate::HistogramId::DetectionPolls, polls as u64);
@@ -232,6 +238,12 @@ impl Region {
         );
         ev.d = context_ns;
         self.emit(&ev);
+    }
+
+    /// True once a process of this region has seen the driver report namespace PIDs
+    /// (they all share one PID namespace, so the answer holds for every one of them).
+    pub fn namespace_pids_seen(&self) -> bool {
+        self.layout().header.flags.load(Acquire) & FLAG_NAMESPACE_PIDS != 0
     }
 
     /// Host PIDs recorded by live slots other than `except`.

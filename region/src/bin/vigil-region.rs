@@ -455,6 +455,18 @@ fn print_snapshot(path: &Path, s: &Snapshot) {
     for c in Counter::ALL {
         println!("    {c:?}={}", s.counter(c));
     }
+    for (id, l) in LockId::ALL.iter().zip(&s.locks) {
+        println!(
+            "  lock {}: owner={} epoch={} waiters={} lease_ms={}",
+            id.name(),
+            l.owner
+                .map(|o| o.to_string())
+                .unwrap_or_else(|| "none".into()),
+            l.epoch,
+            l.waiters,
+            l.lease_ns / 1_000_000
+        );
+    }
     println!("  ring: events_written={}", s.ring_head);
     println!(
         "  active slots: {} ({} alive)",
