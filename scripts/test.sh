@@ -25,10 +25,26 @@ export VIGIL_PYTHON=$PWD/$venv/bin/python
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
-cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet --features vigil-interposer/fault-injection -- -D warnings
 echo "==> benchmarks compile"
 cargo bench --workspace --no-run --quiet
-echo "==> cargo build (the tests run the binaries and the driver library)"
-cargo build --workspace --quiet
+# The tests run the built binaries, the driver library and libvigil.so with its
+# test-only hold/panic points, so build and test with the same features.
+features=(--features vigil-interposer/fault-injection)
+echo "==> cargo build (the tests run the binaries and the libraries)"
+cargo build --workspace --quiet "${features[@]}"
 echo "==> cargo test"
-cargo test --workspace
+cargo test --workspace "${features[@]}"
+
+echo "==> start-up scenarios (tests/run_comprehensive_tests.sh)"
+export VIGIL_SKIP_BUILD=1
+scenario() {
+    echo "--- $*"
+    env "$@"
+}
+scenario tests/run_comprehensive_tests.sh 8
+scenario VIGIL_SCENARIO_LAG=uniform:20ms..200ms tests/run_comprehensive_tests.sh 32
+scenario VIGIL_SCENARIO_KILL_HOLDER_MS=400 tests/run_comprehensive_tests.sh 8
+scenario VIGIL_SCENARIO_FOREIGN=1 tests/run_comprehensive_tests.sh 8
+scenario VIGIL_SCENARIO_PID_MODE=namespace tests/run_comprehensive_tests.sh 8
+echo "scenarios: 5 passed, 0 failed"

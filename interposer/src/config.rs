@@ -42,7 +42,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "s" => v,
         _ => return None,
     };
-    (secs.is_finite() && secs >= 0.0 && secs < 3600.0).then(|| Duration::from_secs_f64(secs))
+    (secs.is_finite() && (0.0..3600.0).contains(&secs)).then(|| Duration::from_secs_f64(secs))
 }
 
 /// Numeric `CUDA_VISIBLE_DEVICES` ("1,0"). UUID or MIG forms are not mapped: None.

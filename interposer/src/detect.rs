@@ -177,7 +177,7 @@ pub fn run(policy: &Policy, before: &[(u32, u64)], me: u32, probe: &mut impl Pro
         }
         // A candidate whose usage did not move within a few capped polls is foreign.
         if let Some((cand, _, _)) = confirming {
-            if wait >= policy.poll_max && polls % 4 == 0 {
+            if wait >= policy.poll_max && polls.is_multiple_of(4) {
                 probe.unmark();
                 foreign.insert(cand);
                 confirming = None;

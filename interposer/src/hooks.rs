@@ -59,25 +59,56 @@ pub extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> u32 {
     r
 }
 
-/// Our hook for an exported driver name, if we intercept it.
-fn hook_for(exported: &[u8]) -> Option<*mut c_void> {
-    let f: usize = match exported {
-        b"cuInit" => cuInit as *const () as usize,
-        b"cuMemAlloc_v2" => cuMemAlloc_v2 as *const () as usize,
-        b"cuGetProcAddress" => cuGetProcAddress as *const () as usize,
-        b"cuGetProcAddress_v2" => cuGetProcAddress_v2 as *const () as usize,
-        _ => return None,
-    };
-    Some(f as *mut c_void)
+/// A function we intercept: its exported name, the base name `cuGetProcAddress` is
+/// asked for, the real function (cached), and our hook.
+struct Hooked {
+    exported: &'static [u8],
+    base: &'static [u8],
+    real: fn() -> Option<usize>,
+    hook: usize,
 }
 
-/// (base name as cuGetProcAddress is asked, exported variant we hook).
-const HOOKED: &[(&[u8], &CStr)] = &[
-    (b"cuInit", c"cuInit"),
-    (b"cuMemAlloc", c"cuMemAlloc_v2"),
-    (b"cuGetProcAddress", c"cuGetProcAddress"),
-    (b"cuGetProcAddress", c"cuGetProcAddress_v2"),
-];
+fn hooked() -> [Hooked; 4] {
+    fn addr<T: Copy>(f: Option<T>) -> Option<usize> {
+        // SAFETY: T is a function-pointer type; reading it as its address.
+        f.map(|f| unsafe { std::mem::transmute_copy::<T, usize>(&f) })
+    }
+    [
+        Hooked {
+            exported: b"cuInit",
+            base: b"cuInit",
+            real: || addr(real::cu_init()),
+            hook: cuInit as *const () as usize,
+        },
+        Hooked {
+            exported: b"cuMemAlloc_v2",
+            base: b"cuMemAlloc",
+            real: || addr(real::cu_mem_alloc()),
+            hook: cuMemAlloc_v2 as *const () as usize,
+        },
+        Hooked {
+            exported: b"cuGetProcAddress",
+            base: b"cuGetProcAddress",
+            real: || addr(real::cu_get_proc_address()),
+            hook: cuGetProcAddress as *const () as usize,
+        },
+        Hooked {
+            exported: b"cuGetProcAddress_v2",
+            base: b"cuGetProcAddress",
+            real: || addr(real::cu_get_proc_address_v2()),
+            hook: cuGetProcAddress_v2 as *const () as usize,
+        },
+    ]
+}
+
+/// If `got` is the real function a caller asked for by `name` (exported name for
+/// dlsym, base name for cuGetProcAddress), our hook for it.
+fn replacement(name: &[u8], got: usize, by_base: bool) -> Option<usize> {
+    hooked()
+        .into_iter()
+        .find(|h| (if by_base { h.base } else { h.exported }) == name && (h.real)() == Some(got))
+        .map(|h| h.hook)
+}
 
 /// After the real cuGetProcAddress answered `symbol` with `*pfn`: if that is the real
 /// variant of a function we hook, hand out our hook instead.
@@ -91,20 +122,14 @@ fn swap_resolved(symbol: *const c_char, pfn: *mut *mut c_void) {
     if got.is_null() {
         return;
     }
-    for (base, exported) in HOOKED {
-        if *base == name && real::cuda_sym(exported) == Some(got as usize) {
-            if let Some(h) = hook_for(exported.to_bytes()) {
-                // SAFETY: pfn is the caller's valid out-pointer.
-                unsafe { *pfn = h };
-                vlog!(
-                    DEBUG,
-                    "cuGetProcAddress({}) -> Vigil's {}",
-                    String::from_utf8_lossy(name),
-                    exported.to_string_lossy()
-                );
-            }
-            return;
-        }
+    if let Some(h) = replacement(name, got as usize, true) {
+        // SAFETY: pfn is the caller's valid out-pointer.
+        unsafe { *pfn = h as *mut c_void };
+        vlog!(
+            DEBUG,
+            "cuGetProcAddress({}) -> Vigil's hook",
+            String::from_utf8_lossy(name)
+        );
     }
 }
 
@@ -161,11 +186,13 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut
         return p;
     }
     // SAFETY: non-null, NUL-terminated per dlsym's contract.
-    let n = unsafe { CStr::from_ptr(name) };
-    if let Some(h) = hook_for(n.to_bytes()) {
-        if real::cuda_sym(n) == Some(p as usize) {
-            return h;
-        }
+    let n = unsafe { CStr::from_ptr(name) }.to_bytes();
+    // Cheap filter first: this runs for every dlsym in the process.
+    if !n.starts_with(b"cu") {
+        return p;
     }
-    p
+    match replacement(n, p as usize, false) {
+        Some(h) => h as *mut c_void,
+        None => p,
+    }
 }

@@ -67,6 +67,15 @@ struct Cli {
     /// Busy-wait until CLOCK_MONOTONIC reaches this many ns before starting.
     #[arg(long)]
     start_at_ns: Option<u64>,
+    /// Call cuInit from this many threads at once (thread-safety checks).
+    #[arg(long, default_value_t = 1)]
+    init_threads: usize,
+    /// After init, fork a child that allocates on its own and exits; wait for it.
+    #[arg(long)]
+    fork: bool,
+    /// Time this many cuGetProcAddress_v2 lookups and print ns per call, then exit.
+    #[arg(long)]
+    bench_getproc: Option<u64>,
 }
 
 type Res = u32;
@@ -74,6 +83,7 @@ type Res = u32;
 /// The entry points this workload uses, resolved once.
 struct Cuda {
     _lib: Library,
+    getproc: Option<GetProc>,
     init: unsafe extern "C" fn(c_uint) -> Res,
     device_get: unsafe extern "C" fn(*mut c_int, c_int) -> Res,
     retain: unsafe extern "C" fn(*mut *mut c_void, c_int) -> Res,
@@ -137,6 +147,7 @@ impl Cuda {
             }};
         }
         Ok(Cuda {
+            getproc,
             init: f!("cuInit", "cuInit"),
             device_get: f!("cuDeviceGet", "cuDeviceGet"),
             retain: f!("cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRetain"),
@@ -152,6 +163,58 @@ impl Cuda {
             _lib: lib,
         })
     }
+}
+
+/// Forks a child that initializes CUDA itself, allocates 1 MiB and exits; waits for it.
+fn fork_child(cu: &Cuda, device: c_int) -> Result<(), String> {
+    // SAFETY: the child only makes CUDA calls and exits; it does not rely on other
+    // threads' state (the workload has no other threads running at this point).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err("call=fork code=-1".into());
+    }
+    if pid == 0 {
+        let mut dev: c_int = 0;
+        let mut ctx: *mut c_void = std::ptr::null_mut();
+        let mut p = 0u64;
+        // SAFETY: as in `run`.
+        let ok = unsafe {
+            (cu.init)(0) == 0
+                && (cu.device_get)(&mut dev, device) == 0
+                && (cu.retain)(&mut ctx, dev) == 0
+                && (cu.set_current)(ctx) == 0
+                && (cu.mem_alloc)(&mut p, 1 << 20) == 0
+        };
+        println!("child pid={} ok={ok}", std::process::id());
+        // SAFETY: leave the child without running the parent's exit handlers.
+        unsafe { libc::_exit(if ok { 0 } else { 3 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child we forked.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if status != 0 {
+        return Err(format!("call=fork-child code={status}"));
+    }
+    println!("forked child={pid} ok");
+    Ok(())
+}
+
+/// Times `n` lookups of "cuMemAlloc" through cuGetProcAddress_v2.
+fn bench_getproc(cu: &Cuda, n: u64, version: c_int) -> Result<(), String> {
+    let gp = cu
+        .getproc
+        .ok_or("--bench-getproc needs --api procaddress")?;
+    let name = c"cuMemAlloc";
+    let mut p: *mut c_void = std::ptr::null_mut();
+    let mut st: c_int = 0;
+    let t = monotonic_ns();
+    for _ in 0..n {
+        // SAFETY: valid name and out-pointers.
+        unsafe { gp(name.as_ptr(), &mut p, version, 0, &mut st) };
+    }
+    let ns = (monotonic_ns() - t) as f64 / n as f64;
+    println!("bench getproc calls={n} ns_per_call={ns:.1}");
+    Ok(())
 }
 
 /// Fails with the call's name and code.
@@ -188,12 +251,28 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
     }
     let cu = Cuda::load(cli.api, cli.cuda_version)?;
+    if let Some(n) = cli.bench_getproc {
+        return bench_getproc(&cu, n, cli.cuda_version);
+    }
+    let init = cu.init;
+    let threads: Vec<_> = (0..cli.init_threads.saturating_sub(1))
+        .map(|_| {
+            // SAFETY: cuInit is thread-safe by the CUDA contract.
+            std::thread::spawn(move || unsafe { init(0) })
+        })
+        .collect();
     let mut dev: c_int = 0;
     let mut ctx: *mut c_void = std::ptr::null_mut();
     // SAFETY (for every call below): entry points resolved above, called with valid
     // out-pointers and arguments per the CUDA driver API.
     unsafe {
         check("cuInit", (cu.init)(0))?;
+        for t in threads {
+            check(
+                "cuInit (thread)",
+                t.join().map_err(|_| "init thread panicked")?,
+            )?;
+        }
         check("cuDeviceGet", (cu.device_get)(&mut dev, cli.device))?;
         let t0 = monotonic_ns();
         check("cuDevicePrimaryCtxRetain", (cu.retain)(&mut ctx, dev))?;
@@ -244,6 +323,9 @@ fn run(cli: &Cli) -> Result<(), String> {
             return Err("call=verify code=mismatch".into());
         }
         println!("verified bytes={n}");
+    }
+    if cli.fork {
+        fork_child(&cu, cli.device)?;
     }
     let (mut free, mut total) = (0usize, 0usize);
     // SAFETY: valid out-pointers.

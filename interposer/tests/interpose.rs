@@ -1,0 +1,251 @@
+//! libvigil.so preloaded into real workloads against the simulator: interception
+//! through every path, thread and fork safety, and fail-safe behaviour.
+//! Needs `cargo build --workspace --features vigil-interposer/fault-injection` first
+//! (scripts/test.sh does it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use vigil_region::{Counter, RegionReader};
+
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn artifact(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --features vigil-interposer/fault-injection` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+struct Sim {
+    dir: tempfile::TempDir,
+    daemon: Child,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+impl Sim {
+    fn start(args: &[&str]) -> Sim {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Command::new(artifact("vigil-gpusim"))
+            .arg("install-libs")
+            .arg(dir.path().join("lib"))
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut daemon = Command::new(artifact("vigil-gpusim"))
+            .arg("--socket")
+            .arg(dir.path().join("gpu.sock"))
+            .args(["--ctx-create-time", "20ms", "--nvml-lag", "40ms"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(daemon.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.starts_with("listening"), "{line}");
+        Sim { dir, daemon }
+    }
+
+    fn region(&self) -> PathBuf {
+        self.dir.path().join("region.cache")
+    }
+
+    /// A workload with libvigil.so preloaded (unless `preload` is false).
+    fn workload(&self, args: &[&str], env: &[(&str, &str)], preload: bool) -> Command {
+        let mut c = Command::new(artifact("vigil-workload"));
+        c.args(args)
+            .env("VIGIL_GPUSIM_SOCKET", self.dir.path().join("gpu.sock"))
+            .env("LD_LIBRARY_PATH", self.dir.path().join("lib"))
+            .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", self.region())
+            .env("LIBCUDA_LOG_LEVEL", "4");
+        if preload {
+            c.env("LD_PRELOAD", artifact("libvigil.so"));
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let out = self.workload(args, env, true).output().unwrap();
+        assert!(
+            out.status.success(),
+            "workload failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn counter(region: &Path, c: Counter) -> u64 {
+    RegionReader::open(region).unwrap().snapshot().counter(c)
+}
+
+#[test]
+fn cu_mem_alloc_is_seen_through_cu_get_proc_address_v2_and_through_dlsym() {
+    let sim = Sim::start(&[]);
+    // vigil-workload resolves everything through cuGetProcAddress_v2 by default.
+    let out = sim.run(&["--alloc", "3MiB"], &[]);
+    assert!(
+        stderr(&out).contains("cuMemAlloc_v2(3145728 bytes) = 0"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("cuGetProcAddress(cuMemAlloc) -> Vigil's hook"));
+    let out = sim.run(&["--alloc", "5MiB", "--api", "dlsym"], &[]);
+    assert!(
+        stderr(&out).contains("cuMemAlloc_v2(5242880 bytes) = 0"),
+        "{}",
+        stderr(&out)
+    );
+    // The control: without the preload nothing of Vigil runs.
+    let out = sim
+        .workload(&["--alloc", "3MiB"], &[], false)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!stderr(&out).contains("[vigil"), "{}", stderr(&out));
+}
+
+#[test]
+fn many_threads_calling_cuinit_at_once_initialize_once() {
+    let sim = Sim::start(&[]);
+    sim.run(&["--init-threads", "16"], &[]);
+    let r = sim.region();
+    assert_eq!(counter(&r, Counter::SlotsClaimed), 1);
+    assert_eq!(counter(&r, Counter::LockAcquisitionsDetect), 1);
+    assert_eq!(
+        counter(&r, Counter::ProcessInitsInitializer) + counter(&r, Counter::ProcessInitsFastPath),
+        1
+    );
+}
+
+#[test]
+fn a_forked_child_takes_its_own_slot_and_detects_its_own_pid() {
+    let sim = Sim::start(&[]);
+    let out = sim.run(&["--fork"], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("forked child="), "{stdout}");
+    let snap = RegionReader::open(sim.region()).unwrap().snapshot();
+    assert_eq!(
+        snap.counter(Counter::SlotsClaimed),
+        2,
+        "parent and child each claim a slot"
+    );
+    assert_eq!(snap.counter(Counter::LockAcquisitionsDetect), 2);
+    let mut pids: Vec<u32> = snap.slots.iter().map(|s| s.host_pid).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(
+        pids.len(),
+        2,
+        "two different PIDs recorded: {:?}",
+        snap.slots
+    );
+    assert!(stderr(&out).contains("forked from pid"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_internal_panic_never_reaches_the_workload() {
+    let sim = Sim::start(&[]);
+    let out = sim.run(&[], &[("VIGIL_FAULT", "hook.panic")]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("freed"));
+    assert!(
+        stderr(&out).contains("internal error (panic caught); passing through"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_corrupt_region_leaves_the_workload_running_and_says_why() {
+    let sim = Sim::start(&[]);
+    let bytes: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(sim.region(), &bytes).unwrap();
+    let out = sim.run(&[], &[]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("region.cache")
+            && err.contains("bad magic")
+            && err.contains("continuing without Vigil"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(sim.region()).unwrap(),
+        bytes,
+        "the corrupt file is left as it was"
+    );
+}
+
+#[test]
+fn an_unwritable_region_path_leaves_the_workload_running_and_says_why() {
+    let sim = Sim::start(&[]);
+    let out = sim.run(
+        &[],
+        &[(
+            "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+            "/proc/vigil-nope/region.cache",
+        )],
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("/proc/vigil-nope/region.cache") && err.contains("continuing without Vigil"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nvml_errors_are_counted_and_bounded_by_the_deadline() {
+    let sim = Sim::start(&["--nvml-error-rate", "1"]);
+    let t = std::time::Instant::now();
+    let out = sim.run(&[], &[("VIGIL_DETECT_DEADLINE", "300ms")]);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(stderr(&out).contains("NVML"), "{}", stderr(&out));
+    assert_eq!(counter(&sim.region(), Counter::DetectNvmlError), 1);
+}
+
+#[test]
+fn bad_settings_are_logged_with_their_name_and_defaults_used() {
+    let sim = Sim::start(&[]);
+    let out = sim.run(
+        &[],
+        &[
+            ("VIGIL_DETECT_DEADLINE", "soon"),
+            ("LIBCUDA_LOG_LEVEL", "4"),
+        ],
+    );
+    assert!(
+        stderr(&out).contains("VIGIL_DETECT_DEADLINE=\"soon\" is not a duration"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(counter(&sim.region(), Counter::DetectSameNamespace), 1);
+}
