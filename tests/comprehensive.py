@@ -8,7 +8,9 @@ is added to the creation time before it is passed on.
 Environment:
   VIGIL_SCENARIO_CTX        context creation time (default 200ms)
   VIGIL_SCENARIO_LAG        NVML lag after creation: DURATION or uniform:MIN..MAX (default 80ms)
-  VIGIL_SCENARIO_PID_MODE   host (default) or namespace (driver reports namespace PIDs)
+  VIGIL_SCENARIO_PID_MODE   host (default), namespace (driver reports each process's own
+                            namespace PID) or caller (PIDs translated into the caller's
+                            namespace, as the 580 driver does)
   VIGIL_SCENARIO_KILL_HOLDER_MS   if set: the first workload holds the detection lock this
                             long (test hold point) and is SIGKILLed half-way through
   VIGIL_SCENARIO_FOREIGN    if 1: a process outside the region creates a context mid-run
@@ -172,7 +174,8 @@ def main():
     expected = set(t for i, t in enumerate(truths) if i not in killed and t)
     found = [e for e in dets if e["outcome"] in ("found", "same_namespace")]
     recorded = [int(e["host_pid"]) for e in dets if int(e["host_pid"]) != 0]
-    if pid_mode == "namespace":
+    namespace_pids = pid_mode in ("namespace", "caller")
+    if namespace_pids:
         correct = sum(1 for e in dets if e["outcome"] == "same_namespace")
     else:
         correct = len(set(recorded) & expected) if len(recorded) == len(set(recorded)) else 0
@@ -189,7 +192,7 @@ def main():
         ("no allocation failures", alloc_failures == 0, f"{alloc_failures}"),
         (f"all {survivors} completed", completed == survivors, f"{completed}"),
     ]
-    if pid_mode == "namespace":
+    if namespace_pids:
         checks.append((f"all {survivors} report same_namespace", correct == survivors, f"{correct}"))
     elif foreign:
         bad = [e for e in dets if e["outcome"] not in ("found", "ambiguous", "same_namespace")

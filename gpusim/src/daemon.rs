@@ -2,7 +2,7 @@
 //! PID comes from SO_PEERCRED, which the kernel reports in the daemon's PID namespace
 //! (the host's), exactly how the real driver sees container processes.
 
-use crate::state::{Sim, SimConfig, SimError};
+use crate::state::{PidMode, Sim, SimConfig, SimError};
 use crate::sys::peer_pid;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -159,7 +159,7 @@ fn handle(sim: &Mutex<Sim>, conn: u64, host_pid: u32, registered: &mut bool, lin
                 .mem_info(d as u32, Instant::now())
                 .map(|(f, t)| format!("{f} {t}"))
         }),
-        "nvml_meminfo" | "nvml_procs" => nvml(sim, op, arg(0)),
+        "nvml_meminfo" | "nvml_procs" => nvml(sim, op, arg(0), host_pid),
         "stats" => {
             let st = lock(sim).stats(Some(conn));
             Ok(format!(
@@ -173,7 +173,12 @@ fn handle(sim: &Mutex<Sim>, conn: u64, host_pid: u32, registered: &mut bool, lin
 }
 
 /// NVML queries, with the configured faults: a hang, then maybe an error.
-fn nvml(sim: &Mutex<Sim>, op: &str, dev: Result<u64, SimError>) -> Result<String, SimError> {
+fn nvml(
+    sim: &Mutex<Sim>,
+    op: &str,
+    dev: Result<u64, SimError>,
+    caller: u32,
+) -> Result<String, SimError> {
     let dev = dev? as u32;
     let (hang, fail) = {
         let mut s = lock(sim);
@@ -195,10 +200,29 @@ fn nvml(sim: &Mutex<Sim>, op: &str, dev: Result<u64, SimError>) -> Result<String
         let (free, total) = s.mem_info(dev, Instant::now())?;
         return Ok(format!("{total} {free} {}", total - free));
     }
-    let procs = s.nvml_processes(dev, Instant::now())?;
+    let mut procs = s.nvml_processes(dev, Instant::now())?;
+    if s.cfg.pid_mode == PidMode::Caller {
+        procs = in_callers_namespace(caller, procs);
+    }
     let mut out = procs.len().to_string();
     for (pid, used) in procs {
         out.push_str(&format!(" {pid}:{used}"));
     }
     Ok(out)
+}
+
+/// Translates host PIDs into the caller's PID namespace, dropping processes it cannot
+/// see (the 580 driver's behaviour).
+fn in_callers_namespace(caller: u32, procs: Vec<(u32, u64)>) -> Vec<(u32, u64)> {
+    let me = crate::sys::pid_view(std::process::id());
+    let Some((caller_view, me)) = crate::sys::pid_view(caller).zip(me) else {
+        return Vec::new();
+    };
+    procs
+        .into_iter()
+        .filter_map(|(pid, used)| {
+            let target = crate::sys::pid_view(pid)?;
+            crate::sys::translate_pid(&caller_view, &target, pid, &me.ns).map(|p| (p, used))
+        })
+        .collect()
 }

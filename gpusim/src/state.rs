@@ -12,6 +12,9 @@ pub enum PidMode {
     Host,
     /// As some drivers (535 open modules, 560) do: the PID in the process's namespace.
     Namespace,
+    /// As the 580 driver does (seen on an H100): PIDs translated into the namespace of
+    /// the process *asking*; processes outside it are not listed.
+    Caller,
 }
 
 #[derive(Debug, Clone)]
@@ -341,7 +344,8 @@ impl Sim {
             })
             .map(|p| {
                 let pid = match self.cfg.pid_mode {
-                    PidMode::Host => p.host_pid,
+                    // Caller mode is translated by the daemon, which can read /proc.
+                    PidMode::Host | PidMode::Caller => p.host_pid,
                     PidMode::Namespace => p.ns_pid,
                 };
                 (pid, p.used[device as usize])

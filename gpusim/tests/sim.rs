@@ -588,3 +588,68 @@ fn bad_settings_are_rejected_with_the_setting_named() {
         );
     }
 }
+
+/// Runs the NVML probe inside a new PID namespace, next to an optional workload there.
+fn probe_in_namespace(sim: &Sim, with_workload: bool) -> Value {
+    let script = if with_workload {
+        r#""$W" --exit wait >/dev/null & sleep 1; "$PY" "$PROBE" list; kill $! 2>/dev/null; true"#
+    } else {
+        r#""$PY" "$PROBE" list"#
+    };
+    let mut c = Command::new("unshare");
+    c.args([
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        "sh",
+        "-c",
+        script,
+    ])
+    .env("W", env!("CARGO_BIN_EXE_vigil-workload"))
+    .env("PY", python())
+    .env(
+        "PROBE",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nvml_probe.py"),
+    );
+    sim.env(&mut c);
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("probe JSON")
+}
+
+#[test]
+fn in_caller_pid_mode_each_namespace_sees_its_own_pids() {
+    if !unshare_available() {
+        eprintln!("SKIPPED: unshare --pid is not permitted here");
+        return;
+    }
+    let sim = Sim::start(&[
+        "--nvml-lag",
+        "0",
+        "--pid-mode",
+        "caller",
+        "--ctx-create-time",
+        "5ms",
+    ]);
+    let (_w, host_pid) = namespaced_workload(&sim);
+    let from_host: Vec<u64> = nvml_pids(&sim, 0).iter().map(|p| p.0).collect();
+    assert_eq!(from_host, vec![host_pid as u64], "the host sees host PIDs");
+    let other = probe_in_namespace(&sim, false);
+    assert!(
+        procs(&other, 0, "procs").is_empty(),
+        "another container sees nothing: {other}"
+    );
+    let same = probe_in_namespace(&sim, true);
+    let pids: Vec<u64> = procs(&same, 0, "procs").iter().map(|p| p.0).collect();
+    // sh is PID 1 of that namespace and the workload it started is PID 2.
+    assert_eq!(
+        pids,
+        vec![2],
+        "its own container sees namespace PIDs: {same}"
+    );
+}

@@ -201,7 +201,8 @@ fn node_lock(cfg: &Config) -> Option<std::fs::File> {
             return None;
         }
     };
-    let deadline = Instant::now() + cfg.deadline;
+    let started = Instant::now();
+    let deadline = started + cfg.deadline;
     while !real::try_flock(&f) {
         if Instant::now() >= deadline {
             vlog!(
@@ -213,6 +214,14 @@ fn node_lock(cfg: &Config) -> Option<std::fs::File> {
             return None;
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+    if started.elapsed() >= Duration::from_millis(1) {
+        vlog!(
+            INFO,
+            "waited {:.1} ms for the node lock {}",
+            started.elapsed().as_secs_f64() * 1e3,
+            path.display()
+        );
     }
     Some(f)
 }

@@ -249,3 +249,46 @@ fn bad_settings_are_logged_with_their_name_and_defaults_used() {
     );
     assert_eq!(counter(&sim.region(), Counter::DetectSameNamespace), 1);
 }
+
+#[test]
+fn vigil_node_lock_dir_serializes_detection_across_containers() {
+    let sim = Sim::start(&[]);
+    let node = tempfile::tempdir().unwrap();
+    let node_dir = node.path().to_str().unwrap();
+    let a_region = sim.dir.path().join("a.cache");
+    let b_region = sim.dir.path().join("b.cache");
+    // Container A holds detection (and so the node lock) for 400 ms.
+    let a = sim
+        .workload(
+            &[],
+            &[
+                ("VIGIL_NODE_LOCK_DIR", node_dir),
+                ("VIGIL_TEST_HOLD_DETECT_MS", "400"),
+            ],
+            true,
+        )
+        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", &a_region)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    // Container B has its own region, so only the node lock can make it wait.
+    let b = sim
+        .workload(&[], &[("VIGIL_NODE_LOCK_DIR", node_dir)], true)
+        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", &b_region)
+        .output()
+        .unwrap();
+    let a = a.wait_with_output().unwrap();
+    assert!(a.status.success() && b.status.success());
+    let err = stderr(&b);
+    let waited: f64 = err
+        .split("waited ")
+        .nth(1)
+        .and_then(|s| s.split(" ms for the node lock").next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("B did not wait for the node lock: {err}"));
+    assert!(waited >= 100.0, "B waited only {waited} ms");
+    assert_eq!(counter(&a_region, Counter::DetectSameNamespace), 1);
+    assert_eq!(counter(&b_region, Counter::DetectSameNamespace), 1);
+}

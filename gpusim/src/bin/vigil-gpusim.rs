@@ -72,7 +72,9 @@ struct ServeArgs {
     /// Measured on an H100: ~100 ms.
     #[arg(long, env = "VIGIL_GPUSIM_TEARDOWN_TIME", default_value = "0")]
     teardown_time: String,
-    /// Which PID NVML reports: host (normal drivers) or namespace (535 open, 560).
+    /// Which PID NVML reports: host (to everyone), namespace (the process's own, as
+    /// 535 open and 560 do), or caller (translated into the asking process's PID
+    /// namespace, as 580 does).
     #[arg(long, env = "VIGIL_GPUSIM_PID_MODE", default_value = "host")]
     pid_mode: String,
     /// Probability that an NVML query fails with NVML_ERROR_UNKNOWN.
@@ -127,11 +129,12 @@ impl ServeArgs {
         let pid_mode = match self.pid_mode.as_str() {
             "host" => PidMode::Host,
             "namespace" => PidMode::Namespace,
+            "caller" => PidMode::Caller,
             _ => {
                 return Err(ParseError {
                     setting: "--pid-mode/VIGIL_GPUSIM_PID_MODE".into(),
                     value: self.pid_mode.clone(),
-                    expected: "host or namespace",
+                    expected: "host, namespace or caller",
                 })
             }
         };
