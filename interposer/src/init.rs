@@ -63,7 +63,7 @@ fn start(existing: Option<Region>) -> State {
     crate::log::config_warnings(cfg);
     let region = match existing {
         Some(r) => r,
-        None => match Region::open(&cfg.region_path, &InitParams::default()) {
+        None => match Region::open(&cfg.region_path, &init_params()) {
             Ok((r, rep)) => {
                 vlog!(
                     INFO,
@@ -88,6 +88,7 @@ fn start(existing: Option<Region>) -> State {
             }
         },
     };
+    check_limits(&region);
     let slot = match region.claim_slot() {
         Ok(s) => s,
         Err(e) => {
@@ -102,6 +103,47 @@ fn start(existing: Option<Region>) -> State {
     vlog!(DEBUG, "slot {} generation {}", slot.index, slot.generation);
     detect_host_pid(&region, slot, cfg);
     State::Ready(Process { region, slot, pid })
+}
+
+/// The CUDA device count, as the driver reports it (0 if it cannot say).
+fn device_count() -> usize {
+    let Some(count) = real::cu_device_get_count() else {
+        return 0;
+    };
+    let mut n = 0i32;
+    // SAFETY: valid out-pointer; cuInit has succeeded.
+    if unsafe { count(&mut n) } != 0 {
+        return 0;
+    }
+    n.clamp(0, vigil_region::layout::MAX_DEVICES as i32) as usize
+}
+
+/// What this process would write into a new region: its devices' limits.
+fn init_params() -> InitParams {
+    let (limits, errors) = crate::limits::from_lookup(device_count(), |k| std::env::var(k).ok());
+    for e in errors {
+        vlog!(ERROR, "{e}; that setting is ignored");
+    }
+    InitParams {
+        device_limits: limits,
+        ..InitParams::default()
+    }
+}
+
+/// The first process's limits are the region's; a later process whose environment
+/// says otherwise is told so.
+fn check_limits(region: &Region) {
+    let ours = init_params().device_limits;
+    let theirs = region.device_limits();
+    if ours != theirs {
+        vlog!(
+            WARN,
+            "CUDA_DEVICE_MEMORY_LIMIT here gives {ours:?} but the region {} already has {theirs:?}; the region wins",
+            region.path().display()
+        );
+    } else if theirs.iter().any(|l| *l > 0) {
+        vlog!(INFO, "device memory limits (bytes): {theirs:?}");
+    }
 }
 
 /// Live inputs for `detect::run`.

@@ -14,6 +14,7 @@ mod detect;
 #[cfg(not(test))]
 mod hooks;
 mod init;
+mod limits;
 mod log;
 mod nvml;
 mod real;

@@ -89,6 +89,7 @@ pub(crate) use real_fn;
 
 pub type CuInit = unsafe extern "C" fn(u32) -> u32;
 pub type CuDeviceGet = unsafe extern "C" fn(*mut i32, i32) -> u32;
+pub type CuDeviceGetCount = unsafe extern "C" fn(*mut i32) -> u32;
 pub type CuPrimaryRetain = unsafe extern "C" fn(*mut *mut c_void, i32) -> u32;
 pub type CuMemAlloc = unsafe extern "C" fn(*mut u64, usize) -> u32;
 pub type CuMemFree = unsafe extern "C" fn(u64) -> u32;
@@ -100,6 +101,7 @@ pub type CuGetProcAddressV2 =
 
 real_fn!(pub fn cu_init = cuda_sym(c"cuInit") as CuInit);
 real_fn!(pub fn cu_device_get = cuda_sym(c"cuDeviceGet") as CuDeviceGet);
+real_fn!(pub fn cu_device_get_count = cuda_sym(c"cuDeviceGetCount") as CuDeviceGetCount);
 real_fn!(pub fn cu_primary_retain = cuda_sym(c"cuDevicePrimaryCtxRetain") as CuPrimaryRetain);
 real_fn!(pub fn cu_mem_alloc = cuda_sym(c"cuMemAlloc_v2") as CuMemAlloc);
 real_fn!(pub fn cu_mem_free = cuda_sym(c"cuMemFree_v2") as CuMemFree);

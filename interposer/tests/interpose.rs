@@ -292,3 +292,31 @@ fn vigil_node_lock_dir_serializes_detection_across_containers() {
     assert_eq!(counter(&a_region, Counter::DetectSameNamespace), 1);
     assert_eq!(counter(&b_region, Counter::DetectSameNamespace), 1);
 }
+
+#[test]
+fn the_first_process_sets_the_limits_and_later_disagreement_is_reported() {
+    let sim = Sim::start(&["--devices", "2"]);
+    sim.run(
+        &[],
+        &[
+            ("CUDA_DEVICE_MEMORY_LIMIT", "1g"),
+            ("CUDA_DEVICE_MEMORY_LIMIT_1", "512m"),
+        ],
+    );
+    let limits: Vec<u64> = RegionReader::open(sim.region())
+        .unwrap()
+        .snapshot()
+        .devices
+        .iter()
+        .map(|d| d.limit)
+        .collect();
+    assert_eq!(limits, vec![1 << 30, 512 << 20]);
+    let out = sim.run(&[], &[("CUDA_DEVICE_MEMORY_LIMIT", "2g")]);
+    assert!(stderr(&out).contains("the region wins"), "{}", stderr(&out));
+    let out = sim.run(&[], &[("CUDA_DEVICE_MEMORY_LIMIT", "lots")]);
+    assert!(
+        stderr(&out).contains("CUDA_DEVICE_MEMORY_LIMIT=\"lots\" is not a memory size"),
+        "{}",
+        stderr(&out)
+    );
+}
