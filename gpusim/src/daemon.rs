@@ -99,7 +99,9 @@ fn reply(r: Result<String, SimError>) -> String {
 fn handle(sim: &Mutex<Sim>, conn: u64, host_pid: u32, registered: &mut bool, line: &str) -> String {
     let mut it = line.split_whitespace();
     let op = it.next().unwrap_or("");
-    let args: Vec<u64> = it.filter_map(|a| a.parse().ok()).collect();
+    // A malformed argument fails the request; dropping it would shift the others.
+    let args: Option<Vec<u64>> = it.map(|a| a.parse().ok()).collect();
+    let args = args.unwrap_or_default();
     let arg = |i: usize| args.get(i).copied().ok_or(SimError::InvalidValue);
     if op == "hello" {
         let mut s = lock(sim);

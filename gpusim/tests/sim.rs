@@ -653,3 +653,17 @@ fn in_caller_pid_mode_each_namespace_sees_its_own_pids() {
         "its own container sees namespace PIDs: {same}"
     );
 }
+
+#[test]
+fn a_malformed_request_is_refused_not_misread() {
+    let sim = Sim::start(&["--nvml-lag", "0"]);
+    let mut c = sim.conn();
+    // "x" must not be dropped, which would make 5 the device.
+    assert!(matches!(
+        c.call("alloc x 5"),
+        Err(vigil_gpusim::protocol::CallError::Sim(
+            vigil_gpusim::state::SimError::InvalidValue
+        ))
+    ));
+    assert_eq!(sim.stats()["used"], 0);
+}

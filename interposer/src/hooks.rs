@@ -11,12 +11,8 @@ use crate::log::{vlog, DEBUG, ERROR};
 use crate::real;
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 const CUDA_ERROR_NO_DEVICE: u32 = 100;
-
-/// Allocation calls seen through any of the three paths (a proof of interception).
-pub static ALLOCATIONS_SEEN: AtomicU64 = AtomicU64::new(0);
 
 fn guard(what: &str, f: impl FnOnce()) {
     let r = catch_unwind(AssertUnwindSafe(|| {
@@ -53,7 +49,6 @@ pub extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> u32 {
     // SAFETY: the real function, with the caller's arguments.
     let r = unsafe { real_alloc(dptr, bytes) };
     guard("cuMemAlloc_v2", || {
-        ALLOCATIONS_SEEN.fetch_add(1, Ordering::Relaxed);
         vlog!(DEBUG, "cuMemAlloc_v2({bytes} bytes) = {r}");
     });
     r

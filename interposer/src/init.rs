@@ -61,9 +61,10 @@ fn start(existing: Option<Region>) -> State {
     let pid = std::process::id();
     let cfg = crate::config();
     crate::log::config_warnings(cfg);
+    let params = init_params();
     let region = match existing {
         Some(r) => r,
-        None => match Region::open(&cfg.region_path, &init_params()) {
+        None => match Region::open(&cfg.region_path, &params) {
             Ok((r, rep)) => {
                 vlog!(
                     INFO,
@@ -88,7 +89,7 @@ fn start(existing: Option<Region>) -> State {
             }
         },
     };
-    check_limits(&region);
+    check_limits(&region, &params.device_limits);
     let slot = match region.claim_slot() {
         Ok(s) => s,
         Err(e) => {
@@ -132,10 +133,9 @@ fn init_params() -> InitParams {
 
 /// The first process's limits are the region's; a later process whose environment
 /// says otherwise is told so.
-fn check_limits(region: &Region) {
-    let ours = init_params().device_limits;
+fn check_limits(region: &Region, ours: &[u64]) {
     let theirs = region.device_limits();
-    if ours != theirs {
+    if ours != theirs.as_slice() {
         vlog!(
             WARN,
             "CUDA_DEVICE_MEMORY_LIMIT here gives {ours:?} but the region {} already has {theirs:?}; the region wins",

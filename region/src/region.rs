@@ -76,7 +76,7 @@ pub struct Region {
     /// never conflict with us) and threads never claim the same one.
     pub(crate) held: Box<[AtomicU64; MAX_SLOTS / 64]>,
     opened_pid: u32,
-    fork_gen: u64,
+    fork_gen: Option<u64>,
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> RegionError + 'a {
@@ -427,12 +427,10 @@ impl Region {
     /// True in a child forked after this handle was opened: the child must call
     /// [`Region::reattach_after_fork`] before touching slots or locks.
     pub fn is_forked_copy(&self) -> bool {
-        self.fork_gen != sys::fork_generation()
-    }
-
-    /// The slow but certain check (a syscall), for code paths that are not hot.
-    pub fn is_forked_copy_exact(&self) -> bool {
-        self.is_forked_copy() || self.opened_pid != sys::getpid()
+        match (self.fork_gen, sys::fork_generation()) {
+            (Some(then), Some(now)) => then != now,
+            _ => self.opened_pid != sys::getpid(),
+        }
     }
 
     /// In a forked child: drops the parent's open file description (and with it any

@@ -33,7 +33,7 @@ pub enum EventKind {
     /// arg: lock | reason << 8; a: victim slot; b: victim generation; c: ns the
     /// taker saw the victim hold the lock.
     ForcePost = 3,
-    /// arg: lock; a: ns held before the release found itself fenced.
+    /// arg: lock; no payload (the force-post event that evicted the holder has the details).
     FencedRelease = 4,
     /// arg: outcome; a: latency ns (from the start of context creation); b: polls;
     /// c: host pid (0 if none); d: ns the context creation itself took.

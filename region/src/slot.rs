@@ -195,13 +195,6 @@ impl Region {
         sys::ofd_is_locked(&self.file, slot_token_offset(i)).unwrap_or(true)
     }
 
-    /// Records this slot's host PID.
-    pub fn set_host_pid(&self, h: SlotHandle, host_pid: u32) {
-        if let Some(s) = self.layout().slots.get(h.index as usize) {
-            s.host_pid.store(host_pid, Release);
-        }
-    }
-
     /// Records a detection in the slot (host PID if any, and the outcome), and in the
     /// counters, histograms and event ring.
     pub fn record_detection(

@@ -200,22 +200,24 @@ pub(crate) fn kill_self() -> ! {
 }
 
 static FORK_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static FORK_TRACKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 extern "C" fn on_fork_child() {
     FORK_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Counts forks this process image has been through, without a syscall (getpid is a
-/// real syscall in current glibc, too slow for a lock's fast path).
-pub(crate) fn fork_generation() -> u64 {
+/// real syscall in current glibc, too slow for a lock's fast path). None if the fork
+/// handler could not be registered; callers then compare PIDs instead.
+pub(crate) fn fork_generation() -> Option<u64> {
     static REGISTER: std::sync::Once = std::sync::Once::new();
     REGISTER.call_once(|| {
         // SAFETY: registers a handler that only touches an atomic; it is safe to run
-        // in a freshly forked child. Registration failure (ENOMEM) leaves the
-        // getpid check in `Region::is_forked_copy_exact` as the fallback.
-        unsafe {
-            libc::pthread_atfork(None, None, Some(on_fork_child));
-        }
+        // in a freshly forked child.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(on_fork_child)) };
+        FORK_TRACKED.store(rc == 0, std::sync::atomic::Ordering::Release);
     });
-    FORK_GENERATION.load(std::sync::atomic::Ordering::Relaxed)
+    FORK_TRACKED
+        .load(std::sync::atomic::Ordering::Acquire)
+        .then(|| FORK_GENERATION.load(std::sync::atomic::Ordering::Relaxed))
 }
