@@ -127,6 +127,7 @@ fn init_params() -> InitParams {
     }
     InitParams {
         device_limits: limits,
+        identity: vigil_region::RegionIdentity::from_env(),
         ..InitParams::default()
     }
 }

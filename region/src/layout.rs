@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
 /// "VIGILRGN", little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"VIGILRGN");
 /// Bump on any change to this file's structs.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 pub const MAX_DEVICES: usize = 16;
 pub const MAX_SLOTS: usize = 1024;
@@ -53,6 +53,20 @@ pub struct Header {
     pub ring_capacity: AtomicU32,
     pub flags: AtomicU32,
     pub _reserved: [AtomicU64; 7],
+}
+
+/// Bytes of each identity string; longer values are truncated at a UTF-8 boundary.
+pub const IDENTITY_FIELD_LEN: usize = 128;
+
+/// Who the region belongs to, from the Kubernetes downward API (`POD_NAMESPACE`,
+/// `POD_NAME`, `CONTAINER_NAME`) of the initializing process, so the exporter can
+/// label series even where the directory name says nothing. NUL-padded UTF-8.
+#[repr(C)]
+pub struct Identity {
+    pub namespace: [AtomicU8; IDENTITY_FIELD_LEN],
+    pub pod: [AtomicU8; IDENTITY_FIELD_LEN],
+    pub container: [AtomicU8; IDENTITY_FIELD_LEN],
+    pub _reserved: [AtomicU8; IDENTITY_FIELD_LEN],
 }
 
 /// Per-device memory limit and accounting. `used` is the sum of all slots' `mem_used`.
@@ -135,6 +149,7 @@ pub struct Tokens {
 #[repr(C)]
 pub struct RegionLayout {
     pub header: Header,
+    pub identity: Identity,
     pub devices: [DeviceEntry; MAX_DEVICES],
     pub counters: [AtomicU64; NUM_COUNTERS],
     pub histograms: [Histogram; NUM_HISTOGRAMS],
@@ -175,15 +190,17 @@ const _: () = {
     assert!(offset_of!(Slot, counters) == 192);
     assert!(size_of::<EventSlot>() == 64);
     assert!(size_of::<Tokens>() == 64 + MAX_SLOTS);
-    assert!(offset_of!(RegionLayout, devices) == 128);
-    assert!(offset_of!(RegionLayout, counters) == 640);
-    assert!(offset_of!(RegionLayout, histograms) == 1152);
-    assert!(offset_of!(RegionLayout, locks) == 3200);
-    assert!(offset_of!(RegionLayout, ring) == 3328);
-    assert!(offset_of!(RegionLayout, tokens) == 3392);
-    assert!(offset_of!(RegionLayout, slots) == 4480);
-    assert!(offset_of!(RegionLayout, events) == 725376);
-    assert!(REGION_SIZE == 1773952);
+    assert!(offset_of!(RegionLayout, devices) == 640);
+    assert!(offset_of!(RegionLayout, counters) == 1152);
+    assert!(offset_of!(RegionLayout, histograms) == 1664);
+    assert!(offset_of!(RegionLayout, locks) == 3712);
+    assert!(offset_of!(RegionLayout, ring) == 3840);
+    assert!(offset_of!(RegionLayout, tokens) == 3904);
+    assert!(offset_of!(RegionLayout, slots) == 4992);
+    assert!(offset_of!(RegionLayout, events) == 725888);
+    assert!(REGION_SIZE == 1774464);
+    assert!(size_of::<Identity>() == 4 * IDENTITY_FIELD_LEN);
+    assert!(offset_of!(RegionLayout, identity) == 128);
     assert!(RING_CAPACITY.is_power_of_two());
     assert!(MAX_SLOTS < u16::MAX as usize);
     // The futex word is the low half of the lock word.
@@ -196,7 +213,7 @@ mod tests {
 
     #[test]
     fn layout_is_pinned() {
-        assert_eq!(REGION_SIZE, 1773952);
+        assert_eq!(REGION_SIZE, 1774464);
         assert_eq!(offset_of!(RegionLayout, events) % 64, 0);
         assert_eq!(offset_of!(RegionLayout, slots) % 64, 0);
         assert_eq!(slot_token_offset(0), INIT_TOKEN_OFFSET + 64);

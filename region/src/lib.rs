@@ -23,8 +23,8 @@ pub use counters::{Counter, DetectOutcome, ForceReason, HistogramId, HistogramSn
 pub use error::RegionError;
 pub use lock::{LockGuard, LockOutcome, ReleaseOutcome};
 pub use region::{
-    DeviceInfo, InitParams, InitPath, InitReport, LockInfo, Region, RegionRead, RegionReader,
-    SlotInfo, Snapshot,
+    DeviceInfo, InitParams, InitPath, InitReport, LockInfo, Region, RegionIdentity, RegionRead,
+    RegionReader, SlotInfo, Snapshot,
 };
 pub use ring::{DrainStats, Event, EventKind, LostCounts, RingConsumer, NO_SLOT};
 pub use slot::SlotHandle;

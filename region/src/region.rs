@@ -25,6 +25,52 @@ pub struct InitParams {
     pub detect_lock_lease: Duration,
     /// How long to wait for another process's initialization before giving up.
     pub init_timeout: Duration,
+    /// Written into the header for readers' labels; empty strings mean unknown.
+    pub identity: RegionIdentity,
+}
+
+/// The region's owner as Kubernetes names it. Empty = unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegionIdentity {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
+impl RegionIdentity {
+    /// From the downward-API variables `POD_NAMESPACE`, `POD_NAME`, `CONTAINER_NAME`.
+    pub fn from_env() -> RegionIdentity {
+        let var = |k| std::env::var(k).unwrap_or_default();
+        RegionIdentity {
+            namespace: var("POD_NAMESPACE"),
+            pod: var("POD_NAME"),
+            container: var("CONTAINER_NAME"),
+        }
+    }
+}
+
+fn store_str(dst: &[std::sync::atomic::AtomicU8; IDENTITY_FIELD_LEN], s: &str) {
+    let mut n = s.len().min(IDENTITY_FIELD_LEN);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    for (i, d) in dst.iter().enumerate() {
+        d.store(if i < n { s.as_bytes()[i] } else { 0 }, Relaxed);
+    }
+}
+
+/// Reads a NUL-padded field; anything that is not clean UTF-8 text yields "" (the
+/// reader must never turn garbage into a label value).
+fn load_str(src: &[std::sync::atomic::AtomicU8; IDENTITY_FIELD_LEN]) -> String {
+    let bytes: Vec<u8> = src
+        .iter()
+        .map(|b| b.load(Relaxed))
+        .take_while(|&b| b != 0)
+        .collect();
+    match String::from_utf8(bytes) {
+        Ok(s) if !s.chars().any(char::is_control) => s,
+        _ => String::new(),
+    }
 }
 
 impl Default for InitParams {
@@ -34,6 +80,7 @@ impl Default for InitParams {
             region_lock_lease: Duration::from_secs(5),
             detect_lock_lease: Duration::from_secs(30),
             init_timeout: Duration::from_secs(10),
+            identity: RegionIdentity::default(),
         }
     }
 }
@@ -402,6 +449,9 @@ impl Region {
         for (d, &lim) in l.devices.iter().zip(params.device_limits.iter()) {
             d.limit.store(lim, Relaxed);
         }
+        store_str(&l.identity.namespace, &params.identity.namespace);
+        store_str(&l.identity.pod, &params.identity.pod);
+        store_str(&l.identity.container, &params.identity.container);
         l.locks[0]
             .lease_ns
             .store(params.region_lock_lease.as_nanos().max(1) as u64, Relaxed);
@@ -523,6 +573,14 @@ fn zero_all(l: &RegionLayout) {
         &h.created_monotonic_ns,
     ] {
         a.store(0, Relaxed);
+    }
+    for f in [
+        &l.identity.namespace,
+        &l.identity.pod,
+        &l.identity.container,
+        &l.identity._reserved,
+    ] {
+        f.iter().for_each(|b| b.store(0, Relaxed));
     }
     for d in &l.devices {
         for a in [&d.limit, &d.used, &d.denials, &d.peak] {
@@ -708,6 +766,7 @@ pub struct DeviceInfo {
 /// bounds, so garbage in the region yields garbage numbers, never a crash.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
+    pub identity: RegionIdentity,
     pub init_count: u32,
     pub init_nonce: u64,
     pub created_realtime_ns: u64,
@@ -786,6 +845,11 @@ fn snapshot(l: &RegionLayout, file: &File) -> Snapshot {
         })
         .collect();
     Snapshot {
+        identity: RegionIdentity {
+            namespace: load_str(&l.identity.namespace),
+            pod: load_str(&l.identity.pod),
+            container: load_str(&l.identity.container),
+        },
         init_count: h.init_count.load(Relaxed),
         init_nonce: h.init_nonce.load(Relaxed),
         created_realtime_ns: h.created_realtime_ns.load(Relaxed),

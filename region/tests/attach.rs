@@ -210,3 +210,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn identity_from_the_initializer_reaches_readers_and_garbage_reads_as_unknown() {
+    let dir = tempdir();
+    let path = dir.path().join("id.cache");
+    let long_pod = "p".repeat(300);
+    let params = InitParams {
+        identity: RegionIdentity {
+            namespace: "team-a".into(),
+            pod: long_pod,
+            container: "trainer".into(),
+        },
+        ..InitParams::default()
+    };
+    let (region, _) = Region::open(&path, &params).unwrap();
+    let reader = RegionReader::open(&path).unwrap();
+    let id = reader.snapshot().identity;
+    assert_eq!(id.namespace, "team-a");
+    assert_eq!(id.pod.len(), 128, "truncated to the field");
+    assert_eq!(id.container, "trainer");
+    // A later process's identity does not overwrite the region's.
+    let (_second, _) = Region::open(&path, &InitParams::default()).unwrap();
+    assert_eq!(reader.snapshot().identity.namespace, "team-a");
+    // Control bytes in the field (a hostile writer) read as "unknown", never a label.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    use std::io::{Seek, SeekFrom};
+    f.seek(SeekFrom::Start(128)).unwrap();
+    f.write_all(b"bad\x01ns").unwrap();
+    drop(f);
+    assert_eq!(reader.snapshot().identity.namespace, "");
+    drop(region);
+}

@@ -64,6 +64,7 @@ impl InitArgs {
             device_limits: self.device_limits.clone(),
             region_lock_lease: Duration::from_millis(self.region_lease_ms),
             detect_lock_lease: Duration::from_millis(self.detect_lease_ms),
+            identity: vigil_region::RegionIdentity::from_env(),
             ..InitParams::default()
         }
     }
