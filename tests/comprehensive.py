@@ -15,6 +15,9 @@ Environment:
                             long (test hold point) and is SIGKILLed half-way through
   VIGIL_SCENARIO_FOREIGN    if 1: a process outside the region creates a context mid-run
   VIGIL_SCENARIO_NS         auto (default), 1 or 0: one PID namespace per workload
+  VIGIL_SCENARIO_REGION     region file to use (default: a fresh one in a temp dir); an
+                            exporter watching its directory sees the run
+  VIGIL_SCENARIO_LIMIT      if set: CUDA_DEVICE_MEMORY_LIMIT for every workload (e.g. 4g)
   VIGIL_SKIP_BUILD          if 1: use the binaries already in target/debug
 """
 import json
@@ -103,13 +106,16 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="vigil-scenario-"))
     lib = tmp / "lib"
     subprocess.run([str(BIN / "vigil-gpusim"), "install-libs", str(lib)], check=True, stdout=subprocess.DEVNULL)
-    sock, region = tmp / "gpu.sock", tmp / "region.cache"
+    sock = tmp / "gpu.sock"
+    region = Path(os.environ.get("VIGIL_SCENARIO_REGION") or tmp / "region.cache")
     daemon = subprocess.Popen([str(BIN / "vigil-gpusim"), "--socket", str(sock), "--devices", "1", "--memory", "80GiB",
                                "--ctx-create-time", f"{ctx_ms}ms", "--nvml-lag", lag_spec, "--pid-mode", pid_mode],
                               stdout=subprocess.PIPE, text=True)
     daemon.stdout.readline()
     base_env = dict(os.environ, VIGIL_GPUSIM_SOCKET=str(sock), LD_LIBRARY_PATH=str(lib), LIBCUDA_LOG_LEVEL="3",
                     CUDA_DEVICE_MEMORY_SHARED_CACHE=str(region))
+    if os.environ.get("VIGIL_SCENARIO_LIMIT"):
+        base_env["CUDA_DEVICE_MEMORY_LIMIT"] = os.environ["VIGIL_SCENARIO_LIMIT"]
     print(f"scenario: N={n} ctx={ctx_ms}ms lag-after-creation={os.environ.get('VIGIL_SCENARIO_LAG', '80ms')} "
           f"(simulator lag {lag_spec}) pid_mode={pid_mode} pid_namespaces={use_ns} "
           f"kill_holder={kill_hold or 'no'} foreign={foreign}")
@@ -215,7 +221,7 @@ def main():
         print(f"{'✓ PASS' if passed else '✗ FAIL'}: {name} ({detail})")
     if not ok:
         print(f"logs kept in {tmp}")
-    summary = {"procs": n, "initializers": initializers, "fast_path": fast_path, "completed": completed,
+    summary = {"procs": n, "inits": len(inits), "detections": len(dets), "initializers": initializers, "fast_path": fast_path, "completed": completed,
                "host_pid_found": len(found), "host_pid_correct": correct, "alloc_failures": alloc_failures,
                "force_posts": len(force), "total_seconds": round(total, 3), "floor_seconds": round(floor, 3),
                "detect_ms_p50": round(p50, 1), "detect_ms_p99": round(p99, 1)}
