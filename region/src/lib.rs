@@ -14,6 +14,7 @@ pub mod error;
 pub mod fault;
 pub mod layout;
 pub mod lock;
+pub mod mem;
 pub mod region;
 pub mod ring;
 pub mod slot;
@@ -22,6 +23,7 @@ mod sys;
 pub use counters::{Counter, DetectOutcome, ForceReason, HistogramId, HistogramSnapshot, LockId};
 pub use error::RegionError;
 pub use lock::{LockGuard, LockOutcome, ReleaseOutcome};
+pub use mem::Reservation;
 pub use region::{
     DeviceInfo, InitParams, InitPath, InitReport, LockInfo, Region, RegionIdentity, RegionRead,
     RegionReader, SlotInfo, Snapshot,

@@ -122,6 +122,8 @@ pub struct Region {
     /// Slots this process holds, so we never "reclaim" our own (our own OFD locks
     /// never conflict with us) and threads never claim the same one.
     pub(crate) held: Box<[AtomicU64; MAX_SLOTS / 64]>,
+    /// Serializes this process's threads around the region lock (see `mem`).
+    pub(crate) mem_local: std::sync::Mutex<()>,
     opened_pid: u32,
     fork_gen: Option<u64>,
 }
@@ -327,6 +329,7 @@ impl Region {
             file,
             map,
             held: Box::new([const { AtomicU64::new(0) }; MAX_SLOTS / 64]),
+            mem_local: std::sync::Mutex::new(()),
             opened_pid: sys::getpid(),
             fork_gen: sys::fork_generation(),
         };
@@ -505,6 +508,8 @@ impl Region {
         }
         self.opened_pid = sys::getpid();
         self.fork_gen = sys::fork_generation();
+        // Another parent thread may have held it at the fork; the child has no such thread.
+        self.mem_local = std::sync::Mutex::new(());
         Ok(())
     }
 

@@ -77,59 +77,57 @@ impl Region {
             }
         }
         let s = &self.layout().slots[i];
-        if s.state.load(Acquire) != SLOT_FREE {
-            self.reclaim_holding_token(i, None);
-        }
+        // A dead owner's leftovers: take the slot over first (new generation, so the
+        // dead incarnation can no longer look like a lock owner), then credit its
+        // memory under the region lock as the new owner. Dying in between leaves the
+        // bytes in the slot, still counted, for the next reaper.
+        let leftovers = s.state.load(Acquire) != SLOT_FREE;
         crate::fault::point("slot.claim.mid");
         let generation = s.generation.fetch_add(1, AcqRel).wrapping_add(1);
         s.pid.store(sys::getpid(), Relaxed);
         s.host_pid.store(0, Relaxed);
         s.detect_outcome.store(0, Relaxed);
         s.claimed_realtime_ns.store(sys::realtime_ns(), Relaxed);
-        s.state.store(SLOT_ACTIVE, Release);
         let handle = SlotHandle {
             index: i as u16,
             generation,
         };
+        if leftovers {
+            s.counters.iter().for_each(|c| c.store(0, Relaxed));
+            s.state.store(SLOT_ACTIVE, Release);
+            let freed = self.credit_slot(i, handle).unwrap_or(0);
+            self.note_reclaimed(i, handle, freed);
+        }
+        s.state.store(SLOT_ACTIVE, Release);
         self.count(Some(handle.index), Counter::SlotsClaimed, 1);
         Ok(Some(handle))
     }
 
     /// Credits a dead owner's memory back and clears its attribution. The caller holds
-    /// the slot's token, so the owner is gone and nobody else is reclaiming it.
-    fn reclaim_holding_token(&self, i: usize, by: Option<u16>) -> u64 {
-        let l = self.layout();
-        let s = &l.slots[i];
-        let freed = self.credit_slot_memory(i);
+    /// the slot's token, so the owner is gone and nobody else is reclaiming it. If the
+    /// credit cannot be done under the lock, the slot is left for a later reaper.
+    fn reclaim_holding_token(&self, i: usize, by: SlotHandle) -> bool {
+        let s = &self.layout().slots[i];
+        let Ok(freed) = self.credit_slot(i, by) else {
+            return false;
+        };
         s.counters.iter().for_each(|c| c.store(0, Relaxed));
         s.host_pid.store(0, Relaxed);
         s.state.store(SLOT_FREE, Release);
-        self.count(by, Counter::SlotsReclaimedDead, 1);
+        self.note_reclaimed(i, by, freed);
+        true
+    }
+
+    fn note_reclaimed(&self, i: usize, by: SlotHandle, freed: u64) {
+        self.count(Some(by.index), Counter::SlotsReclaimedDead, 1);
         self.emit(&Event::new(
             EventKind::SlotReclaimed,
-            by.unwrap_or(crate::ring::NO_SLOT),
+            by.index,
             0,
             i as u64,
             freed,
             0,
         ));
-        freed
-    }
-
-    /// Moves slot `i`'s per-device usage out of the device totals; returns the bytes.
-    fn credit_slot_memory(&self, i: usize) -> u64 {
-        let l = self.layout();
-        let mut freed = 0u64;
-        for (d, used) in l.slots[i].mem_used.iter().enumerate() {
-            let v = used.swap(0, AcqRel);
-            if v > 0 {
-                let _ = l.devices[d]
-                    .used
-                    .fetch_update(AcqRel, Relaxed, |u| Some(u.saturating_sub(v)));
-                freed = freed.saturating_add(v);
-            }
-        }
-        freed
     }
 
     /// Releases a slot this process holds (normal exit). Its memory is credited back:
@@ -144,8 +142,11 @@ impl Region {
             });
         }
         let s = &self.layout().slots[i];
-        self.credit_slot_memory(i);
-        s.state.store(SLOT_FREE, Release);
+        // If the lock cannot be had the bytes stay in the slot; the slot is then
+        // reclaimed (and credited) as dead once our token goes.
+        if self.credit_slot(i, h).is_ok() {
+            s.state.store(SLOT_FREE, Release);
+        }
         self.count(None, Counter::SlotsReleased, 1);
         let r = sys::ofd_unlock(&self.file, slot_token_offset(i));
         self.unmark_held(i);
@@ -158,7 +159,7 @@ impl Region {
 
     /// Reclaims every active slot whose owner is dead; returns how many. Cheap enough
     /// to run at every process start and before denying an allocation.
-    pub fn reap_dead_slots(&self, by: Option<u16>) -> usize {
+    pub fn reap_dead_slots(&self, by: SlotHandle) -> usize {
         let l = self.layout();
         let mut n = 0;
         for i in 0..MAX_SLOTS {
@@ -169,8 +170,9 @@ impl Region {
                 continue;
             }
             if let Ok(true) = sys::ofd_try_lock(&self.file, slot_token_offset(i)) {
-                if l.slots[i].state.load(Acquire) == SLOT_ACTIVE {
-                    self.reclaim_holding_token(i, by);
+                if l.slots[i].state.load(Acquire) == SLOT_ACTIVE
+                    && self.reclaim_holding_token(i, by)
+                {
                     n += 1;
                 }
                 let _ = sys::ofd_unlock(&self.file, slot_token_offset(i));

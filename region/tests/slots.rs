@@ -50,8 +50,8 @@ fn claim_release_and_reclaim_after_sigkill() {
 
     // Its counters were already in the totals; reaping folds nothing twice.
     let before = r.snapshot().counter(Counter::LockAcquisitionsDetect);
-    assert_eq!(r.reap_dead_slots(Some(a.index)), 1);
-    assert_eq!(r.reap_dead_slots(Some(a.index)), 0, "reaping is idempotent");
+    assert_eq!(r.reap_dead_slots(a), 1);
+    assert_eq!(r.reap_dead_slots(a), 0, "reaping is idempotent");
     let s = r.snapshot();
     assert_eq!(s.counter(Counter::SlotsReclaimedDead), 1);
     assert_eq!(s.counter(Counter::LockAcquisitionsDetect), before);

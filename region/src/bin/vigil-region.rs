@@ -139,6 +139,25 @@ enum Exercise {
         #[arg(long)]
         duration_ms: u64,
     },
+    /// Reserve and credit random amounts on device 0 in a loop, keeping a local list of
+    /// what it holds (as the interposer does). Prints one line per granted reservation
+    /// with the device total after it, then a summary; with --hold, waits to be killed.
+    Mem {
+        path: PathBuf,
+        #[arg(long)]
+        iterations: u64,
+        /// Largest single reservation, in bytes.
+        #[arg(long, default_value_t = 64 << 20)]
+        max_bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        start_at_ns: Option<u64>,
+        #[arg(long)]
+        hold: bool,
+        #[command(flatten)]
+        init: InitArgs,
+    },
     /// Write N marker events (a = id, b = sequence number).
     Ring {
         path: PathBuf,
@@ -300,6 +319,60 @@ fn exercise(e: Exercise) -> Result<ExitCode> {
                 n += 64;
             }
             println!("done acquisitions={n}");
+        }
+        Exercise::Mem {
+            path,
+            iterations,
+            max_bytes,
+            seed,
+            start_at_ns,
+            hold,
+            init,
+        } => {
+            let (r, _) = Region::open(&path, &init.params())?;
+            let me = r.claim_slot()?;
+            println!("slot index={} pid={}", me.index, std::process::id());
+            spin_until(start_at_ns);
+            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let (mut held, mut granted, mut denied) = (Vec::new(), 0u64, 0u64);
+            for _ in 0..iterations {
+                if !held.is_empty() && next() % 3 == 0 {
+                    let b = held.swap_remove((next() % held.len() as u64) as usize);
+                    r.credit(me, 0, b)?;
+                    continue;
+                }
+                let b = 1 + next() % max_bytes;
+                match r.reserve(me, 0, b)? {
+                    vigil_region::Reservation::Granted => {
+                        granted += 1;
+                        held.push(b);
+                        let (limit, used) = r.device_usage(0).unwrap_or((0, 0));
+                        if limit > 0 && used > limit {
+                            println!("overrun used={used} limit={limit}");
+                            return Ok(ExitCode::from(3));
+                        }
+                    }
+                    vigil_region::Reservation::Denied { .. } => denied += 1,
+                }
+            }
+            let mine: u64 = held.iter().sum();
+            println!(
+                "done granted={granted} denied={denied} holding={mine} slot_usage={}",
+                r.slot_usage(me, 0)
+            );
+            while hold {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            for b in held {
+                r.credit(me, 0, b)?;
+            }
+            r.release_slot(me)?;
         }
         Exercise::Ring {
             path,

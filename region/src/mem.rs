@@ -1,0 +1,251 @@
+//! Device-memory accounting: kill-safe reservations against per-device limits.
+//!
+//! Every change to `devices[d].used` and to a slot's `mem_used[d]` happens under the
+//! region lock, as one check-and-charge. The invariant kept is
+//! `devices[d].used == sum over slots of slots[s].mem_used[d]`, where a dead process's
+//! slot still counts until it is reclaimed (and reclaiming credits it, under the lock).
+//!
+//! Why a lock rather than a bare CAS loop on `used`: the charge touches two words (the
+//! device total and the owner's share). A process SIGKILLed between them would leak
+//! the bytes forever (false OOMs) or credit bytes it never charged (overrun). Under the
+//! lock, a holder that dies makes the next taker's acquisition a force-post, and the
+//! taker recomputes every device total from the slots before doing anything else: the
+//! half-done update is repaired, whichever instruction the holder died on.
+//!
+//! A holder evicted for outliving its lease (stopped, not dead) may still write after
+//! the new owner recomputed. Its release is then fenced; it rolls its own charge back
+//! under a fresh acquisition, recomputes, and retries the reservation from the start.
+//! Between those two moments the totals can be off by that one reservation, only ever
+//! before the real allocation happens, so the device itself never goes past the limit.
+
+use crate::counters::{Counter, LockId};
+use crate::error::RegionError;
+use crate::layout::*;
+use crate::region::Region;
+use crate::ring::{Event, EventKind};
+use crate::slot::SlotHandle;
+use crate::ReleaseOutcome;
+use std::sync::atomic::Ordering::*;
+
+/// The answer to a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Charged to the caller's slot and the device.
+    Granted,
+    /// It would pass the limit; nothing was charged. `used` is the device total seen.
+    Denied { used: u64, limit: u64 },
+}
+
+impl Region {
+    /// Runs `f` under the region lock, after repairing the totals if the previous
+    /// holder died or was evicted. Returns `f`'s value and whether our own release was
+    /// fenced (the caller must then not trust what `f` did).
+    fn with_totals<T>(
+        &self,
+        me: SlotHandle,
+        f: impl FnOnce(&RegionLayout) -> T,
+    ) -> Result<(T, bool), RegionError> {
+        let _local = self.local_mem_lock();
+        let guard = self.lock(LockId::Region, me)?;
+        if guard.outcome().forced.is_some() {
+            self.recompute_totals();
+        }
+        let v = f(self.layout());
+        let fenced = guard.release() == ReleaseOutcome::Fenced;
+        Ok((v, fenced))
+    }
+
+    /// Serializes this process's threads: the region lock is held per slot, and a
+    /// process has one slot.
+    fn local_mem_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.mem_local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets each device total to the sum of the slots' shares. Caller holds the lock.
+    fn recompute_totals(&self) {
+        let l = self.layout();
+        for d in 0..MAX_DEVICES {
+            let sum = l.slots.iter().fold(0u64, |acc, s| {
+                acc.saturating_add(s.mem_used[d].load(Acquire))
+            });
+            l.devices[d].used.store(sum, Release);
+        }
+    }
+
+    /// Charges `bytes` on device `dev` to slot `me` if the device's limit allows it.
+    /// Before saying no, dead processes' slots are reclaimed and the check is redone:
+    /// a process never pays for memory that no live process holds.
+    pub fn reserve(
+        &self,
+        me: SlotHandle,
+        dev: usize,
+        bytes: u64,
+    ) -> Result<Reservation, RegionError> {
+        self.check_device(dev)?;
+        let mut reaped = false;
+        for _ in 0..4 {
+            let (answer, fenced) = self.with_totals(me, |l| {
+                let d = &l.devices[dev];
+                let limit = d.limit.load(Relaxed);
+                let used = d.used.load(Acquire);
+                match used.checked_add(bytes) {
+                    Some(total) if limit == 0 || total <= limit => {
+                        l.slots[me.index as usize].mem_used[dev].fetch_add(bytes, AcqRel);
+                        crate::fault::point("mem.reserve.mid");
+                        d.used.fetch_add(bytes, AcqRel);
+                        d.peak.fetch_max(total, Relaxed);
+                        Reservation::Granted
+                    }
+                    _ => Reservation::Denied { used, limit },
+                }
+            })?;
+            if fenced {
+                // Our update may have raced the new owner's repair: undo it under a
+                // clean acquisition and start over.
+                if answer == Reservation::Granted {
+                    self.rollback(me, dev, bytes)?;
+                }
+                continue;
+            }
+            match answer {
+                Reservation::Denied { .. } if !reaped => {
+                    reaped = true;
+                    if self.reap_dead_slots(me) > 0 {
+                        continue;
+                    }
+                    return Ok(self.deny(me, dev, bytes, answer));
+                }
+                Reservation::Denied { .. } => return Ok(self.deny(me, dev, bytes, answer)),
+                Reservation::Granted => return Ok(answer),
+            }
+        }
+        // Fenced every time: someone keeps evicting us. Refuse rather than guess.
+        let l = self.layout();
+        let answer = Reservation::Denied {
+            used: l.devices[dev].used.load(Acquire),
+            limit: l.devices[dev].limit.load(Relaxed),
+        };
+        Ok(self.deny(me, dev, bytes, answer))
+    }
+
+    fn rollback(&self, me: SlotHandle, dev: usize, bytes: u64) -> Result<(), RegionError> {
+        self.with_totals(me, |l| {
+            sub(&l.slots[me.index as usize].mem_used[dev], bytes);
+            // The lock was fenced: the totals may be off either way. Rebuild them.
+            self.recompute_totals();
+        })?;
+        Ok(())
+    }
+
+    fn deny(&self, me: SlotHandle, dev: usize, bytes: u64, answer: Reservation) -> Reservation {
+        if let Reservation::Denied { used, limit } = answer {
+            self.layout().devices[dev].denials.fetch_add(1, Relaxed);
+            self.count(Some(me.index), Counter::AllocationDenials, 1);
+            self.emit(&Event::new(
+                EventKind::AllocationDenied,
+                me.index,
+                dev as u32,
+                bytes,
+                used,
+                limit,
+            ));
+        }
+        answer
+    }
+
+    /// Charges memory that already exists (a context's own footprint), limit or not.
+    pub fn charge(&self, me: SlotHandle, dev: usize, bytes: u64) -> Result<(), RegionError> {
+        self.check_device(dev)?;
+        let (_, fenced) = self.with_totals(me, |l| {
+            l.slots[me.index as usize].mem_used[dev].fetch_add(bytes, AcqRel);
+            let d = &l.devices[dev];
+            let total = d.used.fetch_add(bytes, AcqRel).saturating_add(bytes);
+            d.peak.fetch_max(total, Relaxed);
+        })?;
+        if fenced {
+            self.with_totals(me, |_| self.recompute_totals())?;
+        }
+        Ok(())
+    }
+
+    /// Credits back memory slot `me` freed (or a reservation whose allocation failed).
+    /// Saturates at the slot's own share: a double free can never eat into others'.
+    pub fn credit(&self, me: SlotHandle, dev: usize, bytes: u64) -> Result<u64, RegionError> {
+        self.check_device(dev)?;
+        let (credited, fenced) = self.with_totals(me, |l| {
+            let n = sub(&l.slots[me.index as usize].mem_used[dev], bytes);
+            sub(&l.devices[dev].used, n);
+            n
+        })?;
+        if fenced {
+            self.with_totals(me, |_| self.recompute_totals())?;
+        }
+        Ok(credited)
+    }
+
+    /// Moves slot `i`'s usage out of the device totals, under the region lock taken as
+    /// `by`. Returns the bytes credited.
+    pub(crate) fn credit_slot(&self, i: usize, by: SlotHandle) -> Result<u64, RegionError> {
+        // Only the token holder changes a slot's shares, and the caller holds it: if
+        // they are all zero there is nothing to credit, and no lock to take.
+        if self.layout().slots[i]
+            .mem_used
+            .iter()
+            .all(|m| m.load(Acquire) == 0)
+        {
+            return Ok(0);
+        }
+        let (freed, fenced) = self.with_totals(by, |l| {
+            let mut freed = 0u64;
+            for (d, used) in l.slots[i].mem_used.iter().enumerate() {
+                let v = used.swap(0, AcqRel);
+                sub(&l.devices[d].used, v);
+                freed = freed.saturating_add(v);
+            }
+            freed
+        })?;
+        if fenced {
+            self.with_totals(by, |_| self.recompute_totals())?;
+        }
+        Ok(freed)
+    }
+
+    /// (limit, used) of device `dev`; `None` if the region has no such device.
+    pub fn device_usage(&self, dev: usize) -> Option<(u64, u64)> {
+        let l = self.layout();
+        let n = (l.header.device_count.load(Relaxed) as usize).min(MAX_DEVICES);
+        (dev < n).then(|| {
+            let d = &l.devices[dev];
+            (d.limit.load(Relaxed), d.used.load(Acquire))
+        })
+    }
+
+    /// This slot's own usage on `dev`.
+    pub fn slot_usage(&self, me: SlotHandle, dev: usize) -> u64 {
+        self.layout()
+            .slots
+            .get(me.index as usize)
+            .and_then(|s| s.mem_used.get(dev))
+            .map_or(0, |m| m.load(Acquire))
+    }
+
+    fn check_device(&self, dev: usize) -> Result<(), RegionError> {
+        let n = self.layout().header.device_count.load(Relaxed) as usize;
+        if dev < n.min(MAX_DEVICES) {
+            Ok(())
+        } else {
+            Err(RegionError::InvalidParam {
+                path: self.path.clone(),
+                what: "device",
+                why: format!("device {dev} is not in this region ({n} devices)"),
+            })
+        }
+    }
+}
+
+/// Subtracts up to `n` without going below zero; returns what was subtracted.
+fn sub(a: &std::sync::atomic::AtomicU64, n: u64) -> u64 {
+    match a.fetch_update(AcqRel, Acquire, |v| Some(v.saturating_sub(n))) {
+        Ok(prev) | Err(prev) => prev.min(n),
+    }
+}
