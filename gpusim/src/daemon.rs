@@ -165,8 +165,8 @@ fn handle(sim: &Mutex<Sim>, conn: u64, host_pid: u32, registered: &mut bool, lin
         "stats" => {
             let st = lock(sim).stats(Some(conn));
             Ok(format!(
-                "processes={} contexts={} allocations={} used={}",
-                st.processes, st.contexts, st.allocations, st.used
+                "processes={} contexts={} allocations={} used={} peak={}",
+                st.processes, st.contexts, st.allocations, st.used, st.peak
             ))
         }
         _ => Err(SimError::InvalidValue),

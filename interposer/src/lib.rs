@@ -16,6 +16,7 @@ mod hooks;
 mod init;
 mod limits;
 mod log;
+mod mem;
 mod nvml;
 mod real;
 mod testpoint;

@@ -99,12 +99,42 @@ pub type CuGetProcAddress = unsafe extern "C" fn(*const c_char, *mut *mut c_void
 pub type CuGetProcAddressV2 =
     unsafe extern "C" fn(*const c_char, *mut *mut c_void, i32, u64, *mut i32) -> u32;
 
+pub type CuMemAllocPitch = unsafe extern "C" fn(*mut u64, *mut usize, usize, usize, u32) -> u32;
+pub type CuMemAllocManaged = unsafe extern "C" fn(*mut u64, usize, u32) -> u32;
+pub type CuMemAllocAsync = unsafe extern "C" fn(*mut u64, usize, *mut c_void) -> u32;
+pub type CuMemAllocFromPool =
+    unsafe extern "C" fn(*mut u64, usize, *mut c_void, *mut c_void) -> u32;
+pub type CuMemFreeAsync = unsafe extern "C" fn(u64, *mut c_void) -> u32;
+pub type CuMemCreate = unsafe extern "C" fn(*mut u64, usize, *const c_void, u64) -> u32;
+pub type CuMemRelease = unsafe extern "C" fn(u64) -> u32;
+pub type CuMemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> u32;
+pub type CuDeviceTotalMem = unsafe extern "C" fn(*mut usize, i32) -> u32;
+pub type CuCtxGetDevice = unsafe extern "C" fn(*mut i32) -> u32;
+pub type NvmlGetMemoryInfo = unsafe extern "C" fn(*mut c_void, *mut c_void) -> u32;
+pub type NvmlGetIndex = unsafe extern "C" fn(*mut c_void, *mut u32) -> u32;
+
 real_fn!(pub fn cu_init = cuda_sym(c"cuInit") as CuInit);
 real_fn!(pub fn cu_device_get = cuda_sym(c"cuDeviceGet") as CuDeviceGet);
 real_fn!(pub fn cu_device_get_count = cuda_sym(c"cuDeviceGetCount") as CuDeviceGetCount);
 real_fn!(pub fn cu_primary_retain = cuda_sym(c"cuDevicePrimaryCtxRetain") as CuPrimaryRetain);
 real_fn!(pub fn cu_mem_alloc = cuda_sym(c"cuMemAlloc_v2") as CuMemAlloc);
 real_fn!(pub fn cu_mem_free = cuda_sym(c"cuMemFree_v2") as CuMemFree);
+real_fn!(pub fn cu_mem_alloc_pitch = cuda_sym(c"cuMemAllocPitch_v2") as CuMemAllocPitch);
+real_fn!(pub fn cu_mem_alloc_managed = cuda_sym(c"cuMemAllocManaged") as CuMemAllocManaged);
+real_fn!(pub fn cu_mem_alloc_async = cuda_sym(c"cuMemAllocAsync") as CuMemAllocAsync);
+real_fn!(pub fn cu_mem_alloc_async_ptsz = cuda_sym(c"cuMemAllocAsync_ptsz") as CuMemAllocAsync);
+real_fn!(pub fn cu_mem_alloc_from_pool = cuda_sym(c"cuMemAllocFromPoolAsync") as CuMemAllocFromPool);
+real_fn!(pub fn cu_mem_alloc_from_pool_ptsz = cuda_sym(c"cuMemAllocFromPoolAsync_ptsz") as CuMemAllocFromPool);
+real_fn!(pub fn cu_mem_free_async = cuda_sym(c"cuMemFreeAsync") as CuMemFreeAsync);
+real_fn!(pub fn cu_mem_free_async_ptsz = cuda_sym(c"cuMemFreeAsync_ptsz") as CuMemFreeAsync);
+real_fn!(pub fn cu_mem_create = cuda_sym(c"cuMemCreate") as CuMemCreate);
+real_fn!(pub fn cu_mem_release = cuda_sym(c"cuMemRelease") as CuMemRelease);
+real_fn!(pub fn cu_mem_get_info = cuda_sym(c"cuMemGetInfo_v2") as CuMemGetInfo);
+real_fn!(pub fn cu_device_total_mem = cuda_sym(c"cuDeviceTotalMem_v2") as CuDeviceTotalMem);
+real_fn!(pub fn cu_ctx_get_device = cuda_sym(c"cuCtxGetDevice") as CuCtxGetDevice);
+real_fn!(pub fn nvml_memory_info = nvml_sym(c"nvmlDeviceGetMemoryInfo") as NvmlGetMemoryInfo);
+real_fn!(pub fn nvml_memory_info_v2 = nvml_sym(c"nvmlDeviceGetMemoryInfo_v2") as NvmlGetMemoryInfo);
+real_fn!(pub fn nvml_device_index = nvml_sym(c"nvmlDeviceGetIndex") as NvmlGetIndex);
 real_fn!(pub fn cu_ctx_push = cuda_sym(c"cuCtxPushCurrent_v2") as CuCtxPush);
 real_fn!(pub fn cu_ctx_pop = cuda_sym(c"cuCtxPopCurrent_v2") as CuCtxPop);
 real_fn!(pub fn cu_get_proc_address = cuda_sym(c"cuGetProcAddress") as CuGetProcAddress);

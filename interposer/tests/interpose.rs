@@ -3,105 +3,10 @@
 //! Needs `cargo build --workspace --features vigil-interposer/fault-injection` first
 //! (scripts/test.sh does it).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use vigil_region::{Counter, RegionReader};
-
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn artifact(name: &str) -> PathBuf {
-    let p = bin_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace --features vigil-interposer/fault-injection` (scripts/test.sh does)",
-        p.display()
-    );
-    p
-}
-
-struct Sim {
-    dir: tempfile::TempDir,
-    daemon: Child,
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
-    }
-}
-
-impl Sim {
-    fn start(args: &[&str]) -> Sim {
-        let dir = tempfile::tempdir().unwrap();
-        let st = Command::new(artifact("vigil-gpusim"))
-            .arg("install-libs")
-            .arg(dir.path().join("lib"))
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let mut daemon = Command::new(artifact("vigil-gpusim"))
-            .arg("--socket")
-            .arg(dir.path().join("gpu.sock"))
-            .args(["--ctx-create-time", "20ms", "--nvml-lag", "40ms"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(daemon.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert!(line.starts_with("listening"), "{line}");
-        Sim { dir, daemon }
-    }
-
-    fn region(&self) -> PathBuf {
-        self.dir.path().join("region.cache")
-    }
-
-    /// A workload with libvigil.so preloaded (unless `preload` is false).
-    fn workload(&self, args: &[&str], env: &[(&str, &str)], preload: bool) -> Command {
-        let mut c = Command::new(artifact("vigil-workload"));
-        c.args(args)
-            .env("VIGIL_GPUSIM_SOCKET", self.dir.path().join("gpu.sock"))
-            .env("LD_LIBRARY_PATH", self.dir.path().join("lib"))
-            .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", self.region())
-            .env("LIBCUDA_LOG_LEVEL", "4");
-        if preload {
-            c.env("LD_PRELOAD", artifact("libvigil.so"));
-        }
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        c
-    }
-
-    fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let out = self.workload(args, env, true).output().unwrap();
-        assert!(
-            out.status.success(),
-            "workload failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn counter(region: &Path, c: Counter) -> u64 {
-    RegionReader::open(region).unwrap().snapshot().counter(c)
-}
+mod common;
+use common::*;
+use std::process::Stdio;
+use vigil_region::{Counter, RegionRead, RegionReader};
 
 #[test]
 fn cu_mem_alloc_is_seen_through_cu_get_proc_address_v2_and_through_dlsym() {
@@ -155,14 +60,18 @@ fn a_forked_child_takes_its_own_slot_and_detects_its_own_pid() {
         "parent and child each claim a slot"
     );
     assert_eq!(snap.counter(Counter::LockAcquisitionsDetect), 2);
-    let mut pids: Vec<u32> = snap.slots.iter().map(|s| s.host_pid).collect();
-    pids.sort_unstable();
-    pids.dedup();
-    assert_eq!(
-        pids.len(),
-        2,
-        "two different PIDs recorded: {:?}",
-        snap.slots
+    // The parent released its slot at exit; the detections are in the ring.
+    let reader = RegionReader::open(sim.region()).unwrap();
+    let mut pids = Vec::new();
+    reader.drain(&mut reader.ring_consumer(), usize::MAX, |e| {
+        if e.kind == vigil_region::EventKind::Detection {
+            pids.push(e.c);
+        }
+    });
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert!(
+        pids[0] != pids[1] && pids.iter().all(|&p| p != 0),
+        "two different PIDs recorded: {pids:?}"
     );
     assert!(stderr(&out).contains("forked from pid"), "{}", stderr(&out));
 }

@@ -52,7 +52,10 @@ pub struct Header {
     pub slot_count: AtomicU32,
     pub ring_capacity: AtomicU32,
     pub flags: AtomicU32,
-    pub _reserved: [AtomicU64; 7],
+    /// Bytes a primary context took, as last measured through NVML; later processes
+    /// charge this before creating theirs, so the limit covers contexts being born.
+    pub ctx_footprint: AtomicU64,
+    pub _reserved: [AtomicU64; 6],
 }
 
 /// Bytes of each identity string; longer values are truncated at a UTF-8 boundary.
@@ -182,6 +185,7 @@ const _: () = {
     assert!(offset_of!(Header, device_count) == 56);
     assert!(offset_of!(Header, slot_count) == 60);
     assert!(offset_of!(Header, ring_capacity) == 64);
+    assert!(offset_of!(Header, ctx_footprint) == 72);
     assert!(size_of::<DeviceEntry>() == 32);
     assert!(size_of::<Histogram>() == 256);
     assert!(size_of::<LockState>() == 64);

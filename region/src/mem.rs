@@ -156,6 +156,9 @@ impl Region {
     /// Charges memory that already exists (a context's own footprint), limit or not.
     pub fn charge(&self, me: SlotHandle, dev: usize, bytes: u64) -> Result<(), RegionError> {
         self.check_device(dev)?;
+        if bytes == 0 {
+            return Ok(());
+        }
         let (_, fenced) = self.with_totals(me, |l| {
             l.slots[me.index as usize].mem_used[dev].fetch_add(bytes, AcqRel);
             let d = &l.devices[dev];
@@ -172,6 +175,9 @@ impl Region {
     /// Saturates at the slot's own share: a double free can never eat into others'.
     pub fn credit(&self, me: SlotHandle, dev: usize, bytes: u64) -> Result<u64, RegionError> {
         self.check_device(dev)?;
+        if bytes == 0 {
+            return Ok(0);
+        }
         let (credited, fenced) = self.with_totals(me, |l| {
             let n = sub(&l.slots[me.index as usize].mem_used[dev], bytes);
             sub(&l.devices[dev].used, n);
@@ -210,14 +216,13 @@ impl Region {
         Ok(freed)
     }
 
-    /// (limit, used) of device `dev`; `None` if the region has no such device.
-    pub fn device_usage(&self, dev: usize) -> Option<(u64, u64)> {
-        let l = self.layout();
-        let n = (l.header.device_count.load(Relaxed) as usize).min(MAX_DEVICES);
-        (dev < n).then(|| {
-            let d = &l.devices[dev];
-            (d.limit.load(Relaxed), d.used.load(Acquire))
-        })
+    /// The last measured primary-context footprint (0 = never measured).
+    pub fn ctx_footprint(&self) -> u64 {
+        self.layout().header.ctx_footprint.load(Relaxed)
+    }
+
+    pub fn set_ctx_footprint(&self, bytes: u64) {
+        self.layout().header.ctx_footprint.store(bytes, Relaxed);
     }
 
     /// This slot's own usage on `dev`.

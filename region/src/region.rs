@@ -576,6 +576,7 @@ fn zero_all(l: &RegionLayout) {
         &h.init_nonce,
         &h.created_realtime_ns,
         &h.created_monotonic_ns,
+        &h.ctx_footprint,
     ] {
         a.store(0, Relaxed);
     }
@@ -644,6 +645,17 @@ pub trait RegionRead: sealed::Mapped {
     /// A consumer that sees only events written from now on.
     fn ring_consumer_from_now(&self) -> crate::ring::RingConsumer {
         crate::ring::RingConsumer::from_now(self.mapped_layout())
+    }
+
+    /// (limit, used) of device `dev`, without a full snapshot; `None` if the region
+    /// has no such device.
+    fn device_usage(&self, dev: usize) -> Option<(u64, u64)> {
+        let l = self.mapped_layout();
+        let n = (l.header.device_count.load(Relaxed) as usize).min(MAX_DEVICES);
+        (dev < n).then(|| {
+            let d = &l.devices[dev];
+            (d.limit.load(Relaxed), d.used.load(Acquire))
+        })
     }
 
     /// Events ever started in the ring (its head position).

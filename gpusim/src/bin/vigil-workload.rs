@@ -76,6 +76,32 @@ struct Cli {
     /// Time this many cuGetProcAddress_v2 lookups and print ns per call, then exit.
     #[arg(long)]
     bench_getproc: Option<u64>,
+    /// Instead of --alloc: allocate and free random sizes through every allocation
+    /// path. `fill` runs until --refusals allocations were refused; `churn` runs for
+    /// --duration, never holding more than --cap, so any refusal is a false one.
+    #[arg(long, value_enum)]
+    stress: Option<Stress>,
+    /// Largest single allocation in --stress (sizes are uniform from 1 MiB to this).
+    #[arg(long, default_value = "64MiB")]
+    max_chunk: String,
+    /// --stress fill: stop after this many refusals.
+    #[arg(long, default_value_t = 3)]
+    refusals: u64,
+    /// --stress churn: the most this process holds at once.
+    #[arg(long, default_value = "256MiB")]
+    cap: String,
+    /// --stress churn: how long to run.
+    #[arg(long, default_value = "1s")]
+    duration: String,
+    /// Seed for --stress.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Stress {
+    Fill,
+    Churn,
 }
 
 type Res = u32;
@@ -96,6 +122,12 @@ struct Cuda {
     dtoh: unsafe extern "C" fn(*mut c_void, u64, usize) -> Res,
     mem_create: unsafe extern "C" fn(*mut u64, usize, *const c_void, u64) -> Res,
     mem_release: unsafe extern "C" fn(u64) -> Res,
+    pitch: unsafe extern "C" fn(*mut u64, *mut usize, usize, usize, c_uint) -> Res,
+    managed: unsafe extern "C" fn(*mut u64, usize, c_uint) -> Res,
+    alloc_async: unsafe extern "C" fn(*mut u64, usize, *mut c_void) -> Res,
+    from_pool: unsafe extern "C" fn(*mut u64, usize, *mut c_void, *mut c_void) -> Res,
+    free_async: unsafe extern "C" fn(u64, *mut c_void) -> Res,
+    total_mem: unsafe extern "C" fn(*mut usize, c_int) -> Res,
 }
 
 type GetProc = unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> Res;
@@ -160,6 +192,12 @@ impl Cuda {
             dtoh: f!("cuMemcpyDtoH", "cuMemcpyDtoH_v2"),
             mem_create: f!("cuMemCreate", "cuMemCreate"),
             mem_release: f!("cuMemRelease", "cuMemRelease"),
+            pitch: f!("cuMemAllocPitch", "cuMemAllocPitch_v2"),
+            managed: f!("cuMemAllocManaged", "cuMemAllocManaged"),
+            alloc_async: f!("cuMemAllocAsync", "cuMemAllocAsync"),
+            from_pool: f!("cuMemAllocFromPoolAsync", "cuMemAllocFromPoolAsync"),
+            free_async: f!("cuMemFreeAsync", "cuMemFreeAsync"),
+            total_mem: f!("cuDeviceTotalMem", "cuDeviceTotalMem_v2"),
             _lib: lib,
         })
     }
@@ -284,6 +322,13 @@ fn run(cli: &Cli) -> Result<(), String> {
             t1 - t0
         );
     }
+    if let Some(mode) = cli.stress {
+        stress(&cu, cli, mode, dev)?;
+        // SAFETY: releasing the primary context we retained.
+        unsafe { check("cuDevicePrimaryCtxRelease", (cu.release)(dev))? };
+        println!("freed");
+        return Ok(());
+    }
     let mut ptrs = Vec::new();
     for &size in &sizes {
         let mut p = 0u64;
@@ -327,11 +372,14 @@ fn run(cli: &Cli) -> Result<(), String> {
     if cli.fork {
         fork_child(&cu, cli.device)?;
     }
-    let (mut free, mut total) = (0usize, 0usize);
+    let (mut free, mut total, mut device_total) = (0usize, 0usize, 0usize);
     // SAFETY: valid out-pointers.
-    unsafe { check("cuMemGetInfo", (cu.mem_get_info)(&mut free, &mut total))? };
+    unsafe {
+        check("cuMemGetInfo", (cu.mem_get_info)(&mut free, &mut total))?;
+        check("cuDeviceTotalMem", (cu.total_mem)(&mut device_total, dev))?;
+    }
     println!(
-        "ready pid={} free={free} total={total} ts_ns={}",
+        "ready pid={} free={free} total={total} device_total={device_total} ts_ns={}",
         std::process::id(),
         monotonic_ns()
     );
@@ -359,5 +407,144 @@ fn run(cli: &Cli) -> Result<(), String> {
     // SAFETY: releasing the primary context we retained.
     unsafe { check("cuDevicePrimaryCtxRelease", (cu.release)(dev))? };
     println!("freed");
+    Ok(())
+}
+
+/// One allocation made by --stress, and how to free it.
+#[derive(Clone, Copy)]
+enum Held {
+    Ptr(u64, u64),
+    Async(u64, u64),
+    Vmm(u64, u64),
+}
+
+impl Held {
+    fn bytes(self) -> u64 {
+        match self {
+            Held::Ptr(_, b) | Held::Async(_, b) | Held::Vmm(_, b) => b,
+        }
+    }
+}
+
+/// Allocates `size` bytes through path `which` (0..6); the bytes the driver charged.
+fn alloc_via(cu: &Cuda, which: u64, size: u64, dev: c_int) -> (Res, Option<Held>) {
+    let mut p = 0u64;
+    let n = size as usize;
+    // SAFETY (every call): entry points resolved in `Cuda::load`, valid out-pointers;
+    // a null stream is the legacy default stream and a null pool the simulator's
+    // default pool; the property struct is laid out as CUmemAllocationProp.
+    unsafe {
+        match which {
+            0 => {
+                let r = (cu.mem_alloc)(&mut p, n);
+                (r, (r == 0).then_some(Held::Ptr(p, size)))
+            }
+            1 => {
+                let mut pitch = 0usize;
+                let width = (n / 64).max(1);
+                let r = (cu.pitch)(&mut p, &mut pitch, width, 64, 4);
+                (r, (r == 0).then_some(Held::Ptr(p, pitch as u64 * 64)))
+            }
+            2 => {
+                let r = (cu.managed)(&mut p, n, 1);
+                (r, (r == 0).then_some(Held::Ptr(p, size)))
+            }
+            3 => {
+                let r = (cu.alloc_async)(&mut p, n, std::ptr::null_mut());
+                (r, (r == 0).then_some(Held::Async(p, size)))
+            }
+            4 => {
+                let r = (cu.from_pool)(&mut p, n, std::ptr::null_mut(), std::ptr::null_mut());
+                (r, (r == 0).then_some(Held::Async(p, size)))
+            }
+            _ => {
+                let mut prop = [0u8; 32];
+                prop[0..4].copy_from_slice(&1u32.to_le_bytes());
+                prop[8..12].copy_from_slice(&1u32.to_le_bytes());
+                prop[12..16].copy_from_slice(&dev.to_le_bytes());
+                let r = (cu.mem_create)(&mut p, n, prop.as_ptr().cast(), 0);
+                (r, (r == 0).then_some(Held::Vmm(p, size)))
+            }
+        }
+    }
+}
+
+fn free_held(cu: &Cuda, h: Held) -> Result<(), String> {
+    // SAFETY: freeing an allocation this process made, once, the matching way.
+    unsafe {
+        match h {
+            Held::Ptr(p, _) => check("cuMemFree", (cu.mem_free)(p)),
+            Held::Async(p, _) => check("cuMemFreeAsync", (cu.free_async)(p, std::ptr::null_mut())),
+            Held::Vmm(p, _) => check("cuMemRelease", (cu.mem_release)(p)),
+        }
+    }
+}
+
+const CUDA_ERROR_OUT_OF_MEMORY: Res = 2;
+
+fn stress(cu: &Cuda, cli: &Cli, mode: Stress, dev: c_int) -> Result<(), String> {
+    let max = parse_size("--max-chunk", &cli.max_chunk).map_err(|e| e.to_string())?;
+    let cap = parse_size("--cap", &cli.cap).map_err(|e| e.to_string())?;
+    let duration = parse_duration("--duration", &cli.duration).map_err(|e| e.to_string())?;
+    let min = (1u64 << 20).min(max);
+    let mut rng = cli.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let end = monotonic_ns() + duration.as_nanos() as u64;
+    let (mut held, mut granted, mut denied) = (Vec::<Held>::new(), 0u64, 0u64);
+    let mut holding = 0u64;
+    loop {
+        match mode {
+            Stress::Fill if denied >= cli.refusals => break,
+            Stress::Churn if monotonic_ns() >= end => break,
+            _ => {}
+        }
+        if !held.is_empty() && next() % 4 == 0 {
+            let h = held.swap_remove((next() % held.len() as u64) as usize);
+            holding -= h.bytes();
+            free_held(cu, h)?;
+            continue;
+        }
+        let size = min + next() % (max - min + 1);
+        // Pitched allocations are padded; leave room for it under the cap.
+        if mode == Stress::Churn && holding + size + (64 << 10) > cap {
+            if let Some(h) = held.pop() {
+                holding -= h.bytes();
+                free_held(cu, h)?;
+            }
+            continue;
+        }
+        match alloc_via(cu, next() % 6, size, dev) {
+            (0, Some(h)) => {
+                granted += 1;
+                holding += h.bytes();
+                held.push(h);
+            }
+            (CUDA_ERROR_OUT_OF_MEMORY, _) => {
+                denied += 1;
+                if mode == Stress::Churn {
+                    println!("refused bytes={size} holding={holding}");
+                }
+            }
+            (r, _) => return Err(format!("call=stress-alloc code={r}")),
+        }
+    }
+    println!(
+        "stress granted={granted} denied={denied} holding={holding} ts_ns={}",
+        monotonic_ns()
+    );
+    if cli.exit == Exit::Wait {
+        println!("ready pid={} holding={holding}", std::process::id());
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    for h in held {
+        free_held(cu, h)?;
+    }
     Ok(())
 }

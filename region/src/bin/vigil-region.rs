@@ -352,7 +352,8 @@ fn exercise(e: Exercise) -> Result<ExitCode> {
                     vigil_region::Reservation::Granted => {
                         granted += 1;
                         held.push(b);
-                        let (limit, used) = r.device_usage(0).unwrap_or((0, 0));
+                        let (limit, used) =
+                            vigil_region::RegionRead::device_usage(&r, 0).unwrap_or((0, 0));
                         if limit > 0 && used > limit {
                             println!("overrun used={used} limit={limit}");
                             return Ok(ExitCode::from(3));
@@ -366,8 +367,10 @@ fn exercise(e: Exercise) -> Result<ExitCode> {
                 "done granted={granted} denied={denied} holding={mine} slot_usage={}",
                 r.slot_usage(me, 0)
             );
-            while hold {
-                std::thread::sleep(Duration::from_secs(1));
+            if hold {
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
             }
             for b in held {
                 r.credit(me, 0, b)?;

@@ -1,0 +1,153 @@
+//! Device-memory accounting for the allocation hooks: admit (reserve against the
+//! region's limit), then commit the real allocation under its key, or roll back if the
+//! driver refused it; credit on free. The region does the cross-process part (see
+//! `vigil_region::mem`); this module keeps the process-local map from pointer or VMM
+//! handle to (device, bytes), which the frees need because they name only the pointer.
+
+use crate::log::{vlog, DEBUG, WARN};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use vigil_region::{RegionError, Reservation};
+
+/// What an allocation is known by when it is freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Key {
+    /// A device pointer (cuMemAlloc*, cuMemAllocManaged, the async allocators).
+    Ptr(u64),
+    /// A VMM physical allocation handle (cuMemCreate / cuMemRelease).
+    Handle(u64),
+}
+
+/// The outcome of admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Vigil is not accounting here (not running, unknown device): call the driver.
+    Pass,
+    /// Reserved; finish with `commit` or `abort`.
+    Charged(Ticket),
+    /// Over the limit: the hook returns CUDA_ERROR_OUT_OF_MEMORY.
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    dev: usize,
+    bytes: u64,
+}
+
+static LIVE: Mutex<Option<HashMap<Key, (usize, u64)>>> = Mutex::new(None);
+
+fn live<T>(f: impl FnOnce(&mut HashMap<Key, (usize, u64)>) -> T) -> T {
+    let mut g = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+    f(g.get_or_insert_with(HashMap::new))
+}
+
+/// Reserves `bytes` on CUDA device `dev` for `what`.
+pub fn admit(what: &str, dev: Option<usize>, bytes: u64) -> Admit {
+    let Some(dev) = dev else {
+        return Admit::Pass;
+    };
+    if bytes == 0 {
+        return Admit::Pass;
+    }
+    let r = crate::init::with_process(|region, slot| region.reserve(slot, dev, bytes));
+    match r {
+        None => Admit::Pass,
+        Some(Ok(Reservation::Granted)) => Admit::Charged(Ticket { dev, bytes }),
+        Some(Ok(Reservation::Denied { used, limit })) => {
+            vlog!(
+                WARN,
+                "{what}({bytes} bytes) on device {dev} refused: {used} of the {limit}-byte limit (CUDA_DEVICE_MEMORY_LIMIT) in use; returning CUDA_ERROR_OUT_OF_MEMORY"
+            );
+            Admit::Deny
+        }
+        Some(Err(e)) => {
+            note_error(what, &e);
+            Admit::Pass
+        }
+    }
+}
+
+fn note_error(what: &str, e: &RegionError) {
+    vlog!(
+        WARN,
+        "{what}: accounting unavailable ({e}); passing through"
+    );
+}
+
+/// The real allocation succeeded as `key`, of `actual` bytes (which may differ from
+/// the reservation, as with a pitched allocation's padding).
+pub fn commit(t: Ticket, key: Key, actual: u64) {
+    let adjust = crate::init::with_process(|region, slot| {
+        if actual > t.bytes {
+            region.charge(slot, t.dev, actual - t.bytes)
+        } else {
+            region.credit(slot, t.dev, t.bytes - actual).map(|_| ())
+        }
+    });
+    if let Some(Err(e)) = adjust {
+        note_error("allocation", &e);
+    }
+    if let Some((dev, bytes)) = live(|m| m.insert(key, (t.dev, actual))) {
+        // The driver reused a key we thought live: its free went past us. Credit
+        // the stale entry so it cannot leak.
+        vlog!(DEBUG, "{key:?} reused; crediting {bytes} stale bytes");
+        credit(dev, bytes);
+    }
+}
+
+/// The real allocation failed: give the reservation back.
+pub fn abort(t: Ticket) {
+    credit(t.dev, t.bytes);
+}
+
+/// What `key` holds, out of the map (before the real free).
+pub fn take(key: Key) -> Option<(usize, u64)> {
+    live(|m| m.remove(&key))
+}
+
+/// The real free succeeded: credit what the entry held.
+pub fn credit_entry((dev, bytes): (usize, u64)) {
+    credit(dev, bytes);
+}
+
+/// The real free failed: the allocation lives on.
+pub fn restore(key: Key, entry: (usize, u64)) {
+    live(|m| m.insert(key, entry));
+}
+
+fn credit(dev: usize, bytes: u64) {
+    if let Some(Err(e)) = crate::init::with_process(|region, slot| region.credit(slot, dev, bytes))
+    {
+        note_error("free", &e);
+    }
+}
+
+/// Virtualized (total, free) for a device with a limit: total is the limit, free is
+/// what the limit leaves (never more than the device really has free). The
+/// subtraction saturates: usage past the limit reads as 0 free, never 17 TB.
+pub fn virtual_info(limit: u64, used: u64, real_free: u64, real_total: u64) -> (u64, u64) {
+    let total = if real_total == 0 {
+        limit
+    } else {
+        limit.min(real_total)
+    };
+    (total, limit.saturating_sub(used).min(real_free).min(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtual_info_saturates_and_never_exceeds_the_device() {
+        let g = 1u64 << 30;
+        assert_eq!(virtual_info(4 * g, g, 70 * g, 80 * g), (4 * g, 3 * g));
+        // Usage past the limit (contexts are charged regardless): 0 free, not 2^64.
+        assert_eq!(virtual_info(g, 2 * g, 70 * g, 80 * g), (g, 0));
+        // The device itself has less free than the limit leaves.
+        assert_eq!(virtual_info(4 * g, 0, g / 2, 80 * g), (4 * g, g / 2));
+        // A limit above the device's size is capped by the device.
+        assert_eq!(virtual_info(100 * g, 0, 80 * g, 80 * g), (80 * g, 80 * g));
+    }
+}

@@ -1,0 +1,319 @@
+//! CUDA_DEVICE_MEMORY_LIMIT enforced across real preloaded processes against the
+//! simulator, whose own accounting is the truth: no overrun, no false OOM while
+//! holders are SIGKILLed, and virtualized reporting through CUDA and NVML.
+
+mod common;
+use common::*;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use vigil_region::{Counter, RegionRead, RegionReader};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+fn python() -> String {
+    std::env::var("VIGIL_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// "word k=v ..." lines of a workload's stdout, by word.
+fn lines(stdout: &[u8]) -> Vec<(String, HashMap<String, String>)> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| {
+            let mut it = l.split_whitespace();
+            let w = it.next().unwrap_or("").to_string();
+            let kv = it
+                .filter_map(|t| t.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            (w, kv)
+        })
+        .collect()
+}
+
+fn field(out: &[u8], word: &str, key: &str) -> u64 {
+    lines(out)
+        .into_iter()
+        .find(|(w, _)| w == word)
+        .and_then(|(_, kv)| kv.get(key).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no {word} {key}= in output:\n{}",
+                String::from_utf8_lossy(out)
+            )
+        })
+}
+
+/// The simulator's own totals: (used now, peak ever) across devices.
+fn sim_stats(sim: &Sim) -> (u64, u64) {
+    let out = Command::new(artifact("vigil-gpusim"))
+        .arg("--socket")
+        .arg(sim.dir.path().join("gpu.sock"))
+        .arg("stats")
+        .output()
+        .unwrap();
+    let kv: HashMap<String, u64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|t| t.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect();
+    (kv["used"], kv["peak"])
+}
+
+#[test]
+fn sixteen_processes_filling_a_1gib_limit_never_pass_it_and_usage_returns_to_zero() {
+    // Contexts are small here so the limit is mostly allocations; they are charged
+    // (and counted by the simulator) all the same.
+    let sim = Sim::start(&["--ctx-memory", "2MiB"]);
+    let limit = [("CUDA_DEVICE_MEMORY_LIMIT", "1g")];
+    let procs: Vec<Child> = (0..16)
+        .map(|i| {
+            let seed = (i + 1).to_string();
+            sim.workload(
+                &["--stress", "fill", "--max-chunk", "64MiB", "--seed", &seed],
+                &limit,
+                true,
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let (mut granted, mut denied) = (0, 0);
+    for p in procs {
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        granted += field(&out.stdout, "stress", "granted");
+        denied += field(&out.stdout, "stress", "denied");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("refused") && err.contains("CUDA_DEVICE_MEMORY_LIMIT"),
+            "denials are logged: {err}"
+        );
+    }
+    assert_eq!(denied, 16 * 3, "every process ran until its third refusal");
+    assert!(granted > 16, "{granted}");
+    let (_, peak) = sim_stats(&sim);
+    assert!(
+        peak <= GIB,
+        "the simulator saw {peak} bytes in use, past the 1 GiB limit"
+    );
+    assert!(
+        peak > GIB - 64 * MIB,
+        "peak {peak}: the limit was not really reached"
+    );
+    let reader = RegionReader::open(sim.region()).unwrap();
+    let s = reader.snapshot();
+    assert_eq!(s.devices[0].used, 0, "usage returns to 0");
+    assert!(s.devices[0].peak <= GIB);
+    assert_eq!(s.devices[0].denials, denied);
+    assert_eq!(s.counter(Counter::AllocationDenials), denied);
+    let mut events = 0;
+    reader.drain(&mut reader.ring_consumer(), usize::MAX, |e| {
+        if e.kind == vigil_region::EventKind::AllocationDenied {
+            assert_eq!(e.c, GIB, "event carries the limit");
+            assert!(e.a + e.b > GIB, "refused {} with {} used", e.a, e.b);
+            events += 1;
+        }
+    });
+    assert_eq!(events, denied);
+}
+
+/// Spawns a workload and waits for its `ready` line. The caller kills and reaps it;
+/// on a failed assertion here the test process is ending anyway.
+#[allow(clippy::zombie_processes)]
+fn spawn_ready(mut cmd: Command) -> (Child, HashMap<String, String>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let st = child.wait().unwrap();
+            panic!("workload ended before ready ({st})");
+        }
+        if let Some((w, kv)) = lines(line.as_bytes()).into_iter().next() {
+            if w == "ready" {
+                return (child, kv);
+            }
+            assert_ne!(w, "error", "{line}");
+        }
+    }
+}
+
+#[test]
+fn no_allocation_that_fits_is_refused_while_holders_are_killed() {
+    let sim = Sim::start(&["--ctx-memory", "2MiB"]);
+    let limit = [("CUDA_DEVICE_MEMORY_LIMIT", "1g")];
+    let secs = std::env::var("VIGIL_CHURN_SECS").unwrap_or_else(|_| "30".into());
+    // Four churners, each never holding more than 160 MiB, plus one victim at a time
+    // holding 240 MiB: the live total stays under 1 GiB with contexts. Only memory of
+    // the dead could make an allocation fail.
+    let churners: Vec<Child> = (0..4)
+        .map(|i| {
+            let seed = (100 + i).to_string();
+            let args = [
+                "--stress",
+                "churn",
+                "--cap",
+                "160MiB",
+                "--max-chunk",
+                "48MiB",
+                "--duration",
+                &format!("{secs}s"),
+                "--seed",
+                &seed,
+            ];
+            sim.workload(&args, &limit, true)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let end = Instant::now() + Duration::from_secs(secs.parse().unwrap());
+    let mut killed = 0;
+    while Instant::now() < end {
+        let (mut victim, _) = spawn_ready(sim.workload(
+            &["--alloc", "120MiB", "--alloc", "120MiB", "--exit", "wait"],
+            &limit,
+            true,
+        ));
+        std::thread::sleep(Duration::from_millis(50));
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+        killed += 1;
+    }
+    let mut refused = 0;
+    for c in churners {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        refused += field(&out.stdout, "stress", "denied");
+        assert!(field(&out.stdout, "stress", "granted") > 10);
+    }
+    assert!(killed >= 5, "only {killed} holders were killed");
+    assert_eq!(refused, 0, "allocations that fit were refused");
+    let s = RegionReader::open(sim.region()).unwrap().snapshot();
+    assert_eq!(s.counter(Counter::AllocationDenials), 0);
+    assert!(
+        s.counter(Counter::SlotsReclaimedDead) >= killed - 1,
+        "dead holders reclaimed: {} of {killed}",
+        s.counter(Counter::SlotsReclaimedDead)
+    );
+}
+
+#[test]
+fn cuda_and_nvml_report_the_limit_as_total_and_what_it_leaves_as_free() {
+    let sim = Sim::start(&[]);
+    let env = [("CUDA_DEVICE_MEMORY_LIMIT", "4g")];
+    let (mut holder, kv) =
+        spawn_ready(sim.workload(&["--alloc", "100MiB", "--exit", "wait"], &env, true));
+    let reader = RegionReader::open(sim.region()).unwrap();
+    let (limit, used) = reader.device_usage(0).unwrap();
+    assert_eq!(limit, 4 * GIB);
+    // The context (518 MiB in the simulator, as on an H100) plus the allocation.
+    assert_eq!(used, (518 + 100) * MIB);
+    let num = |k: &str| kv[k].parse::<u64>().unwrap();
+    assert_eq!(num("total"), limit, "cuMemGetInfo total");
+    assert_eq!(num("free"), limit - used, "cuMemGetInfo free");
+    assert_eq!(num("device_total"), limit, "cuDeviceTotalMem");
+
+    // nvidia-ml-py in another process of the container, which never touches CUDA.
+    let v = pynvml(&sim, Some("4g"));
+    assert_eq!(
+        v,
+        vec![limit, limit - used, used, limit, limit - used, used]
+    );
+    // Without the preload, NVML reports the whole device.
+    let whole = pynvml(&sim, None)[0];
+    assert!(whole > limit, "unhooked total {whole}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
+/// nvmlDeviceGetMemoryInfo (v1 and v2) from nvidia-ml-py: total, free, used twice.
+/// With `limit`, under LD_PRELOAD with that CUDA_DEVICE_MEMORY_LIMIT.
+fn pynvml(sim: &Sim, limit: Option<&str>) -> Vec<u64> {
+    let script = "import pynvml as n\n\
+        n.nvmlInit()\n\
+        h = n.nvmlDeviceGetHandleByIndex(0)\n\
+        m = n.nvmlDeviceGetMemoryInfo(h)\n\
+        m2 = n.nvmlDeviceGetMemoryInfo(h, version=n.nvmlMemory_v2)\n\
+        print(m.total, m.free, m.used, m2.total, m2.free, m2.used)\n";
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", script])
+        .env("VIGIL_GPUSIM_SOCKET", sim.dir.path().join("gpu.sock"))
+        .env("LD_LIBRARY_PATH", sim.dir.path().join("lib"))
+        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", sim.region());
+    if let Some(l) = limit {
+        cmd.env("CUDA_DEVICE_MEMORY_LIMIT", l)
+            .env("LD_PRELOAD", artifact("libvigil.so"));
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "pynvml (set VIGIL_PYTHON to a python with nvidia-ml-py; scripts/test.sh does): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn usage_past_the_limit_reads_as_zero_free_never_a_huge_number() {
+    // A 300 MiB limit below the 518 MiB context: the context is charged anyway (it
+    // exists), every allocation is refused, and free reads 0, not 2^64 - 218 MiB.
+    let sim = Sim::start(&[]);
+    let env = [("CUDA_DEVICE_MEMORY_LIMIT", "300m")];
+    let out = sim
+        .workload(&["--alloc", "1MiB"], &env, true)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("error call=cuMemAlloc code=2"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let (mut holder, _) = spawn_ready(sim.workload(
+        &["--stress", "fill", "--refusals", "1", "--exit", "wait"],
+        &env,
+        true,
+    ));
+    let v = pynvml(&sim, Some("300m"));
+    assert_eq!(v[..3], [300 * MIB, 0, 518 * MIB]);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
+#[test]
+fn allocations_resolved_with_dlsym_are_limited_too() {
+    let sim = Sim::start(&["--ctx-memory", "2MiB"]);
+    let out = sim.run(
+        &["--api", "dlsym", "--stress", "fill", "--refusals", "2"],
+        &[("CUDA_DEVICE_MEMORY_LIMIT", "256m")],
+    );
+    assert_eq!(field(&out.stdout, "stress", "denied"), 2);
+    let (_, peak) = sim_stats(&sim);
+    assert!(peak <= 256 * MIB, "peak {peak}");
+    let s = RegionReader::open(sim.region()).unwrap().snapshot();
+    assert_eq!(s.devices[0].used, 0);
+    assert_eq!(s.devices[0].denials, 2);
+}
