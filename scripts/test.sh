@@ -48,4 +48,5 @@ scenario VIGIL_SCENARIO_KILL_HOLDER_MS=400 tests/run_comprehensive_tests.sh 8
 scenario VIGIL_SCENARIO_FOREIGN=1 tests/run_comprehensive_tests.sh 8
 scenario VIGIL_SCENARIO_PID_MODE=namespace tests/run_comprehensive_tests.sh 8
 scenario VIGIL_SCENARIO_PID_MODE=caller tests/run_comprehensive_tests.sh 8
-echo "scenarios: 6 passed, 0 failed"
+scenario VIGIL_SCENARIO_LIMIT=8g tests/run_comprehensive_tests.sh 8
+echo "scenarios: 7 passed, 0 failed"

@@ -209,6 +209,16 @@ def main():
     else:
         checks.append((f"all {survivors} found their host PID", correct == survivors and len(found) == survivors,
                        f"found={len(found)} correct={correct}"))
+    limit_set = bool(os.environ.get("VIGIL_SCENARIO_LIMIT"))
+    mem = None
+    if limit_set:
+        out = subprocess.run([str(BIN / "vigil-region"), "inspect", str(region)], capture_output=True, text=True).stdout
+        m = re.search(r"device 0: limit=(\d+) used=(\d+) peak=(\d+) denials=(\d+)", out)
+        mem = {k: int(v) for k, v in zip(("limit", "used", "peak", "denials"), m.groups())} if m else None
+        checks.append(("memory limit recorded", mem is not None and mem["limit"] > 0, f"{mem}"))
+        if mem:
+            checks.append(("device memory back to 0 after the run", mem["used"] == 0, f"used={mem['used']}"))
+            checks.append(("peak within the limit", mem["peak"] <= mem["limit"], f"peak={mem['peak']}"))
     force_delay_ms = None
     if kill_hold:
         force_delay_ms = (int(force[0]["ts_ns"]) - t_kill_ns) / 1e6 if force else None
@@ -227,6 +237,10 @@ def main():
                "detect_ms_p50": round(p50, 1), "detect_ms_p99": round(p99, 1)}
     if force_delay_ms is not None:
         summary["force_post_delay_ms"] = round(force_delay_ms, 2)
+    if mem:
+        summary["mem_limit_bytes"] = mem["limit"]
+        summary["mem_peak_bytes"] = mem["peak"]
+        summary["mem_denials"] = mem["denials"]
     print(json.dumps(summary))
     sys.exit(0 if ok else 1)
 

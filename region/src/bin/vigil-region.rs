@@ -171,6 +171,9 @@ enum Exercise {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: restoring the default SIGPIPE disposition before any thread exists, so
+    // `vigil-region inspect | head` ends quietly instead of panicking on EPIPE.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match run(cli.cmd) {
         Ok(code) => code,
