@@ -50,3 +50,6 @@ scenario VIGIL_SCENARIO_PID_MODE=namespace tests/run_comprehensive_tests.sh 8
 scenario VIGIL_SCENARIO_PID_MODE=caller tests/run_comprehensive_tests.sh 8
 scenario VIGIL_SCENARIO_LIMIT=8g tests/run_comprehensive_tests.sh 8
 echo "scenarios: 7 passed, 0 failed"
+
+echo "==> kill sweep (tests/kill_sweep.py: one SIGKILL at every fault point)"
+python3 tests/kill_sweep.py --runs 1

@@ -18,6 +18,9 @@ Environment:
   VIGIL_SCENARIO_REGION     region file to use (default: a fresh one in a temp dir); an
                             exporter watching its directory sees the run
   VIGIL_SCENARIO_LIMIT      if set: CUDA_DEVICE_MEMORY_LIMIT for every workload (e.g. 4g)
+  VIGIL_SCENARIO_FAULT      if set: the first workload runs with VIGIL_FAULT=<point> and is
+                            SIGKILLed there (see tests/kill_sweep.py for the points); the
+                            run then checks recovery, counters and accounting
   VIGIL_SKIP_BUILD          if 1: use the binaries already in target/debug
 """
 import json
@@ -28,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,14 +81,22 @@ def children(pid, timeout=5.0):
     return None
 
 
-def events(region):
+def events(region, lost=None):
     out = subprocess.run([str(BIN / "vigil-region"), "events", str(region)], capture_output=True, text=True).stdout
     evs = []
     for line in out.splitlines():
+        if line.startswith("# lost:") and lost is not None:
+            lost.update({k: int(v) for k, v in (kv.split("=", 1) for kv in line[len("# lost:"):].split())})
         if line.startswith("#"):
             continue
         evs.append(dict(kv.split("=", 1) for kv in line.split() if "=" in kv))
     return evs
+
+
+# Fault points whose victim dies holding locks: each must be force-posted exactly once.
+# region_lock.held is first reached charging the context footprint, inside detection,
+# so the victim dies holding both locks.
+LOCK_FAULTS = {"detect.before_ctx": 1, "detect.after_ctx": 1, "region_lock.held": 2, "mem.reserve.mid": 1}
 
 
 def main():
@@ -120,22 +132,39 @@ def main():
           f"(simulator lag {lag_spec}) pid_mode={pid_mode} pid_namespaces={use_ns} "
           f"kill_holder={kill_hold or 'no'} foreign={foreign}")
 
-    def spawn(i, extra_env=None, preload=True, args=()):
+    def spawn(i, extra_env=None, preload=True, args=(), own_ns=True):
         env = dict(base_env, **(extra_env or {}))
         if preload:
             env["LD_PRELOAD"] = str(BIN / "libvigil.so")
         cmd = [str(BIN / "vigil-workload"), "--alloc", "64MiB", "--exit", "normal", *args]
-        if use_ns:
+        if use_ns and own_ns:
             cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", *cmd]
         log = open(tmp / f"w{i}.log", "w")
         p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        truth = children(p.pid) if use_ns else p.pid
+        truth = children(p.pid) if use_ns and own_ns else p.pid
         return p, truth
 
+    fault = os.environ.get("VIGIL_SCENARIO_FAULT")
     start = time.monotonic()
     procs, truths, killed = [], [], []
     t_kill_ns = None
     first = 0
+    death = {}
+    if fault:
+        # Not in a namespace of its own: the harness must see the death itself, not an
+        # unshare parent's exit some time later.
+        victim, vtruth = spawn(0, {"VIGIL_FAULT": fault}, own_ns=False)
+        procs.append(victim)
+        truths.append(vtruth)
+        killed.append(0)
+        first = 1
+
+        def watch():
+            victim.wait()
+            death["ns"] = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        threading.Thread(target=watch, daemon=True).start()
+        # Let the victim get going, so the others arrive while it is (or was) inside.
+        time.sleep(0.03)
     if kill_hold:
         victim, vtruth = spawn(0, {"VIGIL_TEST_HOLD_DETECT_MS": kill_hold})
         procs.append(victim)
@@ -165,16 +194,25 @@ def main():
     for p in procs:
         p.wait()
     total = time.monotonic() - start
+    if fault:
+        # One more process, after everyone: its start reaps the victim's slot (as any
+        # later process would) and its exit leaves accounting where the live hold it.
+        reaper, _ = spawn("reaper")
+        reaper.wait()
     daemon.terminate()
     daemon.wait()
 
     logs = [open(tmp / f"w{i}.log").read() for i in range(n)]
     completed = sum(1 for i, lg in enumerate(logs) if i not in killed and "freed" in lg)
     alloc_failures = sum(1 for lg in logs if "call=cuMemAlloc" in lg)
-    evs = events(region)
+    lost = {}
+    evs = events(region, lost)
     inits = [e for e in evs if e.get("kind") == "init"]
     dets = [e for e in evs if e.get("kind") == "detection"]
     force = [e for e in evs if e.get("kind") == "force_post"]
+    if fault:
+        inits = inits[:-1]  # the reaper's
+        dets = dets[:-1]
     initializers = sum(1 for e in inits if e.get("path") in ("0", "2"))
     fast_path = sum(1 for e in inits if e.get("path") == "1")
     expected = set(t for i, t in enumerate(truths) if i not in killed and t)
@@ -191,9 +229,13 @@ def main():
     floor = n * (ctx_ms + lag_mean) / 1000
     survivors = n - len(killed)
 
+    # A victim killed in the middle of initializing emits no init event.
+    fast_expected = n - 2 if fault == "region.init.mid" else n - 1
+    if fault == "ring.mid_write":
+        initializers += 1  # its init event is the one it died writing (counted lost)
     checks = [
         ("exactly one initializer", initializers == 1, f"{initializers}"),
-        (f"fast path for the other {n - 1}", fast_path == n - 1, f"{fast_path}"),
+        (f"fast path for the other {fast_expected}", fast_path == fast_expected, f"{fast_path}"),
         ("total time within 1.15 x floor + 0.5 s", total <= 1.15 * floor + 0.5, f"{total:.2f} s vs floor {floor:.2f} s"),
         ("no allocation failures", alloc_failures == 0, f"{alloc_failures}"),
         (f"all {survivors} completed", completed == survivors, f"{completed}"),
@@ -206,6 +248,9 @@ def main():
         checks.append(("nobody recorded the foreign PID", foreign_pid not in recorded, f"foreign={foreign_pid}"))
         checks.append(("each found its own PID or reported ambiguous", not bad and len(dets) == survivors,
                        f"found={len(found)} ambiguous={sum(1 for e in dets if e['outcome'] == 'ambiguous')}"))
+    elif fault:
+        checks.append((f"all {survivors} survivors found their host PID", correct == survivors,
+                       f"found={len(found)} correct={correct}"))
     else:
         checks.append((f"all {survivors} found their host PID", correct == survivors and len(found) == survivors,
                        f"found={len(found)} correct={correct}"))
@@ -225,6 +270,41 @@ def main():
         checks.append(("one force-post", len(force) == 1, f"{len(force)}"))
         checks.append(("taken over within 100 ms of the kill", force_delay_ms is not None and force_delay_ms <= 100,
                        f"{force_delay_ms} ms"))
+    fault_report = None
+    if fault:
+        snap = subprocess.run([str(BIN / "vigil-region"), "inspect", str(region)], capture_output=True, text=True)
+        valid = snap.returncode == 0
+        counters = dict(re.findall(r"^\s+(\w+)=(\d+)$", snap.stdout, re.M))
+        used = re.search(r"device 0: limit=\d+ used=(\d+)", snap.stdout)
+        used = int(used.group(1)) if used else None
+        want_force = LOCK_FAULTS.get(fault, 0)
+        extra_ms = 0.0
+        if fault in LOCK_FAULTS and force and "ns" in death:
+            # How long each taker waited because of the dead owner: from the death (if
+            # it was already waiting) or from when it started waiting, whichever is later.
+            extra_ms = max(max(0.0, min(int(e["ts_ns"]) - death["ns"], int(e["held_ns"])) / 1e6) for e in force)
+        elif fault == "region.init.mid":
+            rec = [int(e["duration_ns"]) / 1e6 for e in inits if e.get("path") == "2"]
+            extra_ms = max(rec) if rec else float("inf")
+        inits_counted = int(counters.get("ProcessInitsInitializer", 0)) + int(counters.get("ProcessInitsFastPath", 0))
+        reclaimed = int(counters.get("SlotsReclaimedDead", 0))
+        init_ctr = int(counters.get("ProcessInitsInitializer", 0))
+        checks = [c for c in checks if c[0] != "exactly one initializer"]
+        checks += [
+            ("exactly one initializer (counter)", init_ctr == 1, f"{init_ctr}"),
+            ("the victim died at the fault point", procs[0].returncode != 0 and "freed" not in logs[0],
+             f"rc={procs[0].returncode}"),
+            ("the region still validates", valid, snap.stderr.strip()),
+            (f"{want_force} force-post(s)", len(force) == want_force, f"{len(force)}"),
+            ("no survivor waited more than 100 ms after the death", extra_ms <= 100, f"{extra_ms:.1f} ms"),
+            ("init counters match init events (+ reaper, + events lost)",
+             inits_counted == len(inits) + 1 + sum(lost.values()),
+             f"{inits_counted} vs {len(inits)} + 1 + {sum(lost.values())}"),
+            ("at most the victim's slot reclaimed", reclaimed <= 1, f"{reclaimed}"),
+            ("memory accounting back to 0", used == 0, f"used={used}"),
+        ]
+        fault_report = {"fault_point": fault, "extra_wait_ms": round(extra_ms, 2), "slots_reclaimed": reclaimed,
+                        "mem_used_after": used, "lost_events": lost}
     ok = True
     for name, passed, detail in checks:
         ok &= passed
@@ -237,6 +317,8 @@ def main():
                "detect_ms_p50": round(p50, 1), "detect_ms_p99": round(p99, 1)}
     if force_delay_ms is not None:
         summary["force_post_delay_ms"] = round(force_delay_ms, 2)
+    if fault_report:
+        summary.update(fault_report)
     if mem:
         summary["mem_limit_bytes"] = mem["limit"]
         summary["mem_peak_bytes"] = mem["peak"]

@@ -386,9 +386,11 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
             0
         }
     };
+    vigil_region::fault::point("detect.before_ctx");
     let start = Instant::now();
     let ctx_ok = retain_primary_context();
     let ctx_ns = start.elapsed().as_nanos() as u64;
+    vigil_region::fault::point("detect.after_ctx");
     let failed = |outcome| Detection {
         outcome,
         host_pid: None,

@@ -50,6 +50,7 @@ impl Region {
         if guard.outcome().forced.is_some() {
             self.recompute_totals();
         }
+        crate::fault::point("region_lock.held");
         let v = f(self.layout());
         let fenced = guard.release() == ReleaseOutcome::Fenced;
         Ok((v, fenced))

@@ -195,12 +195,20 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Events { path, follow } => {
             let r = RegionReader::open(&path)?;
             let mut c = r.ring_consumer();
+            // A position still being written is either a live writer (wait) or one
+            // that died mid-write: the consumer decides after its abandon time, so a
+            // one-shot read waits that long at most a few times.
+            let mut tries = 0;
             loop {
-                r.drain(&mut c, usize::MAX, |e| println!("{}", format_event(&e)));
-                if !follow {
+                let st = r.drain(&mut c, usize::MAX, |e| println!("{}", format_event(&e)));
+                if follow {
+                    std::thread::sleep(Duration::from_millis(100));
+                } else if st.waiting && tries < 5 {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(110));
+                } else {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(100));
             }
             let lost = c.lost();
             println!(
