@@ -51,5 +51,8 @@ scenario VIGIL_SCENARIO_PID_MODE=caller tests/run_comprehensive_tests.sh 8
 scenario VIGIL_SCENARIO_LIMIT=8g tests/run_comprehensive_tests.sh 8
 echo "scenarios: 7 passed, 0 failed"
 
+echo "==> dashboards, alerts and manifests (scripts/check-monitoring.sh)"
+scripts/check-monitoring.sh
+
 echo "==> kill sweep (tests/kill_sweep.py: one SIGKILL at every fault point)"
 python3 tests/kill_sweep.py --runs 1
