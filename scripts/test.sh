@@ -56,3 +56,6 @@ scripts/check-monitoring.sh
 
 echo "==> kill sweep (tests/kill_sweep.py: one SIGKILL at every fault point)"
 python3 tests/kill_sweep.py --runs 1
+
+echo "==> random kills (tests/random_kills.py: 10 rounds of 64 processes; --long for 200)"
+python3 tests/random_kills.py --rounds 10
