@@ -21,6 +21,24 @@ fn uncontended(c: &mut Criterion) {
     });
 }
 
+/// What every counted allocation and its free add: a reservation and a credit, each
+/// under the region lock.
+fn reserve_credit(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let params = InitParams {
+        device_limits: vec![1 << 40],
+        ..InitParams::default()
+    };
+    let (r, _) = Region::open(dir.path().join("bench.cache"), &params).unwrap();
+    let me = r.claim_slot().unwrap();
+    c.bench_function("reserve_then_credit", |b| {
+        b.iter(|| {
+            assert_eq!(r.reserve(me, 0, 4096).unwrap(), Reservation::Granted);
+            r.credit(me, 0, 4096).unwrap();
+        })
+    });
+}
+
 fn event_write(c: &mut Criterion) {
     let (_d, r) = region();
     let ev = Event::new(EventKind::LockWait, 3, 0, 1234, 0, 0);
@@ -95,5 +113,12 @@ fn two_processes(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, uncontended, event_write, drain, two_processes);
+criterion_group!(
+    benches,
+    uncontended,
+    reserve_credit,
+    event_write,
+    drain,
+    two_processes
+);
 criterion_main!(benches);

@@ -1,0 +1,392 @@
+//! The custom collector: reads every region's exact counters and histograms at
+//! scrape time and encodes the metrics contract (see `docs/metrics.md`).
+//!
+//! Every family is described on every scrape, even with no regions, and every series
+//! a region is known to have is exported from the moment the region appears (its
+//! counters start at 0 in the region, and we export them whatever their value).
+
+use crate::labels::RegionLabels;
+use crate::regions::RegionSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use std::fmt;
+use std::sync::Arc;
+use vigil_region::{
+    Counter, DetectOutcome, ForceReason, HistogramId, HistogramSnapshot, LockId, Snapshot,
+};
+
+/// What one scrape read from one region.
+struct View {
+    labels: RegionLabels,
+    snap: Snapshot,
+    lost: [u64; 3],
+}
+
+#[derive(Debug)]
+pub struct VigilCollector {
+    set: Arc<RegionSet>,
+}
+
+impl VigilCollector {
+    pub fn new(set: Arc<RegionSet>) -> VigilCollector {
+        VigilCollector { set }
+    }
+}
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+fn with<'a>(base: &[(&'static str, &'a str)], extra: &[(&'static str, &'a str)]) -> Labels<'a> {
+    let mut v = Vec::with_capacity(base.len() + extra.len());
+    v.extend_from_slice(base);
+    v.extend_from_slice(extra);
+    v
+}
+
+/// Encodes one counter family (the encoder appends `_total`).
+fn counters<'a>(
+    enc: &mut DescriptorEncoder,
+    name: &'static str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels<'a>, u64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        m.encode_family(&labels)?
+            .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+    }
+    Ok(())
+}
+
+fn gauges<'a>(
+    enc: &mut DescriptorEncoder,
+    name: &'static str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels<'a>, i64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        m.encode_family(&labels)?.encode_gauge(&v)?;
+    }
+    Ok(())
+}
+
+/// Encodes histograms from the region's exact log2 histograms. `divisor` converts the
+/// region's unit (ns, or 1 for counts) into the exported base unit; dividing (not
+/// multiplying by 1e-9) keeps bounds such as 1e-06 exact.
+fn histograms<'a>(
+    enc: &mut DescriptorEncoder,
+    name: &'static str,
+    help: &str,
+    divisor: f64,
+    rows: impl IntoIterator<Item = (Labels<'a>, &'a HistogramSnapshot)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    for (labels, h) in rows {
+        buckets.clear();
+        let n = h.buckets.len();
+        for (i, &c) in h.buckets.iter().enumerate() {
+            let le = if i + 1 == n {
+                f64::INFINITY
+            } else {
+                h.unit.checked_shl(i as u32).unwrap_or(u64::MAX) as f64 / divisor
+            };
+            buckets.push((le, c));
+        }
+        // Count is the bucket total, not the separately read `count` word: a scrape
+        // between an observation's bucket and count increments must still give a
+        // histogram whose +Inf bucket equals its count. Both settle to the same value.
+        let count: u64 = h.buckets.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+        m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+            h.sum as f64 / divisor,
+            count,
+            &buckets,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+const NS: f64 = 1e9;
+
+impl Collector for VigilCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let t0 = std::time::Instant::now();
+        let tracked = self.set.tracked();
+        // Read each region once (see `regions` for mapping policy). A region that
+        // fails to open now is skipped; the background task counts and drops it.
+        let read = |t: &Arc<crate::regions::Tracked>| {
+            let r = self.set.reader(t).ok()?;
+            Some(View {
+                labels: t.labels(),
+                snap: r.snapshot(),
+                lost: t.lost(),
+            })
+        };
+        // Reading is syscalls and page faults per region: spread it over the cores.
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4)
+            .min(tracked.len().div_ceil(8))
+            .max(1);
+        let views: Vec<View> = if workers == 1 {
+            tracked.iter().filter_map(read).collect()
+        } else {
+            let chunk = tracked.len().div_ceil(workers);
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = tracked
+                    .chunks(chunk)
+                    .map(|part| sc.spawn(move || part.iter().filter_map(read).collect::<Vec<_>>()))
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_default())
+                    .collect()
+            })
+        };
+        let read_time = t0.elapsed();
+        let bases: Vec<Labels> = views.iter().map(|v| v.labels.pairs()).collect();
+        let each = || views.iter().zip(bases.iter());
+        let c = |v: &View, c: Counter| v.snap.counter(c);
+
+        counters(
+            &mut enc,
+            "vigil_region_initializations",
+            "Times the region was initialized (1, plus one per recovery)",
+            each().map(|(v, b)| (b.clone(), c(v, Counter::RegionInitializations))),
+        )?;
+        counters(
+            &mut enc,
+            "vigil_region_recoveries",
+            "Times the region was re-initialized because its initializer died half-way",
+            each().map(|(v, b)| (b.clone(), c(v, Counter::RegionRecoveries))),
+        )?;
+        counters(
+            &mut enc,
+            "vigil_process_inits",
+            "Processes that attached to the region, by path (initializer includes recoveries)",
+            each().flat_map(|(v, b)| {
+                [
+                    ("initializer", Counter::ProcessInitsInitializer),
+                    ("fast_path", Counter::ProcessInitsFastPath),
+                ]
+                .map(|(p, k)| (with(b, &[("path", p)]), c(v, k)))
+            }),
+        )?;
+        gauges(
+            &mut enc,
+            "vigil_processes",
+            "Live processes: active slots whose owner's liveness token is held",
+            each().map(|(v, b)| {
+                (
+                    b.clone(),
+                    v.snap.slots.iter().filter(|s| s.alive).count() as i64,
+                )
+            }),
+        )?;
+        counters(
+            &mut enc,
+            "vigil_process_slots_claimed",
+            "Process slots claimed",
+            each().map(|(v, b)| (b.clone(), c(v, Counter::SlotsClaimed))),
+        )?;
+        counters(
+            &mut enc,
+            "vigil_process_slots_reclaimed",
+            "Process slots given back: released by their process, or reclaimed from a dead one",
+            each().flat_map(|(v, b)| {
+                [
+                    ("released", Counter::SlotsReleased),
+                    ("dead", Counter::SlotsReclaimedDead),
+                ]
+                .map(|(r, k)| (with(b, &[("reason", r)]), c(v, k)))
+            }),
+        )?;
+        counters(
+            &mut enc,
+            "vigil_lock_acquisitions",
+            "Lock acquisitions",
+            each().flat_map(|(v, b)| {
+                LockId::ALL.map(|l| {
+                    (
+                        with(b, &[("lock", l.name())]),
+                        c(v, Counter::lock_acquisitions(l)),
+                    )
+                })
+            }),
+        )?;
+        counters(
+            &mut enc,
+            "vigil_lock_retries",
+            "Timed-out futex wait slices while waiting for a lock",
+            each().flat_map(|(v, b)| {
+                LockId::ALL.map(|l| {
+                    (
+                        with(b, &[("lock", l.name())]),
+                        c(v, Counter::lock_retries(l)),
+                    )
+                })
+            }),
+        )?;
+        counters(
+            &mut enc,
+            "vigil_lock_force_posts",
+            "Locks taken over from their owner: owner_dead (liveness token free) or lease_expired (fenced eviction)",
+            each().flat_map(|(v, b)| {
+                LockId::ALL.into_iter().flat_map(move |l| {
+                    ForceReason::ALL.map(|r| {
+                        (
+                            with(b, &[("lock", l.name()), ("reason", r.name())]),
+                            c(v, Counter::force_posts(l, r)),
+                        )
+                    })
+                })
+            }),
+        )?;
+        counters(
+            &mut enc,
+            "vigil_lock_fenced_releases",
+            "Releases that failed because the holder had been evicted (fenced) meanwhile",
+            each().flat_map(|(v, b)| {
+                LockId::ALL.map(|l| {
+                    (
+                        with(b, &[("lock", l.name())]),
+                        c(v, Counter::fenced_releases(l)),
+                    )
+                })
+            }),
+        )?;
+        histograms(
+            &mut enc,
+            "vigil_lock_wait_seconds",
+            "Time from asking for a lock to holding it",
+            NS,
+            each().flat_map(|(v, b)| {
+                LockId::ALL.map(|l| {
+                    (
+                        with(b, &[("lock", l.name())]),
+                        v.snap.histogram(HistogramId::lock_wait(l)),
+                    )
+                })
+            }),
+        )?;
+        counters(
+            &mut enc,
+            "vigil_host_pid_detections",
+            "Host-PID detections by outcome",
+            each().flat_map(|(v, b)| {
+                DetectOutcome::ALL.map(|o| {
+                    (
+                        with(b, &[("outcome", o.name())]),
+                        c(v, Counter::detections(o)),
+                    )
+                })
+            }),
+        )?;
+        histograms(
+            &mut enc,
+            "vigil_host_pid_detection_seconds",
+            "Host-PID detection latency, from the start of context creation to the outcome",
+            NS,
+            each().map(|(v, b)| (b.clone(), v.snap.histogram(HistogramId::DetectionLatency))),
+        )?;
+        histograms(
+            &mut enc,
+            "vigil_host_pid_detection_polls",
+            "NVML polls per host-PID detection",
+            1.0,
+            each().map(|(v, b)| (b.clone(), v.snap.histogram(HistogramId::DetectionPolls))),
+        )?;
+        histograms(
+            &mut enc,
+            "vigil_init_duration_seconds",
+            "Time a process took to attach to the region (map, initialize or wait for READY)",
+            NS,
+            each().map(|(v, b)| (b.clone(), v.snap.histogram(HistogramId::InitDuration))),
+        )?;
+        let devs: Vec<Vec<String>> = views
+            .iter()
+            .map(|v| (0..v.snap.devices.len()).map(|i| i.to_string()).collect())
+            .collect();
+        let per_device = |f: fn(&vigil_region::DeviceInfo) -> u64| {
+            each().zip(devs.iter()).flat_map(move |((v, b), names)| {
+                v.snap
+                    .devices
+                    .iter()
+                    .zip(names.iter())
+                    .map(move |(d, n)| (with(b, &[("device", n.as_str())]), f(d)))
+            })
+        };
+        gauges(
+            &mut enc,
+            "vigil_device_memory_limit_bytes",
+            "Per-device memory limit; 0 means no limit",
+            per_device(|d| d.limit).map(|(l, v)| (l, v.min(i64::MAX as u64) as i64)),
+        )?;
+        gauges(
+            &mut enc,
+            "vigil_device_memory_used_bytes",
+            "Device memory the region's live processes hold, as the interposer accounted it",
+            per_device(|d| d.used).map(|(l, v)| (l, v.min(i64::MAX as u64) as i64)),
+        )?;
+        gauges(
+            &mut enc,
+            "vigil_device_memory_peak_bytes",
+            "Highest device memory use accounted since the region was created",
+            per_device(|d| d.peak).map(|(l, v)| (l, v.min(i64::MAX as u64) as i64)),
+        )?;
+        counters(
+            &mut enc,
+            "vigil_device_memory_allocation_denials",
+            "Allocations refused because they would exceed the device limit",
+            per_device(|d| d.denials),
+        )?;
+        counters(
+            &mut enc,
+            "vigil_ring_events",
+            "Events ever written to the region's event ring (its head position)",
+            each().map(|(v, b)| (b.clone(), v.snap.ring_head)),
+        )?;
+        counters(
+            &mut enc,
+            "vigil_ring_events_lost",
+            "Ring events this exporter could not deliver: overwritten before being drained, torn, or abandoned by a writer that died mid-write",
+            each().flat_map(|(v, b)| {
+                ["overwritten", "torn", "abandoned"]
+                    .into_iter()
+                    .zip(v.lost)
+                    .map(|(r, n)| (with(b, &[("reason", r)]), n))
+            }),
+        )?;
+
+        // Exporter self-metrics.
+        gauges(
+            &mut enc,
+            "vigil_exporter_build_info",
+            "Always 1; the version label says which exporter build this is",
+            [(vec![("version", crate::VERSION)], 1)],
+        )?;
+        gauges(
+            &mut enc,
+            "vigil_exporter_regions",
+            "Regions currently watched",
+            [(vec![], tracked.len() as i64)],
+        )?;
+        let errs = self.set.error_counts();
+        counters(
+            &mut enc,
+            "vigil_exporter_region_errors",
+            "Region files that could not be used, by reason (each failing file version counted once)",
+            errs.iter().map(|(r, n)| (vec![("reason", *r)], *n)),
+        )?;
+        tracing::debug!(
+            "scrape: read {} regions in {:?}, encoded in {:?}",
+            views.len(),
+            read_time,
+            t0.elapsed() - read_time
+        );
+        Ok(())
+    }
+}

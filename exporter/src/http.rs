@@ -1,0 +1,212 @@
+//! The HTTP side: `/metrics` (or `--web.telemetry-path`), `/healthz`, and `/`.
+//!
+//! Each connection is its own task, so a slow client only ever holds up itself.
+//! Encoding runs on the blocking pool: it maps regions and makes syscalls, and must
+//! not occupy the async workers that accept and answer other connections.
+
+use crate::collector::VigilCollector;
+use crate::regions::RegionSet;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::{prometheus_text, text};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::future::Future;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The registry and the scrape-duration histogram it includes.
+pub struct Metrics {
+    registry: Registry,
+    scrape_duration: Histogram,
+}
+
+impl Metrics {
+    pub fn new(set: Arc<RegionSet>) -> Metrics {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(VigilCollector::new(set)));
+        // 100 µs .. ~0.8 s: a scrape of 64 regions takes a few milliseconds.
+        let scrape_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 14));
+        registry.register(
+            "vigil_exporter_scrape_duration_seconds",
+            "Time to read all regions and encode one /metrics answer (recorded after it was sent, so it shows from the next scrape)",
+            scrape_duration.clone(),
+        );
+        Metrics {
+            registry,
+            scrape_duration,
+        }
+    }
+
+    /// Encodes every metric: OpenMetrics 1.0 text, or Prometheus text 0.0.4.
+    pub fn render(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
+        let t0 = Instant::now();
+        let mut out = String::with_capacity(256 * 1024);
+        if openmetrics {
+            text::encode(&mut out, &self.registry)?;
+        } else {
+            prometheus_text::encode(&mut out, &self.registry)?;
+        }
+        self.scrape_duration.observe(t0.elapsed().as_secs_f64());
+        Ok(out)
+    }
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct WebConfig {
+    pub telemetry_path: String,
+}
+
+/// `:9477` means every interface; otherwise `host:port` as usual.
+pub fn parse_listen_address(s: &str) -> Result<SocketAddr, String> {
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_string()
+    };
+    full.to_socket_addrs()
+        .map_err(|e| format!("--web.listen-address {s:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("--web.listen-address {s:?}: resolves to no address"))
+}
+
+/// True if the scraper prefers OpenMetrics (Prometheus itself asks for it first).
+fn wants_openmetrics(accept: Option<&HeaderValue>) -> bool {
+    accept
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"))
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    metrics: Arc<Metrics>,
+    cfg: Arc<WebConfig>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET and HEAD are supported\n",
+        ));
+    }
+    let path = req.uri().path();
+    if path == cfg.telemetry_path {
+        let om = wants_openmetrics(req.headers().get(ACCEPT));
+        let res = tokio::task::spawn_blocking(move || metrics.render(om)).await;
+        return Ok(match res {
+            Ok(Ok(body)) => {
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                let ct = if om {
+                    OPENMETRICS_CONTENT_TYPE
+                } else {
+                    prometheus_text::CONTENT_TYPE
+                };
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+                r
+            }
+            _ => {
+                warn!("encoding /metrics failed");
+                plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n")
+            }
+        });
+    }
+    Ok(match path {
+        "/healthz" => plain(StatusCode::OK, "ok\n"),
+        "/" => {
+            let page = format!(
+                "<!doctype html><html><head><title>Vigil exporter</title></head><body>\
+                 <h1>Vigil exporter</h1><p>Version {}.</p><ul>\
+                 <li><a href=\"{p}\">{p}</a>: metrics (Prometheus text, or OpenMetrics on request)</li>\
+                 <li><a href=\"/healthz\">/healthz</a>: health</li></ul></body></html>\n",
+                crate::VERSION,
+                p = html_escape(&cfg.telemetry_path)
+            );
+            let mut r = Response::new(Full::new(Bytes::from(page)));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        _ => plain(StatusCode::NOT_FOUND, "not found\n"),
+    })
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Serves until `shutdown` resolves, then lets open connections finish (at most 5 s).
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    cfg: WebConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let cfg = Arc::new(cfg);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                let (stream, peer) = match conn {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors, typically: back off, keep serving.
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let (m, c) = (metrics.clone(), cfg.clone());
+                let svc = service_fn(move |req| handle(req, m.clone(), c.clone()));
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    // A client that never finishes its request headers is cut off.
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!("connection from {peer}: {e}");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => {
+            warn!("connections still open after 5 s; closing them");
+        }
+    }
+}

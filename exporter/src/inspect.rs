@@ -1,0 +1,154 @@
+//! `vigil-exporter inspect PATH [--json]`: a region's state for an operator.
+//!
+//! Read-only (the region is mapped `PROT_READ`, nothing is locked), so it is safe to
+//! run against a region in use. HAMi's `shrreg_tool`, with validation and JSON.
+
+use serde_json::{json, Value};
+use std::path::Path;
+use vigil_region::layout::RING_CAPACITY;
+use vigil_region::{Counter, DetectOutcome, LockId, RegionReader, Snapshot};
+
+fn outcome_name(v: u32) -> &'static str {
+    if v == 0 {
+        return "none";
+    }
+    DetectOutcome::from_u8(v as u8)
+        .map(|o| o.name())
+        .unwrap_or("unknown")
+}
+
+/// Everything `inspect` prints, as JSON (the text form is rendered from it).
+pub fn to_json(path: &Path, s: &Snapshot) -> Value {
+    let created_s = s.created_realtime_ns / 1_000_000_000;
+    json!({
+        "path": path.display().to_string(),
+        "header": {
+            "initializations": s.init_count,
+            "init_nonce": format!("{:#018x}", s.init_nonce),
+            "created_unix_seconds": created_s,
+        },
+        "identity": {
+            "namespace": s.identity.namespace,
+            "pod": s.identity.pod,
+            "container": s.identity.container,
+        },
+        "devices": s.devices.iter().enumerate().map(|(i, d)| json!({
+            "device": i, "limit_bytes": d.limit, "used_bytes": d.used,
+            "peak_bytes": d.peak, "allocation_denials": d.denials,
+        })).collect::<Vec<_>>(),
+        "slots": s.slots.iter().map(|sl| json!({
+            "slot": sl.index, "generation": sl.generation, "pid": sl.pid,
+            "host_pid": sl.host_pid, "detect_outcome": outcome_name(sl.detect_outcome),
+            "alive": sl.alive, "mem_used_bytes": sl.mem_used,
+        })).collect::<Vec<_>>(),
+        "locks": LockId::ALL.iter().zip(&s.locks).map(|(id, l)| json!({
+            "lock": id.name(), "owner_slot": l.owner, "epoch": l.epoch,
+            "waiters": l.waiters, "lease_ms": l.lease_ns / 1_000_000,
+        })).collect::<Vec<_>>(),
+        "counters": Counter::ALL.iter()
+            .map(|c| (format!("{c:?}"), json!(s.counter(*c))))
+            .collect::<serde_json::Map<_, _>>(),
+        "ring": {
+            "head": s.ring_head,
+            "capacity": RING_CAPACITY,
+            "oldest_retained": s.ring_head.saturating_sub(RING_CAPACITY as u64),
+        },
+    })
+}
+
+/// Human-readable rendering.
+pub fn to_text(v: &Value) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let h = &v["header"];
+    let id = &v["identity"];
+    let _ = writeln!(o, "region {}", v["path"].as_str().unwrap_or(""));
+    let _ = writeln!(
+        o,
+        "  header: initializations={} nonce={} created_unix={}",
+        h["initializations"],
+        h["init_nonce"].as_str().unwrap_or(""),
+        h["created_unix_seconds"]
+    );
+    let show = |x: &Value| match x.as_str() {
+        Some("") | None => "-".to_string(),
+        Some(s) => s.to_string(),
+    };
+    let _ = writeln!(
+        o,
+        "  identity: namespace={} pod={} container={}",
+        show(&id["namespace"]),
+        show(&id["pod"]),
+        show(&id["container"])
+    );
+    for d in v["devices"].as_array().into_iter().flatten() {
+        let limit = match d["limit_bytes"].as_u64() {
+            Some(0) => "none".to_string(),
+            Some(l) => l.to_string(),
+            None => "?".into(),
+        };
+        let _ = writeln!(
+            o,
+            "  device {}: limit={} used={} peak={} denials={}",
+            d["device"], limit, d["used_bytes"], d["peak_bytes"], d["allocation_denials"]
+        );
+    }
+    for l in v["locks"].as_array().into_iter().flatten() {
+        let owner = if l["owner_slot"].is_null() {
+            "free".to_string()
+        } else {
+            format!("slot {}", l["owner_slot"])
+        };
+        let _ = writeln!(
+            o,
+            "  lock {}: {} epoch={} waiters={} lease={}ms",
+            l["lock"].as_str().unwrap_or(""),
+            owner,
+            l["epoch"],
+            l["waiters"],
+            l["lease_ms"]
+        );
+    }
+    let slots = v["slots"].as_array().cloned().unwrap_or_default();
+    let alive = slots.iter().filter(|s| s["alive"] == json!(true)).count();
+    let _ = writeln!(o, "  slots: {} active, {} alive", slots.len(), alive);
+    for s in &slots {
+        let _ = writeln!(
+            o,
+            "    slot {:>4} gen={} pid={} host_pid={} detect={} alive={} mem={}",
+            s["slot"],
+            s["generation"],
+            s["pid"],
+            s["host_pid"],
+            s["detect_outcome"].as_str().unwrap_or(""),
+            s["alive"],
+            s["mem_used_bytes"]
+        );
+    }
+    let _ = writeln!(o, "  counters:");
+    for (k, c) in v["counters"].as_object().into_iter().flatten() {
+        let _ = writeln!(o, "    {k:<30} {c}");
+    }
+    let r = &v["ring"];
+    let _ = writeln!(
+        o,
+        "  ring: head={} capacity={} oldest_retained={}",
+        r["head"], r["capacity"], r["oldest_retained"]
+    );
+    o
+}
+
+/// Prints the region at `path`; errors name the file.
+pub fn run(path: &Path, as_json: bool) -> Result<(), String> {
+    let r = RegionReader::open(path).map_err(|e| e.to_string())?;
+    let v = to_json(path, &r.snapshot());
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", to_text(&v));
+    }
+    Ok(())
+}

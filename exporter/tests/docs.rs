@@ -1,0 +1,86 @@
+//! docs/metrics.md and /metrics must agree: same families, types and label names.
+
+mod common;
+use common::*;
+use std::collections::{BTreeMap, BTreeSet};
+use vigil_region::{InitParams, Region, RegionIdentity};
+
+const REGION_LABELS: [&str; 4] = ["region", "namespace", "pod", "container"];
+
+/// Family name -> (type, label names), from the tables in docs/metrics.md.
+fn documented() -> BTreeMap<String, (String, BTreeSet<String>)> {
+    let md = std::fs::read_to_string(repo_root().join("docs/metrics.md")).unwrap();
+    let mut out = BTreeMap::new();
+    for line in md.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() < 5 || !cells[1].starts_with("`vigil_") {
+            continue;
+        }
+        let name = cells[1].trim_matches('`').to_string();
+        let mut labels = BTreeSet::new();
+        for part in cells[3].split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if part == "*region labels*" {
+                labels.extend(REGION_LABELS.iter().map(|s| s.to_string()));
+            } else {
+                labels.insert(part.trim_matches('`').to_string());
+            }
+        }
+        assert!(
+            out.insert(name.clone(), (cells[2].to_string(), labels))
+                .is_none(),
+            "{name} documented twice"
+        );
+    }
+    out
+}
+
+#[test]
+fn docs_metrics_md_matches_metrics_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("uid-1_main");
+    std::fs::create_dir(&sub).unwrap();
+    let params = InitParams {
+        device_limits: vec![1 << 30],
+        identity: RegionIdentity {
+            namespace: "ns".into(),
+            pod: "p".into(),
+            container: "c".into(),
+        },
+        ..InitParams::default()
+    };
+    let (_w, _) = Region::open(sub.join("r.cache"), &params).unwrap();
+    let ex = Exporter::start(&["--regions-dir", dir.path().to_str().unwrap()]);
+    let m = ex.scrape();
+
+    let mut served: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
+    for (fam, ty) in &m.types {
+        let mut labels = BTreeSet::new();
+        for s in &m.samples {
+            let base = match ty.as_str() {
+                "histogram" => s
+                    .name
+                    .strip_suffix("_bucket")
+                    .or_else(|| s.name.strip_suffix("_sum"))
+                    .or_else(|| s.name.strip_suffix("_count"))
+                    .unwrap_or(&s.name),
+                _ => &s.name,
+            };
+            if base == fam {
+                labels.extend(s.labels.keys().filter(|k| *k != "le").cloned());
+            }
+        }
+        served.insert(fam.clone(), (ty.clone(), labels));
+    }
+    let docs = documented();
+    let names = |m: &BTreeMap<String, _>| m.keys().cloned().collect::<BTreeSet<_>>();
+    assert_eq!(
+        names(&docs),
+        names(&served),
+        "metric names differ between docs/metrics.md (left) and /metrics (right)"
+    );
+    for (name, (ty, labels)) in &docs {
+        let (sty, slabels) = &served[name];
+        assert_eq!(ty, sty, "{name}: type");
+        assert_eq!(labels, slabels, "{name}: labels");
+    }
+}

@@ -1,0 +1,433 @@
+//! /metrics against regions driven by real processes: every series present from the
+//! start, values equal to what the region itself says, formats, deletion.
+
+mod common;
+use common::*;
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use vigil_region::{
+    Counter, DetectOutcome, ForceReason, HistogramId, InitParams, LockId, Region, RegionIdentity,
+    RegionReader, Snapshot,
+};
+
+fn params(limits: Vec<u64>, ns: &str, pod: &str) -> InitParams {
+    InitParams {
+        device_limits: limits,
+        identity: RegionIdentity {
+            namespace: ns.into(),
+            pod: pod.into(),
+            container: String::new(),
+        },
+        ..InitParams::default()
+    }
+}
+
+/// Child-process mode: when VIGIL_TEST_HOLDER names a region, claim a slot, take the
+/// region lock, say "ready" and wait to be killed. Run by `spawn_holder`.
+#[test]
+#[ignore = "helper run as a child process by the other tests"]
+fn holder_child() {
+    let Ok(path) = std::env::var("VIGIL_TEST_HOLDER") else {
+        return;
+    };
+    let (r, _) = Region::open(&path, &InitParams::default()).unwrap();
+    let me = r.claim_slot().unwrap();
+    let _g = r.lock(LockId::Region, me).unwrap();
+    println!("ready");
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn spawn_holder(path: &Path) -> std::process::Child {
+    let mut c = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "holder_child", "--ignored", "--nocapture"])
+        .env("VIGIL_TEST_HOLDER", path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = c.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(out).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.trim() == "ready" => break,
+            Some(Ok(_)) => {}
+            _ => panic!("holder child did not start"),
+        }
+    }
+    c
+}
+
+fn truth(path: &Path) -> Snapshot {
+    RegionReader::open(path).unwrap().snapshot()
+}
+
+/// Checks every contract series of `region` against the region's own snapshot.
+fn assert_matches(m: &Exposition, region: &str, s: &Snapshot) {
+    let r = [("region", region)];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut v: Vec<(&str, &str)> = r.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    let c = |n| s.counter(n) as f64;
+    assert_eq!(
+        m.value("vigil_region_initializations_total", &r),
+        c(Counter::RegionInitializations)
+    );
+    assert_eq!(
+        m.value("vigil_region_recoveries_total", &r),
+        c(Counter::RegionRecoveries)
+    );
+    assert_eq!(
+        m.value(
+            "vigil_process_inits_total",
+            &with(&[("path", "initializer")])
+        ),
+        c(Counter::ProcessInitsInitializer)
+    );
+    assert_eq!(
+        m.value("vigil_process_inits_total", &with(&[("path", "fast_path")])),
+        c(Counter::ProcessInitsFastPath)
+    );
+    assert_eq!(
+        m.value("vigil_processes", &r),
+        s.slots.iter().filter(|x| x.alive).count() as f64
+    );
+    assert_eq!(
+        m.value(
+            "vigil_process_slots_reclaimed_total",
+            &with(&[("reason", "released")])
+        ),
+        c(Counter::SlotsReleased)
+    );
+    assert_eq!(
+        m.value(
+            "vigil_process_slots_reclaimed_total",
+            &with(&[("reason", "dead")])
+        ),
+        c(Counter::SlotsReclaimedDead)
+    );
+    for l in LockId::ALL {
+        let lw = with(&[("lock", l.name())]);
+        assert_eq!(
+            m.value("vigil_lock_acquisitions_total", &lw),
+            c(Counter::lock_acquisitions(l))
+        );
+        assert_eq!(
+            m.value("vigil_lock_retries_total", &lw),
+            c(Counter::lock_retries(l))
+        );
+        assert_eq!(
+            m.value("vigil_lock_fenced_releases_total", &lw),
+            c(Counter::fenced_releases(l))
+        );
+        for fr in ForceReason::ALL {
+            assert_eq!(
+                m.value(
+                    "vigil_lock_force_posts_total",
+                    &with(&[("lock", l.name()), ("reason", fr.name())])
+                ),
+                c(Counter::force_posts(l, fr))
+            );
+        }
+        assert_histogram(
+            m,
+            "vigil_lock_wait_seconds",
+            &lw,
+            s.histogram(HistogramId::lock_wait(l)),
+            1e9,
+        );
+    }
+    for o in DetectOutcome::ALL {
+        assert_eq!(
+            m.value(
+                "vigil_host_pid_detections_total",
+                &with(&[("outcome", o.name())])
+            ),
+            c(Counter::detections(o))
+        );
+    }
+    assert_histogram(
+        m,
+        "vigil_host_pid_detection_seconds",
+        &r,
+        s.histogram(HistogramId::DetectionLatency),
+        1e9,
+    );
+    assert_histogram(
+        m,
+        "vigil_host_pid_detection_polls",
+        &r,
+        s.histogram(HistogramId::DetectionPolls),
+        1.0,
+    );
+    assert_histogram(
+        m,
+        "vigil_init_duration_seconds",
+        &r,
+        s.histogram(HistogramId::InitDuration),
+        1e9,
+    );
+    for (i, d) in s.devices.iter().enumerate() {
+        let dev = i.to_string();
+        let dl = [("region", region), ("device", dev.as_str())];
+        assert_eq!(
+            m.value("vigil_device_memory_limit_bytes", &dl),
+            d.limit as f64
+        );
+        assert_eq!(
+            m.value("vigil_device_memory_used_bytes", &dl),
+            d.used as f64
+        );
+        assert_eq!(
+            m.value("vigil_device_memory_peak_bytes", &dl),
+            d.peak as f64
+        );
+        assert_eq!(
+            m.value("vigil_device_memory_allocation_denials_total", &dl),
+            d.denials as f64
+        );
+    }
+    assert_eq!(m.value("vigil_ring_events_total", &r), s.ring_head as f64);
+    for reason in ["overwritten", "torn", "abandoned"] {
+        assert_eq!(
+            m.find("vigil_ring_events_lost_total", &with(&[("reason", reason)]))
+                .len(),
+            1
+        );
+    }
+}
+
+fn assert_histogram(
+    m: &Exposition,
+    name: &str,
+    labels: &[(&str, &str)],
+    h: &vigil_region::HistogramSnapshot,
+    divisor: f64,
+) {
+    assert_eq!(
+        m.value(&format!("{name}_count"), labels),
+        h.count as f64,
+        "{name} count"
+    );
+    let sum = m.value(&format!("{name}_sum"), labels);
+    assert!(
+        (sum - h.sum as f64 / divisor).abs() <= 1e-9 * sum.abs().max(1.0),
+        "{name} sum {sum} vs {}",
+        h.sum
+    );
+    let buckets = m.find(&format!("{name}_bucket"), labels);
+    assert_eq!(buckets.len(), h.buckets.len(), "{name} bucket count");
+    let mut cum = 0u64;
+    for (i, (b, n)) in buckets.iter().zip(&h.buckets).enumerate() {
+        cum += n;
+        assert_eq!(b.value, cum as f64, "{name} bucket {i}");
+        let le = &b.labels["le"];
+        if i + 1 == h.buckets.len() {
+            assert_eq!(le, "+Inf");
+        } else {
+            let want = (h.unit << i) as f64 / divisor;
+            let got: f64 = le.parse().unwrap();
+            assert!(
+                (got - want).abs() <= want * 1e-12,
+                "{name} le {le} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn series_are_exact_and_present_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("8d1f-4c2a_trainer");
+    std::fs::create_dir(&sub).unwrap();
+    let path = sub.join("vigil.cache");
+    let (w, _) = Region::open(&path, &params(vec![1 << 30, 0], "ml", "trainer-0")).unwrap();
+    let ex = Exporter::start(&["--regions-dir", dir.path().to_str().unwrap()]);
+    let label = "8d1f-4c2a_trainer/vigil.cache";
+
+    // Fresh region: every known series is there, equal to the (mostly zero) region.
+    let m = ex.scrape();
+    assert_matches(&m, label, &truth(&path));
+    let s = m.find("vigil_region_initializations_total", &[("region", label)]);
+    assert_eq!(s[0].labels.get("namespace").map(String::as_str), Some("ml"));
+    assert_eq!(
+        s[0].labels.get("pod").map(String::as_str),
+        Some("trainer-0")
+    );
+    assert_eq!(
+        s[0].labels.get("container").map(String::as_str),
+        Some("trainer"),
+        "container comes from the HAMi directory when the header has none"
+    );
+    assert_eq!(m.value("vigil_exporter_regions", &[]), 1.0);
+    assert!(m.samples.iter().all(|s| !s.labels.contains_key("pid")));
+
+    // Drive it: slots, locks, detections, memory, a second attach, a live holder in
+    // another process that then dies.
+    let me = w.claim_slot().unwrap();
+    let other = w.claim_slot().unwrap();
+    for _ in 0..5 {
+        drop(w.lock(LockId::Region, me).unwrap());
+    }
+    let g = w.lock(LockId::Detect, me).unwrap();
+    w.record_detection(
+        me,
+        DetectOutcome::Found,
+        Some(4242),
+        3_000_000,
+        4,
+        1_000_000,
+    );
+    drop(g);
+    w.record_detection(other, DetectOutcome::Timeout, None, 900_000_000, 40, 0);
+    let _ = w.reserve(me, 0, 512 << 20);
+    let _ = w.reserve(me, 0, 1 << 30); // over the limit: denied
+    let (_w2, _) = Region::open(&path, &InitParams::default()).unwrap();
+    let mut holder = spawn_holder(&path);
+    wait_until("holder counted", Duration::from_secs(10), || {
+        ex.scrape().value("vigil_processes", &[("region", label)]) == 3.0
+    });
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    w.release_slot(other).unwrap();
+
+    let t = truth(&path);
+    let m = ex.scrape();
+    assert_matches(&m, label, &t);
+    // Sanity: the drive really moved the numbers the comparison covers.
+    assert_eq!(m.value("vigil_processes", &[("region", label)]), 1.0);
+    assert_eq!(
+        m.value(
+            "vigil_host_pid_detections_total",
+            &[("region", label), ("outcome", "found")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "vigil_process_inits_total",
+            &[("region", label), ("path", "fast_path")]
+        ),
+        t.counter(Counter::ProcessInitsFastPath) as f64
+    );
+    assert!(t.counter(Counter::ProcessInitsFastPath) >= 2);
+    assert!(t.devices[0].used > 0);
+}
+
+#[test]
+fn formats_health_landing_and_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.cache");
+    let (_w, _) = Region::open(&path, &params(vec![0], "", "")).unwrap();
+    let solo = dir.path().join("solo.region");
+    let (_s, _) = Region::open(&solo, &params(vec![], "", "")).unwrap();
+    let ex = Exporter::start(&[
+        "--regions-dir",
+        dir.path().to_str().unwrap(),
+        "--region",
+        solo.to_str().unwrap(),
+        "--web.telemetry-path",
+        "/custom",
+    ]);
+
+    let text = http_get(ex.addr, "/custom", None);
+    assert_eq!(text.status, 200);
+    assert!(text.headers["content-type"].starts_with("text/plain; version=0.0.4"));
+    assert!(!text.body.contains("# EOF"));
+    let om = http_get(
+        ex.addr,
+        "/custom",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+    );
+    assert!(om.headers["content-type"].starts_with("application/openmetrics-text"));
+    assert!(om.body.trim_end().ends_with("# EOF"));
+    assert!(om.body.contains("# TYPE vigil_process_inits counter"));
+    assert!(om.body.contains("vigil_process_inits_total{"));
+
+    let h = ex.get("/healthz");
+    assert_eq!((h.status, h.body.trim()), (200, "ok"));
+    let landing = ex.get("/");
+    assert_eq!(landing.status, 200);
+    assert!(landing.body.contains("href=\"/custom\""));
+    assert_eq!(ex.get("/nope").status, 404);
+
+    // Both regions are there (the explicit one labelled by its path); a region with
+    // no devices has no device series.
+    let m = Exposition::parse(&text.body);
+    let solo_label = solo.to_str().unwrap();
+    assert_eq!(
+        m.value(
+            "vigil_region_initializations_total",
+            &[("region", solo_label)]
+        ),
+        1.0
+    );
+    assert!(m
+        .find("vigil_device_memory_limit_bytes", &[("region", solo_label)])
+        .is_empty());
+    assert_eq!(
+        m.value(
+            "vigil_device_memory_limit_bytes",
+            &[("region", "a.cache"), ("device", "0")]
+        ),
+        0.0
+    );
+
+    // Deleting a mapped region drops its series and counts it.
+    std::fs::remove_file(&path).unwrap();
+    wait_until("deleted region dropped", Duration::from_secs(10), || {
+        let r = http_get(ex.addr, "/custom", None);
+        let m = Exposition::parse(&r.body);
+        m.find("vigil_ring_events_total", &[("region", "a.cache")])
+            .is_empty()
+            && m.value(
+                "vigil_exporter_region_errors_total",
+                &[("reason", "vanished")],
+            ) == 1.0
+    });
+    assert!(ex.log_text().contains("a.cache"), "{}", ex.log_text());
+}
+
+#[test]
+fn graceful_shutdown_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ex = Exporter::start(&["--regions-dir", dir.path().to_str().unwrap()]);
+    let pid = ex.child.id().to_string();
+    let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(st.success());
+    let code = ex.child.wait().unwrap();
+    assert!(code.success(), "exit status {code:?}");
+}
+
+#[test]
+fn bad_flags_are_named() {
+    let out = Command::new(BIN)
+        .args(["--regions-dir", "/nonexistent/vigil-dir"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--regions-dir /nonexistent/vigil-dir"),
+        "{err}"
+    );
+    let out = Command::new(BIN).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--region"));
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--web.listen-address",
+        "--web.telemetry-path",
+        "--log.level",
+        "--otlp-endpoint",
+        "--regions-dir",
+        "--region",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}

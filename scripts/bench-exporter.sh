@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# vigil-exporter benchmarks (issue 6 targets): /metrics p99 latency with 64 regions of
+# 32 live slots (target <= 10 ms), exporter RSS (<= 30 MiB), drain throughput
+# (>= 5M events/s on one core).
+#
+# Usage: scripts/bench-exporter.sh [REGIONS] [SLOTS] [SCRAPES]   (defaults 64 32 2000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REGIONS="${1:-64}"
+SLOTS="${2:-32}"
+SCRAPES="${3:-2000}"
+
+cargo build --quiet --release -p vigil-exporter --bins --examples
+work="$(mktemp -d /tmp/vigil-bench.XXXXXX)"
+pids=()
+cleanup() {
+    exec 3>&- 2>/dev/null || true
+    for p in "${pids[@]}"; do
+        kill "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# The fixture holds every slot, like live processes would, until its stdin closes.
+mkfifo "$work/hold"
+target/release/examples/fixture "$work/regions" "$REGIONS" "$SLOTS" <"$work/hold" >"$work/fixture.out" &
+pids+=($!)
+exec 3>"$work/hold"
+for _ in $(seq 1 600); do grep -q ready "$work/fixture.out" 2>/dev/null && break; sleep 0.1; done
+grep -q ready "$work/fixture.out" || { echo "bench: fixture did not start" >&2; exit 1; }
+
+# Two mapping policies: the default (map each region only while reading it) and
+# --regions.keep-mapped (keep mappings between scrapes).
+for mode in default --regions.keep-mapped; do
+    flag=""
+    [ "$mode" = default ] || flag="$mode"
+    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    target/release/vigil-exporter --regions-dir "$work/regions" --web.listen-address "127.0.0.1:$port" \
+        --log.level warn $flag >"$work/exporter.log" 2>&1 &
+    exporter=$!
+    pids+=("$exporter")
+    for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+    regions_seen="$(curl -sf "http://127.0.0.1:$port/metrics" | awk '/^vigil_exporter_regions /{print $2}')"
+    live="$(curl -sf "http://127.0.0.1:$port/metrics" | awk '/^vigil_processes\{/{s+=$2} END{print s}')"
+    echo "bench: [$mode] exporter sees $regions_seen regions, $live live processes"
+    target/release/examples/scrape_bench "127.0.0.1:$port" 100 >/dev/null # warm-up
+    echo "bench: [$mode] /metrics latency, $SCRAPES sequential scrapes (fresh connection each):"
+    target/release/examples/scrape_bench "127.0.0.1:$port" "$SCRAPES"
+    grep -E 'VmRSS|VmHWM|RssAnon|RssFile' "/proc/$exporter/status" | tr -s ' \t' ' ' | sed "s/^/bench: [$mode] exporter /"
+    kill "$exporter"
+    wait "$exporter" 2>/dev/null || true
+done
+echo "bench: drain throughput:"
+cargo bench --quiet -p vigil-exporter --bench drain 2>/dev/null | grep drain

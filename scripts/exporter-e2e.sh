@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# End to end: vigil-exporter scraped every 1 s by a real Prometheus on loopback while
+# tests/run_comprehensive_tests.sh runs N workloads (default 8) under LD_PRELOAD, once
+# plain and once with a SIGKILLed detection-lock holder. Then the Prometheus HTTP API
+# must report exactly the scenario's own JSON figures, and `promtool check metrics`
+# must find no problems on /metrics. Exits non-zero on any mismatch.
+#
+# Usage: scripts/exporter-e2e.sh [N]
+#   VIGIL_SKIP_BUILD=1   use the binaries already in target/debug
+#   VIGIL_E2E_KEEP=1     keep the work directory (logs, TSDB) for inspection
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${1:-8}"
+
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+    echo "e2e: installing Debian's prometheus package (prometheus + promtool)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+    # The package starts a system service; we run our own instance on other ports.
+    (systemctl stop prometheus || service prometheus stop) >/dev/null 2>&1 || true
+fi
+if [ "${VIGIL_SKIP_BUILD:-}" != 1 ]; then
+    cargo build --quiet --workspace --features vigil-interposer/fault-injection
+fi
+
+work="$(mktemp -d /tmp/vigil-e2e.XXXXXX)"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do
+        kill "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    if [ "${VIGIL_E2E_KEEP:-}" = 1 ]; then echo "e2e: kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+exp_port="$(free_port)"
+prom_port="$(free_port)"
+mkdir -p "$work/regions/plain" "$work/regions/kill"
+
+target/debug/vigil-exporter --regions-dir "$work/regions" --regions-dir.scan-interval 200ms \
+    --web.listen-address "127.0.0.1:$exp_port" >"$work/exporter.log" 2>&1 &
+pids+=($!)
+
+cat >"$work/prometheus.yml" <<EOF
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: vigil
+    static_configs:
+      - targets: ["127.0.0.1:$exp_port"]
+EOF
+prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
+    --web.listen-address="127.0.0.1:$prom_port" >"$work/prometheus.log" 2>&1 &
+pids+=($!)
+
+wait_http() {
+    for _ in $(seq 1 150); do
+        curl -sf "$1" >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    echo "e2e: $1 never answered" >&2
+    cat "$work"/*.log >&2
+    exit 1
+}
+wait_http "http://127.0.0.1:$exp_port/healthz"
+wait_http "http://127.0.0.1:$prom_port/-/ready"
+
+# Runs one scenario into its own region directory; prints its JSON summary line.
+run_scenario() {
+    local name="$1"
+    shift
+    local rc=0
+    env "$@" VIGIL_SKIP_BUILD=1 VIGIL_SCENARIO_REGION="$work/regions/$name/region.cache" \
+        tests/run_comprehensive_tests.sh "$N" >"$work/$name.out" 2>&1 || rc=$?
+    if [ "$rc" != 0 ]; then
+        echo "e2e: note: scenario '$name' exited $rc (its own checks; figures are still compared):" >&2
+        grep -E "FAIL" "$work/$name.out" >&2 || true
+    fi
+    local json
+    json="$(grep -E '^\{' "$work/$name.out" | tail -1)"
+    if [ -z "$json" ]; then
+        echo "e2e: scenario '$name' printed no JSON summary:" >&2
+        cat "$work/$name.out" >&2
+        exit 1
+    fi
+    echo "$json"
+}
+
+echo "e2e: scenario 'plain' (N=$N)"
+plain_json="$(run_scenario plain)"
+echo "e2e:   $plain_json"
+echo "e2e: scenario 'kill' (N=$N, VIGIL_SCENARIO_KILL_HOLDER_MS=300)"
+kill_json="$(run_scenario kill VIGIL_SCENARIO_KILL_HOLDER_MS=300)"
+echo "e2e:   $kill_json"
+
+# Compares Prometheus's answers with the scenario figures, retrying while the last
+# scrapes come in (at most 20 s), then reports every comparison.
+python3 - "$prom_port" "$plain_json" "$kill_json" <<'PY'
+import json, sys, time, urllib.parse, urllib.request
+port, runs = sys.argv[1], {"plain": json.loads(sys.argv[2]), "kill": json.loads(sys.argv[3])}
+
+def query(q):
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+    with urllib.request.urlopen(url, timeout=5) as r:
+        res = json.load(r)["data"]["result"]
+    return float(res[0]["value"][1]) if res else None
+
+checks = []
+for name, fig in runs.items():
+    sel = f'region="{name}/region.cache"'
+    checks += [
+        (name, f"sum(vigil_process_inits_total{{{sel}}})", fig["inits"], "inits"),
+        (name, f'sum(vigil_host_pid_detections_total{{{sel},outcome="found"}})', fig["host_pid_found"], "host_pid_found"),
+        (name, f"sum(vigil_lock_force_posts_total{{{sel}}})", fig["force_posts"], "force_posts"),
+        (name, f"sum(vigil_host_pid_detection_seconds_count{{{sel}}})", fig["detections"], "detections"),
+    ]
+deadline = time.time() + 20
+while True:
+    got = [query(q) for _, q, _, _ in checks]
+    ok = all(g is not None and g == float(w) for g, (_, _, w, _) in zip(got, checks))
+    if ok or time.time() > deadline:
+        break
+    time.sleep(0.5)
+for g, (name, q, want, field) in zip(got, checks):
+    mark = "PASS" if g is not None and g == float(want) else "FAIL"
+    print(f"e2e: {mark}: [{name}] {q} = {g}  (scenario {field} = {want})")
+if runs["kill"]["force_posts"] != 1:
+    print(f"e2e: FAIL: the kill scenario should force-post exactly once, JSON says {runs['kill']['force_posts']}")
+    ok = False
+sys.exit(0 if ok else 1)
+PY
+
+echo "e2e: promtool check metrics on /metrics"
+curl -sf "http://127.0.0.1:$exp_port/metrics" >"$work/metrics.txt"
+if ! promtool check metrics <"$work/metrics.txt" >"$work/promtool.out" 2>&1 || [ -s "$work/promtool.out" ]; then
+    echo "e2e: FAIL: promtool check metrics reported problems:" >&2
+    cat "$work/promtool.out" >&2
+    exit 1
+fi
+echo "e2e: PASS: promtool check metrics: no problems"
+echo "e2e: all checks passed"
