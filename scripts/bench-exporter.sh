@@ -31,9 +31,9 @@ exec 3>"$work/hold"
 for _ in $(seq 1 600); do grep -q ready "$work/fixture.out" 2>/dev/null && break; sleep 0.1; done
 grep -q ready "$work/fixture.out" || { echo "bench: fixture did not start" >&2; exit 1; }
 
-# Two mapping policies: the default (map each region only while reading it) and
-# --regions.keep-mapped (keep mappings between scrapes).
-for mode in default --regions.keep-mapped; do
+# Two mapping policies: the default (keep mappings between scrapes) and
+# --regions.map-per-read (map each region only while reading it).
+for mode in default --regions.map-per-read; do
     flag=""
     [ "$mode" = default ] || flag="$mode"
     port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"

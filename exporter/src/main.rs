@@ -40,10 +40,11 @@ struct Cli {
     /// Path under which metrics are served.
     #[arg(long = "web.telemetry-path", default_value = "/metrics")]
     telemetry_path: String,
-    /// Keep regions mapped between reads: faster scrapes (no re-mapping and page
-    /// faults), but the touched shared pages (up to 1.7 MiB a region) count in RSS.
-    #[arg(long = "regions.keep-mapped")]
-    keep_mapped: bool,
+    /// Map each region only while reading it, instead of keeping it mapped: RSS no
+    /// longer counts the regions' touched pages (shared page cache), but every read
+    /// pays the mapping and its page faults.
+    #[arg(long = "regions.map-per-read")]
+    map_per_read: bool,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long = "log.level", default_value = "info",
           value_parser = ["error", "warn", "info", "debug", "trace"])]
@@ -129,7 +130,7 @@ fn run(cli: Cli) -> Result<(), String> {
         .map(|s| s as Arc<dyn vigil_exporter::trace::TraceSink>);
     let set = Arc::new(
         RegionSet::new(cli.regions.clone(), cli.regions_dir.clone(), sink)
-            .with_keep_mapped(cli.keep_mapped),
+            .with_keep_mapped(!cli.map_per_read),
     );
     set.rescan();
 

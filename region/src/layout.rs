@@ -55,7 +55,12 @@ pub struct Header {
     /// Bytes a primary context took, as last measured through NVML; later processes
     /// charge this before creating theirs, so the limit covers contexts being born.
     pub ctx_footprint: AtomicU64,
-    pub _reserved: [AtomicU64; 6],
+    /// One past the highest slot ever claimed since initialization: readers and
+    /// reapers scan only `slots[..slot_high_water]` (a few KiB instead of 720 KiB).
+    /// Raised before a slot becomes active; readers clamp it to MAX_SLOTS.
+    pub slot_high_water: AtomicU32,
+    pub _pad: AtomicU32,
+    pub _reserved: [AtomicU64; 5],
 }
 
 /// Bytes of each identity string; longer values are truncated at a UTF-8 boundary.
@@ -186,6 +191,7 @@ const _: () = {
     assert!(offset_of!(Header, slot_count) == 60);
     assert!(offset_of!(Header, ring_capacity) == 64);
     assert!(offset_of!(Header, ctx_footprint) == 72);
+    assert!(offset_of!(Header, slot_high_water) == 80);
     assert!(size_of::<DeviceEntry>() == 32);
     assert!(size_of::<Histogram>() == 256);
     assert!(size_of::<LockState>() == 64);

@@ -66,9 +66,11 @@ impl Region {
     fn recompute_totals(&self) {
         let l = self.layout();
         for d in 0..MAX_DEVICES {
-            let sum = l.slots.iter().fold(0u64, |acc, s| {
-                acc.saturating_add(s.mem_used[d].load(Acquire))
-            });
+            let sum = l.slots[..crate::region::slots_in_use(l)]
+                .iter()
+                .fold(0u64, |acc, s| {
+                    acc.saturating_add(s.mem_used[d].load(Acquire))
+                });
             l.devices[d].used.store(sum, Release);
         }
     }

@@ -580,6 +580,7 @@ fn zero_all(l: &RegionLayout) {
     ] {
         a.store(0, Relaxed);
     }
+    h.slot_high_water.store(0, Relaxed);
     for f in [
         &l.identity.namespace,
         &l.identity.pod,
@@ -613,6 +614,11 @@ fn zero_all(l: &RegionLayout) {
     for e in &l.events {
         e.seq.store(0, Relaxed);
     }
+}
+
+/// How many leading slots can be in use (the high-water mark, clamped).
+pub(crate) fn slots_in_use(l: &RegionLayout) -> usize {
+    (l.header.slot_high_water.load(Acquire) as usize).min(MAX_SLOTS)
 }
 
 mod sealed {
@@ -846,8 +852,7 @@ fn snapshot(l: &RegionLayout, file: &File) -> Snapshot {
         }
     })
     .collect();
-    let slots = l
-        .slots
+    let slots = l.slots[..slots_in_use(l)]
         .iter()
         .enumerate()
         .filter(|(_, s)| s.state.load(Acquire) == SLOT_ACTIVE)

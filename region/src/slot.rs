@@ -77,6 +77,10 @@ impl Region {
             }
         }
         let s = &self.layout().slots[i];
+        self.layout()
+            .header
+            .slot_high_water
+            .fetch_max(i as u32 + 1, AcqRel);
         // A dead owner's leftovers: take the slot over first (new generation, so the
         // dead incarnation can no longer look like a lock owner), then credit its
         // memory under the region lock as the new owner. Dying in between leaves the
@@ -162,7 +166,7 @@ impl Region {
     pub fn reap_dead_slots(&self, by: SlotHandle) -> usize {
         let l = self.layout();
         let mut n = 0;
-        for i in 0..MAX_SLOTS {
+        for i in 0..crate::region::slots_in_use(l) {
             if l.slots[i].state.load(Acquire) != SLOT_ACTIVE || self.holds(i) {
                 continue;
             }
@@ -244,7 +248,7 @@ impl Region {
     /// Host PIDs recorded by live slots other than `except`.
     pub fn claimed_host_pids(&self, except: Option<u16>) -> Vec<u32> {
         let l = self.layout();
-        l.slots
+        l.slots[..crate::region::slots_in_use(l)]
             .iter()
             .enumerate()
             .filter(|(i, s)| Some(*i as u16) != except && s.state.load(Acquire) == SLOT_ACTIVE)
