@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# End to end: vigil-exporter scraped every 1 s by a real Prometheus on loopback while
-# tests/run_comprehensive_tests.sh runs N workloads (default 8) under LD_PRELOAD, once
-# plain and once with a SIGKILLed detection-lock holder. Then the Prometheus HTTP API
-# must report exactly the scenario's own JSON figures, and `promtool check metrics`
-# must find no problems on /metrics. Exits non-zero on any mismatch.
+# End to end: vigil-exporter scraped every 1 s by a real Prometheus on loopback (with
+# Vigil's alert rules loaded) while tests/run_comprehensive_tests.sh runs N workloads
+# (default 8) under LD_PRELOAD, once plain and once with a SIGKILLed detection-lock
+# holder. Then the Prometheus HTTP API must report exactly the scenario's own JSON
+# figures, and `promtool check metrics` must find no problems on /metrics.
+# A third phase adds the remaining signals (a memory denial, a container near its
+# limit, host-PID detection failures, a corrupt region file) and sends every PromQL
+# expression of the dashboards and alert rules to Prometheus (tests/promql_exprs.py):
+# each must parse and evaluate, and each must return data unless listed, with the
+# reason, in tests/e2e-no-data.txt. Exits non-zero on any failure.
 #
 # Usage: scripts/exporter-e2e.sh [N]
 #   VIGIL_SKIP_BUILD=1   use the binaries already in target/debug
@@ -36,7 +41,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 exp_port="$(free_port)"
 prom_port="$(free_port)"
-mkdir -p "$work/regions/plain" "$work/regions/kill"
+mkdir -p "$work/regions/plain" "$work/regions/kill" "$work/regions/signals"
 
 target/debug/vigil-exporter --regions-dir "$work/regions" --regions-dir.scan-interval 200ms \
     --web.listen-address "127.0.0.1:$exp_port" >"$work/exporter.log" 2>&1 &
@@ -46,8 +51,9 @@ cat >"$work/prometheus.yml" <<EOF
 global:
   scrape_interval: 1s
   scrape_timeout: 1s
+rule_files: ["$PWD/alerts/vigil-alerts.yml"]
 scrape_configs:
-  - job_name: vigil
+  - job_name: vigil-exporter
     static_configs:
       - targets: ["127.0.0.1:$exp_port"]
 EOF
@@ -140,4 +146,50 @@ if ! promtool check metrics <"$work/metrics.txt" >"$work/promtool.out" 2>&1 || [
     exit 1
 fi
 echo "e2e: PASS: promtool check metrics: no problems"
+echo "e2e: phase 3: every dashboard and alert expression against the live data"
+# A simulator whose NVML fails every call: detection outcomes nvml_error.
+lib="$work/lib"
+target/debug/vigil-gpusim install-libs "$lib" >/dev/null
+sim() {
+    target/debug/vigil-gpusim --socket "$work/$1.sock" --ctx-create-time 20ms --nvml-lag 40ms \
+        --ctx-memory 2MiB "${@:2}" >"$work/$1.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do [ -S "$work/$1.sock" ] && return 0; sleep 0.05; done
+    echo "e2e: simulator $1 did not start" >&2; exit 1
+}
+sim ok
+sim broken --nvml-error-rate 1
+workload() {
+    local sock="$1"
+    shift
+    VIGIL_GPUSIM_SOCKET="$work/$sock.sock" LD_LIBRARY_PATH="$lib" LD_PRELOAD="$PWD/target/debug/libvigil.so" \
+        CUDA_DEVICE_MEMORY_SHARED_CACHE="$work/regions/signals/region.cache" CUDA_DEVICE_MEMORY_LIMIT=1g \
+        LIBCUDA_LOG_LEVEL=1 target/debug/vigil-workload "$@"
+}
+# A holder near the limit (stays up during the checks), then a workload refused.
+workload ok --alloc 950MiB --exit wait >"$work/holder.out" 2>&1 &
+holder=$!
+pids+=($holder)
+for _ in $(seq 1 100); do grep -qs '^ready' "$work/holder.out" && break; sleep 0.05; done
+grep -q '^ready' "$work/holder.out" || { echo "e2e: holder did not start" >&2; cat "$work/holder.out" >&2; exit 1; }
+if workload ok --alloc 200MiB >"$work/denied.out" 2>&1; then
+    echo "e2e: FAIL: an allocation past the limit was granted" >&2; exit 1
+fi
+grep -q 'call=cuMemAlloc code=2' "$work/denied.out" || { echo "e2e: FAIL: no OOM" >&2; cat "$work/denied.out" >&2; exit 1; }
+for _ in 1 2 3; do workload broken --alloc 1MiB >/dev/null 2>&1 || true; done
+# A file in the regions directory that is not a region.
+head -c 4096 /dev/urandom >"$work/regions/not-a-region.cache"
+# Let a few scrapes and rule evaluations see it all.
+sleep 4
+py="${VIGIL_PYTHON:-target/pyenv/bin/python}"
+[ -x "$py" ] || py=python3
+"$py" tests/promql_exprs.py --url "http://127.0.0.1:$prom_port" --rate-interval 1m \
+    --require-data-all-except tests/e2e-no-data.txt -o "$work/promql.json" >"$work/promql.out" 2>&1 || {
+    echo "e2e: FAIL: dashboard/alert expressions (report: $work/promql.json):" >&2
+    cat "$work/promql.out" >&2
+    VIGIL_E2E_KEEP=1
+    exit 1
+}
+tail -3 "$work/promql.out"
+echo "e2e: PASS: every dashboard and alert expression parsed, evaluated, and returned data where the run produced the signal"
 echo "e2e: all checks passed"

@@ -51,6 +51,9 @@ scenario VIGIL_SCENARIO_PID_MODE=caller tests/run_comprehensive_tests.sh 8
 scenario VIGIL_SCENARIO_LIMIT=8g tests/run_comprehensive_tests.sh 8
 echo "scenarios: 7 passed, 0 failed"
 
+echo "==> exporter end to end with a real Prometheus (scripts/exporter-e2e.sh)"
+scripts/exporter-e2e.sh 8
+
 echo "==> dashboards, alerts and manifests (scripts/check-monitoring.sh)"
 scripts/check-monitoring.sh
 
