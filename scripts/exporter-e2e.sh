@@ -159,19 +159,23 @@ sim() {
 }
 sim ok
 sim broken --nvml-error-rate 1
-workload() {
-    local sock="$1"
+# A subshell that execs the workload: in the background, $! is the workload itself.
+workload() (
+    sock="$1"
     shift
-    VIGIL_GPUSIM_SOCKET="$work/$sock.sock" LD_LIBRARY_PATH="$lib" LD_PRELOAD="$PWD/target/debug/libvigil.so" \
-        CUDA_DEVICE_MEMORY_SHARED_CACHE="$work/regions/signals/region.cache" CUDA_DEVICE_MEMORY_LIMIT=1g \
-        LIBCUDA_LOG_LEVEL=1 target/debug/vigil-workload "$@"
-}
+    export VIGIL_GPUSIM_SOCKET="$work/$sock.sock" LD_LIBRARY_PATH="$lib" \
+        LD_PRELOAD="$PWD/target/debug/libvigil.so" LIBCUDA_LOG_LEVEL=1 \
+        CUDA_DEVICE_MEMORY_SHARED_CACHE="$work/regions/signals/region.cache" CUDA_DEVICE_MEMORY_LIMIT=1g
+    exec target/debug/vigil-workload "$@"
+)
 # A holder near the limit (stays up during the checks), then a workload refused.
 workload ok --alloc 950MiB --exit wait >"$work/holder.out" 2>&1 &
 holder=$!
 pids+=($holder)
 for _ in $(seq 1 100); do grep -qs '^ready' "$work/holder.out" && break; sleep 0.05; done
 grep -q '^ready' "$work/holder.out" || { echo "e2e: holder did not start" >&2; cat "$work/holder.out" >&2; exit 1; }
+# The workload's own PID (the background job may be a subshell around it).
+pids+=("$(sed -n 's/^ready pid=\([0-9]*\).*/\1/p' "$work/holder.out")")
 if workload ok --alloc 200MiB >"$work/denied.out" 2>&1; then
     echo "e2e: FAIL: an allocation past the limit was granted" >&2; exit 1
 fi

@@ -127,10 +127,20 @@ fn sixteen_processes_filling_a_1gib_limit_never_pass_it_and_usage_returns_to_zer
     assert_eq!(events, denied);
 }
 
-/// Spawns a workload and waits for its `ready` line. The caller kills and reaps it;
-/// on a failed assertion here the test process is ending anyway.
+/// A child killed and reaped when dropped, so a failed assertion leaves nothing behind.
+struct Holder(Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns a workload and waits for its `ready` line. (Clippy cannot see that every
+/// path either reaps the child or hands it to a `Holder`, which reaps it on drop.)
 #[allow(clippy::zombie_processes)]
-fn spawn_ready(mut cmd: Command) -> (Child, HashMap<String, String>) {
+fn spawn_ready(mut cmd: Command) -> (Holder, HashMap<String, String>) {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -146,9 +156,13 @@ fn spawn_ready(mut cmd: Command) -> (Child, HashMap<String, String>) {
         }
         if let Some((w, kv)) = lines(line.as_bytes()).into_iter().next() {
             if w == "ready" {
-                return (child, kv);
+                return (Holder(child), kv);
             }
-            assert_ne!(w, "error", "{line}");
+            if w == "error" {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{line}");
+            }
         }
     }
 }
@@ -186,14 +200,13 @@ fn no_allocation_that_fits_is_refused_while_holders_are_killed() {
     let end = Instant::now() + Duration::from_secs(secs.parse().unwrap());
     let mut killed = 0;
     while Instant::now() < end {
-        let (mut victim, _) = spawn_ready(sim.workload(
+        let (victim, _) = spawn_ready(sim.workload(
             &["--alloc", "120MiB", "--alloc", "120MiB", "--exit", "wait"],
             &limit,
             true,
         ));
         std::thread::sleep(Duration::from_millis(50));
-        victim.kill().unwrap();
-        victim.wait().unwrap();
+        drop(victim); // SIGKILL, holding its memory
         killed += 1;
     }
     let mut refused = 0;
@@ -222,7 +235,7 @@ fn no_allocation_that_fits_is_refused_while_holders_are_killed() {
 fn cuda_and_nvml_report_the_limit_as_total_and_what_it_leaves_as_free() {
     let sim = Sim::start(&[]);
     let env = [("CUDA_DEVICE_MEMORY_LIMIT", "4g")];
-    let (mut holder, kv) =
+    let (holder, kv) =
         spawn_ready(sim.workload(&["--alloc", "100MiB", "--exit", "wait"], &env, true));
     let reader = RegionReader::open(sim.region()).unwrap();
     let (limit, used) = reader.device_usage(0).unwrap();
@@ -243,8 +256,7 @@ fn cuda_and_nvml_report_the_limit_as_total_and_what_it_leaves_as_free() {
     // Without the preload, NVML reports the whole device.
     let whole = pynvml(&sim, None)[0];
     assert!(whole > limit, "unhooked total {whole}");
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    drop(holder);
 }
 
 /// nvmlDeviceGetMemoryInfo (v1 and v2) from nvidia-ml-py: total, free, used twice.
@@ -292,15 +304,14 @@ fn usage_past_the_limit_reads_as_zero_free_never_a_huge_number() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let (mut holder, _) = spawn_ready(sim.workload(
+    let (holder, _) = spawn_ready(sim.workload(
         &["--stress", "fill", "--refusals", "1", "--exit", "wait"],
         &env,
         true,
     ));
     let v = pynvml(&sim, Some("300m"));
     assert_eq!(v[..3], [300 * MIB, 0, 518 * MIB]);
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    drop(holder);
 }
 
 #[test]
