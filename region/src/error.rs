@@ -17,7 +17,9 @@ pub enum RegionError {
         len: u64,
         expected: u64,
     },
-    #[error("region {}: bad magic {found:#018x} (expected {:#018x}): not a Vigil region", path.display(), crate::layout::MAGIC)]
+    // The bytes found are kept for tools but never printed: the file may be anything
+    // a tenant pointed us at.
+    #[error("region {}: bad magic (expected \"VIGILRGN\"): not a Vigil region", path.display())]
     WrongMagic { path: PathBuf, found: u64 },
     #[error("region {}: layout version {found} is not supported (this build reads v{supported}); upgrade the reader or remove the file once no process uses it", path.display())]
     UnsupportedVersion {
@@ -38,6 +40,12 @@ pub enum RegionError {
     InitTimeout { path: PathBuf, waited_ms: u64 },
     #[error("region {}: all {max} process slots are held by live processes", path.display())]
     SlotsExhausted { path: PathBuf, max: usize },
+    #[error("region {}: gave up on the {lock} lock after {waited_ms} ms: its word kept changing hands without any owner holding it past the lease (a hostile or broken writer?)", path.display())]
+    LockTimeout {
+        path: PathBuf,
+        lock: &'static str,
+        waited_ms: u64,
+    },
     #[error("region {}: invalid parameter {what}: {why}", path.display())]
     InvalidParam {
         path: PathBuf,
@@ -58,6 +66,7 @@ impl RegionError {
             RegionError::Corrupt { .. } => "corrupt",
             RegionError::InitTimeout { .. } => "init_timeout",
             RegionError::SlotsExhausted { .. } => "slots_exhausted",
+            RegionError::LockTimeout { .. } => "lock_timeout",
             RegionError::InvalidParam { .. } => "invalid_param",
         }
     }

@@ -6,8 +6,8 @@
 //! histograms, two cross-process locks, process slots with liveness tokens, and an
 //! event ring. See `docs/region.md` for the protocols and the reasons behind them.
 //!
-//! Unsafe code lives only in `sys` (syscalls) and in the one cast from mapping to
-//! layout in `region`.
+//! Unsafe code lives only in `sys` (syscalls, and the SIGBUS guard for readers) and in
+//! the one cast from mapping to layout in `region`.
 
 pub mod counters;
 pub mod error;
@@ -25,8 +25,8 @@ pub use error::RegionError;
 pub use lock::{LockGuard, LockOutcome, ReleaseOutcome};
 pub use mem::Reservation;
 pub use region::{
-    DeviceInfo, InitParams, InitPath, InitReport, LockInfo, Region, RegionIdentity, RegionRead,
-    RegionReader, SlotInfo, Snapshot,
+    install_sigbus_guard, DeviceInfo, InitParams, InitPath, InitReport, LockInfo, Region,
+    RegionIdentity, RegionRead, RegionReader, SlotInfo, Snapshot,
 };
 pub use ring::{DrainStats, Event, EventKind, LostCounts, RingConsumer, NO_SLOT};
 pub use slot::SlotHandle;

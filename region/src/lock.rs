@@ -26,6 +26,9 @@ use crate::sys::{self, monotonic_ns, Wait};
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
 
+/// The longest lease honoured, whatever the region says (an hour).
+const MAX_LEASE_NS: u64 = 3_600_000_000_000;
+
 /// How long a waiter sleeps before re-checking the owner's liveness.
 pub const WAIT_SLICE: Duration = Duration::from_millis(2);
 
@@ -139,9 +142,18 @@ impl Region {
     fn lock_slow(&self, lock: LockId, me: SlotHandle) -> Result<LockGuard<'_>, RegionError> {
         let st = &self.layout().locks[lock as usize];
         let t0 = monotonic_ns();
-        let lease = st.lease_ns.load(Relaxed).max(1);
+        // A zero or absurd lease in a damaged region must neither evict everyone nor
+        // make waiters wait for ever.
+        let lease = st.lease_ns.load(Relaxed).clamp(1_000_000, MAX_LEASE_NS);
+        // A backstop no legitimate sequence of owners reaches: each owner is evicted
+        // after one lease, so only a word that keeps changing hands without anyone
+        // holding it (a hostile writer) gets here.
+        let give_up = t0.saturating_add(2 * lease + 1_000_000_000);
         let mut retries = 0u32;
-        // The word we are waiting behind, and when we first saw it.
+        // The word we last saw, and the owner we are timing with when we first saw it.
+        // The lease runs per owner (slot and generation), not per word: a writer that
+        // only bumps the epoch must not restart it.
+        let mut seen_word = u64::MAX;
         let mut seen = (u64::MAX, t0);
         let mut check_owner = true;
         st.waiters.fetch_add(1, SeqCst);
@@ -162,9 +174,19 @@ impl Region {
                 });
             }
             let now = monotonic_ns();
-            if w != seen.0 {
-                seen = (w, now);
+            if now >= give_up {
+                break Err(RegionError::LockTimeout {
+                    path: self.path.clone(),
+                    lock: lock.name(),
+                    waited_ms: (now - t0) / 1_000_000,
+                });
+            }
+            if w != seen_word {
+                seen_word = w;
                 check_owner = true;
+            }
+            if w >> 32 != seen.0 {
+                seen = (w >> 32, now);
             }
             let reason = if check_owner && !self.slot_alive(owner as usize, gen16) {
                 Some(ForceReason::OwnerDead)

@@ -90,7 +90,13 @@ impl Region {
             let (answer, fenced) = self.with_totals(me, |l| {
                 let d = &l.devices[dev];
                 let limit = d.limit.load(Relaxed);
-                let used = d.used.load(Acquire);
+                let mut used = d.used.load(Acquire);
+                if limit > 0 && used.saturating_add(bytes) > limit {
+                    // Before refusing, trust nothing but the slots: a total damaged by
+                    // a buggy or hostile writer must not turn into lasting false OOMs.
+                    self.recompute_totals();
+                    used = d.used.load(Acquire);
+                }
                 match used.checked_add(bytes) {
                     Some(total) if limit == 0 || total <= limit => {
                         l.slots[me.index as usize].mem_used[dev].fetch_add(bytes, AcqRel);
@@ -165,7 +171,11 @@ impl Region {
         let (_, fenced) = self.with_totals(me, |l| {
             l.slots[me.index as usize].mem_used[dev].fetch_add(bytes, AcqRel);
             let d = &l.devices[dev];
-            let total = d.used.fetch_add(bytes, AcqRel).saturating_add(bytes);
+            let total = d
+                .used
+                .fetch_update(AcqRel, Acquire, |u| Some(u.saturating_add(bytes)))
+                .unwrap_or(0)
+                .saturating_add(bytes);
             d.peak.fetch_max(total, Relaxed);
         })?;
         if fenced {

@@ -27,6 +27,10 @@ pub struct InitParams {
     pub init_timeout: Duration,
     /// Written into the header for readers' labels; empty strings mean unknown.
     pub identity: RegionIdentity,
+    /// Permissions of a region file this process creates (set exactly, whatever the
+    /// umask). HAMi's 0666 by default: every process of the container, whatever its
+    /// UID, must be able to join, or it runs without limits.
+    pub file_mode: u32,
 }
 
 /// The region's owner as Kubernetes names it. Empty = unknown.
@@ -81,6 +85,7 @@ impl Default for InitParams {
             detect_lock_lease: Duration::from_secs(30),
             init_timeout: Duration::from_secs(10),
             identity: RegionIdentity::default(),
+            file_mode: 0o666,
         }
     }
 }
@@ -293,14 +298,7 @@ impl Region {
                 });
             }
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(0o666)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(io_err(path, "open"))?;
+        let file = open_region_file(path, params.file_mode)?;
         let deadline = start + params.init_timeout;
 
         let mut len = file_len(&file, path)?;
@@ -547,6 +545,51 @@ impl Region {
     }
 }
 
+/// Opens (or creates, with exactly `mode`) the region file for writing. The path is
+/// usually in a directory others can write (/tmp, a shared volume): never follow a
+/// symlink, never open anything but a regular file with one name (a hard link to some
+/// other file would make us write into it).
+fn open_region_file(path: &Path, mode: u32) -> Result<File, RegionError> {
+    let flags = libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+    let created = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(flags)
+        .open(path);
+    let file = match created {
+        Ok(f) => {
+            // The umask must not decide who can join (0644 would lock out other UIDs
+            // of the container, which would then run without limits).
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+                .map_err(io_err(path, "chmod"))?;
+            f
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(io_err(path, "open"))?,
+        Err(e) => return Err(io_err(path, "create")(e)),
+    };
+    let meta = file.metadata().map_err(io_err(path, "stat"))?;
+    use std::os::unix::fs::MetadataExt;
+    if !meta.file_type().is_file() || meta.nlink() != 1 {
+        return Err(RegionError::InvalidParam {
+            path: path.to_path_buf(),
+            what: "file",
+            why: format!(
+                "not a regular file with a single name (links: {}); refusing to write to it",
+                meta.nlink()
+            ),
+        });
+    }
+    Ok(file)
+}
+
 /// Extends an empty or all-zero file to the layout size; refuses a short file with data.
 fn grow_if_blank(file: &File, path: &Path) -> Result<(), RegionError> {
     let len = file_len(file, path)?;
@@ -689,17 +732,47 @@ pub struct RegionReader {
     path: PathBuf,
     map: Mapping,
     _file: File,
+    /// Our entry in the SIGBUS guard, if it had room.
+    guard: Option<usize>,
+}
+
+impl Drop for RegionReader {
+    fn drop(&mut self) {
+        // Before the mapping goes: the guard must never touch an address that is no
+        // longer ours.
+        if let Some(g) = self.guard {
+            sys::sigbus::unregister(g);
+        }
+    }
+}
+
+/// Makes a region file truncated under a reader harmless to the reading process: the
+/// faulting pages read as zeros and [`RegionReader::is_poisoned`] says so, instead of
+/// the process dying of SIGBUS. Call once, early, in a process that owns its signal
+/// handling (the exporter, tools); other SIGBUS faults keep their previous handling.
+pub fn install_sigbus_guard() {
+    sys::sigbus::install();
 }
 
 impl RegionReader {
     pub fn open(path: impl AsRef<Path>) -> Result<RegionReader, RegionError> {
         let path = path.as_ref();
+        // Never follow a symlink, never block on a FIFO: the path is in a directory
+        // tenants can write.
         let file = OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(path)
             .map_err(io_err(path, "open read-only"))?;
-        let len = file_len(&file, path)?;
+        let meta = file.metadata().map_err(io_err(path, "stat"))?;
+        if !meta.file_type().is_file() {
+            return Err(RegionError::InvalidParam {
+                path: path.to_path_buf(),
+                what: "file",
+                why: "not a regular file".into(),
+            });
+        }
+        let len = meta.len();
         if len < std::mem::size_of::<Header>() as u64 {
             return Err(RegionError::Truncated {
                 path: path.to_path_buf(),
@@ -737,12 +810,33 @@ impl RegionReader {
         }
         let map =
             Mapping::new(&file, REGION_SIZE, false).map_err(io_err(path, "mmap read-only"))?;
-        validate(layout_of(&map), path, len)?;
-        Ok(RegionReader {
+        let guard = sys::sigbus::register(map.as_ptr() as usize, REGION_SIZE);
+        let reader = RegionReader {
             path: path.to_path_buf(),
             map,
             _file: file,
-        })
+            guard,
+        };
+        validate(reader.layout(), path, len)?;
+        reader.check_poison()?;
+        Ok(reader)
+    }
+
+    /// True once a read of this mapping faulted because the file was truncated (with
+    /// the SIGBUS guard installed): everything read since may be zeros. Drop it.
+    pub fn is_poisoned(&self) -> bool {
+        self.guard.is_some_and(sys::sigbus::poisoned)
+    }
+
+    fn check_poison(&self) -> Result<(), RegionError> {
+        if self.is_poisoned() {
+            return Err(RegionError::Truncated {
+                path: self.path.clone(),
+                len: file_len(&self._file, &self.path).unwrap_or(0),
+                expected: REGION_SIZE as u64,
+            });
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -751,8 +845,10 @@ impl RegionReader {
 
     /// Re-checks the header (it may have been re-created or damaged since open).
     pub fn revalidate(&self) -> Result<(), RegionError> {
+        self.check_poison()?;
         let len = file_len(&self._file, &self.path)?;
-        validate(self.layout(), &self.path, len)
+        validate(self.layout(), &self.path, len)?;
+        self.check_poison()
     }
 
     pub(crate) fn layout(&self) -> &RegionLayout {

@@ -153,12 +153,18 @@ pub(crate) fn write(layout: &RegionLayout, ev: &Event) -> bool {
     write_at(&layout.events[(pos & MASK) as usize], pos, &words)
 }
 
+/// The sequence word of committed event `pos`. Wrapping: a forged head near 2^64 must
+/// give garbage, never an overflow panic.
+fn committed_seq(pos: u64) -> u64 {
+    pos.wrapping_add(1).wrapping_shl(1)
+}
+
 fn write_at(slot: &EventSlot, pos: u64, words: &[u64; 6]) -> bool {
-    let committed = (pos + 1) << 1;
+    let committed = committed_seq(pos);
     let busy = committed | 1;
     let mut cur = slot.seq.load(Relaxed);
     loop {
-        if cur >> 1 > pos + 1 {
+        if cur >> 1 > pos.wrapping_add(1) {
             return false;
         }
         match slot.seq.compare_exchange_weak(cur, busy, Relaxed, Relaxed) {
@@ -193,7 +199,9 @@ pub struct LostCounts {
 
 impl LostCounts {
     pub fn total(&self) -> u64 {
-        self.overwritten + self.torn + self.abandoned
+        self.overwritten
+            .saturating_add(self.torn)
+            .saturating_add(self.abandoned)
     }
 }
 
@@ -278,7 +286,7 @@ impl RingConsumer {
         while self.tail < head && n < max {
             let pos = self.tail;
             let slot = &layout.events[(pos & MASK) as usize];
-            let committed = (pos + 1) << 1;
+            let committed = committed_seq(pos);
             let s1 = slot.seq.load(Acquire);
             if s1 == committed {
                 let mut w = [0u64; 6];
@@ -289,18 +297,18 @@ impl RingConsumer {
                 fence(Acquire);
                 let s2 = slot.seq.load(Relaxed);
                 if s2 != s1 {
-                    stats.lost.overwritten += 1;
+                    stats.lost.overwritten = stats.lost.overwritten.saturating_add(1);
                 } else {
                     match Event::decode(&w) {
                         Some(ev) if checksum(pos, &w) == sum => {
                             f(ev);
                             stats.delivered += 1;
                         }
-                        _ => stats.lost.torn += 1,
+                        _ => stats.lost.torn = stats.lost.torn.saturating_add(1),
                     }
                 }
-            } else if s1 >> 1 > pos + 1 {
-                stats.lost.overwritten += 1;
+            } else if s1 >> 1 > pos.wrapping_add(1) {
+                stats.lost.overwritten = stats.lost.overwritten.saturating_add(1);
             } else {
                 // Reserved but not yet published (or being written right now).
                 let now = monotonic_ns();
@@ -310,7 +318,7 @@ impl RingConsumer {
                             stats.waiting = true;
                             break;
                         }
-                        stats.lost.abandoned += 1;
+                        stats.lost.abandoned = stats.lost.abandoned.saturating_add(1);
                     }
                     _ => {
                         self.stalled = Some((pos, now));
@@ -323,10 +331,11 @@ impl RingConsumer {
             self.tail += 1;
             n += 1;
         }
-        self.delivered += stats.delivered;
-        self.lost.overwritten += stats.lost.overwritten;
-        self.lost.torn += stats.lost.torn;
-        self.lost.abandoned += stats.lost.abandoned;
+        // Saturating: a forged head can claim any number of positions passed.
+        self.delivered = self.delivered.saturating_add(stats.delivered);
+        self.lost.overwritten = self.lost.overwritten.saturating_add(stats.lost.overwritten);
+        self.lost.torn = self.lost.torn.saturating_add(stats.lost.torn);
+        self.lost.abandoned = self.lost.abandoned.saturating_add(stats.lost.abandoned);
         stats
     }
 }

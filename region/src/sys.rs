@@ -221,3 +221,127 @@ pub(crate) fn fork_generation() -> Option<u64> {
         .load(std::sync::atomic::Ordering::Acquire)
         .then(|| FORK_GENERATION.load(std::sync::atomic::Ordering::Relaxed))
 }
+
+/// Read-only mappings a SIGBUS may hit: a region file truncated while mapped (any
+/// process of the container can do that) makes every access past the new end fault.
+/// The guard answers such a fault by mapping a page of zeros over the faulting page
+/// and marking the mapping poisoned; the reader sees garbage, which validation and
+/// `is_poisoned` turn into an error, instead of dying. Faults anywhere else go to the
+/// previous handler (or the default action, which kills as before).
+pub(crate) mod sigbus {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
+    use std::sync::OnceLock;
+
+    const SLOTS: usize = 4096;
+    static START: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+    static LEN: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+    static POISONED: [AtomicBool; SLOTS] = [const { AtomicBool::new(false) }; SLOTS];
+    static PAGE: AtomicUsize = AtomicUsize::new(4096);
+    static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+
+    /// Installs the handler (once per process). Only for processes that own their
+    /// signal handling, like the exporter and tools: never from the interposer.
+    pub fn install() {
+        PREVIOUS.get_or_init(|| {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            if page > 0 {
+                PAGE.store(page as usize, Relaxed);
+            }
+            // SAFETY: sigaction is a plain C struct; all-zero is valid. We install a
+            // handler that only uses async-signal-safe calls (mmap, sigaction) and
+            // atomics, and keep the previous action to chain to.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_sigbus as *const () as usize;
+                sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+                libc::sigemptyset(&mut sa.sa_mask);
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(libc::SIGBUS, &sa, &mut old);
+                old
+            }
+        });
+    }
+
+    /// Registers a mapping; returns its guard slot (None if the table is full, in
+    /// which case the mapping is simply unguarded).
+    pub fn register(start: usize, len: usize) -> Option<usize> {
+        for i in 0..SLOTS {
+            if START[i].load(Relaxed) == 0
+                && LEN[i].compare_exchange(0, len, AcqRel, Relaxed).is_ok()
+            {
+                POISONED[i].store(false, Release);
+                START[i].store(start, Release);
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Unregisters before the mapping goes away.
+    pub fn unregister(slot: usize) {
+        START[slot].store(0, Release);
+        POISONED[slot].store(false, Release);
+        LEN[slot].store(0, Release);
+    }
+
+    pub fn poisoned(slot: usize) -> bool {
+        POISONED[slot].load(Acquire)
+    }
+
+    extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+        let addr = unsafe { (*info).si_addr() } as usize;
+        for i in 0..SLOTS {
+            let start = START[i].load(Acquire);
+            if start != 0 && addr >= start && addr < start + LEN[i].load(Acquire) {
+                let page = addr & !(PAGE.load(Relaxed) - 1);
+                // SAFETY: replaces one page inside a read-only mapping we registered
+                // (and still own: unregistered before munmap) with anonymous zeros.
+                let p = unsafe {
+                    libc::mmap(
+                        page as *mut libc::c_void,
+                        PAGE.load(Relaxed),
+                        libc::PROT_READ,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                        -1,
+                        0,
+                    )
+                };
+                if p != libc::MAP_FAILED {
+                    POISONED[i].store(true, Release);
+                    return;
+                }
+            }
+        }
+        // Not one of ours: what would have happened without us.
+        let prev = PREVIOUS.get().copied();
+        match prev {
+            Some(old)
+                if old.sa_flags & libc::SA_SIGINFO != 0
+                    && old.sa_sigaction != libc::SIG_DFL
+                    && old.sa_sigaction != libc::SIG_IGN =>
+            {
+                // SAFETY: the previous SA_SIGINFO handler, called as the kernel would.
+                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    unsafe { std::mem::transmute(old.sa_sigaction) };
+                f(sig, info, ctx)
+            }
+            Some(old) if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN => {
+                // SAFETY: the previous plain handler.
+                let f: extern "C" fn(libc::c_int) =
+                    unsafe { std::mem::transmute(old.sa_sigaction) };
+                f(sig)
+            }
+            _ => {
+                // SAFETY: restores the default action; returning re-runs the faulting
+                // access, which now terminates the process as it would have.
+                unsafe {
+                    let mut sa: libc::sigaction = std::mem::zeroed();
+                    sa.sa_sigaction = libc::SIG_DFL;
+                    libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+                }
+            }
+        }
+    }
+}

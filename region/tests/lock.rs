@@ -313,3 +313,98 @@ fn threads_of_one_process_with_their_own_slots_exclude_each_other() {
     }
     assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 20_000);
 }
+
+/// Rewrites the region lock word from outside the protocol, as a hostile writer with
+/// write access to the file would.
+fn forge_word(path: &Path, f: impl Fn(u64) -> u64) {
+    use std::os::unix::fs::FileExt;
+    let at = std::mem::offset_of!(vigil_region::layout::RegionLayout, locks) as u64;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 8];
+    file.read_exact_at(&mut b, at).unwrap();
+    file.write_all_at(&f(u64::from_le_bytes(b)).to_le_bytes(), at)
+        .unwrap();
+}
+
+#[test]
+fn bumping_the_epoch_does_not_restart_the_lease() {
+    let dir = tempdir();
+    let region = dir.path().join("r.cache");
+    let mut holder = hold(&region, "region", 0, 100);
+    holder.expect("locked");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bumper = {
+        let (stop, region) = (stop.clone(), region.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                forge_word(&region, |w| {
+                    (w & !0xffff_ffff) | ((w as u32).wrapping_add(1) as u64)
+                });
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let (r, _) = Region::open(&region, &InitParams::default()).unwrap();
+    let me = r.claim_slot().unwrap();
+    let t = Instant::now();
+    let g = r.lock(LockId::Region, me).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    bumper.join().unwrap();
+    assert_eq!(
+        g.outcome().forced.map(|f| f.0),
+        Some(ForceReason::LeaseExpired),
+        "the owner held past its lease and was evicted"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(g);
+    holder.kill9();
+}
+
+#[test]
+fn a_word_that_keeps_changing_hands_gives_up_instead_of_waiting_for_ever() {
+    let dir = tempdir();
+    let region = dir.path().join("r.cache");
+    // Two live processes with slots; the hostile writer makes the word name each in
+    // turn, so no owner ever holds it past the lease.
+    let mut a = hold(&region, "region", 0, 100);
+    a.expect("locked");
+    let mut b = hold(&region, "detect", 0, 100);
+    b.expect("locked");
+    let snap = RegionReader::open(&region).unwrap().snapshot();
+    let owners: Vec<u64> = snap
+        .slots
+        .iter()
+        .map(|s| (s.index as u64 + 1) << 48 | (s.generation as u16 as u64) << 32)
+        .collect();
+    assert_eq!(owners.len(), 2);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (stop, region) = (stop.clone(), region.clone());
+        std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                forge_word(&region, |w| {
+                    owners[i % 2] | ((w as u32).wrapping_add(1) as u64)
+                });
+                i += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let (r, _) = Region::open(&region, &InitParams::default()).unwrap();
+    let me = r.claim_slot().unwrap();
+    let t = Instant::now();
+    let res = r.lock(LockId::Region, me);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+    let err = res.err().expect("must give up");
+    assert!(matches!(err, RegionError::LockTimeout { .. }), "{err}");
+    // 2 x lease + 1 s.
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    a.kill9();
+    b.kill9();
+}

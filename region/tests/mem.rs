@@ -121,3 +121,25 @@ fn a_process_killed_in_the_middle_of_a_reservation_is_repaired() {
     r.credit(me, 0, limit).unwrap();
     assert_eq!(r.device_usage(0), Some((limit, 0)));
 }
+
+#[test]
+fn a_forged_device_total_does_not_cause_lasting_false_ooms() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempdir();
+    let path = dir.path().join("mem.cache");
+    let limit = 256 * MIB;
+    let params = InitParams {
+        device_limits: vec![limit],
+        ..InitParams::default()
+    };
+    let (r, _) = Region::open(&path, &params).unwrap();
+    let me = r.claim_slot().unwrap();
+    // Someone writes used = limit into device 0's entry.
+    let at = std::mem::offset_of!(vigil_region::layout::RegionLayout, devices) as u64 + 8;
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&limit.to_le_bytes(), at).unwrap();
+    assert_eq!(r.device_usage(0), Some((limit, limit)));
+    // The next reservation that would be refused rebuilds the total from the slots.
+    assert_eq!(r.reserve(me, 0, 64 * MIB).unwrap(), Reservation::Granted);
+    assert_eq!(r.device_usage(0), Some((limit, 64 * MIB)));
+}

@@ -174,6 +174,7 @@ fn main() -> ExitCode {
     // SAFETY: restoring the default SIGPIPE disposition before any thread exists, so
     // `vigil-region inspect | head` ends quietly instead of panicking on EPIPE.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    vigil_region::install_sigbus_guard();
     let cli = Cli::parse();
     match run(cli.cmd) {
         Ok(code) => code,
