@@ -26,8 +26,32 @@ pub struct Config {
     pub node_lock_dir: Option<PathBuf>,
     /// `CUDA_VISIBLE_DEVICES`, as physical NVML indices by CUDA ordinal; None = all.
     pub visible_devices: Option<Vec<u32>>,
+    /// `VIGIL_REGION_MODE`: permissions of a region file this process creates.
+    pub region_mode: u32,
+    /// `VIGIL_LIMIT_POLICY`: what allocations do when limits cannot be enforced.
+    pub limit_policy: LimitPolicy,
+    /// A setuid/setgid (AT_SECURE) program: the environment is not trusted, nothing is
+    /// read from it, and Vigil stays out of the way.
+    pub secure: bool,
     /// Problems found while reading the environment, to be logged once the log is up.
     pub warnings: Vec<String>,
+}
+
+/// What an allocation does when a limit is set but cannot be enforced (the region
+/// cannot be opened or locked, or a limit variable is invalid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitPolicy {
+    /// Pass through: the workload runs unlimited, and the log says why.
+    Open,
+    /// Refuse with CUDA_ERROR_OUT_OF_MEMORY: the damage stays in this container.
+    Closed,
+}
+
+/// Parses `VIGIL_REGION_MODE`: octal permission bits such as 0660 or 666.
+pub fn parse_mode(s: &str) -> Option<u32> {
+    let t = s.trim();
+    let t = t.strip_prefix("0o").unwrap_or(t);
+    u32::from_str_radix(t, 8).ok().filter(|m| *m <= 0o777)
 }
 
 /// Parses a duration: a number with `us`, `ms` or `s`.
@@ -100,6 +124,37 @@ impl Config {
                 .filter(|v| !v.trim().is_empty())
                 .map(PathBuf::from)
         };
+        let region_mode = match get("VIGIL_REGION_MODE") {
+            None => 0o666,
+            Some(v) => parse_mode(&v).unwrap_or_else(|| {
+                warnings.push(format!(
+                    "VIGIL_REGION_MODE={v:?} is not an octal mode (e.g. 0660); using 0666"
+                ));
+                0o666
+            }),
+        };
+        // A limit protects the *other* tenants of the GPU: when one is asked for and
+        // cannot be enforced, refusing keeps the damage inside this container.
+        let limit_set = get("CUDA_DEVICE_MEMORY_LIMIT").is_some()
+            || (0..crate::limits::MAX_ORDINALS)
+                .any(|i| get(&format!("CUDA_DEVICE_MEMORY_LIMIT_{i}")).is_some());
+        let default_policy = if limit_set {
+            LimitPolicy::Closed
+        } else {
+            LimitPolicy::Open
+        };
+        let limit_policy = match get("VIGIL_LIMIT_POLICY").as_deref().map(str::trim) {
+            None | Some("") => default_policy,
+            Some("open") => LimitPolicy::Open,
+            Some("closed") => LimitPolicy::Closed,
+            Some(v) => {
+                warnings.push(format!(
+                    "VIGIL_LIMIT_POLICY={v:?} is not open or closed; using {}",
+                    if limit_set { "closed (a limit is set)" } else { "open (no limit is set)" }
+                ));
+                default_policy
+            }
+        };
         Config {
             region_path: nonempty("CUDA_DEVICE_MEMORY_SHARED_CACHE")
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_REGION)),
@@ -110,15 +165,23 @@ impl Config {
             deadline,
             node_lock_dir: nonempty("VIGIL_NODE_LOCK_DIR"),
             visible_devices,
+            region_mode,
+            limit_policy,
+            secure: false,
             warnings,
         }
     }
 
     pub fn from_env() -> Config {
+        // SAFETY: getauxval has no preconditions.
+        if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
+            let mut c = Config::from_lookup(|_| None);
+            c.secure = true;
+            return c;
+        }
         Config::from_lookup(|k| std::env::var(k).ok())
     }
 
-    /// The physical (NVML) index of CUDA ordinal `i`.
     /// The CUDA ordinal of physical device `phys` (what NVML indexes by), if visible.
     pub fn cuda_ordinal(&self, phys: u32) -> Option<u32> {
         match &self.visible_devices {
@@ -127,6 +190,7 @@ impl Config {
         }
     }
 
+    /// The physical (NVML) index of CUDA ordinal `i`.
     pub fn physical_device(&self, i: u32) -> u32 {
         self.visible_devices
             .as_ref()
@@ -188,5 +252,38 @@ mod tests {
             .warnings
             .iter()
             .any(|w| w.contains("VIGIL_DETECT_DEADLINE") && w.contains("soon")));
+    }
+
+    #[test]
+    fn limit_policy_defaults_to_closed_only_when_a_limit_is_set() {
+        assert_eq!(cfg(&[]).limit_policy, LimitPolicy::Open);
+        assert_eq!(
+            cfg(&[("CUDA_DEVICE_MEMORY_LIMIT", "1g")]).limit_policy,
+            LimitPolicy::Closed
+        );
+        assert_eq!(
+            cfg(&[("CUDA_DEVICE_MEMORY_LIMIT_3", "1g")]).limit_policy,
+            LimitPolicy::Closed
+        );
+        let c = cfg(&[
+            ("CUDA_DEVICE_MEMORY_LIMIT", "1g"),
+            ("VIGIL_LIMIT_POLICY", "open"),
+        ]);
+        assert_eq!(c.limit_policy, LimitPolicy::Open);
+        let c = cfg(&[("VIGIL_LIMIT_POLICY", "strict")]);
+        assert_eq!(c.limit_policy, LimitPolicy::Open);
+        assert!(c.warnings.iter().any(|w| w.contains("VIGIL_LIMIT_POLICY")));
+    }
+
+    #[test]
+    fn region_mode_is_octal_and_bounded() {
+        assert_eq!(cfg(&[]).region_mode, 0o666);
+        assert_eq!(cfg(&[("VIGIL_REGION_MODE", "0660")]).region_mode, 0o660);
+        assert_eq!(cfg(&[("VIGIL_REGION_MODE", "600")]).region_mode, 0o600);
+        for bad in ["rw", "0999", "7777", ""] {
+            let c = cfg(&[("VIGIL_REGION_MODE", bad)]);
+            assert_eq!(c.region_mode, 0o666, "{bad}");
+            assert!(c.warnings.iter().any(|w| w.contains("VIGIL_REGION_MODE")));
+        }
     }
 }

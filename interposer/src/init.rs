@@ -8,6 +8,7 @@ use crate::log::{vlog, DEBUG, ERROR, INFO, WARN};
 use crate::nvml::Nvml;
 use crate::real;
 use std::collections::BTreeSet;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vigil_region::{DetectOutcome, InitParams, LockId, Region, ReleaseOutcome, SlotHandle};
@@ -51,6 +52,10 @@ pub fn ensure() {
                     State::Failed(pid)
                 }
             }
+        }
+        _ if crate::config().secure => {
+            vlog!(INFO, "setuid/setgid program (AT_SECURE): Vigil stays out of the way");
+            State::Failed(pid)
         }
         _ => start(None),
     };
@@ -98,8 +103,11 @@ pub fn usage(dev: usize) -> Option<(u64, u64)> {
     if let Some(u) = r.as_ref().and_then(|r| r.device_usage(dev)) {
         return Some(u);
     }
-    let (limits, _) = crate::limits::from_lookup(dev + 1, |k| std::env::var(k).ok());
-    Some((limits[dev], 0))
+    if crate::config().secure {
+        return None;
+    }
+    let p = crate::limits::from_lookup(dev + 1, |k| std::env::var(k).ok());
+    Some((p.limits[dev], 0))
 }
 
 /// Releases our slot at normal exit, crediting what we still hold: the driver frees
@@ -197,13 +205,24 @@ fn device_count() -> usize {
 
 /// What this process would write into a new region: its devices' limits.
 fn init_params() -> InitParams {
-    let (limits, errors) = crate::limits::from_lookup(device_count(), |k| std::env::var(k).ok());
-    for e in errors {
-        vlog!(ERROR, "{e}; that setting is ignored");
+    let cfg = crate::config();
+    let parsed = crate::limits::from_lookup(device_count(), |k| std::env::var(k).ok());
+    let consequence = match cfg.limit_policy {
+        crate::config::LimitPolicy::Closed => {
+            "VIGIL_LIMIT_POLICY=closed: every allocation on the devices it governs is refused"
+        }
+        crate::config::LimitPolicy::Open => {
+            "that setting is ignored (VIGIL_LIMIT_POLICY=open: no limit from it)"
+        }
+    };
+    for e in &parsed.errors {
+        vlog!(ERROR, "{e}; {consequence}");
     }
+    crate::mem::set_own_limits(&parsed);
     InitParams {
-        device_limits: limits,
+        device_limits: parsed.limits,
         identity: vigil_region::RegionIdentity::from_env(),
+        file_mode: cfg.region_mode,
         ..InitParams::default()
     }
 }
@@ -312,6 +331,7 @@ fn node_lock(cfg: &Config) -> Option<std::fs::File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
     {
         Ok(f) => f,
@@ -378,7 +398,8 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
     let before = nvml.as_ref().map_err(Clone::clone).and_then(|n| n.procs());
     // Charge what the last context measured before ours exists, so that processes
     // already running can never fill the limit while our context is being born.
-    let estimate = region.ctx_footprint();
+    // Bounded: the field is in a file any process of the container can write.
+    let estimate = region.ctx_footprint().min(MAX_CTX_FOOTPRINT);
     let estimate = match region.charge(slot, 0, estimate) {
         Ok(()) => estimate,
         Err(e) => {
@@ -480,6 +501,9 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
         );
     }
 }
+
+/// No primary context takes more than this (an H100's is 518 MiB).
+const MAX_CTX_FOOTPRINT: u64 = 8 << 30;
 
 /// Replaces the estimated context charge with what NVML says our context takes.
 fn charge_context(

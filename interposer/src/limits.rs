@@ -19,33 +19,51 @@ pub fn parse_limit(var: &str, value: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{var}={value:?} overflows 64 bits"))
 }
 
-/// Limits per CUDA ordinal for `devices` devices (0 = no limit), from `get`.
-/// Returns the limits and the errors found; a device whose variable is invalid gets no
-/// limit from it, and the error is reported so the caller can log it loudly.
-pub fn from_lookup(
-    devices: usize,
-    get: impl Fn(&str) -> Option<String>,
-) -> (Vec<u64>, Vec<String>) {
+/// How many CUDA ordinals `CUDA_DEVICE_MEMORY_LIMIT_<i>` can name (the region's devices).
+pub const MAX_ORDINALS: usize = vigil_region::layout::MAX_DEVICES;
+
+/// The limits of `devices` devices as the environment gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    /// Bytes per CUDA ordinal; 0 = no limit. An invalid variable contributes nothing
+    /// (the device falls back to `CUDA_DEVICE_MEMORY_LIMIT`, or to no limit).
+    pub limits: Vec<u64>,
+    /// Per device: the variable that decides its limit was set but invalid. Under
+    /// `VIGIL_LIMIT_POLICY=closed` such a device refuses every allocation.
+    pub invalid: Vec<bool>,
+    /// One message per invalid variable, naming it and its value.
+    pub errors: Vec<String>,
+}
+
+/// Limits per CUDA ordinal for `devices` devices, from `get`.
+pub fn from_lookup(devices: usize, get: impl Fn(&str) -> Option<String>) -> Parsed {
     let mut errors = Vec::new();
-    let mut read = |var: String| -> Option<u64> {
+    // Some(Ok(n)): valid; Some(Err(())): set but invalid; None: unset.
+    let mut read = |var: String| -> Option<Result<u64, ()>> {
         let v = get(&var)?;
-        match parse_limit(&var, &v) {
-            Ok(n) => Some(n),
-            Err(e) => {
-                errors.push(e);
-                None
-            }
-        }
+        Some(parse_limit(&var, &v).map_err(|e| errors.push(e)))
     };
     let all = read("CUDA_DEVICE_MEMORY_LIMIT".to_string());
-    let limits = (0..devices)
-        .map(|i| {
-            read(format!("CUDA_DEVICE_MEMORY_LIMIT_{i}"))
-                .or(all)
-                .unwrap_or(0)
-        })
-        .collect();
-    (limits, errors)
+    let (mut limits, mut invalid) = (Vec::new(), Vec::new());
+    for i in 0..devices {
+        let own = read(format!("CUDA_DEVICE_MEMORY_LIMIT_{i}"));
+        let fallback = match all {
+            Some(Ok(n)) => n,
+            _ => 0,
+        };
+        let (bytes, bad) = match own {
+            Some(Ok(n)) => (n, false),
+            Some(Err(())) => (fallback, true),
+            None => (fallback, matches!(all, Some(Err(())))),
+        };
+        limits.push(bytes);
+        invalid.push(bad);
+    }
+    Parsed {
+        limits,
+        invalid,
+        errors,
+    }
 }
 
 #[cfg(test)]
@@ -79,30 +97,33 @@ mod tests {
 
     #[test]
     fn per_device_wins_and_errors_are_not_silently_unlimited() {
-        let (l, e) = from_lookup(
+        let p = from_lookup(
             3,
             env(&[
                 ("CUDA_DEVICE_MEMORY_LIMIT", "2g"),
                 ("CUDA_DEVICE_MEMORY_LIMIT_1", "1g"),
             ]),
         );
-        assert_eq!(l, vec![2 << 30, 1 << 30, 2 << 30]);
-        assert!(e.is_empty());
-        let (l, e) = from_lookup(2, env(&[]));
-        assert_eq!((l, e.len()), (vec![0, 0], 0), "no variable, no enforcement");
-        let (l, e) = from_lookup(
-            2,
+        assert_eq!(p.limits, vec![2 << 30, 1 << 30, 2 << 30]);
+        assert!(p.errors.is_empty() && !p.invalid.contains(&true));
+        let p = from_lookup(2, env(&[]));
+        assert_eq!((p.limits, p.errors.len()), (vec![0, 0], 0), "no variable, no enforcement");
+        let p = from_lookup(
+            3,
             env(&[
                 ("CUDA_DEVICE_MEMORY_LIMIT", "lots"),
                 ("CUDA_DEVICE_MEMORY_LIMIT_1", "1g"),
+                ("CUDA_DEVICE_MEMORY_LIMIT_2", "2x"),
             ]),
         );
-        assert_eq!(l, vec![0, 1 << 30]);
-        assert_eq!(e.len(), 1);
+        assert_eq!(p.limits, vec![0, 1 << 30, 0]);
+        // Device 0 is decided by the invalid global, device 2 by its own invalid one.
+        assert_eq!(p.invalid, vec![true, false, true]);
+        assert_eq!(p.errors.len(), 2);
         assert!(
-            e[0].contains("CUDA_DEVICE_MEMORY_LIMIT=\"lots\""),
+            p.errors[0].contains("CUDA_DEVICE_MEMORY_LIMIT=\"lots\""),
             "{}",
-            e[0]
+            p.errors[0]
         );
     }
 }

@@ -20,19 +20,27 @@ fn logger() -> &'static Logger {
     static L: OnceLock<Logger> = OnceLock::new();
     L.get_or_init(|| {
         let cfg = crate::config();
-        let file = cfg.log_file.as_ref().and_then(|p| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .ok()
-                .map(Mutex::new)
-        });
+        let file = cfg.log_file.as_ref().and_then(|p| open_log(p).map(Mutex::new));
         Logger {
             level: cfg.log_level,
             file,
         }
     })
+}
+
+/// Opens `VIGIL_LOG_FILE` for appending: never through a symlink (a root workload
+/// must not append to whatever another user pointed the name at), only a regular file,
+/// created private. On any problem the log goes to stderr.
+fn open_log(p: &std::path::Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(p)
+        .ok()?;
+    f.metadata().ok()?.file_type().is_file().then_some(f)
 }
 
 pub fn enabled(level: u8) -> bool {

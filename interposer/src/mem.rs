@@ -42,6 +42,54 @@ fn live<T>(f: impl FnOnce(&mut HashMap<Key, (usize, u64)>) -> T) -> T {
     f(g.get_or_insert_with(HashMap::new))
 }
 
+/// This process's own limits from its environment, for `VIGIL_LIMIT_POLICY=closed`.
+static OWN: std::sync::OnceLock<crate::limits::Parsed> = std::sync::OnceLock::new();
+
+pub fn set_own_limits(p: &crate::limits::Parsed) {
+    let _ = OWN.set(p.clone());
+}
+
+fn closed() -> bool {
+    crate::config().limit_policy == crate::config::LimitPolicy::Closed
+}
+
+/// Under the closed policy, why this process's own settings refuse `bytes` on `dev`:
+/// its limit variable for the device is invalid, or its limit is stricter than the
+/// region's and would be passed.
+fn own_refusal(dev: usize, bytes: u64) -> Option<String> {
+    // Starts Vigil if nothing has yet, which records OWN.
+    let usage =
+        crate::init::with_process(|region, _| vigil_region::RegionRead::device_usage(region, dev))
+            .flatten();
+    let own = OWN.get()?;
+    if own.invalid.get(dev) == Some(&true) {
+        return Some(format!(
+            "the CUDA_DEVICE_MEMORY_LIMIT setting for device {dev} is invalid (see the error at start-up)"
+        ));
+    }
+    let mine = *own.limits.get(dev)?;
+    if mine == 0 {
+        return None;
+    }
+    let (theirs, used) = usage?;
+    (theirs == 0 || mine < theirs)
+        .then_some(())
+        .filter(|_| used.saturating_add(bytes) > mine)
+        .map(|_| format!("{used} bytes in use and this process's own limit is {mine} (stricter than the region's {theirs})"))
+}
+
+/// Says once per process why the closed policy refuses everything here.
+fn refuse_unenforceable(what: &str, why: &str) -> Admit {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        vlog!(
+            WARN,
+            "{what}: refused: {why}, and VIGIL_LIMIT_POLICY=closed (the default when a limit is set) refuses what it cannot account"
+        );
+    }
+    Admit::Deny
+}
+
 /// Reserves `bytes` on CUDA device `dev` for `what`.
 pub fn admit(what: &str, dev: Option<usize>, bytes: u64) -> Admit {
     let Some(dev) = dev else {
@@ -50,8 +98,15 @@ pub fn admit(what: &str, dev: Option<usize>, bytes: u64) -> Admit {
     if bytes == 0 {
         return Admit::Pass;
     }
+    if closed() {
+        if let Some(why) = own_refusal(dev, bytes) {
+            vlog!(WARN, "{what}({bytes} bytes) on device {dev} refused: {why}");
+            return Admit::Deny;
+        }
+    }
     let r = crate::init::with_process(|region, slot| region.reserve(slot, dev, bytes));
     match r {
+        None if closed() => refuse_unenforceable(what, "Vigil is not running in this process"),
         None => Admit::Pass,
         Some(Ok(Reservation::Granted)) => Admit::Charged(Ticket { dev, bytes }),
         Some(Ok(Reservation::Denied { used, limit })) => {
@@ -61,6 +116,7 @@ pub fn admit(what: &str, dev: Option<usize>, bytes: u64) -> Admit {
             );
             Admit::Deny
         }
+        Some(Err(e)) if closed() => refuse_unenforceable(what, &e.to_string()),
         Some(Err(e)) => {
             note_error(what, &e);
             Admit::Pass

@@ -222,10 +222,16 @@ fn the_first_process_sets_the_limits_and_later_disagreement_is_reported() {
     assert_eq!(limits, vec![1 << 30, 512 << 20]);
     let out = sim.run(&[], &[("CUDA_DEVICE_MEMORY_LIMIT", "2g")]);
     assert!(stderr(&out).contains("the region wins"), "{}", stderr(&out));
-    let out = sim.run(&[], &[("CUDA_DEVICE_MEMORY_LIMIT", "lots")]);
+    // An invalid value is an error naming it, and (closed policy, the default when a
+    // limit is set) the process's allocations are refused rather than unlimited.
+    let out = sim
+        .workload(&[], &[("CUDA_DEVICE_MEMORY_LIMIT", "lots")], true)
+        .output()
+        .unwrap();
     assert!(
         stderr(&out).contains("CUDA_DEVICE_MEMORY_LIMIT=\"lots\" is not a memory size"),
         "{}",
         stderr(&out)
     );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("code=2"));
 }

@@ -328,3 +328,71 @@ fn allocations_resolved_with_dlsym_are_limited_too() {
     assert_eq!(s.devices[0].used, 0);
     assert_eq!(s.devices[0].denials, 2);
 }
+
+#[test]
+fn a_limit_that_cannot_be_enforced_refuses_by_default_and_passes_when_told_to() {
+    let sim = Sim::start(&["--ctx-memory", "2MiB"]);
+    // An invalid limit: refused (closed is the default when a limit is set), and the
+    // error names the variable.
+    let bad = [("CUDA_DEVICE_MEMORY_LIMIT", "4gb")];
+    let out = sim.workload(&["--alloc", "1MiB"], &bad, true).output().unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(so.contains("error call=cuMemAlloc code=2"), "{so}");
+    assert!(se.contains("CUDA_DEVICE_MEMORY_LIMIT=\"4gb\""), "{se}");
+    // The same with VIGIL_LIMIT_POLICY=open: logged, and the workload runs unlimited.
+    let open = [
+        ("CUDA_DEVICE_MEMORY_LIMIT", "4gb"),
+        ("VIGIL_LIMIT_POLICY", "open"),
+    ];
+    let out = sim.run(&["--alloc", "1MiB"], &open);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ignored"));
+    // A region that cannot be opened, with a limit: refused, saying why, once.
+    let unopenable = [
+        ("CUDA_DEVICE_MEMORY_LIMIT", "1g"),
+        ("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/proc/vigil-nope/r.cache"),
+    ];
+    let out = sim
+        .workload(&["--alloc", "1MiB"], &unopenable, true)
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && se.contains("VIGIL_LIMIT_POLICY=closed"), "{se}");
+    // Without a limit nothing is refused, region or not (open is the default then).
+    let out = sim.run(
+        &["--alloc", "1MiB"],
+        &[("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/proc/vigil-nope/r.cache")],
+    );
+    assert!(out.status.success());
+}
+
+#[test]
+fn under_the_closed_policy_a_stricter_own_limit_also_holds() {
+    let sim = Sim::start(&["--ctx-memory", "2MiB"]);
+    // The first process sets the region's limit to 4 GiB and stays.
+    let (holder, _) = spawn_ready(sim.workload(
+        &["--alloc", "1MiB", "--exit", "wait"],
+        &[("CUDA_DEVICE_MEMORY_LIMIT", "4g")],
+        true,
+    ));
+    // A later process whose own environment says 1 GiB: the region wins for the
+    // accounting, but its own, stricter limit is enforced too.
+    let out = sim
+        .workload(&["--alloc", "2GiB"], &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")], true)
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("code=2") && se.contains("stricter"),
+        "{se}"
+    );
+    // With the policy open, only the region's 4 GiB applies.
+    let out = sim.run(
+        &["--alloc", "2GiB"],
+        &[("CUDA_DEVICE_MEMORY_LIMIT", "1g"), ("VIGIL_LIMIT_POLICY", "open")],
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the region wins"));
+    drop(holder);
+}
