@@ -36,6 +36,13 @@ cargo build --workspace --quiet "${features[@]}"
 echo "==> cargo test"
 cargo test --workspace "${features[@]}"
 
+echo "==> a release libvigil.so carries no test-only fault points"
+cargo build --quiet --release -p vigil-interposer
+if grep -qa -e VIGIL_FAULT -e VIGIL_TEST_HOLD target/release/libvigil.so; then
+    echo "target/release/libvigil.so contains fault-injection code: a dev-dependency leaked the feature" >&2
+    exit 1
+fi
+
 echo "==> start-up scenarios (tests/run_comprehensive_tests.sh)"
 export VIGIL_SKIP_BUILD=1
 scenario() {

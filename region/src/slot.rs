@@ -245,13 +245,16 @@ impl Region {
         self.layout().header.flags.load(Acquire) & FLAG_NAMESPACE_PIDS != 0
     }
 
-    /// Host PIDs recorded by live slots other than `except`.
+    /// Host PIDs recorded by live slots other than `except`. A dead slot's PID is not
+    /// claimed: the kernel may already have given it to the process now detecting.
     pub fn claimed_host_pids(&self, except: Option<u16>) -> Vec<u32> {
         let l = self.layout();
         l.slots[..crate::region::slots_in_use(l)]
             .iter()
             .enumerate()
             .filter(|(i, s)| Some(*i as u16) != except && s.state.load(Acquire) == SLOT_ACTIVE)
+            .filter(|(_, s)| s.host_pid.load(Acquire) != 0)
+            .filter(|(i, s)| self.slot_alive(*i, s.generation.load(Acquire) as u16))
             .map(|(_, s)| s.host_pid.load(Acquire))
             .filter(|&p| p != 0)
             .collect()
