@@ -4,34 +4,132 @@
 //! Every family is described on every scrape, even with no regions, and every series
 //! a region is known to have is exported from the moment the region appears (its
 //! counters start at 0 in the region, and we export them whatever their value).
+//!
+//! Region contents are written by tenants (docs/security.md, F5): each region is read
+//! under `catch_unwind`, a histogram whose buckets overflow or disagree with its count
+//! is left out (and counted once as `reason="corrupt"`), and a mapping that faulted
+//! because its file was truncated is dropped (`reason="truncated"`). Should encoding
+//! still panic, `http::Metrics::render` renders again in isolation mode: each region
+//! is first encoded on its own, and one that panics is left out of that scrape.
 
 use crate::labels::RegionLabels;
-use crate::regions::RegionSet;
+use crate::regions::{panic_text, RegionSet, Tracked};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
+use tracing::{error, warn};
 use vigil_region::{
     Counter, DetectOutcome, ForceReason, HistogramId, HistogramSnapshot, LockId, Snapshot,
 };
 
-/// What one scrape read from one region.
+/// How far a histogram's `count` word may be from the sum of its buckets: they are
+/// incremented separately, so observations in flight make them differ briefly.
+pub const HISTOGRAM_COUNT_SLACK: u64 = 1 << 20;
+
+/// True if a histogram can be encoded: the sum of its buckets does not overflow,
+/// and it is within [`HISTOGRAM_COUNT_SLACK`] of the separately read count.
+pub fn histogram_is_plausible(h: &HistogramSnapshot) -> bool {
+    let total = h.buckets.iter().try_fold(0u64, |a, &b| a.checked_add(b));
+    match total {
+        Some(total) => !h.buckets.is_empty() && total.abs_diff(h.count) <= HISTOGRAM_COUNT_SLACK,
+        None => false,
+    }
+}
+
+/// What one scrape read from one region, with each histogram checked.
+#[derive(Debug, Clone)]
 struct View {
     labels: RegionLabels,
     snap: Snapshot,
     lost: [u64; 3],
+    /// Per histogram (indexed like `snap.histograms`): safe to encode.
+    hist_ok: Vec<bool>,
+}
+
+impl View {
+    fn histogram(&self, id: HistogramId) -> Option<&HistogramSnapshot> {
+        let i = id as usize;
+        match (self.snap.histograms.get(i), self.hist_ok.get(i)) {
+            (Some(h), Some(true)) => Some(h),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct VigilCollector {
     set: Arc<RegionSet>,
+    /// Set by `http::Metrics` to re-render after a panic: encode each region alone
+    /// first and leave out those that panic.
+    isolate: Arc<AtomicBool>,
 }
 
 impl VigilCollector {
     pub fn new(set: Arc<RegionSet>) -> VigilCollector {
-        VigilCollector { set }
+        VigilCollector::with_isolation(set, Arc::new(AtomicBool::new(false)))
     }
+
+    pub fn with_isolation(set: Arc<RegionSet>, isolate: Arc<AtomicBool>) -> VigilCollector {
+        VigilCollector { set, isolate }
+    }
+
+    /// Reads one region; None if it cannot be read now (the background task counts
+    /// and drops broken ones) or its mapping faulted (dropped here).
+    fn read(&self, t: &Arc<Tracked>) -> Option<View> {
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            let r = self.set.reader(t).ok()?;
+            let snap = r.snapshot();
+            if r.is_poisoned() {
+                self.set.mapping_faulted(t);
+                return None;
+            }
+            let hist_ok: Vec<bool> = snap.histograms.iter().map(histogram_is_plausible).collect();
+            self.set.note_histograms(t, hist_ok.iter().all(|ok| *ok));
+            Some(View {
+                labels: t.labels(),
+                snap,
+                lost: t.lost(),
+                hist_ok,
+            })
+        }));
+        res.unwrap_or_else(|p| {
+            error!(
+                "region {}: reading it panicked ({}); left out of this scrape",
+                t.path.display(),
+                panic_text(&*p)
+            );
+            None
+        })
+    }
+}
+
+/// Encodes a fixed set of views (isolation mode's trial encodings).
+#[derive(Debug)]
+struct Trial(Vec<View>);
+
+impl Collector for Trial {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        encode_views(&mut enc, &self.0, 0, &[])
+    }
+}
+
+/// True if `v` encodes in both formats without panicking or failing.
+fn encodes_alone(v: &View) -> bool {
+    let mut reg = Registry::default();
+    reg.register_collector(Box::new(Trial(vec![v.clone()])));
+    catch_unwind(AssertUnwindSafe(|| {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &reg).is_ok() && {
+            s.clear();
+            prometheus_client::encoding::prometheus_text::encode(&mut s, &reg).is_ok()
+        }
+    }))
+    .unwrap_or(false)
 }
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
@@ -97,7 +195,8 @@ fn histograms<'a>(
         // Count is the bucket total, not the separately read `count` word: a scrape
         // between an observation's bucket and count increments must still give a
         // histogram whose +Inf bucket equals its count. Both settle to the same value.
-        let count: u64 = h.buckets.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+        // (`histogram_is_plausible` has checked that the total does not overflow.)
+        let count: u64 = h.buckets.iter().fold(0u64, |a, &b| a.saturating_add(b));
         m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
             h.sum as f64 / divisor,
             count,
@@ -116,14 +215,7 @@ impl Collector for VigilCollector {
         let tracked = self.set.tracked();
         // Read each region once (see `regions` for mapping policy). A region that
         // fails to open now is skipped; the background task counts and drops it.
-        let read = |t: &Arc<crate::regions::Tracked>| {
-            let r = self.set.reader(t).ok()?;
-            Some(View {
-                labels: t.labels(),
-                snap: r.snapshot(),
-                lost: t.lost(),
-            })
-        };
+        let read = |t: &Arc<Tracked>| self.read(t);
         // Reading is syscalls and page faults per region: spread it over the cores.
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -131,7 +223,7 @@ impl Collector for VigilCollector {
             .min(4)
             .min(tracked.len().div_ceil(8))
             .max(1);
-        let views: Vec<View> = if workers == 1 {
+        let mut views: Vec<View> = if workers == 1 {
             tracked.iter().filter_map(read).collect()
         } else {
             let chunk = tracked.len().div_ceil(workers);
@@ -146,25 +238,57 @@ impl Collector for VigilCollector {
                     .collect()
             })
         };
+        if self.isolate.load(Relaxed) {
+            views.retain(|v| {
+                let ok = encodes_alone(v);
+                if !ok {
+                    warn!(
+                        "region {:?}: encoding its series panicked; left out of this scrape",
+                        v.labels.region
+                    );
+                }
+                ok
+            });
+        }
         let read_time = t0.elapsed();
+        let errs = self.set.error_counts();
+        encode_views(&mut enc, &views, tracked.len(), &errs)?;
+        tracing::debug!(
+            "scrape: read {} regions in {:?}, encoded in {:?}",
+            views.len(),
+            read_time,
+            t0.elapsed() - read_time
+        );
+        Ok(())
+    }
+}
+
+/// Encodes every family for `views`, then the exporter's self-metrics.
+fn encode_views(
+    enc: &mut DescriptorEncoder,
+    views: &[View],
+    regions: usize,
+    errs: &[(&'static str, u64)],
+) -> fmt::Result {
+    {
         let bases: Vec<Labels> = views.iter().map(|v| v.labels.pairs()).collect();
         let each = || views.iter().zip(bases.iter());
         let c = |v: &View, c: Counter| v.snap.counter(c);
 
         counters(
-            &mut enc,
+            enc,
             "vigil_region_initializations",
             "Times the region was initialized (1, plus one per recovery)",
             each().map(|(v, b)| (b.clone(), c(v, Counter::RegionInitializations))),
         )?;
         counters(
-            &mut enc,
+            enc,
             "vigil_region_recoveries",
             "Times the region was re-initialized because its initializer died half-way",
             each().map(|(v, b)| (b.clone(), c(v, Counter::RegionRecoveries))),
         )?;
         counters(
-            &mut enc,
+            enc,
             "vigil_process_inits",
             "Processes that attached to the region, by path (initializer includes recoveries)",
             each().flat_map(|(v, b)| {
@@ -176,7 +300,7 @@ impl Collector for VigilCollector {
             }),
         )?;
         gauges(
-            &mut enc,
+            enc,
             "vigil_processes",
             "Live processes: active slots whose owner's liveness token is held",
             each().map(|(v, b)| {
@@ -187,13 +311,13 @@ impl Collector for VigilCollector {
             }),
         )?;
         counters(
-            &mut enc,
+            enc,
             "vigil_process_slots_claimed",
             "Process slots claimed",
             each().map(|(v, b)| (b.clone(), c(v, Counter::SlotsClaimed))),
         )?;
         counters(
-            &mut enc,
+            enc,
             "vigil_process_slots_reclaimed",
             "Process slots given back: released by their process, or reclaimed from a dead one",
             each().flat_map(|(v, b)| {
@@ -205,7 +329,7 @@ impl Collector for VigilCollector {
             }),
         )?;
         counters(
-            &mut enc,
+            enc,
             "vigil_lock_acquisitions",
             "Lock acquisitions",
             each().flat_map(|(v, b)| {
@@ -218,7 +342,7 @@ impl Collector for VigilCollector {
             }),
         )?;
         counters(
-            &mut enc,
+            enc,
             "vigil_lock_retries",
             "Timed-out futex wait slices while waiting for a lock",
             each().flat_map(|(v, b)| {
@@ -231,7 +355,7 @@ impl Collector for VigilCollector {
             }),
         )?;
         counters(
-            &mut enc,
+            enc,
             "vigil_lock_force_posts",
             "Locks taken over from their owner: owner_dead (liveness token free) or lease_expired (fenced eviction)",
             each().flat_map(|(v, b)| {
@@ -246,7 +370,7 @@ impl Collector for VigilCollector {
             }),
         )?;
         counters(
-            &mut enc,
+            enc,
             "vigil_lock_fenced_releases",
             "Releases that failed because the holder had been evicted (fenced) meanwhile",
             each().flat_map(|(v, b)| {
@@ -259,21 +383,21 @@ impl Collector for VigilCollector {
             }),
         )?;
         histograms(
-            &mut enc,
+            enc,
             "vigil_lock_wait_seconds",
             "Time from asking for a lock to holding it",
             NS,
             each().flat_map(|(v, b)| {
-                LockId::ALL.map(|l| {
-                    (
+                LockId::ALL.into_iter().filter_map(|l| {
+                    Some((
                         with(b, &[("lock", l.name())]),
-                        v.snap.histogram(HistogramId::lock_wait(l)),
-                    )
+                        v.histogram(HistogramId::lock_wait(l))?,
+                    ))
                 })
             }),
         )?;
         counters(
-            &mut enc,
+            enc,
             "vigil_host_pid_detections",
             "Host-PID detections by outcome",
             each().flat_map(|(v, b)| {
@@ -286,25 +410,28 @@ impl Collector for VigilCollector {
             }),
         )?;
         histograms(
-            &mut enc,
+            enc,
             "vigil_host_pid_detection_seconds",
             "Host-PID detection latency, from the start of context creation to the outcome",
             NS,
-            each().map(|(v, b)| (b.clone(), v.snap.histogram(HistogramId::DetectionLatency))),
+            each().filter_map(|(v, b)| {
+                Some((b.clone(), v.histogram(HistogramId::DetectionLatency)?))
+            }),
         )?;
         histograms(
-            &mut enc,
+            enc,
             "vigil_host_pid_detection_polls",
             "NVML polls per host-PID detection",
             1.0,
-            each().map(|(v, b)| (b.clone(), v.snap.histogram(HistogramId::DetectionPolls))),
+            each()
+                .filter_map(|(v, b)| Some((b.clone(), v.histogram(HistogramId::DetectionPolls)?))),
         )?;
         histograms(
-            &mut enc,
+            enc,
             "vigil_init_duration_seconds",
             "Time a process took to attach to the region (map, initialize or wait for READY)",
             NS,
-            each().map(|(v, b)| (b.clone(), v.snap.histogram(HistogramId::InitDuration))),
+            each().filter_map(|(v, b)| Some((b.clone(), v.histogram(HistogramId::InitDuration)?))),
         )?;
         let devs: Vec<Vec<String>> = views
             .iter()
@@ -320,37 +447,37 @@ impl Collector for VigilCollector {
             })
         };
         gauges(
-            &mut enc,
+            enc,
             "vigil_device_memory_limit_bytes",
             "Per-device memory limit; 0 means no limit",
             per_device(|d| d.limit).map(|(l, v)| (l, v.min(i64::MAX as u64) as i64)),
         )?;
         gauges(
-            &mut enc,
+            enc,
             "vigil_device_memory_used_bytes",
             "Device memory the region's live processes hold, as the interposer accounted it",
             per_device(|d| d.used).map(|(l, v)| (l, v.min(i64::MAX as u64) as i64)),
         )?;
         gauges(
-            &mut enc,
+            enc,
             "vigil_device_memory_peak_bytes",
             "Highest device memory use accounted since the region was created",
             per_device(|d| d.peak).map(|(l, v)| (l, v.min(i64::MAX as u64) as i64)),
         )?;
         counters(
-            &mut enc,
+            enc,
             "vigil_device_memory_allocation_denials",
             "Allocations refused because they would exceed the device limit",
             per_device(|d| d.denials),
         )?;
         counters(
-            &mut enc,
+            enc,
             "vigil_ring_events",
             "Events ever written to the region's event ring (its head position)",
             each().map(|(v, b)| (b.clone(), v.snap.ring_head)),
         )?;
         counters(
-            &mut enc,
+            enc,
             "vigil_ring_events_lost",
             "Ring events this exporter could not deliver: overwritten before being drained, torn, or abandoned by a writer that died mid-write",
             each().flat_map(|(v, b)| {
@@ -363,30 +490,23 @@ impl Collector for VigilCollector {
 
         // Exporter self-metrics.
         gauges(
-            &mut enc,
+            enc,
             "vigil_exporter_build_info",
             "Always 1; the version label says which exporter build this is",
             [(vec![("version", crate::VERSION)], 1)],
         )?;
         gauges(
-            &mut enc,
+            enc,
             "vigil_exporter_regions",
             "Regions currently watched",
-            [(vec![], tracked.len() as i64)],
+            [(vec![], regions as i64)],
         )?;
-        let errs = self.set.error_counts();
         counters(
-            &mut enc,
+            enc,
             "vigil_exporter_region_errors",
             "Region files that could not be used, by reason (each failing file version counted once)",
             errs.iter().map(|(r, n)| (vec![("reason", *r)], *n)),
         )?;
-        tracing::debug!(
-            "scrape: read {} regions in {:?}, encoded in {:?}",
-            views.len(),
-            read_time,
-            t0.elapsed() - read_time
-        );
         Ok(())
     }
 }

@@ -45,38 +45,43 @@ impl RegionDrain {
             t.set_labels(labels);
         }
         if nonce != self.nonce {
-            let l = self.consumer.lost();
-            self.lost_base.overwritten += l.overwritten;
-            self.lost_base.torn += l.torn;
-            self.lost_base.abandoned += l.abandoned;
+            // Saturating: a forged ring head can claim any number of lost events.
+            self.lost_base = self.lost();
             self.consumer = reader.ring_consumer();
             self.nonce = nonce;
         }
     }
 
-    /// Drains everything available; returns the number of events delivered.
+    /// Drains everything available (at most one ring's worth); returns the number
+    /// of events delivered.
     pub fn drain(&mut self, reader: &RegionReader) -> u64 {
+        self.drain_max(reader, vigil_region::layout::RING_CAPACITY)
+    }
+
+    /// Drains at most `max` events; returns the number delivered.
+    pub fn drain_max(&mut self, reader: &RegionReader, max: usize) -> u64 {
         let RegionDrain {
             consumer, traces, ..
         } = self;
         let stats = match traces {
             Some(tb) => {
-                let s = reader.drain(consumer, usize::MAX, |ev| tb.on_event(&ev));
+                let s = reader.drain(consumer, max, |ev| tb.on_event(&ev));
                 tb.expire(monotonic_ns());
                 s
             }
-            None => reader.drain(consumer, usize::MAX, |_| {}),
+            None => reader.drain(consumer, max, |_| {}),
         };
         stats.delivered
     }
 
-    /// Lost events over the region's life as this exporter saw it.
+    /// Lost events over the region's life as this exporter saw it (saturating: a
+    /// forged ring can claim up to 2^64 positions at once).
     pub fn lost(&self) -> LostCounts {
         let l = self.consumer.lost();
         LostCounts {
-            overwritten: self.lost_base.overwritten + l.overwritten,
-            torn: self.lost_base.torn + l.torn,
-            abandoned: self.lost_base.abandoned + l.abandoned,
+            overwritten: self.lost_base.overwritten.saturating_add(l.overwritten),
+            torn: self.lost_base.torn.saturating_add(l.torn),
+            abandoned: self.lost_base.abandoned.saturating_add(l.abandoned),
         }
     }
 

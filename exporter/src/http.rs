@@ -3,6 +3,11 @@
 //! Each connection is its own task, so a slow client only ever holds up itself.
 //! Encoding runs on the blocking pool: it maps regions and makes syscalls, and must
 //! not occupy the async workers that accept and answer other connections.
+//!
+//! Renders are shared (docs/security.md, F14): a `/metrics` request that arrives while
+//! a render of the same format is in progress waits for it and gets the same body,
+//! and at most [`MAX_CONCURRENT_RENDERS`] renders run at once. However many clients
+//! ask, the exporter reads the regions at most that many times at a time.
 
 use crate::collector::VigilCollector;
 use crate::regions::RegionSet;
@@ -19,24 +24,43 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, error, warn};
 
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Renders running at once, whatever the number of clients (one per format at most
+/// anyway, since concurrent requests share a render).
+pub const MAX_CONCURRENT_RENDERS: usize = 1;
+
+/// A render's outcome, shared by every request that waited for it.
+type Rendered = Result<Bytes, ()>;
 
 /// The registry and the scrape-duration histogram it includes.
 pub struct Metrics {
     registry: Registry,
     scrape_duration: Histogram,
+    /// Tells the collector to encode each region alone first (after a panic).
+    isolate: Arc<AtomicBool>,
+    /// The render in progress per format (text, OpenMetrics), if any.
+    flights: Mutex<[Option<watch::Receiver<Option<Rendered>>>; 2]>,
+    renders: Arc<Semaphore>,
 }
 
 impl Metrics {
     pub fn new(set: Arc<RegionSet>) -> Metrics {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(VigilCollector::new(set)));
+        let isolate = Arc::new(AtomicBool::new(false));
+        registry.register_collector(Box::new(VigilCollector::with_isolation(
+            set,
+            isolate.clone(),
+        )));
         // 100 µs .. ~0.8 s: a scrape of 64 regions takes a few milliseconds.
         let scrape_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 14));
         registry.register(
@@ -47,20 +71,80 @@ impl Metrics {
         Metrics {
             registry,
             scrape_duration,
+            isolate,
+            flights: Mutex::new([None, None]),
+            renders: Arc::new(Semaphore::new(MAX_CONCURRENT_RENDERS)),
         }
     }
 
-    /// Encodes every metric: OpenMetrics 1.0 text, or Prometheus text 0.0.4.
-    pub fn render(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
-        let t0 = Instant::now();
+    fn encode(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
         let mut out = String::with_capacity(256 * 1024);
         if openmetrics {
             text::encode(&mut out, &self.registry)?;
         } else {
             prometheus_text::encode(&mut out, &self.registry)?;
         }
-        self.scrape_duration.observe(t0.elapsed().as_secs_f64());
         Ok(out)
+    }
+
+    /// Encodes every metric: OpenMetrics 1.0 text, or Prometheus text 0.0.4. If
+    /// encoding panics (numbers no check anticipated), renders again with each region
+    /// encoded alone first, leaving out any that panics: one region can never fail
+    /// the whole scrape.
+    pub fn render(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
+        let t0 = Instant::now();
+        let out = match catch_unwind(AssertUnwindSafe(|| self.encode(openmetrics))) {
+            Ok(r) => r,
+            Err(p) => {
+                error!(
+                    "encoding /metrics panicked ({}); rendering again with each region isolated",
+                    crate::regions::panic_text(&*p)
+                );
+                self.isolate.store(true, Relaxed);
+                let r = catch_unwind(AssertUnwindSafe(|| self.encode(openmetrics)));
+                self.isolate.store(false, Relaxed);
+                r.unwrap_or(Err(std::fmt::Error))
+            }
+        };
+        self.scrape_duration.observe(t0.elapsed().as_secs_f64());
+        out
+    }
+
+    /// A render for a request: joins the one in progress for this format, or starts
+    /// one. The render runs in a task of its own, so waiters are answered even if
+    /// the request that started it goes away.
+    pub async fn render_shared(self: &Arc<Self>, openmetrics: bool) -> Rendered {
+        let idx = openmetrics as usize;
+        let mut rx = {
+            let mut flights = crate::regions::lock(&self.flights);
+            match &flights[idx] {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    flights[idx] = Some(rx.clone());
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let permit = me.renders.clone().acquire_owned().await;
+                        let m = me.clone();
+                        let res = tokio::task::spawn_blocking(move || m.render(openmetrics)).await;
+                        drop(permit);
+                        let body = match res {
+                            Ok(Ok(s)) => Ok(Bytes::from(s)),
+                            _ => Err(()),
+                        };
+                        // Requests from now on get a fresh render.
+                        crate::regions::lock(&me.flights)[idx] = None;
+                        let _ = tx.send(Some(body));
+                    });
+                    rx
+                }
+            }
+        };
+        let got = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or(Err(())),
+            Err(_) => Err(()),
+        };
+        got
     }
 }
 
@@ -114,10 +198,9 @@ async fn handle(
     let path = req.uri().path();
     if path == cfg.telemetry_path {
         let om = wants_openmetrics(req.headers().get(ACCEPT));
-        let res = tokio::task::spawn_blocking(move || metrics.render(om)).await;
-        return Ok(match res {
-            Ok(Ok(body)) => {
-                let mut r = Response::new(Full::new(Bytes::from(body)));
+        return Ok(match metrics.render_shared(om).await {
+            Ok(body) => {
+                let mut r = Response::new(Full::new(body));
                 let ct = if om {
                     OPENMETRICS_CONTENT_TYPE
                 } else {

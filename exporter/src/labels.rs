@@ -1,12 +1,20 @@
 //! The identifying labels of a region's series: `region`, and `namespace`, `pod`,
 //! `container` when known.
 //!
-//! Precedence, per label: the identity the interposer wrote into the region header
-//! (from the downward-API variables `POD_NAMESPACE`, `POD_NAME`, `CONTAINER_NAME`)
-//! wins; where a header field is empty, the HAMi directory name
-//! `<pod-uid>_<container>` fills in `container`, and `pod` (which is then the pod
-//! UID, the only pod identity HAMi's layout carries). `namespace` comes only from the
-//! header. Unknown labels are left out rather than exported empty.
+//! These labels are tenancy keys in Prometheus, so they come only from sources the
+//! exporter's operator controls (docs/security.md, F3). Precedence, per label:
+//!
+//! 1. `--labels.namespace`, `--labels.pod`, `--labels.container`: fixed values set
+//!    by whoever deploys the exporter (the sidecar passes its own downward-API
+//!    `POD_NAMESPACE`/`POD_NAME`); they apply to every region.
+//! 2. With `--labels.from-region-identity` only: the identity block the interposer
+//!    wrote into the region header (`POD_NAMESPACE`, `POD_NAME`, `CONTAINER_NAME`
+//!    of the first process). Any process that can write the region can forge it,
+//!    so it is off by default.
+//! 3. The HAMi directory name `<pod-uid>_<container>` (created by the device
+//!    plugin; a tenant cannot rename it): `pod` (the pod **UID**) and `container`.
+//!
+//! Unknown labels are left out rather than exported empty.
 
 use std::path::Path;
 use vigil_region::RegionIdentity;
@@ -38,6 +46,17 @@ impl RegionLabels {
     }
 }
 
+/// Where labels may come from (see the module documentation).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelPolicy {
+    /// Trust the tenant-written identity block of each region.
+    pub from_region_identity: bool,
+    /// Fixed values from the operator, applied to every region.
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container: Option<String>,
+}
+
 /// What a HAMi directory name says: `(pod_uid, container)`.
 ///
 /// HAMi mounts `<dir>/<pod-uid>_<container>/` into each container; pod UIDs contain no
@@ -56,22 +75,29 @@ pub fn from_hami_dir(rel: &Path) -> (Option<String>, Option<String>) {
     }
 }
 
-/// Combines the region label, the HAMi directory (if `rel` is relative to a regions
-/// directory) and the header identity, by the precedence documented above.
-pub fn region_labels(region: &str, rel: Option<&Path>, identity: &RegionIdentity) -> RegionLabels {
+/// Combines the region label, the operator's fixed labels, the region identity (only
+/// if the policy trusts it) and the HAMi directory (if `rel` is relative to a regions
+/// directory), by the precedence documented above.
+pub fn region_labels(
+    region: &str,
+    rel: Option<&Path>,
+    identity: &RegionIdentity,
+    policy: &LabelPolicy,
+) -> RegionLabels {
     let (dir_pod, dir_container) = rel.map(from_hami_dir).unwrap_or((None, None));
-    let pick = |header: &str, dir: Option<String>| {
-        if header.is_empty() {
-            dir
-        } else {
-            Some(header.to_string())
-        }
+    let nonempty = |s: &Option<String>| s.as_ref().filter(|v| !v.is_empty()).cloned();
+    let claimed = |header: &str| {
+        (policy.from_region_identity && !header.is_empty()).then(|| header.to_string())
     };
     RegionLabels {
         region: region.to_string(),
-        namespace: pick(&identity.namespace, None),
-        pod: pick(&identity.pod, dir_pod),
-        container: pick(&identity.container, dir_container),
+        namespace: nonempty(&policy.namespace).or_else(|| claimed(&identity.namespace)),
+        pod: nonempty(&policy.pod)
+            .or_else(|| claimed(&identity.pod))
+            .or(dir_pod),
+        container: nonempty(&policy.container)
+            .or_else(|| claimed(&identity.container))
+            .or(dir_container),
     }
 }
 
@@ -92,18 +118,50 @@ mod tests {
         assert_eq!(from_hami_dir(Path::new("a_b/c/x.cache")), (None, None));
     }
 
-    #[test]
-    fn header_identity_wins_per_field() {
-        let id = RegionIdentity {
-            namespace: "ml".into(),
-            pod: "trainer-0".into(),
+    fn forged() -> RegionIdentity {
+        RegionIdentity {
+            namespace: "kube-system".into(),
+            pod: "victim-0".into(),
             container: String::new(),
+        }
+    }
+
+    #[test]
+    fn region_identity_is_ignored_by_default() {
+        let rel = Path::new("u1_main/a.cache");
+        let l = region_labels(
+            "u1_main/a.cache",
+            Some(rel),
+            &forged(),
+            &LabelPolicy::default(),
+        );
+        assert_eq!(l.namespace, None);
+        assert_eq!(l.pod.as_deref(), Some("u1"));
+        assert_eq!(l.container.as_deref(), Some("main"));
+        let none = region_labels("/r.cache", None, &forged(), &LabelPolicy::default());
+        assert_eq!(none.pairs(), vec![("region", "/r.cache")]);
+    }
+
+    #[test]
+    fn identity_only_when_trusted_and_operator_labels_win() {
+        let rel = Path::new("u1_main/a.cache");
+        let trust = LabelPolicy {
+            from_region_identity: true,
+            ..LabelPolicy::default()
         };
-        let l = region_labels("u1_main/a.cache", Some(Path::new("u1_main/a.cache")), &id);
+        let l = region_labels("x", Some(rel), &forged(), &trust);
+        assert_eq!(l.namespace.as_deref(), Some("kube-system"));
+        assert_eq!(l.pod.as_deref(), Some("victim-0"));
+        assert_eq!(l.container.as_deref(), Some("main"), "empty header field");
+        let fixed = LabelPolicy {
+            from_region_identity: true,
+            namespace: Some("ml".into()),
+            pod: Some("trainer-0".into()),
+            container: Some(String::new()),
+        };
+        let l = region_labels("x", Some(rel), &forged(), &fixed);
         assert_eq!(l.namespace.as_deref(), Some("ml"));
         assert_eq!(l.pod.as_deref(), Some("trainer-0"));
         assert_eq!(l.container.as_deref(), Some("main"));
-        let none = region_labels("/r.cache", None, &RegionIdentity::default());
-        assert_eq!(none.pairs(), vec![("region", "/r.cache")]);
     }
 }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, info};
 use vigil_exporter::http::{parse_listen_address, serve, Metrics, WebConfig};
-use vigil_exporter::regions::RegionSet;
+use vigil_exporter::labels::LabelPolicy;
+use vigil_exporter::regions::{Limits, RegionSet};
 use vigil_exporter::util::parse_duration;
 
 #[derive(Parser)]
@@ -25,9 +26,31 @@ struct Cli {
     #[arg(long = "region", value_name = "PATH")]
     regions: Vec<PathBuf>,
     /// A directory of regions, rescanned: DIR/*.cache or HAMi's
-    /// DIR/<pod-uid>_<container>/*.cache (any non-hidden file one or two levels down).
+    /// DIR/<pod-uid>_<container>/*.cache (regular, non-hidden files named *.cache one
+    /// or two levels down; symlinks are never followed).
     #[arg(long = "regions-dir", value_name = "DIR")]
     regions_dir: Option<PathBuf>,
+    /// At most this many regions are watched in all; the rest are counted as
+    /// region errors (reason="limit_exceeded").
+    #[arg(long = "regions.max", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_regions: u32,
+    /// At most this many regions are watched per directory (HAMi has one per container).
+    #[arg(long = "regions.max-per-dir", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_per_dir: u32,
+    /// Take namespace/pod/container labels from the identity block inside each region.
+    /// Any process that can write a region can forge it: only for trusted workloads.
+    #[arg(long = "labels.from-region-identity")]
+    labels_from_identity: bool,
+    /// A fixed `namespace` label for every region (the sidecar passes its own
+    /// downward-API POD_NAMESPACE). Never set it on a node-wide exporter.
+    #[arg(long = "labels.namespace", value_name = "NS")]
+    label_namespace: Option<String>,
+    /// A fixed `pod` label for every region (the sidecar passes its own POD_NAME).
+    #[arg(long = "labels.pod", value_name = "POD")]
+    label_pod: Option<String>,
+    /// A fixed `container` label for every region (the sidecar's workload container).
+    #[arg(long = "labels.container", value_name = "NAME")]
+    label_container: Option<String>,
     /// How often --regions-dir is rescanned for new and deleted files.
     #[arg(long = "regions-dir.scan-interval", default_value = "1s", value_parser = parse_duration)]
     scan_interval: Duration,
@@ -128,9 +151,23 @@ fn run(cli: Cli) -> Result<(), String> {
     let sink = otlp
         .clone()
         .map(|s| s as Arc<dyn vigil_exporter::trace::TraceSink>);
+    // Before any region is mapped: a region file truncated under us must not kill
+    // the exporter (SIGBUS); the read is reported instead (RegionReader::is_poisoned).
+    vigil_region::install_sigbus_guard();
+    let policy = LabelPolicy {
+        from_region_identity: cli.labels_from_identity,
+        namespace: cli.label_namespace.clone(),
+        pod: cli.label_pod.clone(),
+        container: cli.label_container.clone(),
+    };
     let set = Arc::new(
         RegionSet::new(cli.regions.clone(), cli.regions_dir.clone(), sink)
-            .with_keep_mapped(!cli.map_per_read),
+            .with_keep_mapped(!cli.map_per_read)
+            .with_label_policy(policy)
+            .with_limits(Limits {
+                max_regions: cli.max_regions as usize,
+                max_per_dir: cli.max_per_dir as usize,
+            }),
     );
     set.rescan();
 
@@ -145,10 +182,17 @@ fn run(cli: Cli) -> Result<(), String> {
             .spawn(move || {
                 let mut last_scan = Instant::now();
                 loop {
-                    set.drain_all();
-                    if last_scan.elapsed() >= scan_every {
-                        set.rescan();
-                        last_scan = Instant::now();
+                    // Per-region panics are caught inside; this catches the rest, so
+                    // the thread that drains and discovers for every tenant never dies.
+                    let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        set.drain_all();
+                        if last_scan.elapsed() >= scan_every {
+                            set.rescan();
+                            last_scan = Instant::now();
+                        }
+                    }));
+                    if pass.is_err() {
+                        error!("drain/rescan pass panicked; continuing");
                     }
                     match stop_rx.recv_timeout(drain_every) {
                         Err(mpsc::RecvTimeoutError::Timeout) => {}

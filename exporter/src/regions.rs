@@ -1,39 +1,64 @@
 //! Region discovery and tracking.
 //!
 //! Sources are `--region PATH` (repeatable) and `--regions-dir DIR`, rescanned every
-//! scan interval. In the directory, every non-hidden regular file directly in it or
-//! one level down (HAMi's `DIR/<pod-uid>_<container>/*.cache`) is a candidate.
+//! scan interval. In the directory, a candidate is a **regular file named `*.cache`**
+//! (not hidden) directly in it or one level down (HAMi's
+//! `DIR/<pod-uid>_<container>/*.cache`). Tenants write those directories, so the walk
+//! trusts nothing in them (docs/security.md, F2 and F4):
 //!
-//! A region is mapped only while it is read: at each scrape, each drain pass and each
-//! rescan we open it read-only, validate it, read and unmap. Open + map + unmap costs
-//! tens of microseconds, and it keeps the exporter's RSS independent of how many
-//! regions it watches (each mapping is 1.7 MiB of slot table and ring). It also means
-//! a deleted or replaced file is noticed at the next read, never read stale.
+//! - each level is opened relative to its parent's descriptor with `O_NOFOLLOW`
+//!   (`O_DIRECTORY` for the subdirectories) and listed through that descriptor, so a
+//!   symlink is never followed, whether it names a file or a directory;
+//! - a new candidate is opened `O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY` relative
+//!   to its directory's descriptor and `fstat`ed: only a regular file goes on (a FIFO
+//!   cannot block us, a device is never read). `vigil_region::RegionReader::open`
+//!   applies the same flags and check whenever the region is opened again by path;
+//! - symlinks, FIFOs, sockets, devices and directories named `*.cache` are counted
+//!   as `reason="not_regular"`, once per file version, and never opened;
+//! - at most `--regions.max-per-dir` regions per directory and `--regions.max` in
+//!   all are watched; the rest are counted as `reason="limit_exceeded"` and logged,
+//!   once per file. Already watched regions keep their place, then files that have
+//!   not failed before, by name. At most [`MAX_DIR_ENTRIES`] entries of a directory
+//!   are looked at per scan.
+//!
+//! By default a region stays mapped between reads (revalidated each time). With
+//! `--regions.map-per-read` it is mapped only while it is read: at each scrape, each
+//! drain pass and each rescan we open it read-only, validate it, read and unmap.
 //!
 //! Errors are counted in `vigil_exporter_region_errors_total{reason}` once per
 //! failure of a given file version (device, inode, size, mtime), logged with the file
 //! name, and the file is retried only when it changes. Nothing here panics on file
-//! contents: `vigil_region::RegionReader` validates every field it maps.
+//! contents: `vigil_region::RegionReader` validates every field it maps, a mapping
+//! that faulted because the file was truncated under it is dropped
+//! (`RegionReader::is_poisoned`, `reason="truncated"`), and every per-region step of a
+//! rescan or drain pass runs under `catch_unwind`, so one region can never stop the
+//! others.
 
 use crate::drain::RegionDrain;
-use crate::labels::{region_labels, RegionLabels};
+use crate::labels::{region_labels, LabelPolicy, RegionLabels};
 use crate::trace::TraceSink;
-use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::MetadataExt;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use vigil_region::{RegionError, RegionReader, Snapshot};
 
 /// Every `reason` of `vigil_exporter_region_errors_total`, all exported from start.
-pub const ERROR_REASONS: [&str; 6] = [
+pub const ERROR_REASONS: [&str; 8] = [
     "open_failed",
     "truncated",
     "bad_magic",
     "bad_version",
     "corrupt",
     "vanished",
+    "not_regular",
+    "limit_exceeded",
 ];
 
 /// Index into [`ERROR_REASONS`].
@@ -45,6 +70,37 @@ pub enum ErrorReason {
     BadVersion = 3,
     Corrupt = 4,
     Vanished = 5,
+    NotRegular = 6,
+    LimitExceeded = 7,
+}
+
+/// Entries of one directory looked at per scan; the rest are ignored (logged once).
+pub const MAX_DIR_ENTRIES: usize = 4096;
+/// The same for the top directory (one entry per container on the node).
+pub const MAX_TOP_DIR_ENTRIES: usize = 65536;
+/// Events delivered per region per drain pass (one ring's worth).
+pub const MAX_EVENTS_PER_REGION_PASS: usize = vigil_region::layout::RING_CAPACITY;
+/// Events delivered per drain pass over all regions; regions past it wait for the
+/// next pass (their oldest events may then be counted as overwritten).
+pub const MAX_EVENTS_PER_PASS: u64 = 1 << 20;
+
+/// Caps on what discovery watches (docs/security.md, F4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `--regions.max`: regions watched in all (explicit `--region` paths included,
+    /// and never dropped for the cap).
+    pub max_regions: usize,
+    /// `--regions.max-per-dir`: regions watched per directory.
+    pub max_per_dir: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_regions: 512,
+            max_per_dir: 4,
+        }
+    }
 }
 
 /// What a failed open means for the exporter.
@@ -66,6 +122,13 @@ fn classify(e: &RegionError) -> OpenFailure {
         RegionError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             OpenFailure::Missing
         }
+        // O_NOFOLLOW on a symlink.
+        RegionError::Io { source, .. } if source.raw_os_error() == Some(libc::ELOOP) => {
+            OpenFailure::Error(ErrorReason::NotRegular)
+        }
+        RegionError::InvalidParam { what: "file", .. } => {
+            OpenFailure::Error(ErrorReason::NotRegular)
+        }
         RegionError::Io { .. } => OpenFailure::Error(ErrorReason::OpenFailed),
         RegionError::Truncated { .. } => OpenFailure::Error(ErrorReason::Truncated),
         RegionError::WrongMagic { .. } => OpenFailure::Error(ErrorReason::BadMagic),
@@ -83,14 +146,22 @@ struct FileKey {
     mtime_ns: i128,
 }
 
+impl FileKey {
+    fn of(m: &std::fs::Metadata) -> FileKey {
+        FileKey {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        }
+    }
+}
+
+/// The version of whatever the path names, without following a symlink.
 fn file_key(path: &Path) -> Option<FileKey> {
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileKey {
-        dev: m.dev(),
-        ino: m.ino(),
-        len: m.len(),
-        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-    })
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| FileKey::of(&m))
 }
 
 /// A kept mapping and the (device, inode) of the file it maps.
@@ -108,9 +179,11 @@ pub struct Tracked {
     /// Copy of the drain's lost counts (overwritten, torn, abandoned), so scrapes
     /// never wait for a drain pass.
     lost: [AtomicU64; 3],
-    /// With `--regions.keep-mapped`: the mapping kept between reads, and the
+    /// Unless `--regions.map-per-read`: the mapping kept between reads, and the
     /// (device, inode) it was opened from.
     cached: Mutex<Option<CachedReader>>,
+    /// Some histogram of this region is impossible (counted once per episode).
+    corrupt_histograms: AtomicBool,
 }
 
 impl std::fmt::Debug for Tracked {
@@ -126,9 +199,9 @@ impl Tracked {
         std::array::from_fn(|i| self.lost[i].load(Relaxed))
     }
 
-    fn drain_once(&self, r: &RegionReader) -> u64 {
+    fn drain_once(&self, r: &RegionReader, max: usize) -> u64 {
         let mut d = lock(&self.drain);
-        let n = d.drain(r);
+        let n = d.drain_max(r, max);
         let l = d.lost();
         for (dst, v) in self.lost.iter().zip([l.overwritten, l.torn, l.abandoned]) {
             dst.store(v, Relaxed);
@@ -141,11 +214,24 @@ impl Tracked {
     }
 }
 
-/// A candidate file: where it is, its `region` label, its path relative to the dir.
+/// A candidate file: where it is, its `region` label, its path relative to the dir,
+/// and (for a new directory file) the version its descriptor was `fstat`ed at.
 struct Candidate {
     path: PathBuf,
     label: String,
     rel: Option<PathBuf>,
+    key: Option<FileKey>,
+}
+
+/// What one scan of the sources found.
+#[derive(Default)]
+struct Scan {
+    /// Within the limits, explicit paths first.
+    cands: Vec<Candidate>,
+    /// Entries that are not regular files: (path, version, what it is).
+    rejected: Vec<(PathBuf, Option<FileKey>, &'static str)>,
+    /// Regular `*.cache` files over a limit: (path, which limit).
+    over_limit: Vec<(PathBuf, &'static str)>,
 }
 
 #[derive(Default)]
@@ -153,10 +239,15 @@ struct Inner {
     tracked: BTreeMap<PathBuf, Arc<Tracked>>,
     /// Files that failed, with the version that failed (None: did not exist).
     failed: HashMap<PathBuf, Option<FileKey>>,
+    /// Files already counted as over a limit (until they are no longer listed).
+    limited: HashSet<PathBuf>,
+    /// Directories already reported as having too many entries.
+    crowded: HashSet<PathBuf>,
 }
 
 /// All watched regions and the error counters. Mutated only by the background task;
-/// scrapes take the lock just long enough to copy the list.
+/// scrapes take the lock just long enough to copy the list (or to drop a region
+/// whose mapping faulted).
 pub struct RegionSet {
     explicit: Vec<PathBuf>,
     dir: Option<PathBuf>,
@@ -164,6 +255,10 @@ pub struct RegionSet {
     errors: [AtomicU64; ERROR_REASONS.len()],
     sink: Option<Arc<dyn TraceSink>>,
     keep_mapped: bool,
+    policy: LabelPolicy,
+    limits: Limits,
+    /// Where the next drain pass starts, so a pass budget is shared fairly.
+    drain_start: AtomicUsize,
 }
 
 impl std::fmt::Debug for RegionSet {
@@ -181,6 +276,107 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The text of a caught panic, for the log.
+pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+fn has_cache_suffix(name: &OsStr) -> bool {
+    name.as_bytes().ends_with(b".cache")
+}
+
+/// `openat(dir, name, flags)`; `dir` None means the current directory.
+fn openat(dir: Option<&OwnedFd>, name: &OsStr, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    let c = CString::new(name.as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let at = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    // SAFETY: `c` is a valid NUL-terminated string; `at` is an open descriptor or
+    // AT_FDCWD; on success we own the returned descriptor.
+    let fd = unsafe { libc::openat(at, c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Lists a directory through its descriptor (never through a path a tenant could
+/// swap): `(name, file type without following symlinks)`, at most `max` entries,
+/// and whether there were more.
+fn list_dir(
+    fd: &OwnedFd,
+    fallback: &Path,
+    max: usize,
+) -> (Vec<(OsString, std::fs::FileType)>, bool) {
+    // /proc/self/fd/N names exactly the directory we opened. Without /proc, fall back
+    // to the path (the top directory is the operator's; subdirectories were checked
+    // to be real directories when opened).
+    let via_fd = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let rd = std::fs::read_dir(&via_fd).or_else(|_| std::fs::read_dir(fallback));
+    let mut out = Vec::new();
+    let mut more = false;
+    if let Ok(rd) = rd {
+        for e in rd.flatten() {
+            if out.len() >= max {
+                more = true;
+                break;
+            }
+            // DirEntry::file_type does not follow symlinks.
+            if let Ok(ft) = e.file_type() {
+                out.push((e.file_name(), ft));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    (out, more)
+}
+
+fn kind_of(ft: &std::fs::FileType) -> &'static str {
+    if ft.is_symlink() {
+        "a symlink"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "a device"
+    } else if ft.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// What [`check_regular`] found.
+enum Check {
+    Regular(FileKey),
+    /// Not a regular file: what it is.
+    Not(&'static str),
+    /// Gone since it was listed.
+    Gone,
+    /// Could not tell (e.g. permission denied): the region open will say why.
+    Unknown,
+}
+
+/// Opens `name` in `dir` with `O_PATH | O_NOFOLLOW` (which opens nothing: no FIFO
+/// can block, no device sees an open, a symlink is not followed) and `fstat`s the
+/// descriptor: a regular file gives its version.
+fn check_regular(dir: &OwnedFd, name: &OsStr) -> Check {
+    match openat(Some(dir), name, libc::O_PATH | libc::O_NOFOLLOW) {
+        Ok(fd) => match std::fs::File::from(fd).metadata() {
+            Ok(m) if m.file_type().is_file() => Check::Regular(FileKey::of(&m)),
+            Ok(m) => Check::Not(kind_of(&m.file_type())),
+            Err(_) => Check::Unknown,
+        },
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Check::Not("a symlink"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Check::Gone,
+        Err(_) => Check::Unknown,
+    }
+}
+
 impl RegionSet {
     pub fn new(
         explicit: Vec<PathBuf>,
@@ -194,6 +390,9 @@ impl RegionSet {
             errors: Default::default(),
             sink,
             keep_mapped: false,
+            policy: LabelPolicy::default(),
+            limits: Limits::default(),
+            drain_start: AtomicUsize::new(0),
         }
     }
 
@@ -206,22 +405,37 @@ impl RegionSet {
         self
     }
 
+    /// Where `namespace`, `pod` and `container` may come from (see `labels`).
+    pub fn with_label_policy(mut self, policy: LabelPolicy) -> RegionSet {
+        self.policy = policy;
+        self
+    }
+
+    /// Caps on the number of regions watched.
+    pub fn with_limits(mut self, limits: Limits) -> RegionSet {
+        self.limits = Limits {
+            max_regions: limits.max_regions.max(1),
+            max_per_dir: limits.max_per_dir.max(1),
+        };
+        self
+    }
+
     /// A read-only handle on a tracked region: a fresh mapping, or with
     /// `keep_mapped` the cached one if the path still names the same, valid file.
     pub fn reader(&self, t: &Tracked) -> Result<Arc<RegionReader>, RegionError> {
         if self.keep_mapped {
             let mut c = lock(&t.cached);
             if let Some((r, id)) = c.as_ref() {
-                let same = std::fs::metadata(&t.path)
+                let same = std::fs::symlink_metadata(&t.path)
                     .map(|m| (m.dev(), m.ino()) == *id)
                     .unwrap_or(false);
-                if same && r.revalidate().is_ok() {
+                if same && !r.is_poisoned() && r.revalidate().is_ok() {
                     return Ok(r.clone());
                 }
                 *c = None;
             }
             let r = Arc::new(RegionReader::open(&t.path)?);
-            if let Ok(m) = std::fs::metadata(&t.path) {
+            if let Ok(m) = std::fs::symlink_metadata(&t.path) {
                 *c = Some((r.clone(), (m.dev(), m.ino())));
             }
             return Ok(r);
@@ -243,91 +457,340 @@ impl RegionSet {
         self.errors[r as usize].fetch_add(1, Relaxed);
     }
 
-    fn candidates(&self) -> Vec<Candidate> {
-        let mut out: Vec<Candidate> = self
-            .explicit
-            .iter()
-            .map(|p| Candidate {
+    /// A read of `t`'s mapping faulted because its file was truncated under it (the
+    /// SIGBUS guard replaced the pages with zeros): what was read is worthless, and
+    /// the region is dropped until its file changes.
+    pub fn mapping_faulted(&self, t: &Arc<Tracked>) {
+        *lock(&t.cached) = None;
+        self.drop_region(t, ErrorReason::Truncated, "file truncated while mapped");
+    }
+
+    /// Notes whether `t`'s histograms were all plausible in this read; the first
+    /// read with an impossible one is counted as `corrupt` and logged.
+    pub fn note_histograms(&self, t: &Tracked, all_ok: bool) {
+        let was_bad = t.corrupt_histograms.swap(!all_ok, Relaxed);
+        if !all_ok && !was_bad {
+            self.count_error(ErrorReason::Corrupt);
+            warn!(
+                "region {}: impossible histogram (buckets overflow or disagree with the count); its series are left out until it is consistent (counted as reason=\"corrupt\")",
+                t.path.display()
+            );
+        }
+    }
+
+    /// Lists the sources, applying the file rules and the limits.
+    fn scan(&self) -> Scan {
+        let mut scan = Scan::default();
+        for p in &self.explicit {
+            scan.cands.push(Candidate {
                 path: p.clone(),
                 label: p.display().to_string(),
                 rel: None,
-            })
-            .collect();
-        if let Some(dir) = &self.dir {
-            match std::fs::read_dir(dir) {
-                Ok(rd) => {
-                    for e in rd.flatten() {
-                        scan_entry(dir, &e.path(), 0, &mut out);
-                    }
-                }
-                Err(e) => warn!("regions dir {}: cannot list: {e}", dir.display()),
+                key: None,
+            });
+        }
+        let Some(dir) = &self.dir else {
+            return scan;
+        };
+        let (tracked, failed): (HashSet<PathBuf>, HashSet<PathBuf>) = {
+            let inner = lock(&self.inner);
+            (
+                inner.tracked.keys().cloned().collect(),
+                inner.failed.keys().cloned().collect(),
+            )
+        };
+        // The top directory is the operator's: it may be reached through a symlink.
+        let top = match openat(
+            None,
+            dir.as_os_str(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!("regions dir {}: cannot open: {e}", dir.display());
+                return scan;
             }
+        };
+        // Per directory, the files that may become regions, in preference order.
+        let mut per_dir: Vec<Vec<Candidate>> = Vec::new();
+        let mut files = Vec::new();
+        let (entries, more) = list_dir(&top, dir, MAX_TOP_DIR_ENTRIES);
+        self.note_crowded(dir, more, MAX_TOP_DIR_ENTRIES);
+        for (name, ft) in entries {
+            if name.as_bytes().starts_with(b".") {
+                continue;
+            }
+            let path = dir.join(&name);
+            if ft.is_dir() {
+                let flags =
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+                let Ok(sub) = openat(Some(&top), &name, flags) else {
+                    continue; // gone, or swapped for something else: next scan
+                };
+                let (sub_entries, more) = list_dir(&sub, &path, MAX_DIR_ENTRIES);
+                self.note_crowded(&path, more, MAX_DIR_ENTRIES);
+                let mut sub_files = Vec::new();
+                for (fname, fft) in sub_entries {
+                    let fpath = path.join(&fname);
+                    let rel = PathBuf::from(&name).join(&fname);
+                    self.classify_entry(&sub, &fname, &fft, fpath, rel, &mut scan, &mut sub_files);
+                }
+                per_dir.push(sub_files);
+            } else if ft.is_symlink() {
+                // Would have been followed into a directory or a file elsewhere.
+                scan.rejected
+                    .push((path.clone(), file_key(&path), "a symlink"));
+            } else {
+                let rel = PathBuf::from(&name);
+                self.classify_entry(&top, &name, &ft, path, rel, &mut scan, &mut files);
+            }
+        }
+        per_dir.push(files);
+
+        // Limits: per directory, then in all. Watched regions keep their place, then
+        // files that have not failed, then by name.
+        let rank = |c: &Candidate| -> u8 {
+            if tracked.contains(&c.path) {
+                0
+            } else if failed.contains(&c.path) {
+                2
+            } else {
+                1
+            }
+        };
+        // (rank, place in its directory, candidate): the overall cap then takes
+        // watched regions first, and otherwise goes round the directories, so one
+        // tenant's files cannot crowd out another's.
+        let mut admitted: Vec<(u8, usize, Candidate)> = Vec::new();
+        for mut files in per_dir {
+            files.sort_by_key(|c| rank(c));
+            let keep = files.len().min(self.limits.max_per_dir);
+            for c in files.drain(keep..) {
+                scan.over_limit.push((c.path, "--regions.max-per-dir"));
+            }
+            admitted.extend(files.into_iter().enumerate().map(|(i, c)| (rank(&c), i, c)));
+        }
+        admitted.sort_by(|a, b| {
+            (a.0, a.1)
+                .cmp(&(b.0, b.1))
+                .then_with(|| a.2.path.cmp(&b.2.path))
+        });
+        let mut admitted: Vec<Candidate> = admitted.into_iter().map(|(_, _, c)| c).collect();
+        let room = self.limits.max_regions.saturating_sub(scan.cands.len());
+        let keep = admitted.len().min(room);
+        for c in admitted.drain(keep..) {
+            scan.over_limit.push((c.path, "--regions.max"));
         }
         // A file named by --region and also found in the directory is watched once,
         // under its --region label.
-        let mut seen = std::collections::HashSet::new();
-        out.retain(|c| seen.insert(c.path.clone()));
-        out
+        let explicit: HashSet<PathBuf> = self.explicit.iter().cloned().collect();
+        scan.cands
+            .extend(admitted.into_iter().filter(|c| !explicit.contains(&c.path)));
+        scan
+    }
+
+    /// Sorts one directory entry into candidates (regular `*.cache` files) and
+    /// rejects (anything else named `*.cache`); other names are ignored.
+    #[allow(clippy::too_many_arguments)]
+    fn classify_entry(
+        &self,
+        dirfd: &OwnedFd,
+        name: &OsStr,
+        ft: &std::fs::FileType,
+        path: PathBuf,
+        rel: PathBuf,
+        scan: &mut Scan,
+        out: &mut Vec<Candidate>,
+    ) {
+        if name.as_bytes().starts_with(b".") || !has_cache_suffix(name) {
+            return;
+        }
+        if !ft.is_file() {
+            let key = file_key(&path);
+            scan.rejected.push((path, key, kind_of(ft)));
+            return;
+        }
+        let known = lock(&self.inner).tracked.contains_key(&path);
+        let key = if known {
+            None
+        } else {
+            // Listed as a regular file; make sure of it through a descriptor.
+            match check_regular(dirfd, name) {
+                Check::Regular(k) => Some(k),
+                Check::Not(what) => {
+                    let key = file_key(&path);
+                    scan.rejected.push((path, key, what));
+                    return;
+                }
+                Check::Gone => return,
+                Check::Unknown => None,
+            }
+        };
+        out.push(Candidate {
+            label: rel.display().to_string(),
+            path,
+            rel: Some(rel),
+            key,
+        });
+    }
+
+    fn note_crowded(&self, dir: &Path, more: bool, max: usize) {
+        let mut inner = lock(&self.inner);
+        if !more {
+            inner.crowded.remove(dir);
+        } else if inner.crowded.insert(dir.to_path_buf()) {
+            drop(inner);
+            warn!(
+                "directory {}: more than {max} entries; only the first {max} are considered",
+                dir.display()
+            );
+        }
     }
 
     /// Finds new regions, refreshes labels of known ones, and drops vanished or
-    /// broken ones. Called by the background task only.
+    /// broken ones. Called by the background task only. A panic while handling one
+    /// file is caught and logged; the others are handled regardless.
     pub fn rescan(&self) {
-        let cands = self.candidates();
+        let scan = match catch_unwind(AssertUnwindSafe(|| self.scan())) {
+            Ok(s) => s,
+            Err(p) => {
+                error!("regions scan panicked: {}", panic_text(&*p));
+                return;
+            }
+        };
         let known: BTreeMap<PathBuf, Arc<Tracked>> = lock(&self.inner).tracked.clone();
-        // Directory files that are no longer listed are gone.
+        let listed: HashSet<&Path> = scan.cands.iter().map(|c| c.path.as_path()).collect();
+        let rejected: HashMap<&Path, &'static str> = scan
+            .rejected
+            .iter()
+            .map(|(p, _, w)| (p.as_path(), *w))
+            .collect();
+        // Directory files that are no longer listed are gone (or were replaced by
+        // something that is not a regular file).
         for (p, t) in &known {
-            if t.rel.is_some() && !cands.iter().any(|c| &c.path == p) {
-                self.drop_region(t, ErrorReason::Vanished, "file deleted");
+            if t.rel.is_some() && !listed.contains(p.as_path()) {
+                match rejected.get(p.as_path()) {
+                    Some(what) => {
+                        self.drop_region(t, ErrorReason::NotRegular, &format!("now {what}"))
+                    }
+                    None => self.drop_region(t, ErrorReason::Vanished, "file deleted"),
+                }
             }
         }
-        let mut seen = std::collections::HashSet::with_capacity(cands.len());
-        for c in cands {
+        for (path, key, what) in &scan.rejected {
+            self.note_rejected(path, *key, what);
+        }
+        self.note_over_limit(&scan.over_limit);
+        let mut seen: HashSet<PathBuf> = HashSet::with_capacity(scan.cands.len());
+        seen.extend(scan.rejected.iter().map(|(p, _, _)| p.clone()));
+        for c in scan.cands {
             seen.insert(c.path.clone());
-            if let Some(t) = known.get(&c.path) {
-                // Refresh: identity may change if the region was re-created.
-                if let Some((reader, snap)) = self.read(t) {
-                    let labels = region_labels(&c.label, c.rel.as_deref(), &snap.identity);
-                    lock(&t.drain).check_nonce(&reader, snap.init_nonce, &labels);
-                    *lock(&t.labels) = labels;
-                }
-                continue;
-            }
-            let key = file_key(&c.path);
-            if let Some(prev) = lock(&self.inner).failed.get(&c.path) {
-                if *prev == key {
-                    continue;
-                }
-            }
-            match RegionReader::open(&c.path) {
-                Ok(reader) => {
-                    let snap = reader.snapshot();
-                    let labels = region_labels(&c.label, c.rel.as_deref(), &snap.identity);
-                    let drain = RegionDrain::new(&reader, &snap, &labels, self.sink.clone());
-                    info!(
-                        "watching region {} (label region=\"{}\")",
-                        c.path.display(),
-                        c.label
-                    );
-                    let t = Arc::new(Tracked {
-                        path: c.path.clone(),
-                        rel: c.rel,
-                        labels: Mutex::new(labels),
-                        drain: Mutex::new(drain),
-                        lost: Default::default(),
-                        cached: Mutex::new(None),
-                    });
-                    let mut inner = lock(&self.inner);
-                    inner.failed.remove(&c.path);
-                    inner.tracked.insert(c.path, t);
-                }
-                Err(e) => self.note_failure(&c.path, key, &e),
+            let path = c.path.clone();
+            let res = catch_unwind(AssertUnwindSafe(|| self.rescan_one(c, known.get(&path))));
+            if let Err(p) = res {
+                error!(
+                    "region {}: rescan panicked ({}); skipped this time",
+                    path.display(),
+                    panic_text(&*p)
+                );
             }
         }
         // Forget failures of files that no longer exist, so the memo stays bounded.
         lock(&self.inner)
             .failed
             .retain(|p, k| k.is_none() || seen.contains(p));
+    }
+
+    fn rescan_one(&self, c: Candidate, known: Option<&Arc<Tracked>>) {
+        if let Some(t) = known {
+            // Refresh: identity may change if the region was re-created.
+            if let Some((reader, snap)) = self.read(t) {
+                let labels =
+                    region_labels(&c.label, c.rel.as_deref(), &snap.identity, &self.policy);
+                lock(&t.drain).check_nonce(&reader, snap.init_nonce, &labels);
+                *lock(&t.labels) = labels;
+            }
+            return;
+        }
+        let key = c.key.or_else(|| file_key(&c.path));
+        if let Some(prev) = lock(&self.inner).failed.get(&c.path) {
+            if *prev == key {
+                return;
+            }
+        }
+        match RegionReader::open(&c.path) {
+            Ok(reader) => {
+                let snap = reader.snapshot();
+                if reader.is_poisoned() {
+                    let e = RegionError::Truncated {
+                        path: c.path.clone(),
+                        len: 0,
+                        expected: vigil_region::layout::REGION_SIZE as u64,
+                    };
+                    self.note_failure(&c.path, key, &e);
+                    return;
+                }
+                let labels =
+                    region_labels(&c.label, c.rel.as_deref(), &snap.identity, &self.policy);
+                let drain = RegionDrain::new(&reader, &snap, &labels, self.sink.clone());
+                info!(
+                    "watching region {} (label region=\"{}\")",
+                    c.path.display(),
+                    c.label
+                );
+                let t = Arc::new(Tracked {
+                    path: c.path.clone(),
+                    rel: c.rel,
+                    labels: Mutex::new(labels),
+                    drain: Mutex::new(drain),
+                    lost: Default::default(),
+                    cached: Mutex::new(None),
+                    corrupt_histograms: AtomicBool::new(false),
+                });
+                let mut inner = lock(&self.inner);
+                inner.failed.remove(&c.path);
+                inner.limited.remove(&c.path);
+                inner.tracked.insert(c.path, t);
+            }
+            Err(e) => self.note_failure(&c.path, key, &e),
+        }
+    }
+
+    /// Counts a directory entry that is not a regular file, once per version.
+    fn note_rejected(&self, path: &Path, key: Option<FileKey>, what: &str) {
+        let mut inner = lock(&self.inner);
+        if inner.failed.get(path) == Some(&key) && key.is_some() {
+            return;
+        }
+        inner.failed.insert(path.to_path_buf(), key);
+        drop(inner);
+        self.count_error(ErrorReason::NotRegular);
+        warn!(
+            "{}: {what}, not a regular file: never opened (counted as reason=\"not_regular\")",
+            path.display()
+        );
+    }
+
+    /// Counts files over a limit, once per file while it stays listed.
+    fn note_over_limit(&self, over: &[(PathBuf, &'static str)]) {
+        let mut inner = lock(&self.inner);
+        let now: HashSet<&PathBuf> = over.iter().map(|(p, _)| p).collect();
+        inner.limited.retain(|p| now.contains(p));
+        let mut fresh = Vec::new();
+        for (p, which) in over {
+            if inner.limited.insert(p.clone()) {
+                fresh.push((p, which));
+            }
+        }
+        drop(inner);
+        for (p, which) in fresh {
+            self.count_error(ErrorReason::LimitExceeded);
+            warn!(
+                "{}: not watched: {which} reached (directory {}; counted as reason=\"limit_exceeded\")",
+                p.display(),
+                p.parent().unwrap_or(Path::new("")).display()
+            );
+        }
     }
 
     fn note_failure(&self, path: &Path, key: Option<FileKey>, e: &RegionError) {
@@ -382,6 +845,10 @@ impl RegionSet {
     pub fn read(&self, t: &Arc<Tracked>) -> Option<(Arc<RegionReader>, Snapshot)> {
         let reader = self.open_tracked(t)?;
         let snap = reader.snapshot();
+        if reader.is_poisoned() {
+            self.mapping_faulted(t);
+            return None;
+        }
         Some((reader, snap))
     }
 
@@ -405,48 +872,50 @@ impl RegionSet {
         }
     }
 
-    /// Drains every tracked region's ring once. Called by the background task only.
+    /// Drains every tracked region's ring once, at most [`MAX_EVENTS_PER_PASS`]
+    /// events in all, starting where the previous pass ran out. Called by the
+    /// background task only; a panic in one region is caught and logged.
     pub fn drain_all(&self) -> u64 {
-        let mut n = 0;
-        for t in self.tracked() {
-            if let Some(r) = self.open_tracked(&t) {
-                n += t.drain_once(&r);
+        let tracked = self.tracked();
+        if tracked.is_empty() {
+            return 0;
+        }
+        let start = self.drain_start.load(Relaxed) % tracked.len();
+        let mut n: u64 = 0;
+        for i in 0..tracked.len() {
+            let idx = (start + i) % tracked.len();
+            let t = &tracked[idx];
+            let budget = MAX_EVENTS_PER_PASS.saturating_sub(n);
+            if budget == 0 {
+                self.drain_start.store(idx, Relaxed);
+                return n;
+            }
+            let max = (budget as usize).min(MAX_EVENTS_PER_REGION_PASS);
+            let res = catch_unwind(AssertUnwindSafe(|| {
+                let r = self.open_tracked(t)?;
+                let got = t.drain_once(&r, max);
+                if r.is_poisoned() {
+                    self.mapping_faulted(t);
+                }
+                Some(got)
+            }));
+            match res {
+                Ok(got) => n = n.saturating_add(got.unwrap_or(0)),
+                Err(p) => error!(
+                    "region {}: drain panicked ({}); skipped this pass",
+                    t.path.display(),
+                    panic_text(&*p)
+                ),
             }
         }
+        self.drain_start.store(start.wrapping_add(1), Relaxed);
         n
     }
 
     /// Flushes half-built traces (on shutdown).
     pub fn flush_traces(&self) {
         for t in self.tracked() {
-            lock(&t.drain).flush_all();
-        }
-    }
-}
-
-/// Adds regular, non-hidden files at depth 0 and 1 below `dir` to `out`.
-fn scan_entry(dir: &Path, p: &Path, depth: usize, out: &mut Vec<Candidate>) {
-    let hidden = p
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-    if hidden {
-        return;
-    }
-    let Ok(meta) = std::fs::metadata(p) else {
-        return;
-    };
-    if meta.is_file() {
-        let rel = p.strip_prefix(dir).unwrap_or(p).to_path_buf();
-        out.push(Candidate {
-            path: p.to_path_buf(),
-            label: rel.display().to_string(),
-            rel: Some(rel),
-        });
-    } else if meta.is_dir() && depth == 0 {
-        if let Ok(rd) = std::fs::read_dir(p) {
-            for e in rd.flatten() {
-                scan_entry(dir, &e.path(), depth + 1, out);
-            }
+            let _ = catch_unwind(AssertUnwindSafe(|| lock(&t.drain).flush_all()));
         }
     }
 }

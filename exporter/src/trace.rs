@@ -21,10 +21,20 @@ use vigil_region::{monotonic_ns, realtime_ns, DetectOutcome, Event, EventKind, L
 
 /// An `Init` with no start-up after it this long becomes an attach-only trace.
 pub const PENDING_INIT_TIMEOUT_NS: u64 = 30_000_000_000;
-/// An unfinished start-up is flushed as incomplete after this long without events.
+/// An unfinished start-up is flushed as incomplete after this long without events,
 pub const OPEN_TRACE_TIMEOUT_NS: u64 = 60_000_000_000;
-/// Bounds the builder's memory whatever the ring delivers.
+/// or this long after it began, however busy (a writer could keep one open forever).
+pub const OPEN_TRACE_MAX_AGE_NS: u64 = 600_000_000_000;
+/// Bounds the builder's memory whatever the ring delivers (docs/security.md, F15):
+/// attaches waiting for a start-up,
 const MAX_PENDING: usize = 4096;
+/// start-ups in progress (one per slot in a sane region; events carry any `u16`
+/// slot, so a forged ring could open 65,536): past this, the stalest is flushed
+/// as incomplete,
+pub const MAX_OPEN_TRACES: usize = vigil_region::layout::MAX_SLOTS;
+/// and lock-wait or force-post spans per start-up (a real one has one or two);
+/// further ones are dropped and counted in the root's `vigil.spans_dropped`.
+pub const MAX_SPANS_PER_TRACE: usize = 64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttrValue {
@@ -82,6 +92,21 @@ struct OpenTrace {
     /// Started by a force-post whose lock-wait event has not arrived yet.
     awaiting_wait: bool,
     last: u64,
+    /// Spans left out past [`MAX_SPANS_PER_TRACE`].
+    dropped_spans: u64,
+    /// When the start-up began (monotonic ns).
+    began: u64,
+}
+
+impl OpenTrace {
+    fn push(&mut self, span: RawSpan, at: u64) {
+        if self.spans.len() < MAX_SPANS_PER_TRACE {
+            self.spans.push(span);
+        } else {
+            self.dropped_spans = self.dropped_spans.saturating_add(1);
+        }
+        self.last = at;
+    }
 }
 
 /// Per-region trace assembly state.
@@ -172,11 +197,9 @@ impl TraceBuilder {
                 if lock == LockId::Detect as u32 {
                     let t = self.start(ev.slot, ev.ts_ns);
                     t.awaiting_wait = true;
-                    t.spans.push(span);
-                    t.last = ev.ts_ns;
+                    t.push(span, ev.ts_ns);
                 } else if let Some(t) = self.open.get_mut(&ev.slot) {
-                    t.spans.push(span);
-                    t.last = ev.ts_ns;
+                    t.push(span, ev.ts_ns);
                 }
             }
             EventKind::LockWait => {
@@ -204,8 +227,7 @@ impl TraceBuilder {
                         None => return,
                     }
                 };
-                t.spans.push(span);
-                t.last = ev.ts_ns;
+                t.push(span, ev.ts_ns);
             }
             EventKind::Detection => {
                 let det_start = ev.ts_ns.saturating_sub(ev.a);
@@ -254,6 +276,16 @@ impl TraceBuilder {
         if let Some(old) = self.open.remove(&slot) {
             self.finish(old, false, vec![]);
         }
+        if self.open.len() >= MAX_OPEN_TRACES {
+            let stalest = self
+                .open
+                .iter()
+                .min_by_key(|(_, t)| t.last)
+                .map(|(s, _)| *s);
+            if let Some(old) = stalest.and_then(|s| self.open.remove(&s)) {
+                self.finish(old, false, vec![]);
+            }
+        }
         // Pair with the oldest attach that ended before this start-up began.
         let attach = match self.pending.front() {
             Some(p) if p.end <= at.saturating_add(1_000_000) => self.pending.pop_front(),
@@ -270,6 +302,8 @@ impl TraceBuilder {
             spans: Vec::with_capacity(4),
             awaiting_wait: false,
             last: at,
+            dropped_spans: 0,
+            began: at,
         })
     }
 
@@ -286,7 +320,10 @@ impl TraceBuilder {
         let stale: Vec<u16> = self
             .open
             .iter()
-            .filter(|(_, t)| now.saturating_sub(t.last) >= OPEN_TRACE_TIMEOUT_NS)
+            .filter(|(_, t)| {
+                now.saturating_sub(t.last) >= OPEN_TRACE_TIMEOUT_NS
+                    || now.saturating_sub(t.began) >= OPEN_TRACE_MAX_AGE_NS
+            })
             .map(|(s, _)| *s)
             .collect();
         for s in stale {
@@ -315,6 +352,8 @@ impl TraceBuilder {
             spans: vec![],
             awaiting_wait: false,
             last: 0,
+            dropped_spans: 0,
+            began: 0,
         };
         self.finish(t, false, vec![]);
     }
@@ -322,7 +361,7 @@ impl TraceBuilder {
     fn finish(&self, t: OpenTrace, complete: bool, extra: Vec<(&'static str, AttrValue)>) {
         // CLOCK_MONOTONIC -> Unix time, at the current offset between the clocks.
         let offset = realtime_ns() as i128 - monotonic_ns() as i128;
-        let unix = |m: u64| (m as i128 + offset).max(0) as u64;
+        let unix = |m: u64| (m as i128 + offset).clamp(0, u64::MAX as i128) as u64;
         let mut children: Vec<SpanRec> = Vec::with_capacity(t.spans.len() + 1);
         let mut root_attrs = vec![("vigil.region", AttrValue::Str(self.labels.region.clone()))];
         for (k, v) in [
@@ -359,6 +398,12 @@ impl TraceBuilder {
                 end_unix_ns: unix(s.end),
                 attrs: s.attrs,
             });
+        }
+        if t.dropped_spans > 0 {
+            root_attrs.push((
+                "vigil.spans_dropped",
+                AttrValue::Int(t.dropped_spans.min(i64::MAX as u64) as i64),
+            ));
         }
         root_attrs.extend(extra);
         root_attrs.push(("vigil.complete", AttrValue::Int(complete as i64)));
@@ -434,6 +479,57 @@ mod tests {
         assert!(got[0].complete);
         let ctx = &got[0].children[2];
         assert_eq!(ctx.end_unix_ns - ctx.start_unix_ns, 40_000);
+    }
+
+    #[test]
+    fn open_traces_and_spans_are_bounded() {
+        let sink = Arc::new(Collect::default());
+        let mut b = TraceBuilder::new(&RegionLabels::default(), sink.clone());
+        // A forged ring: a start-up on every u16 slot, and one with 10,000 waits.
+        let detect = LockId::Detect as u32;
+        for slot in 0..=u16::MAX {
+            b.on_event(&ev(
+                EventKind::LockWait,
+                10 + slot as u64,
+                slot,
+                detect,
+                5,
+                0,
+            ));
+        }
+        assert!(b.open.len() <= MAX_OPEN_TRACES);
+        let base = 1_000_000;
+        b.on_event(&ev(
+            EventKind::LockWait,
+            base,
+            7,
+            LockId::Detect as u32,
+            5,
+            0,
+        ));
+        for i in 0..10_000u64 {
+            let region = LockId::Region as u32;
+            b.on_event(&ev(EventKind::LockWait, base + 1 + i, 7, region, 5, 0));
+        }
+        assert_eq!(b.open[&7].spans.len(), MAX_SPANS_PER_TRACE);
+        b.flush_all();
+        let got = sink.0.lock().unwrap();
+        assert_eq!(
+            got.len(),
+            (1 << 16) + 1,
+            "every start-up flushed exactly once"
+        );
+        assert!(got
+            .iter()
+            .all(|t| t.children.len() <= MAX_SPANS_PER_TRACE + 3));
+        let dropped = AttrValue::Int(10_001 - MAX_SPANS_PER_TRACE as i64);
+        assert!(
+            got.iter().any(|t| t
+                .root
+                .attrs
+                .contains(&("vigil.spans_dropped", dropped.clone()))),
+            "dropped spans are counted"
+        );
     }
 
     #[test]

@@ -49,7 +49,12 @@ fn docs_metrics_md_matches_metrics_endpoint() {
         ..InitParams::default()
     };
     let (_w, _) = Region::open(sub.join("r.cache"), &params).unwrap();
-    let ex = Exporter::start(&["--regions-dir", dir.path().to_str().unwrap()]);
+    // The identity block supplies namespace/pod/container only when trusted.
+    let ex = Exporter::start(&[
+        "--regions-dir",
+        dir.path().to_str().unwrap(),
+        "--labels.from-region-identity",
+    ]);
     let m = ex.scrape();
 
     let mut served: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();

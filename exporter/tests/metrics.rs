@@ -253,16 +253,19 @@ fn series_are_exact_and_present_from_the_start() {
     // Fresh region: every known series is there, equal to the (mostly zero) region.
     let m = ex.scrape();
     assert_matches(&m, label, &truth(&path));
+    // Labels come from the HAMi directory only: the identity block ("ml",
+    // "trainer-0") is tenant-written and ignored without --labels.from-region-identity.
     let s = m.find("vigil_region_initializations_total", &[("region", label)]);
-    assert_eq!(s[0].labels.get("namespace").map(String::as_str), Some("ml"));
+    assert_eq!(s[0].labels.get("namespace"), None);
     assert_eq!(
         s[0].labels.get("pod").map(String::as_str),
-        Some("trainer-0")
+        Some("8d1f-4c2a"),
+        "pod is the pod UID from the HAMi directory"
     );
     assert_eq!(
         s[0].labels.get("container").map(String::as_str),
         Some("trainer"),
-        "container comes from the HAMi directory when the header has none"
+        "container comes from the HAMi directory"
     );
     assert_eq!(m.value("vigil_exporter_regions", &[]), 1.0);
     assert!(m.samples.iter().all(|s| !s.labels.contains_key("pid")));

@@ -30,7 +30,12 @@ fn promtool_finds_no_problems() {
     drop(w.lock(LockId::Detect, me).unwrap());
     w.record_detection(me, DetectOutcome::Found, Some(77), 5_000_000, 3, 1_000_000);
     std::fs::write(dir.path().join("junk.cache"), vec![7u8; 4096]).unwrap();
-    let ex = Exporter::start(&["--regions-dir", dir.path().to_str().unwrap()]);
+    // The identity block supplies namespace/pod/container only when trusted.
+    let ex = Exporter::start(&[
+        "--regions-dir",
+        dir.path().to_str().unwrap(),
+        "--labels.from-region-identity",
+    ]);
     let body = ex.get("/metrics").body;
     let mut p = Command::new("promtool")
         .args(["check", "metrics"])

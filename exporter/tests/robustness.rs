@@ -45,7 +45,15 @@ fn garbage_truncated_foreign_and_deleted_files_are_counted_and_serving_continues
     let doomed = dir.path().join("doomed.cache");
     let (_d, _) = Region::open(&doomed, &InitParams::default()).unwrap();
 
-    let ex = Exporter::start(&["--regions-dir", dir.path().to_str().unwrap()]);
+    // Limits raised: this test is about garbage, security.rs about the limits.
+    let ex = Exporter::start(&[
+        "--regions-dir",
+        dir.path().to_str().unwrap(),
+        "--regions.max-per-dir",
+        "1000",
+        "--regions.max",
+        "2000",
+    ]);
     let m = ex.scrape();
     assert_eq!(
         m.value(

@@ -150,7 +150,11 @@ impl Config {
             Some(v) => {
                 warnings.push(format!(
                     "VIGIL_LIMIT_POLICY={v:?} is not open or closed; using {}",
-                    if limit_set { "closed (a limit is set)" } else { "open (no limit is set)" }
+                    if limit_set {
+                        "closed (a limit is set)"
+                    } else {
+                        "open (no limit is set)"
+                    }
                 ));
                 default_policy
             }

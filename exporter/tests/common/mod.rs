@@ -23,15 +23,20 @@ impl Exporter {
     /// Starts the exporter on an ephemeral loopback port with fast scan and drain
     /// intervals, plus `args`, and waits until it listens.
     pub fn start(args: &[&str]) -> Exporter {
+        let mut all = vec![
+            "--regions-dir.scan-interval",
+            "100ms",
+            "--drain.interval",
+            "50ms",
+        ];
+        all.extend_from_slice(args);
+        Exporter::start_raw(&all)
+    }
+
+    /// Like `start`, with only the listen address added to `args`.
+    pub fn start_raw(args: &[&str]) -> Exporter {
         let mut child = Command::new(BIN)
-            .args([
-                "--web.listen-address",
-                "127.0.0.1:0",
-                "--regions-dir.scan-interval",
-                "100ms",
-                "--drain.interval",
-                "50ms",
-            ])
+            .args(["--web.listen-address", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
