@@ -54,7 +54,10 @@ pub fn ensure() {
             }
         }
         _ if crate::config().secure => {
-            vlog!(INFO, "setuid/setgid program (AT_SECURE): Vigil stays out of the way");
+            vlog!(
+                INFO,
+                "setuid/setgid program (AT_SECURE): Vigil stays out of the way"
+            );
             State::Failed(pid)
         }
         _ => start(None),

@@ -107,7 +107,11 @@ mod tests {
         assert_eq!(p.limits, vec![2 << 30, 1 << 30, 2 << 30]);
         assert!(p.errors.is_empty() && !p.invalid.contains(&true));
         let p = from_lookup(2, env(&[]));
-        assert_eq!((p.limits, p.errors.len()), (vec![0, 0], 0), "no variable, no enforcement");
+        assert_eq!(
+            (p.limits, p.errors.len()),
+            (vec![0, 0], 0),
+            "no variable, no enforcement"
+        );
         let p = from_lookup(
             3,
             env(&[

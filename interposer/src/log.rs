@@ -20,7 +20,10 @@ fn logger() -> &'static Logger {
     static L: OnceLock<Logger> = OnceLock::new();
     L.get_or_init(|| {
         let cfg = crate::config();
-        let file = cfg.log_file.as_ref().and_then(|p| open_log(p).map(Mutex::new));
+        let file = cfg
+            .log_file
+            .as_ref()
+            .and_then(|p| open_log(p).map(Mutex::new));
         Logger {
             level: cfg.log_level,
             file,

@@ -335,7 +335,10 @@ fn a_limit_that_cannot_be_enforced_refuses_by_default_and_passes_when_told_to() 
     // An invalid limit: refused (closed is the default when a limit is set), and the
     // error names the variable.
     let bad = [("CUDA_DEVICE_MEMORY_LIMIT", "4gb")];
-    let out = sim.workload(&["--alloc", "1MiB"], &bad, true).output().unwrap();
+    let out = sim
+        .workload(&["--alloc", "1MiB"], &bad, true)
+        .output()
+        .unwrap();
     let (so, se) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -352,18 +355,27 @@ fn a_limit_that_cannot_be_enforced_refuses_by_default_and_passes_when_told_to() 
     // A region that cannot be opened, with a limit: refused, saying why, once.
     let unopenable = [
         ("CUDA_DEVICE_MEMORY_LIMIT", "1g"),
-        ("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/proc/vigil-nope/r.cache"),
+        (
+            "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+            "/proc/vigil-nope/r.cache",
+        ),
     ];
     let out = sim
         .workload(&["--alloc", "1MiB"], &unopenable, true)
         .output()
         .unwrap();
     let se = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && se.contains("VIGIL_LIMIT_POLICY=closed"), "{se}");
+    assert!(
+        !out.status.success() && se.contains("VIGIL_LIMIT_POLICY=closed"),
+        "{se}"
+    );
     // Without a limit nothing is refused, region or not (open is the default then).
     let out = sim.run(
         &["--alloc", "1MiB"],
-        &[("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/proc/vigil-nope/r.cache")],
+        &[(
+            "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+            "/proc/vigil-nope/r.cache",
+        )],
     );
     assert!(out.status.success());
 }
@@ -380,7 +392,11 @@ fn under_the_closed_policy_a_stricter_own_limit_also_holds() {
     // A later process whose own environment says 1 GiB: the region wins for the
     // accounting, but its own, stricter limit is enforced too.
     let out = sim
-        .workload(&["--alloc", "2GiB"], &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")], true)
+        .workload(
+            &["--alloc", "2GiB"],
+            &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
+            true,
+        )
         .output()
         .unwrap();
     let se = String::from_utf8_lossy(&out.stderr);
@@ -391,7 +407,10 @@ fn under_the_closed_policy_a_stricter_own_limit_also_holds() {
     // With the policy open, only the region's 4 GiB applies.
     let out = sim.run(
         &["--alloc", "2GiB"],
-        &[("CUDA_DEVICE_MEMORY_LIMIT", "1g"), ("VIGIL_LIMIT_POLICY", "open")],
+        &[
+            ("CUDA_DEVICE_MEMORY_LIMIT", "1g"),
+            ("VIGIL_LIMIT_POLICY", "open"),
+        ],
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("the region wins"));
     drop(holder);
