@@ -70,5 +70,8 @@ python3 tests/kill_sweep.py --runs 1
 echo "==> random kills (tests/random_kills.py: 10 rounds of 64 processes; --long for 200)"
 python3 tests/random_kills.py --rounds 10
 
+echo "==> fuzzing (scripts/fuzz.sh: saved reproducers, then each target for 20 s)"
+scripts/fuzz.sh 20
+
 echo "==> soak (tests/soak.py: 30 s of workloads starting and dying, scraped every second)"
 python3 tests/soak.py --seconds 30

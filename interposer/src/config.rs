@@ -69,15 +69,19 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (secs.is_finite() && (0.0..3600.0).contains(&secs)).then(|| Duration::from_secs_f64(secs))
 }
 
-/// Numeric `CUDA_VISIBLE_DEVICES` ("1,0"). UUID or MIG forms are not mapped: None.
+/// Numeric `CUDA_VISIBLE_DEVICES` ("1,0"). As in CUDA, only the devices listed before
+/// the first invalid entry are visible, and a device listed twice ends the list too
+/// (one physical device cannot be two ordinals). UUID or MIG forms (a list whose first
+/// entry is not a number) are not mapped: None.
 pub fn parse_visible(s: &str) -> Option<Vec<u32>> {
-    let v: Option<Vec<u32>> = s
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(|t| t.parse().ok())
-        .collect();
-    v.filter(|v| !v.is_empty())
+    let mut v: Vec<u32> = Vec::new();
+    for t in s.split(',').map(str::trim) {
+        match t.parse::<u32>() {
+            Ok(d) if !v.contains(&d) => v.push(d),
+            _ => break,
+        }
+    }
+    (!v.is_empty()).then_some(v)
 }
 
 impl Config {
@@ -289,5 +293,19 @@ mod tests {
             assert_eq!(c.region_mode, 0o666, "{bad}");
             assert!(c.warnings.iter().any(|w| w.contains("VIGIL_REGION_MODE")));
         }
+    }
+
+    #[test]
+    fn visible_devices_stop_at_the_first_invalid_or_repeated_entry() {
+        assert_eq!(parse_visible("1,0"), Some(vec![1, 0]));
+        assert_eq!(parse_visible(" 3 , 1 "), Some(vec![3, 1]));
+        assert_eq!(parse_visible("0,0"), Some(vec![0]));
+        assert_eq!(parse_visible("2,x,1"), Some(vec![2]));
+        assert_eq!(parse_visible("1,,0"), Some(vec![1]));
+        assert_eq!(parse_visible("GPU-abc,0"), None);
+        assert_eq!(parse_visible(""), None);
+        let c = cfg(&[("CUDA_VISIBLE_DEVICES", "1,1")]);
+        assert_eq!(c.cuda_ordinal(1), Some(0));
+        assert_eq!(c.cuda_ordinal(0), None);
     }
 }

@@ -846,7 +846,15 @@ impl RegionReader {
     /// Re-checks the header (it may have been re-created or damaged since open).
     pub fn revalidate(&self) -> Result<(), RegionError> {
         self.check_poison()?;
+        // The length first: reading a header past a new end of file would fault.
         let len = file_len(&self._file, &self.path)?;
+        if len < REGION_SIZE as u64 {
+            return Err(RegionError::Truncated {
+                path: self.path.clone(),
+                len,
+                expected: REGION_SIZE as u64,
+            });
+        }
         validate(self.layout(), &self.path, len)?;
         self.check_poison()
     }
@@ -981,7 +989,10 @@ fn snapshot(l: &RegionLayout, file: &File) -> Snapshot {
             .map(|st| {
                 let w = st.word.load(Acquire);
                 LockInfo {
-                    owner: crate::lock::owner_of(w).map(|(o, _)| o),
+                    // A forged word can name any of 65535 owners; only real slots count.
+                    owner: crate::lock::owner_of(w)
+                        .map(|(o, _)| o)
+                        .filter(|o| (*o as usize) < MAX_SLOTS),
                     epoch: crate::lock::epoch_of(w),
                     waiters: st.waiters.load(Relaxed),
                     lease_ns: st.lease_ns.load(Relaxed),

@@ -1,0 +1,104 @@
+//! Shared harness code for Vigil's fuzz targets.
+//!
+//! * [`scratch`]: the file a region target writes its input into (on tmpfs when it can),
+//!   plus a second open file description that holds some slots' liveness tokens, so
+//!   the reader sees both live and dead owners.
+//! * [`bases`]: real regions, built in-process with the writer API (slots, locks taken
+//!   and force-posted, reservations, detections, every event kind, a wrapped ring),
+//!   used by the structure-aware target and written out as seeds for the raw one.
+//! * [`reader`]: the oracle. It opens a file with `RegionReader`, predicts the outcome
+//!   from an independent decoding of the header, and checks every read path
+//!   (`snapshot`, `device_usage`, `ring_consumer`/`drain`, `revalidate`) for
+//!   properties, not just for the absence of a panic.
+//!
+//! Checks that currently fail on known, reported bugs can be silenced one by one with
+//! `VIGIL_FUZZ_ALLOW=name[,name...]` (see [`allowed`]); by default everything is checked.
+
+pub mod bases;
+pub mod reader;
+pub mod scratch;
+
+/// Is the named check switched off through `VIGIL_FUZZ_ALLOW`? Names are listed in
+/// docs/fuzzing.md; each one is an open finding with a reproducer in fuzz/regressions/.
+pub fn allowed(check: &str) -> bool {
+    use std::sync::OnceLock;
+    static ALLOW: OnceLock<Vec<String>> = OnceLock::new();
+    ALLOW
+        .get_or_init(|| {
+            std::env::var("VIGIL_FUZZ_ALLOW")
+                .unwrap_or_default()
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .iter()
+        .any(|a| a == check || a == "all")
+}
+
+/// Asserts a property unless the named check is allowed to fail (a known finding).
+#[macro_export]
+macro_rules! check {
+    ($name:literal, $cond:expr, $($fmt:tt)+) => {
+        if !($cond) && !$crate::allowed($name) {
+            panic!("[{}] {}", $name, format!($($fmt)+));
+        }
+    };
+}
+
+/// A little-endian byte cursor over fuzz input that yields zeros once exhausted.
+pub struct Bytes<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Bytes<'a> {
+    pub fn new(data: &'a [u8]) -> Self {
+        Bytes { data, pos: 0 }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pos >= self.data.len()
+    }
+    pub fn remaining(&self) -> &'a [u8] {
+        &self.data[self.pos.min(self.data.len())..]
+    }
+    pub fn u8(&mut self) -> u8 {
+        let b = self.data.get(self.pos).copied().unwrap_or(0);
+        self.pos += 1;
+        b
+    }
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.u8(), self.u8()])
+    }
+    pub fn u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        b.iter_mut().for_each(|x| *x = self.u8());
+        u64::from_le_bytes(b)
+    }
+    /// Bytes up to the next NUL (or the end), consumed with the NUL.
+    pub fn until_nul(&mut self) -> &'a [u8] {
+        let rest = self.remaining();
+        let n = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        self.pos += n + 1;
+        &rest[..n]
+    }
+}
+
+/// The interposer's pure parsers, compiled from its own source files. The interposer
+/// is a cdylib whose modules are private, and linking it as an rlib would pull its
+/// exported hooks (`dlsym`, `cuInit`, ...) into the fuzzer; these two files depend
+/// on nothing but std and each other, so including them is exact and needs no change
+/// to the interposer. They sit at this crate's root, as in the interposer, so their
+/// `crate::limits` / `crate::config` paths resolve. (Paths: fuzz/src/ -> interposer/src/.)
+pub mod interposer {
+    pub use crate::config;
+    pub use crate::limits;
+}
+#[doc(hidden)]
+#[allow(dead_code)]
+#[path = "../../interposer/src/config.rs"]
+pub mod config;
+#[doc(hidden)]
+#[allow(dead_code)]
+#[path = "../../interposer/src/limits.rs"]
+pub mod limits;
