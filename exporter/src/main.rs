@@ -210,6 +210,9 @@ fn run(cli: Cli) -> Result<(), String> {
         telemetry_path: cli.telemetry_path.clone(),
     };
     let served = rt.block_on(async {
+        // Watch the signals before anyone can learn we listen: a SIGTERM that arrives
+        // right after start-up must shut down gracefully, not kill.
+        let stop = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("--web.listen-address {}: cannot listen: {e}", addr))?;
@@ -219,7 +222,7 @@ fn run(cli: Cli) -> Result<(), String> {
             cli.telemetry_path,
             set.tracked().len()
         );
-        serve(listener, metrics, web, shutdown_signal()).await;
+        serve(listener, metrics, web, stop).await;
         Ok::<(), String>(())
     });
     let _ = stop_tx.send(());
@@ -231,19 +234,21 @@ fn run(cli: Cli) -> Result<(), String> {
     served
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Registers SIGTERM and SIGINT handlers now; the future resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!("cannot watch SIGTERM: {e}");
-            std::future::pending::<()>().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => tokio::select! {
+                _ = term.recv() => info!("SIGTERM: shutting down"),
+                _ = int.recv() => info!("SIGINT: shutting down"),
+            },
+            (Err(e), _) | (_, Err(e)) => {
+                error!("cannot watch SIGTERM/SIGINT: {e}");
+                std::future::pending::<()>().await
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
     }
 }
