@@ -561,25 +561,50 @@ fn nvml_virtualized(
     })
 }
 
-#[no_mangle]
-pub extern "C" fn nvmlDeviceGetMemoryInfo(device: *mut c_void, memory: *mut c_void) -> u32 {
-    let Some(f) = real::nvml_memory_info() else {
+/// The two nvmlMemory layouts, as the hooks read and rewrite them.
+trait MemoryInfo {
+    fn free_total(&self) -> (u64, u64);
+    fn set(&mut self, total: u64, free: u64, used: u64);
+}
+
+impl MemoryInfo for NvmlMemory {
+    fn free_total(&self) -> (u64, u64) {
+        (self.free, self.total)
+    }
+    fn set(&mut self, total: u64, free: u64, used: u64) {
+        (self.total, self.free, self.used) = (total, free, used);
+    }
+}
+
+impl MemoryInfo for NvmlMemoryV2 {
+    fn free_total(&self) -> (u64, u64) {
+        (self.free, self.total)
+    }
+    fn set(&mut self, total: u64, free: u64, used: u64) {
+        (self.total, self.reserved, self.free, self.used) = (total, 0, free, used);
+    }
+}
+
+/// The real call, then the container's view written over the device's.
+fn memory_info<T: MemoryInfo>(
+    what: &'static str,
+    real: Option<real::NvmlGetMemoryInfo>,
+    device: *mut c_void,
+    memory: *mut c_void,
+) -> u32 {
+    let Some(f) = real else {
         return NVML_ERROR_FUNCTION_NOT_FOUND;
     };
     // SAFETY: the real function, with the caller's arguments.
     let r = unsafe { f(device, memory) };
     if r == 0 && !memory.is_null() {
-        guard("nvmlDeviceGetMemoryInfo", || {
-            let m = memory as *mut NvmlMemory;
-            // SAFETY: non-null nvmlMemory_t the real call just filled.
-            let (rf, rt) = unsafe { ((*m).free, (*m).total) };
+        guard(what, || {
+            // SAFETY: non-null, of the layout this entry point takes, just filled by
+            // the real call, and the caller's to write.
+            let m = unsafe { &mut *(memory as *mut T) };
+            let (rf, rt) = m.free_total();
             if let Some((t, fr, used)) = nvml_virtualized(device, rf, rt) {
-                // SAFETY: as above; the caller's to write.
-                unsafe {
-                    (*m).total = t;
-                    (*m).free = fr;
-                    (*m).used = used;
-                }
+                m.set(t, fr, used);
             }
         });
     }
@@ -587,27 +612,21 @@ pub extern "C" fn nvmlDeviceGetMemoryInfo(device: *mut c_void, memory: *mut c_vo
 }
 
 #[no_mangle]
+pub extern "C" fn nvmlDeviceGetMemoryInfo(device: *mut c_void, memory: *mut c_void) -> u32 {
+    memory_info::<NvmlMemory>(
+        "nvmlDeviceGetMemoryInfo",
+        real::nvml_memory_info(),
+        device,
+        memory,
+    )
+}
+
+#[no_mangle]
 pub extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: *mut c_void, memory: *mut c_void) -> u32 {
-    let Some(f) = real::nvml_memory_info_v2() else {
-        return NVML_ERROR_FUNCTION_NOT_FOUND;
-    };
-    // SAFETY: the real function, with the caller's arguments.
-    let r = unsafe { f(device, memory) };
-    if r == 0 && !memory.is_null() {
-        guard("nvmlDeviceGetMemoryInfo_v2", || {
-            let m = memory as *mut NvmlMemoryV2;
-            // SAFETY: non-null nvmlMemory_v2_t the real call just filled.
-            let (rf, rt) = unsafe { ((*m).free, (*m).total) };
-            if let Some((t, fr, used)) = nvml_virtualized(device, rf, rt) {
-                // SAFETY: as above; the caller's to write.
-                unsafe {
-                    (*m).total = t;
-                    (*m).reserved = 0;
-                    (*m).free = fr;
-                    (*m).used = used;
-                }
-            }
-        });
-    }
-    r
+    memory_info::<NvmlMemoryV2>(
+        "nvmlDeviceGetMemoryInfo_v2",
+        real::nvml_memory_info_v2(),
+        device,
+        memory,
+    )
 }
