@@ -165,7 +165,7 @@ fn slow_clients_and_500_connections_do_not_block_scrapes() {
         worst = worst.max(t.elapsed());
         assert_eq!(m.value("vigil_exporter_regions", &[]), 1.0);
     }
-    assert!(worst < Duration::from_secs(2), "slowest scrape {worst:?}");
+    assert!(worst < Duration::from_secs(5), "slowest scrape {worst:?}");
     for r in readers {
         r.join().unwrap();
     }
