@@ -186,7 +186,11 @@ head -c 4096 /dev/urandom >"$work/regions/not-a-region.cache"
 # Let a few scrapes and rule evaluations see it all.
 sleep 4
 py="${VIGIL_PYTHON:-target/pyenv/bin/python}"
-[ -x "$py" ] || py=python3
+if [ ! -x "$py" ]; then
+    python3 -m venv target/pyenv
+    py=target/pyenv/bin/python
+fi
+"$py" -c 'import yaml' 2>/dev/null || "$py" -m pip install -q --disable-pip-version-check pyyaml
 "$py" tests/promql_exprs.py --url "http://127.0.0.1:$prom_port" --rate-interval 1m \
     --require-data-all-except tests/e2e-no-data.txt -o "$work/promql.json" >"$work/promql.out" 2>&1 || {
     echo "e2e: FAIL: dashboard/alert expressions (report: $work/promql.json):" >&2

@@ -15,10 +15,11 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 
 # nvidia-ml-py, the unmodified NVML client the simulator is tested against.
 venv=target/pyenv
-if ! "$venv/bin/python" -c 'import pynvml' 2>/dev/null; then
-    echo "==> installing nvidia-ml-py into $venv"
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check nvidia-ml-py
+# PyYAML: tests/promql_exprs.py reads the alert rules.
+if ! "$venv/bin/python" -c 'import pynvml, yaml' 2>/dev/null; then
+    echo "==> installing nvidia-ml-py and PyYAML into $venv"
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check nvidia-ml-py pyyaml
 fi
 export VIGIL_PYTHON=$PWD/$venv/bin/python
 
