@@ -245,6 +245,27 @@ fn html_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// One client connection, as [`serve`] runs it for each accepted socket: HTTP/1.1
+/// with the routes above, cut off if the request headers take over 10 s. Public for
+/// the fuzz target (fuzz/fuzz_targets/exporter_http.rs), which feeds it in-memory
+/// streams; not a stable API.
+#[doc(hidden)]
+pub fn serve_connection<I>(
+    io: I,
+    metrics: Arc<Metrics>,
+    cfg: Arc<WebConfig>,
+) -> impl hyper_util::server::graceful::GracefulConnection<Error = hyper::Error> + Send
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| handle(req, metrics.clone(), cfg.clone()));
+    http1::Builder::new()
+        .timer(TokioTimer::new())
+        // A client that never finishes its request headers is cut off.
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(io), svc)
+}
+
 /// Serves until `shutdown` resolves, then lets open connections finish (at most 5 s).
 pub async fn serve(
     listener: TcpListener,
@@ -268,14 +289,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (m, c) = (metrics.clone(), cfg.clone());
-                let svc = service_fn(move |req| handle(req, m.clone(), c.clone()));
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    // A client that never finishes its request headers is cut off.
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn);
+                let conn = graceful.watch(serve_connection(stream, metrics.clone(), cfg.clone()));
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         debug!("connection from {peer}: {e}");

@@ -6,6 +6,8 @@
 //! * [`bases`]: real regions, built in-process with the writer API (slots, locks taken
 //!   and force-posted, reservations, detections, every event kind, a wrapped ring),
 //!   used by the structure-aware target and written out as seeds for the raw one.
+//! * [`exposition`]: a checker of the Prometheus text and OpenMetrics formats, for
+//!   the exporter's `/metrics` bodies (exporter_http).
 //! * [`reader`]: the oracle. It opens a file with `RegionReader`, predicts the outcome
 //!   from an independent decoding of the header, and checks every read path
 //!   (`snapshot`, `device_usage`, `ring_consumer`/`drain`, `revalidate`) for
@@ -15,6 +17,7 @@
 //! `VIGIL_FUZZ_ALLOW=name[,name...]` (see [`allowed`]); by default everything is checked.
 
 pub mod bases;
+pub mod exposition;
 pub mod reader;
 pub mod scratch;
 
