@@ -167,7 +167,7 @@ PY
 echo
 echo "==> where to look"
 echo "    metrics:     curl http://127.0.0.1:$exp_port/metrics     (landing page: http://127.0.0.1:$exp_port/)"
-echo "    inspect:     $bin/vigil-exporter inspect $dir/containers/demo-pod_trainer/vigil.cache"
+echo "    inspect:     $bin/vigil-exporter inspect $dir/containers/demo-pod_trainer/vigil.cache   (while VIGIL_DEMO_KEEP=1 keeps it)"
 echo "    Prometheus:  scrape_configs: [{job_name: vigil-exporter, static_configs: [{targets: ['<node>:9477']}]}]"
 echo "                 rule_files: [$PWD/alerts/vigil-alerts.yml]   (Kubernetes: deploy/)"
 echo "    Grafana:     Dashboards > New > Import > upload dashboards/vigil.json, pick your Prometheus data source"
