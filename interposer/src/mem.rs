@@ -53,29 +53,17 @@ fn closed() -> bool {
     crate::config().limit_policy == crate::config::LimitPolicy::Closed
 }
 
-/// Under the closed policy, why this process's own settings refuse `bytes` on `dev`:
-/// its limit variable for the device is invalid, or its limit is stricter than the
-/// region's and would be passed.
-fn own_refusal(dev: usize, bytes: u64) -> Option<String> {
-    // Starts Vigil if nothing has yet, which records OWN.
-    let usage =
-        crate::init::with_process(|region, _| vigil_region::RegionRead::device_usage(region, dev))
-            .flatten();
-    let own = OWN.get()?;
-    if own.invalid.get(dev) == Some(&true) {
-        return Some(format!(
-            "the CUDA_DEVICE_MEMORY_LIMIT setting for device {dev} is invalid (see the error at start-up)"
-        ));
+/// Under the closed policy, this process's own limit for `dev` (0 = none) and whether
+/// its limit variable for the device was invalid. Read after Vigil started here
+/// (`with_process` starts it, which records OWN).
+fn own_limit(dev: usize) -> (u64, bool) {
+    match OWN.get() {
+        Some(own) if closed() => (
+            own.limits.get(dev).copied().unwrap_or(0),
+            own.invalid.get(dev) == Some(&true),
+        ),
+        _ => (0, false),
     }
-    let mine = *own.limits.get(dev)?;
-    if mine == 0 {
-        return None;
-    }
-    let (theirs, used) = usage?;
-    (theirs == 0 || mine < theirs)
-        .then_some(())
-        .filter(|_| used.saturating_add(bytes) > mine)
-        .map(|_| format!("{used} bytes in use and this process's own limit is {mine} (stricter than the region's {theirs})"))
 }
 
 /// Says once per process why the closed policy refuses everything here.
@@ -98,26 +86,38 @@ pub fn admit(what: &str, dev: Option<usize>, bytes: u64) -> Admit {
     if bytes == 0 {
         return Admit::Pass;
     }
-    if closed() {
-        if let Some(why) = own_refusal(dev, bytes) {
-            vlog!(WARN, "{what}({bytes} bytes) on device {dev} refused: {why}");
-            return Admit::Deny;
+    let r = crate::init::with_process(|region, slot| {
+        let (cap, invalid) = own_limit(dev);
+        if invalid {
+            return Err(format!(
+                "the CUDA_DEVICE_MEMORY_LIMIT setting for device {dev} is invalid (see the error at start-up)"
+            ));
         }
-    }
-    let r = crate::init::with_process(|region, slot| region.reserve(slot, dev, bytes));
+        let theirs = vigil_region::RegionRead::device_usage(region, dev).map_or(0, |u| u.0);
+        Ok((region.reserve_within(slot, dev, bytes, cap), cap, theirs))
+    });
     match r {
         None if closed() => refuse_unenforceable(what, "Vigil is not running in this process"),
         None => Admit::Pass,
-        Some(Ok(Reservation::Granted)) => Admit::Charged(Ticket { dev, bytes }),
-        Some(Ok(Reservation::Denied { used, limit })) => {
+        Some(Err(why)) => {
+            vlog!(WARN, "{what}({bytes} bytes) on device {dev} refused: {why}");
+            Admit::Deny
+        }
+        Some(Ok((Ok(Reservation::Granted), ..))) => Admit::Charged(Ticket { dev, bytes }),
+        Some(Ok((Ok(Reservation::Denied { used, limit }), cap, theirs))) => {
+            let whose = if cap > 0 && cap == limit && (theirs == 0 || cap < theirs) {
+                "this process's own CUDA_DEVICE_MEMORY_LIMIT, stricter than the region's"
+            } else {
+                "CUDA_DEVICE_MEMORY_LIMIT"
+            };
             vlog!(
                 WARN,
-                "{what}({bytes} bytes) on device {dev} refused: {used} of the {limit}-byte limit (CUDA_DEVICE_MEMORY_LIMIT) in use; returning CUDA_ERROR_OUT_OF_MEMORY"
+                "{what}({bytes} bytes) on device {dev} refused: {used} of the {limit}-byte limit ({whose}) in use; returning CUDA_ERROR_OUT_OF_MEMORY"
             );
             Admit::Deny
         }
-        Some(Err(e)) if closed() => refuse_unenforceable(what, &e.to_string()),
-        Some(Err(e)) => {
+        Some(Ok((Err(e), ..))) if closed() => refuse_unenforceable(what, &e.to_string()),
+        Some(Ok((Err(e), ..))) => {
             note_error(what, &e);
             Admit::Pass
         }
@@ -134,13 +134,18 @@ fn note_error(what: &str, e: &RegionError) {
 /// The real allocation succeeded as `key`, of `actual` bytes (which may differ from
 /// the reservation, as with a pitched allocation's padding).
 pub fn commit(t: Ticket, key: Key, actual: u64) {
-    let adjust = crate::init::with_process(|region, slot| {
-        if actual > t.bytes {
-            region.charge(slot, t.dev, actual - t.bytes)
-        } else {
-            region.credit(slot, t.dev, t.bytes - actual).map(|_| ())
-        }
-    });
+    // Only a pitched allocation can differ: do not take the region lock for nothing.
+    let adjust = (actual != t.bytes)
+        .then(|| {
+            crate::init::with_process(|region, slot| {
+                if actual > t.bytes {
+                    region.charge(slot, t.dev, actual - t.bytes)
+                } else {
+                    region.credit(slot, t.dev, t.bytes - actual).map(|_| ())
+                }
+            })
+        })
+        .flatten();
     if let Some(Err(e)) = adjust {
         note_error("allocation", &e);
     }

@@ -84,12 +84,30 @@ impl Region {
         dev: usize,
         bytes: u64,
     ) -> Result<Reservation, RegionError> {
+        self.reserve_within(me, dev, bytes, 0)
+    }
+
+    /// [`reserve`](Self::reserve) against the stricter of the region's limit and `cap`
+    /// (0 = no cap of our own): a process whose own limit is below the region's keeps
+    /// to it, checked in the same critical section as everyone's.
+    pub fn reserve_within(
+        &self,
+        me: SlotHandle,
+        dev: usize,
+        bytes: u64,
+        cap: u64,
+    ) -> Result<Reservation, RegionError> {
         self.check_device(dev)?;
+        let effective = |limit: u64| match (limit, cap) {
+            (0, c) => c,
+            (l, 0) => l,
+            (l, c) => l.min(c),
+        };
         let mut reaped = false;
         for _ in 0..4 {
             let (answer, fenced) = self.with_totals(me, |l| {
                 let d = &l.devices[dev];
-                let limit = d.limit.load(Relaxed);
+                let limit = effective(d.limit.load(Relaxed));
                 let mut used = d.used.load(Acquire);
                 if limit > 0 && used.saturating_add(bytes) > limit {
                     // Before refusing, trust nothing but the slots: a total damaged by
@@ -132,7 +150,7 @@ impl Region {
         let l = self.layout();
         let answer = Reservation::Denied {
             used: l.devices[dev].used.load(Acquire),
-            limit: l.devices[dev].limit.load(Relaxed),
+            limit: effective(l.devices[dev].limit.load(Relaxed)),
         };
         Ok(self.deny(me, dev, bytes, answer))
     }

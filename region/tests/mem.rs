@@ -143,3 +143,42 @@ fn a_forged_device_total_does_not_cause_lasting_false_ooms() {
     assert_eq!(r.reserve(me, 0, 64 * MIB).unwrap(), Reservation::Granted);
     assert_eq!(r.device_usage(0), Some((limit, 64 * MIB)));
 }
+
+#[test]
+fn a_process_cap_below_the_region_limit_is_enforced_in_the_same_check() {
+    let dir = tempdir();
+    let path = dir.path().join("mem.cache");
+    let params = InitParams {
+        device_limits: vec![1024 * MIB],
+        ..InitParams::default()
+    };
+    let (r, _) = Region::open(&path, &params).unwrap();
+    let me = r.claim_slot().unwrap();
+    assert_eq!(
+        r.reserve_within(me, 0, 200 * MIB, 256 * MIB).unwrap(),
+        Reservation::Granted
+    );
+    assert_eq!(
+        r.reserve_within(me, 0, 100 * MIB, 256 * MIB).unwrap(),
+        Reservation::Denied {
+            used: 200 * MIB,
+            limit: 256 * MIB
+        }
+    );
+    // Without the cap the region's own limit applies.
+    assert_eq!(r.reserve(me, 0, 100 * MIB).unwrap(), Reservation::Granted);
+    // A cap on a device with no region limit is a limit of its own.
+    let (u, _) = Region::open(
+        dir.path().join("u.cache"),
+        &InitParams {
+            device_limits: vec![0],
+            ..InitParams::default()
+        },
+    )
+    .unwrap();
+    let me = u.claim_slot().unwrap();
+    assert!(matches!(
+        u.reserve_within(me, 0, 2 * MIB, MIB).unwrap(),
+        Reservation::Denied { .. }
+    ));
+}
