@@ -98,7 +98,6 @@ impl Region {
         };
         if leftovers {
             s.counters.iter().for_each(|c| c.store(0, Relaxed));
-            s.state.store(SLOT_ACTIVE, Release);
             let freed = self.credit_slot(i, handle).unwrap_or(0);
             self.note_reclaimed(i, handle, freed);
         }
