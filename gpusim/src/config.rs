@@ -84,7 +84,8 @@ pub fn parse_rate(setting: &str, s: &str) -> Result<f64, ParseError> {
     Ok(v)
 }
 
-/// How long a new context stays invisible to NVML.
+/// A delay distribution: how long a new context (`--nvml-lag`) or a change of a
+/// process's memory (`--nvml-mem-lag`) stays invisible to NVML.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lag {
     Fixed(Duration),

@@ -138,24 +138,32 @@ fn handle(sim: &Mutex<Sim>, conn: u64, host_pid: u32, registered: &mut bool, lin
             std::thread::sleep(delay);
             arg(0).and_then(|d| {
                 lock(sim)
-                    .create_context(conn, d as u32, started)
+                    .create_context(conn, d as u32, started, Instant::now())
                     .map(|c| c.to_string())
             })
         }
-        "ctx_destroy" => {
-            arg(0).and_then(|c| lock(sim).destroy_context(conn, c).map(|_| String::new()))
-        }
+        "ctx_destroy" => arg(0).and_then(|c| {
+            lock(sim)
+                .destroy_context(conn, c, Instant::now())
+                .map(|_| String::new())
+        }),
         "alloc" => arg(0).and_then(|d| {
             let n = arg(1)?;
-            lock(sim).alloc(conn, d as u32, n).map(|a| a.to_string())
+            lock(sim)
+                .alloc(conn, d as u32, n, Instant::now())
+                .map(|a| a.to_string())
         }),
         "mem_create" => arg(0).and_then(|d| {
             let n = arg(1)?;
             lock(sim)
-                .mem_create(conn, d as u32, n)
+                .mem_create(conn, d as u32, n, Instant::now())
                 .map(|a| a.to_string())
         }),
-        "free" => arg(0).and_then(|a| lock(sim).free(conn, a).map(|n| n.to_string())),
+        "free" => arg(0).and_then(|a| {
+            lock(sim)
+                .free(conn, a, Instant::now())
+                .map(|n| n.to_string())
+        }),
         "meminfo" => arg(0).and_then(|d| {
             lock(sim)
                 .mem_info(d as u32, Instant::now())

@@ -191,6 +191,8 @@ fn nvidia_ml_py_sees_devices_memory_and_the_workload_with_its_pid() {
     let sim = Sim::start(&[
         "--nvml-lag",
         "0",
+        "--nvml-mem-lag",
+        "0",
         "--devices",
         "2",
         "--memory",
@@ -558,6 +560,7 @@ fn without_a_daemon_cuinit_reports_no_device_and_says_why() {
 fn bad_settings_are_rejected_with_the_setting_named() {
     for (args, env, what) in [
         (vec!["--nvml-lag", "banana"], None, "--nvml-lag"),
+        (vec!["--nvml-mem-lag", "banana"], None, "--nvml-mem-lag"),
         (vec!["--memory=-5"], None, "--memory"),
         (vec!["--devices", "0"], None, "--devices"),
         (vec!["--pid-mode", "guest"], None, "--pid-mode"),
@@ -571,6 +574,11 @@ fn bad_settings_are_rejected_with_the_setting_named() {
             vec![],
             Some(("VIGIL_GPUSIM_NVML_LAG", "uniform:9ms..1ms")),
             "VIGIL_GPUSIM_NVML_LAG",
+        ),
+        (
+            vec![],
+            Some(("VIGIL_GPUSIM_NVML_MEM_LAG", "exp:soon")),
+            "VIGIL_GPUSIM_NVML_MEM_LAG",
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();
@@ -666,4 +674,106 @@ fn a_malformed_request_is_refused_not_misread() {
         ))
     ));
     assert_eq!(sim.stats()["used"], 0);
+}
+
+/// Runs gpusim/calibrate/probe_driver.py's memory probe against the simulator: it
+/// retains a context, then cuMemAlloc/cuMemFree k x 2 MiB and polls its own entry in
+/// nvmlDeviceGetComputeRunningProcesses until it moves. Returns the per-call records.
+fn memory_probe(sim: &Sim, reps: u32) -> Vec<Value> {
+    let mut c = Command::new(python());
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("calibrate/probe_driver.py"))
+        .args(["--probes", "memory", "--mem-reps", &reps.to_string()]);
+    sim.env(&mut c);
+    let out = c.output().expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "probe_driver.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .filter(|v: &Value| v["probe"] == "memory")
+        .collect();
+    assert_eq!(records.len(), 8 * reps as usize, "{stdout}");
+    for r in &records {
+        assert!(r.get("error").is_none(), "{r}");
+        let bytes = r["bytes"].as_i64().unwrap();
+        let step = if r["op"] == "alloc" { bytes } else { -bytes };
+        assert_eq!(
+            r["step"].as_i64(),
+            Some(step),
+            "NVML moved by exactly the size: {r}"
+        );
+        assert_eq!(r["exact"], true, "{r}");
+        assert_eq!(
+            r["device_step"].as_i64(),
+            Some(step),
+            "device memory moves at once: {r}"
+        );
+    }
+    records
+}
+
+#[test]
+fn nvml_process_memory_follows_cu_mem_alloc_and_free_after_the_mem_lag_exactly() {
+    let sim = Sim::start(&[
+        "--nvml-lag",
+        "0",
+        "--ctx-create-time",
+        "5ms",
+        "--nvml-mem-lag",
+        "40ms",
+    ]);
+    for r in memory_probe(&sim, 2) {
+        // From before the call: the change cannot show sooner than the lag after it.
+        let from_call = r["delay_from_call_ms"].as_f64().unwrap();
+        assert!(
+            from_call >= 40.0,
+            "shown {from_call} ms after the call: {r}"
+        );
+        assert!(
+            r["polls"].as_u64().unwrap() > 1,
+            "not on the first poll: {r}"
+        );
+        // And then promptly (generous: a loaded machine stalls the poller).
+        let delay = r["delay_ms"].as_f64().unwrap();
+        assert!(
+            delay <= 40.0 + 200.0,
+            "shown {delay} ms after the call returned: {r}"
+        );
+    }
+    drop(sim);
+    let sim = Sim::start(&[
+        "--nvml-lag",
+        "0",
+        "--ctx-create-time",
+        "5ms",
+        "--nvml-mem-lag",
+        "0",
+    ]);
+    for r in memory_probe(&sim, 1) {
+        assert_eq!(r["polls"], 1, "with no lag the first poll shows it: {r}");
+    }
+}
+
+#[test]
+fn nvml_process_utilization_has_no_samples_and_takes_null_arguments() {
+    let sim = Sim::start(&["--nvml-lag", "0"]);
+    // A process with a context on the device, so "no samples" is not "no processes".
+    let mut w = sim.workload(&["--exit", "wait"]);
+    w.expect("ready");
+    let v: Value = serde_json::from_str(&sim.probe(&["procutil"])).expect("JSON");
+    const NOT_FOUND: u64 = 6;
+    const INVALID_ARGUMENT: u64 = 2;
+    assert_eq!(v["pynvml"], NOT_FOUND, "NVMLError_NotFound: {v}");
+    for case in ["null_buffer", "buffer"] {
+        assert_eq!(v[case]["ret"], NOT_FOUND, "{case}: {v}");
+        assert_eq!(v[case]["count"], 0, "{case}: {v}");
+    }
+    for case in ["null_count", "null_both"] {
+        assert_eq!(v[case]["ret"], INVALID_ARGUMENT, "{case}: {v}");
+    }
+    assert_eq!(v["bad_handle"], INVALID_ARGUMENT, "{v}");
 }

@@ -13,6 +13,7 @@ pub const NVML_SUCCESS: NvmlReturn = 0;
 pub const NVML_ERROR_UNINITIALIZED: NvmlReturn = 1;
 pub const NVML_ERROR_INVALID_ARGUMENT: NvmlReturn = 2;
 pub const NVML_ERROR_NOT_SUPPORTED: NvmlReturn = 3;
+pub const NVML_ERROR_NOT_FOUND: NvmlReturn = 6;
 pub const NVML_ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
 pub const NVML_ERROR_DRIVER_NOT_LOADED: NvmlReturn = 9;
 pub const NVML_ERROR_ARGUMENT_VERSION_MISMATCH: NvmlReturn = 25;
@@ -57,7 +58,20 @@ pub struct NvmlProcessInfo {
     pub compute_instance_id: c_uint,
 }
 
+/// nvmlProcessUtilizationSample_t.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NvmlProcessUtilizationSample {
+    pub pid: c_uint,
+    pub time_stamp: u64,
+    pub sm_util: c_uint,
+    pub mem_util: c_uint,
+    pub enc_util: c_uint,
+    pub dec_util: c_uint,
+}
+
 const _: () = {
+    assert!(std::mem::size_of::<NvmlProcessUtilizationSample>() == 32);
     assert!(std::mem::size_of::<NvmlMemory>() == 24);
     assert!(std::mem::size_of::<NvmlMemoryV2>() == 40);
     assert!(std::mem::size_of::<NvmlProcessInfoV1>() == 16);
@@ -153,6 +167,7 @@ pub extern "C" fn nvmlErrorString(r: NvmlReturn) -> *const c_char {
         NVML_ERROR_UNINITIALIZED => "Uninitialized\0",
         NVML_ERROR_INVALID_ARGUMENT => "Invalid Argument\0",
         NVML_ERROR_NOT_SUPPORTED => "Not Supported\0",
+        NVML_ERROR_NOT_FOUND => "Not Found\0",
         NVML_ERROR_INSUFFICIENT_SIZE => "Insufficient Size\0",
         NVML_ERROR_DRIVER_NOT_LOADED => "Driver Not Loaded\0",
         NVML_ERROR_ARGUMENT_VERSION_MISMATCH => "Argument Version Mismatch\0",
@@ -433,6 +448,35 @@ pub extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
                     .then_some(())
                     .ok_or(NVML_ERROR_INVALID_ARGUMENT)
             }))
+        },
+    )
+}
+
+/// Per-process utilization samples. A simulated GPU runs no kernels, so there never
+/// are any, and this answers as the real driver does on an idle GPU: with or without
+/// a buffer, `NVML_ERROR_NOT_FOUND` ("no valid sample entries since
+/// lastSeenTimeStamp"), and the count set to 0 (the real driver's count on that path
+/// is not documented; 0 is the safe value). A null count is
+/// `NVML_ERROR_INVALID_ARGUMENT`. HAMi-core's libvgpu.so calls this from its
+/// utilization watcher shortly after start-up and crashes if it is missing.
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetProcessUtilization(
+    h: NvmlDevice,
+    _utilization: *mut NvmlProcessUtilizationSample,
+    count: *mut c_uint,
+    _last_seen_time_stamp: u64,
+) -> NvmlReturn {
+    guard(
+        "nvmlDeviceGetProcessUtilization",
+        NVML_ERROR_UNKNOWN,
+        || {
+            if let Err(e) = index_of(h) {
+                return e;
+            }
+            if !out(count, 0) {
+                return NVML_ERROR_INVALID_ARGUMENT;
+            }
+            NVML_ERROR_NOT_FOUND
         },
     )
 }

@@ -62,6 +62,17 @@ struct ServeArgs {
         default_value = "uniform:20ms..200ms"
     )]
     nvml_lag: String,
+    /// Delay from a change of a process's device memory (alloc, free, context
+    /// creation or destruction) until NVML's per-process usedGpuMemory shows it; same
+    /// grammar as --nvml-lag, 0 for instant. Changes show in order. Device totals
+    /// (cuMemGetInfo, nvmlDeviceGetMemoryInfo) never lag. The default is an estimate,
+    /// not yet measured on a real GPU.
+    #[arg(
+        long,
+        env = "VIGIL_GPUSIM_NVML_MEM_LAG",
+        default_value = "uniform:5ms..30ms"
+    )]
+    nvml_mem_lag: String,
     /// Time to create a context (primary or not). Measured on an H100: ~130 ms.
     #[arg(long, env = "VIGIL_GPUSIM_CTX_CREATE_TIME", default_value = "130ms")]
     ctx_create_time: String,
@@ -158,6 +169,10 @@ impl ServeArgs {
             memory,
             device_name: self.device_name.clone(),
             nvml_lag: Lag::parse("--nvml-lag/VIGIL_GPUSIM_NVML_LAG", &self.nvml_lag)?,
+            nvml_mem_lag: Lag::parse(
+                "--nvml-mem-lag/VIGIL_GPUSIM_NVML_MEM_LAG",
+                &self.nvml_mem_lag,
+            )?,
             ctx_create_time: parse_duration(
                 "--ctx-create-time/VIGIL_GPUSIM_CTX_CREATE_TIME",
                 &self.ctx_create_time,
@@ -217,12 +232,13 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
     let daemon = Daemon::bind(cfg.clone(), &args.socket)
         .map_err(|e| format!("{}: {e}", args.socket.display()))?;
     println!(
-        "listening socket={} devices={} memory={} pid_mode={:?} nvml_lag={:?}",
+        "listening socket={} devices={} memory={} pid_mode={:?} nvml_lag={:?} nvml_mem_lag={:?}",
         args.socket.display(),
         cfg.devices,
         cfg.memory,
         cfg.pid_mode,
-        cfg.nvml_lag
+        cfg.nvml_lag,
+        cfg.nvml_mem_lag
     );
     daemon.run().map_err(|e| e.to_string())
 }
