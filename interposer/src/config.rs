@@ -21,8 +21,13 @@ pub struct Config {
     pub poll_max: Duration,
     /// `VIGIL_DETECT_DEADLINE`: give up detection after this long.
     pub deadline: Duration,
-    /// `VIGIL_NODE_LOCK_DIR`: a directory shared by every container on the node;
-    /// when set, detection is also serialized node-wide through a lock file there.
+    /// `VIGIL_DETECT_MODE`: signature detection without a lock (`parallel`, the
+    /// default) or the seed's detection lock plus NVML diff (`serial`).
+    pub detect_mode: DetectMode,
+    /// `VIGIL_DETECT_STEPS`: marker steps in a signature (2-12, default 5).
+    pub detect_steps: usize,
+    /// `VIGIL_NODE_LOCK_DIR` (serial mode only): a directory shared by every container
+    /// on the node; when set, serial detection is also serialized node-wide there.
     pub node_lock_dir: Option<PathBuf>,
     /// `CUDA_VISIBLE_DEVICES`, as physical NVML indices by CUDA ordinal; None = all.
     pub visible_devices: Option<Vec<u32>>,
@@ -35,6 +40,15 @@ pub struct Config {
     pub secure: bool,
     /// Problems found while reading the environment, to be logged once the log is up.
     pub warnings: Vec<String>,
+}
+
+/// How host-PID detection tells its NVML entry from the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetectMode {
+    /// Memory signatures, concurrently: correct when many containers start at once.
+    Parallel,
+    /// One process at a time per region, under the detection lock (the seed's design).
+    Serial,
 }
 
 /// What an allocation does when a limit is set but cannot be enforced (the region
@@ -163,6 +177,28 @@ impl Config {
                 default_policy
             }
         };
+        let detect_mode = match get("VIGIL_DETECT_MODE").as_deref().map(str::trim) {
+            None | Some("") | Some("parallel") => DetectMode::Parallel,
+            Some("serial") => DetectMode::Serial,
+            Some(v) => {
+                warnings.push(format!(
+                    "VIGIL_DETECT_MODE={v:?} is not parallel or serial; using parallel"
+                ));
+                DetectMode::Parallel
+            }
+        };
+        let detect_steps = match get("VIGIL_DETECT_STEPS") {
+            None => 5,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if (2..=12).contains(&n) => n,
+                _ => {
+                    warnings.push(format!(
+                        "VIGIL_DETECT_STEPS={v:?} is not a whole number from 2 to 12; using 5"
+                    ));
+                    5
+                }
+            },
+        };
         Config {
             region_path: nonempty("CUDA_DEVICE_MEMORY_SHARED_CACHE")
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_REGION)),
@@ -171,6 +207,8 @@ impl Config {
             poll_start,
             poll_max: poll_max.max(poll_start),
             deadline,
+            detect_mode,
+            detect_steps,
             node_lock_dir: nonempty("VIGIL_NODE_LOCK_DIR"),
             visible_devices,
             region_mode,
@@ -281,6 +319,21 @@ mod tests {
         let c = cfg(&[("VIGIL_LIMIT_POLICY", "strict")]);
         assert_eq!(c.limit_policy, LimitPolicy::Open);
         assert!(c.warnings.iter().any(|w| w.contains("VIGIL_LIMIT_POLICY")));
+    }
+
+    #[test]
+    fn detect_mode_defaults_to_parallel() {
+        assert_eq!(cfg(&[]).detect_mode, DetectMode::Parallel);
+        assert_eq!(cfg(&[]).detect_steps, 5);
+        let c = cfg(&[("VIGIL_DETECT_MODE", "serial"), ("VIGIL_DETECT_STEPS", "3")]);
+        assert_eq!((c.detect_mode, c.detect_steps), (DetectMode::Serial, 3));
+        let c = cfg(&[("VIGIL_DETECT_MODE", "fast"), ("VIGIL_DETECT_STEPS", "1")]);
+        assert_eq!((c.detect_mode, c.detect_steps), (DetectMode::Parallel, 5));
+        assert!(c
+            .warnings
+            .iter()
+            .any(|w| w.contains("VIGIL_DETECT_MODE") && w.contains("fast")));
+        assert!(c.warnings.iter().any(|w| w.contains("VIGIL_DETECT_STEPS")));
     }
 
     #[test]

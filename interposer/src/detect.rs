@@ -1,17 +1,20 @@
-//! Host-PID detection, the pure part: given the NVML process list from before our
-//! primary context existed, poll until exactly one new PID that no live slot has
-//! claimed appears, then *confirm* it is ours before accepting it.
+//! Host-PID detection, the pure part. Two algorithms share one `Probe` on the world:
 //!
-//! Polling is adaptive: the first poll comes at once (on the 580 driver the process is
-//! already listed when the context call returns), then the wait doubles up to a cap,
-//! under a deadline.
+//! - `run_signature` (the default, `VIGIL_DETECT_MODE=parallel`): no lock. After our
+//!   primary context exists we take a staircase of marker allocations of random page
+//!   sizes, one step at a time, and accept the one NVML entry that is seen moving onto
+//!   every step (see `signature`). Processes of one container, or of many, detect at
+//!   the same time without waiting for each other; another process's entry cannot
+//!   pass unless it steps by our sizes at our moments.
+//! - `run_serial` (`VIGIL_DETECT_MODE=serial`, the seed's design): under the region's
+//!   detection lock, poll until exactly one new PID that no live slot has claimed
+//!   appears, then confirm it with one 2 MiB marker. Correct while one container
+//!   starts at a time; across containers it cannot tell whose PID is whose.
 //!
-//! Confirmation closes the hole in diff-based detection (HAMi's included): a process
-//! of another container that creates a context in our window and shows up in NVML
-//! before we do is "exactly one new PID" too. So we allocate a small marker on our own
-//! context and accept the candidate only if NVML shows *its* memory grow by at least
-//! that much; otherwise it is foreign, excluded, and polling goes on.
+//! Polling is adaptive in both: the first poll comes at once, then the wait doubles up
+//! to a cap, under a deadline, and drops back to the start after each marker step.
 
+use crate::signature::{self, Tracker};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use vigil_region::DetectOutcome;
@@ -33,7 +36,22 @@ pub struct Detection {
     pub candidates: Vec<u32>,
     /// Candidates that failed confirmation (other containers' processes).
     pub foreign: Vec<u32>,
+    /// Our usage before any marker, as NVML showed it (the context's footprint): from
+    /// the accepted entry, or when none was, the smallest seen on entries like ours.
+    pub footprint: Option<u64>,
+    /// Why detection gave up early, for the log.
+    pub note: Option<String>,
 }
+
+/// The staircase: how many steps, of how many pages at most each.
+#[derive(Debug, Clone, Copy)]
+pub struct Signature {
+    pub steps: usize,
+    pub max_pages: u64,
+}
+
+/// NVML's "not available" for a process's memory (some vGPU and Windows setups).
+pub const NOT_AVAILABLE: u64 = u64::MAX;
 
 /// What detection needs from the world; the interposer passes NVML, the region and
 /// the driver, tests pass scripts.
@@ -45,10 +63,15 @@ pub trait Probe {
     fn claimed(&mut self) -> BTreeSet<u32>;
     /// Whether another process of our region already saw namespace PIDs from the driver.
     fn namespace_pids_seen(&mut self) -> bool;
-    /// Allocates the confirmation marker on our context; returns its size.
-    fn mark(&mut self) -> Result<u64, String>;
-    /// Frees the marker.
+    /// Allocates a marker of `bytes` on our context, charged against the limit like
+    /// any allocation. Err when refused (the limit, the driver).
+    fn mark(&mut self, bytes: u64) -> Result<(), String>;
+    /// Frees the newest marker.
     fn unmark(&mut self);
+    /// Randomness for the marker sizes.
+    fn random(&mut self) -> u64;
+    /// A named point where a test can kill us (`fault-injection`).
+    fn fault(&mut self, _point: &'static str) {}
     /// Time since detection started.
     fn elapsed(&mut self) -> Duration;
     fn sleep(&mut self, d: Duration);
@@ -78,16 +101,204 @@ fn done(
         polls,
         candidates: Vec::new(),
         foreign: foreign.iter().copied().collect(),
+        footprint: None,
+        note: None,
     }
 }
 
-/// Polls until the outcome is known. `before` is the snapshot taken before our context
-/// was created, `me` our PID as we see it.
-///
-/// Lists are compared as multisets: with a driver that reports namespace PIDs, every
-/// container's first process is PID 1, so "one more entry with our own PID" is the
-/// sign that the new entry is us.
-pub fn run(policy: &Policy, before: &[(u32, u64)], me: u32, probe: &mut impl Probe) -> Detection {
+/// Whether NVML now lists one more entry with our own PID than before (or ours at all,
+/// once the region knows the driver reports namespace PIDs): the driver speaks
+/// namespace PIDs and the new entry is us. Lists are multisets: with such a driver
+/// every container's first process is PID 1.
+fn ours_by_namespace(
+    before: &BTreeMap<u32, usize>,
+    now: &BTreeMap<u32, usize>,
+    me: u32,
+    probe: &mut impl Probe,
+) -> bool {
+    let had = |m: &BTreeMap<u32, usize>| m.get(&me).copied().unwrap_or(0);
+    had(now) > had(before) || (had(now) > 0 && probe.namespace_pids_seen())
+}
+
+/// Takes a staircase step of `bytes` (or one page if that is refused).
+fn step(t: &mut Tracker, held: &mut Vec<u64>, bytes: u64, probe: &mut impl Probe) -> bool {
+    for b in [bytes, signature::UNIT] {
+        if probe.mark(b).is_ok() {
+            t.step_up(b);
+            held.push(b);
+            return true;
+        }
+        if b == signature::UNIT {
+            break;
+        }
+    }
+    false
+}
+
+/// Frees every marker, newest first, and ends the round.
+fn unwind(t: &mut Tracker, held: &mut Vec<u64>, probe: &mut impl Probe) {
+    while let Some(b) = held.pop() {
+        probe.unmark();
+        t.step_down(b);
+    }
+    t.new_round();
+}
+
+/// Signature detection (see the module doc and `signature`). `before` is the list
+/// taken before our context was created, `me` our PID as we see it.
+pub fn run_signature(
+    policy: &Policy,
+    sig: &Signature,
+    before: &[(u32, u64)],
+    me: u32,
+    probe: &mut impl Probe,
+) -> Detection {
+    let before = counts(before);
+    let had = |m: &BTreeMap<u32, usize>, p: u32| m.get(&p).copied().unwrap_or(0);
+    let mut t = Tracker::new();
+    let mut held: Vec<u64> = Vec::new();
+    let mut sizes: Vec<u64> = Vec::new();
+    let mut step_at = Duration::ZERO;
+    let mut first_show: Option<Duration> = None;
+    let mut wait = policy.poll_start;
+    let (mut polls, mut errors) = (0u32, 0u32);
+    let mut note: Option<String> = None;
+    // A step nobody shows within this long starts a new round.
+    let stuck = (policy.poll_max * 15).max(Duration::from_millis(100));
+    // After the first entry shows a step, how long the others get to show it too.
+    let grace = policy.poll_max;
+    loop {
+        polls += 1;
+        match probe.nvml_procs() {
+            Ok(procs) => {
+                errors = 0;
+                let now_c = counts(&procs);
+                if ours_by_namespace(&before, &now_c, me, probe) {
+                    unwind(&mut t, &mut held, probe);
+                    return done(DetectOutcome::SameNamespace, Some(me), polls, t.rejected());
+                }
+                let claimed = probe.claimed();
+                let mut present = BTreeSet::new();
+                let mut unavailable = 0usize;
+                for &(pid, used) in &procs {
+                    // Fresh, listed once (a repeated PID is a namespace PID), unclaimed.
+                    if had(&now_c, pid) <= had(&before, pid) || had(&now_c, pid) != 1 {
+                        continue;
+                    }
+                    if claimed.contains(&pid) {
+                        t.reject(pid);
+                        continue;
+                    }
+                    if used == NOT_AVAILABLE {
+                        unavailable += 1;
+                        continue;
+                    }
+                    present.insert(pid);
+                    t.observe(pid, used);
+                }
+                let gone: Vec<u32> = t.alive().filter(|p| !present.contains(p)).collect();
+                for p in gone {
+                    t.reject(p);
+                }
+                if unavailable > 0 && present.is_empty() && t.alive().next().is_none() {
+                    note = Some("NVML does not report per-process memory here (usedGpuMemory not available): no signature can be seen".into());
+                    break;
+                }
+                let now = probe.elapsed();
+                if held.is_empty() {
+                    // Between rounds: start one as soon as there is anyone to watch.
+                    if t.alive().next().is_some() {
+                        sizes = signature::step_sizes(sig.steps, sig.max_pages, || probe.random());
+                        if !step(&mut t, &mut held, sizes[0], probe) {
+                            note = Some(
+                                "no room under the memory limit for a detection marker".into(),
+                            );
+                            break;
+                        }
+                        probe.fault("detect.marker_held");
+                        (step_at, first_show, wait) = (now, None, policy.poll_start);
+                    }
+                } else {
+                    let cur = *t.round().last().unwrap_or(&0);
+                    let showers = t.alive().filter(|p| t.shown(*p, cur)).count();
+                    if showers == 0 {
+                        // Someone who could not have seen the step arrived (ours,
+                        // late?), or nobody moves: start over with new sizes.
+                        let newcomer = t.alive().any(|p| t.seen_after(p, cur));
+                        if newcomer || now.saturating_sub(step_at) >= stuck {
+                            unwind(&mut t, &mut held, probe);
+                            wait = policy.poll_start;
+                            continue;
+                        }
+                    } else {
+                        let shown_at = *first_show.get_or_insert(now);
+                        let all = t
+                            .alive()
+                            .filter(|p| !t.seen_after(*p, cur))
+                            .all(|p| t.shown(p, cur));
+                        if all || now.saturating_sub(shown_at) >= grace {
+                            if held.len() >= sizes.len() {
+                                let complete = t.complete();
+                                unwind(&mut t, &mut held, probe);
+                                if let [(pid, base)] = complete[..] {
+                                    let mut d =
+                                        done(DetectOutcome::Found, Some(pid), polls, t.rejected());
+                                    d.footprint = Some(base);
+                                    return d;
+                                }
+                                // Nobody, or more than one, showed every step: again.
+                                wait = policy.poll_start;
+                                continue;
+                            }
+                            let next = sizes[held.len()];
+                            if !step(&mut t, &mut held, next, probe) {
+                                unwind(&mut t, &mut held, probe);
+                                note = Some(
+                                    "no room under the memory limit for a detection marker".into(),
+                                );
+                                break;
+                            }
+                            (step_at, first_show, wait) = (now, None, policy.poll_start);
+                        }
+                    }
+                }
+            }
+            Err(_) => errors += 1,
+        }
+        if probe.elapsed() >= policy.deadline {
+            break;
+        }
+        let left = policy.deadline.saturating_sub(probe.elapsed());
+        probe.sleep(wait.min(left));
+        wait = (wait * 2).min(policy.poll_max);
+    }
+    unwind(&mut t, &mut held, probe);
+    let candidates: Vec<u32> = t.alive().collect();
+    let outcome = if note.is_some() || !candidates.is_empty() || !t.rejected().is_empty() {
+        DetectOutcome::Ambiguous
+    } else if errors > 0 {
+        DetectOutcome::NvmlError
+    } else {
+        DetectOutcome::Timeout
+    };
+    let mut d = done(outcome, None, polls, t.rejected());
+    d.candidates = candidates;
+    d.footprint = t.bases().into_iter().min();
+    d.note = note;
+    d
+}
+
+/// The confirmation marker of the serial mode: one 2 MiB page.
+pub const MARKER: u64 = signature::UNIT;
+
+/// Serial detection, under the detection lock. `before` is the snapshot taken before
+/// our context was created, `me` our PID as we see it.
+pub fn run_serial(
+    policy: &Policy,
+    before: &[(u32, u64)],
+    me: u32,
+    probe: &mut impl Probe,
+) -> Detection {
     let before = counts(before);
     let had = |m: &BTreeMap<u32, usize>, p: u32| m.get(&p).copied().unwrap_or(0);
     let mut wait = policy.poll_start;
@@ -103,12 +314,9 @@ pub fn run(policy: &Policy, before: &[(u32, u64)], me: u32, probe: &mut impl Pro
             Ok(procs) => {
                 errors = 0;
                 let now = counts(&procs);
-                // One more entry with our PID, or our PID listed at all once the region
-                // knows the driver speaks namespace PIDs (the entry we see may be a
-                // predecessor's that is about to go, but the answer is the same).
-                if had(&now, me) > had(&before, me)
-                    || (had(&now, me) > 0 && probe.namespace_pids_seen())
-                {
+                // (The entry we see may be a predecessor's that is about to go, but the
+                // answer is the same.)
+                if ours_by_namespace(&before, &now, me, probe) {
                     if confirming.is_some() {
                         probe.unmark();
                     }
@@ -140,9 +348,10 @@ pub fn run(policy: &Policy, before: &[(u32, u64)], me: u32, probe: &mut impl Pro
                         .collect();
                     if fresh.len() == 1 {
                         let cand = fresh[0];
-                        match probe.mark() {
-                            Ok(size) => {
-                                confirming = Some((cand, used_of(&procs, cand).unwrap_or(0), size));
+                        match probe.mark(MARKER) {
+                            Ok(()) => {
+                                confirming =
+                                    Some((cand, used_of(&procs, cand).unwrap_or(0), MARKER));
                                 wait = policy.poll_start;
                             }
                             // Cannot confirm (driver refused the marker): accept, as a
@@ -227,13 +436,17 @@ mod tests {
         fn namespace_pids_seen(&mut self) -> bool {
             self.ns_seen
         }
-        fn mark(&mut self) -> Result<u64, String> {
+        fn mark(&mut self, bytes: u64) -> Result<(), String> {
+            assert_eq!(bytes, MARK);
             self.marked = true;
-            Ok(MARK)
+            Ok(())
         }
         fn unmark(&mut self) {
             self.marked = false;
             self.unmarks += 1;
+        }
+        fn random(&mut self) -> u64 {
+            0
         }
         fn elapsed(&mut self) -> Duration {
             self.t
@@ -274,7 +487,7 @@ mod tests {
     #[test]
     fn found_and_confirmed_in_two_polls() {
         let mut s = script(vec![Ok(vec![10, 11, 500])], vec![], 500);
-        let d = run(&P, &before(), 7, &mut s);
+        let d = run_serial(&P, &before(), 7, &mut s);
         assert_eq!(
             (d.outcome, d.host_pid, d.polls),
             (DetectOutcome::Found, Some(500), 2)
@@ -288,7 +501,7 @@ mod tests {
         let mut polls: Vec<Result<Vec<u32>, ()>> = vec![Ok(vec![10, 11]); 6];
         polls.push(Ok(vec![10, 11, 500]));
         let mut s = script(polls, vec![], 500);
-        let d = run(&P, &before(), 7, &mut s);
+        let d = run_serial(&P, &before(), 7, &mut s);
         assert_eq!(d.outcome, DetectOutcome::Found);
         let ms: Vec<u64> = s.sleeps.iter().map(|d| d.as_millis() as u64).collect();
         assert_eq!(
@@ -309,7 +522,7 @@ mod tests {
             Ok(vec![10, 11, 900, 500]),
         ];
         let mut s = script(polls, vec![], 500);
-        let d = run(&P, &before(), 7, &mut s);
+        let d = run_serial(&P, &before(), 7, &mut s);
         assert_eq!((d.outcome, d.host_pid), (DetectOutcome::Found, Some(500)));
         assert_eq!(d.foreign, vec![900]);
         assert!(!s.marked, "the marker is freed");
@@ -318,7 +531,7 @@ mod tests {
     #[test]
     fn only_a_foreign_process_is_ambiguous_never_found() {
         let mut s = script(vec![Ok(vec![10, 11, 900])], vec![], 500);
-        let d = run(&P, &before(), 7, &mut s);
+        let d = run_serial(&P, &before(), 7, &mut s);
         assert_eq!((d.outcome, d.host_pid), (DetectOutcome::Ambiguous, None));
         assert_eq!(d.foreign, vec![900]);
         assert!(!s.marked);
@@ -331,7 +544,7 @@ mod tests {
             vec![400],
             500,
         );
-        let d = run(&P, &before(), 7, &mut s);
+        let d = run_serial(&P, &before(), 7, &mut s);
         assert_eq!(d.host_pid, Some(500));
     }
 
@@ -346,10 +559,10 @@ mod tests {
             vec![],
             500,
         );
-        let d = run(&P, &before(), 7, &mut s);
+        let d = run_serial(&P, &before(), 7, &mut s);
         assert_eq!((d.outcome, d.host_pid), (DetectOutcome::Found, Some(500)));
         let mut s = script(vec![Ok(vec![10, 11, 500, 900])], vec![], 500);
-        let d = run(&P, &before(), 7, &mut s);
+        let d = run_serial(&P, &before(), 7, &mut s);
         assert_eq!((d.outcome, d.host_pid), (DetectOutcome::Ambiguous, None));
         assert_eq!(d.candidates, vec![500, 900]);
     }
@@ -357,7 +570,7 @@ mod tests {
     #[test]
     fn our_own_pid_means_the_driver_reports_namespace_pids() {
         let mut s = script(vec![Ok(vec![10, 11, 7])], vec![], 7);
-        let d = run(&P, &before(), 7, &mut s);
+        let d = run_serial(&P, &before(), 7, &mut s);
         assert_eq!(
             (d.outcome, d.host_pid),
             (DetectOutcome::SameNamespace, Some(7))
@@ -368,19 +581,19 @@ mod tests {
     fn namespace_pids_repeat_and_one_more_of_ours_is_us() {
         let b = vec![(1, 100), (1, 100), (1, 100)];
         let mut s = script(vec![Ok(vec![1, 1, 1]), Ok(vec![1, 1, 1, 1])], vec![1], 1);
-        let d = run(&P, &b, 1, &mut s);
+        let d = run_serial(&P, &b, 1, &mut s);
         assert_eq!((d.outcome, d.polls), (DetectOutcome::SameNamespace, 2));
         // The predecessor leaves as we arrive: the count of PID 1 never rises. Once the
         // region knows namespace PIDs, seeing ours listed is enough.
         let mut s = script(vec![Ok(vec![1])], vec![], 1);
         assert_eq!(
-            run(&P, &[(1, 100)], 1, &mut s).outcome,
+            run_serial(&P, &[(1, 100)], 1, &mut s).outcome,
             DetectOutcome::Timeout
         );
         let mut s = script(vec![Ok(vec![1])], vec![], 1);
         s.ns_seen = true;
         assert_eq!(
-            run(&P, &[(1, 100)], 1, &mut s).outcome,
+            run_serial(&P, &[(1, 100)], 1, &mut s).outcome,
             DetectOutcome::SameNamespace
         );
     }
@@ -388,7 +601,7 @@ mod tests {
     #[test]
     fn nothing_new_times_out_and_errors_are_nvml_errors() {
         let mut s = script(vec![Ok(vec![10, 11])], vec![], 500);
-        let d = run(&P, &before(), 7, &mut s);
+        let d = run_serial(&P, &before(), 7, &mut s);
         assert_eq!(d.outcome, DetectOutcome::Timeout);
         assert!(
             s.t >= P.deadline && s.t < P.deadline + P.poll_max,
@@ -396,8 +609,268 @@ mod tests {
         );
         let mut s = script(vec![Err(())], vec![], 500);
         assert_eq!(
-            run(&P, &before(), 7, &mut s).outcome,
+            run_serial(&P, &before(), 7, &mut s).outcome,
             DetectOutcome::NvmlError
+        );
+    }
+}
+
+#[cfg(test)]
+mod signature_tests {
+    use super::*;
+    use crate::signature::UNIT;
+
+    const OURS: u32 = 4242;
+    const BASE: u64 = 259 * UNIT;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn ms(&mut self, lo: u64, hi: u64) -> Duration {
+            Duration::from_millis(lo + self.next() % (hi - lo + 1))
+        }
+    }
+
+    /// One process as NVML shows it: usage changes that become visible after a lag,
+    /// in order.
+    struct Shown {
+        pid: u32,
+        listed_from: Duration,
+        base: u64,
+        /// (visible at, level after the change)
+        changes: Vec<(Duration, u64)>,
+    }
+
+    impl Shown {
+        fn at(&self, t: Duration) -> Option<(u32, u64)> {
+            (t >= self.listed_from).then(|| {
+                let level = self
+                    .changes
+                    .iter()
+                    .take_while(|c| c.0 <= t)
+                    .last()
+                    .map_or(0, |c| c.1);
+                (self.pid, self.base + level)
+            })
+        }
+        fn push(&mut self, now: Duration, lag: Duration, level: u64) {
+            let after = self.changes.last().map_or(Duration::ZERO, |c| c.0);
+            self.changes.push(((now + lag).max(after), level));
+        }
+    }
+
+    /// A node: us, and other processes that detect at the same time with their own
+    /// staircases (another container's Vigil), or sit idle.
+    struct World {
+        t: Duration,
+        rng: Rng,
+        lag: (u64, u64),
+        ours: Shown,
+        held: Vec<u64>,
+        others: Vec<Shown>,
+        cap: u64,
+        marks: u32,
+    }
+
+    impl World {
+        fn new(seed: u64, lag: (u64, u64), ours_listed_ms: u64) -> World {
+            World {
+                t: Duration::ZERO,
+                rng: Rng(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                lag,
+                ours: Shown {
+                    pid: OURS,
+                    listed_from: Duration::from_millis(ours_listed_ms),
+                    base: BASE,
+                    changes: Vec::new(),
+                },
+                held: Vec::new(),
+                others: Vec::new(),
+                cap: u64::MAX,
+                marks: 0,
+            }
+        }
+
+        /// Another detector: rounds of `steps` random steps, one every 10-40 ms.
+        fn detector(&mut self, pid: u32, listed_ms: u64, steps: usize) {
+            let mut s = Shown {
+                pid,
+                listed_from: Duration::from_millis(listed_ms),
+                base: BASE,
+                changes: Vec::new(),
+            };
+            let mut now = Duration::from_millis(listed_ms);
+            for _ in 0..20 {
+                let mut level = 0;
+                for _ in 0..steps {
+                    level += (1 + self.rng.next() % 16) * UNIT;
+                    let lag = self.rng.ms(self.lag.0, self.lag.1);
+                    s.push(now, lag, level);
+                    now += self.rng.ms(10, 40);
+                }
+                let lag = self.rng.ms(self.lag.0, self.lag.1);
+                s.push(now, lag, 0);
+                now += self.rng.ms(5, 20);
+            }
+            self.others.push(s);
+        }
+
+        fn idle(&mut self, pid: u32, listed_ms: u64) {
+            self.others.push(Shown {
+                pid,
+                listed_from: Duration::from_millis(listed_ms),
+                base: BASE,
+                changes: Vec::new(),
+            });
+        }
+    }
+
+    impl Probe for World {
+        fn nvml_procs(&mut self) -> Result<Vec<(u32, u64)>, String> {
+            let t = self.t;
+            let mut v: Vec<(u32, u64)> = self.others.iter().filter_map(|s| s.at(t)).collect();
+            v.extend(self.ours.at(t));
+            v.sort_unstable();
+            Ok(v)
+        }
+        fn claimed(&mut self) -> BTreeSet<u32> {
+            BTreeSet::new()
+        }
+        fn namespace_pids_seen(&mut self) -> bool {
+            false
+        }
+        fn mark(&mut self, bytes: u64) -> Result<(), String> {
+            let level: u64 = self.held.iter().sum::<u64>() + bytes;
+            if level > self.cap {
+                return Err("over the limit".into());
+            }
+            self.held.push(bytes);
+            self.marks += 1;
+            let lag = self.rng.ms(self.lag.0, self.lag.1);
+            self.ours.push(self.t, lag, level);
+            Ok(())
+        }
+        fn unmark(&mut self) {
+            self.held.pop();
+            let level = self.held.iter().sum();
+            let lag = self.rng.ms(self.lag.0, self.lag.1);
+            self.ours.push(self.t, lag, level);
+        }
+        fn random(&mut self) -> u64 {
+            self.rng.next()
+        }
+        fn elapsed(&mut self) -> Duration {
+            self.t
+        }
+        fn sleep(&mut self, d: Duration) {
+            // Each poll also costs a little.
+            self.t += d + Duration::from_micros(200);
+        }
+    }
+
+    const P: Policy = Policy {
+        poll_start: Duration::from_millis(1),
+        poll_max: Duration::from_millis(10),
+        deadline: Duration::from_secs(5),
+    };
+    const SIG: Signature = Signature {
+        steps: 5,
+        max_pages: 16,
+    };
+
+    #[test]
+    fn alone_it_finds_itself_and_its_footprint() {
+        let mut w = World::new(1, (5, 30), 0);
+        let d = run_signature(&P, &SIG, &[], 1, &mut w);
+        assert_eq!((d.outcome, d.host_pid), (DetectOutcome::Found, Some(OURS)));
+        assert_eq!(d.footprint, Some(BASE));
+        assert!(w.held.is_empty(), "every marker is freed");
+        assert!(w.t < Duration::from_millis(400), "took {:?}", w.t);
+    }
+
+    #[test]
+    fn among_concurrent_detectors_it_is_never_wrong() {
+        let (mut found, mut wrong, runs) = (0, 0, 300);
+        for seed in 1..=runs {
+            let mut w = World::new(seed, (5, 30), seed % 40);
+            for k in 0..15 {
+                w.detector(1000 + k, (seed * 7 + k as u64 * 13) % 60, 5);
+            }
+            w.idle(3000, 10);
+            let d = run_signature(&P, &SIG, &[], 1, &mut w);
+            match d.host_pid {
+                Some(OURS) => found += 1,
+                Some(_) => wrong += 1,
+                None => {}
+            }
+            assert!(w.held.is_empty());
+        }
+        assert_eq!(wrong, 0);
+        assert!(found * 100 >= runs * 99, "found {found} of {runs}");
+    }
+
+    #[test]
+    fn listed_late_it_starts_over_and_is_found() {
+        // Others are listed at once; we only after 150 ms (a long NVML lag).
+        let mut w = World::new(3, (5, 30), 150);
+        w.detector(1000, 0, 5);
+        w.idle(3000, 0);
+        let d = run_signature(&P, &SIG, &[], 1, &mut w);
+        assert_eq!(d.host_pid, Some(OURS));
+    }
+
+    #[test]
+    fn never_listed_is_ambiguous_not_someone_else() {
+        let mut w = World::new(4, (5, 30), 1_000_000);
+        w.detector(1000, 0, 5);
+        w.idle(3000, 0);
+        let d = run_signature(&P, &SIG, &[], 1, &mut w);
+        assert_eq!((d.outcome, d.host_pid), (DetectOutcome::Ambiguous, None));
+        assert!(w.held.is_empty());
+        assert_eq!(d.footprint, Some(BASE), "the footprint seen on the others");
+    }
+
+    #[test]
+    fn no_room_for_a_marker_gives_up_at_once() {
+        let mut w = World::new(5, (5, 30), 0);
+        w.cap = UNIT / 2;
+        let d = run_signature(&P, &SIG, &[], 1, &mut w);
+        assert_eq!(d.outcome, DetectOutcome::Ambiguous);
+        assert!(d.note.unwrap().contains("memory limit"));
+        assert!(w.t < Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_tight_limit_falls_back_to_single_pages() {
+        let mut w = World::new(6, (5, 30), 0);
+        w.cap = 5 * UNIT;
+        let d = run_signature(&P, &SIG, &[], 1, &mut w);
+        assert_eq!(d.host_pid, Some(OURS));
+    }
+
+    #[test]
+    fn entries_from_before_our_context_are_not_candidates() {
+        let mut w = World::new(7, (5, 30), 0);
+        w.idle(3000, 0);
+        let before = vec![(3000, BASE)];
+        let d = run_signature(&P, &SIG, &before, 1, &mut w);
+        assert_eq!(d.host_pid, Some(OURS));
+        assert!(d.foreign.is_empty());
+    }
+
+    #[test]
+    fn our_namespace_pid_listed_means_same_namespace() {
+        let mut w = World::new(8, (5, 30), 0);
+        w.ours.pid = 7;
+        let d = run_signature(&P, &SIG, &[], 7, &mut w);
+        assert_eq!(
+            (d.outcome, d.host_pid),
+            (DetectOutcome::SameNamespace, Some(7))
         );
     }
 }

@@ -36,6 +36,15 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Option<T> {
     r.ok()
 }
 
+macro_rules! missing {
+    ($f:expr) => {
+        match $f {
+            Some(f) => f,
+            None => return CUDA_ERROR_NO_DEVICE,
+        }
+    };
+}
+
 #[no_mangle]
 pub extern "C" fn cuInit(flags: u32) -> u32 {
     let Some(real_init) = real::cu_init() else {
@@ -46,6 +55,21 @@ pub extern "C" fn cuInit(flags: u32) -> u32 {
     let r = unsafe { real_init(flags) };
     if r == 0 {
         guard("cuInit", crate::init::ensure);
+    }
+    r
+}
+
+/// A primary context on any device takes memory the workload never asked for: it is
+/// charged like an allocation (device 0's by detection, the others' here).
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut *mut c_void, dev: i32) -> u32 {
+    let f = missing!(real::cu_primary_retain());
+    // SAFETY: the real function, with the caller's arguments.
+    let r = unsafe { f(pctx, dev) };
+    if r == 0 {
+        if let Ok(d) = usize::try_from(dev) {
+            guard("cuDevicePrimaryCtxRetain", || mem::context_created(d));
+        }
     }
     r
 }
@@ -85,6 +109,7 @@ hooked! {
     cuInit / b"cuInit" => real::cu_init,
     cuGetProcAddress / b"cuGetProcAddress" => real::cu_get_proc_address,
     cuGetProcAddress_v2 / b"cuGetProcAddress" => real::cu_get_proc_address_v2,
+    cuDevicePrimaryCtxRetain / b"cuDevicePrimaryCtxRetain" => real::cu_primary_retain,
     cuMemAlloc_v2 / b"cuMemAlloc" => real::cu_mem_alloc,
     cuMemAllocPitch_v2 / b"cuMemAllocPitch" => real::cu_mem_alloc_pitch,
     cuMemAllocManaged / b"cuMemAllocManaged" => real::cu_mem_alloc_managed,
@@ -255,15 +280,6 @@ fn release(what: &'static str, key: Key, real: impl FnOnce() -> u32) -> u32 {
         });
     }
     r
-}
-
-macro_rules! missing {
-    ($f:expr) => {
-        match $f {
-            Some(f) => f,
-            None => return CUDA_ERROR_NO_DEVICE,
-        }
-    };
 }
 
 #[no_mangle]

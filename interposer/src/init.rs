@@ -2,7 +2,7 @@
 //! claim a slot, and detect the host PID under the detection lock. Runs once per
 //! process (and again in a forked child), from the first successful `cuInit`.
 
-use crate::config::Config;
+use crate::config::{Config, DetectMode};
 use crate::detect::{self, Detection, Policy, Probe};
 use crate::log::{vlog, DEBUG, ERROR, INFO, WARN};
 use crate::nvml::Nvml;
@@ -45,6 +45,7 @@ pub fn ensure() {
                 p.pid,
                 p.slot.index
             );
+            crate::mem::forget_contexts();
             match p.region.reattach_after_fork() {
                 Ok(()) => start(Some(p.region)),
                 Err(e) => {
@@ -245,18 +246,17 @@ fn check_limits(region: &Region, ours: &[u64]) {
     }
 }
 
-/// Live inputs for `detect::run`.
+/// Live inputs for `detect`.
 struct Live<'a> {
     nvml: &'a Nvml,
     region: &'a Region,
     slot: SlotHandle,
     start: Instant,
     ctx: Context,
-    marker: Option<u64>,
+    /// Markers held, newest last: (device pointer, bytes).
+    markers: Vec<(u64, u64)>,
+    rng: u64,
 }
-
-/// Size of the confirmation marker: one 2 MiB page, what NVML accounts in.
-const MARKER: u64 = 2 << 20;
 
 impl Probe for Live<'_> {
     fn nvml_procs(&mut self) -> Result<Vec<(u32, u64)>, String> {
@@ -271,30 +271,61 @@ impl Probe for Live<'_> {
     fn namespace_pids_seen(&mut self) -> bool {
         self.region.namespace_pids_seen()
     }
-    fn mark(&mut self) -> Result<u64, String> {
-        let p = self.ctx.with_current(|| {
+    fn mark(&mut self, bytes: u64) -> Result<(), String> {
+        // Charged first, like any allocation: the limit covers detection too.
+        if !crate::mem::reserve_marker(self.region, self.slot, 0, bytes)? {
+            return Err(format!("{bytes} bytes refused by the memory limit"));
+        }
+        let r = self.ctx.with_current(|| {
             let alloc = real::cu_mem_alloc().ok_or("cuMemAlloc_v2 missing")?;
             let mut p = 0u64;
             // SAFETY: valid out-pointer; our context is current.
-            let r = unsafe { alloc(&mut p, MARKER as usize) };
+            let r = unsafe { alloc(&mut p, bytes as usize) };
             if r == 0 {
                 Ok(p)
             } else {
                 Err(format!("cuMemAlloc_v2 returned {r}"))
             }
-        })??;
-        self.marker = Some(p);
-        Ok(MARKER)
+        });
+        match r {
+            Ok(Ok(p)) => {
+                self.markers.push((p, bytes));
+                Ok(())
+            }
+            Ok(Err(e)) | Err(e) => {
+                let _ = self.region.credit(self.slot, 0, bytes);
+                Err(e)
+            }
+        }
     }
     fn unmark(&mut self) {
-        if let Some(p) = self.marker.take() {
-            let _ = self.ctx.with_current(|| {
-                if let Some(free) = real::cu_mem_free() {
-                    // SAFETY: freeing the marker we allocated, once.
-                    unsafe { free(p) };
-                }
-            });
+        let Some((p, bytes)) = self.markers.pop() else {
+            return;
+        };
+        let freed = self.ctx.with_current(|| match real::cu_mem_free() {
+            // SAFETY: freeing a marker we allocated, once.
+            Some(free) => (unsafe { free(p) }) == 0,
+            None => false,
+        });
+        if freed == Ok(true) {
+            let _ = self.region.credit(self.slot, 0, bytes);
+        } else {
+            // Still on the device: it stays charged (the slot's release credits it).
+            vlog!(
+                WARN,
+                "freeing a {bytes}-byte detection marker failed; it stays charged until exit"
+            );
         }
+    }
+    fn random(&mut self) -> u64 {
+        // xorshift64*: sizes need to differ between processes, not be secret.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn fault(&mut self, point: &'static str) {
+        vigil_region::fault::point(point);
     }
     fn elapsed(&mut self) -> Duration {
         self.start.elapsed()
@@ -302,6 +333,21 @@ impl Probe for Live<'_> {
     fn sleep(&mut self, d: Duration) {
         std::thread::sleep(d);
     }
+}
+
+/// A seed that differs between processes started at the same instant in different
+/// containers (which can share namespace PID and slot index).
+fn seed(slot: SlotHandle) -> u64 {
+    let mut s = 0u64;
+    // SAFETY: writes at most 8 bytes into `s`.
+    let n = unsafe { libc::getrandom((&mut s as *mut u64).cast(), 8, libc::GRND_NONBLOCK) };
+    if n != 8 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        s = t ^ ((std::process::id() as u64) << 32) ^ (&s as *const u64 as u64);
+    }
+    (s ^ ((slot.index as u64) << 48) ^ slot.generation as u64).max(1)
 }
 
 /// Our retained primary context.
@@ -369,6 +415,11 @@ fn node_lock(cfg: &Config) -> Option<std::fs::File> {
 }
 
 fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
+    if cfg.detect_mode == DetectMode::Parallel {
+        crate::testpoint::hold_region_lock(region, slot);
+        detect(region, slot, cfg, &|| true);
+        return;
+    }
     let guard = match region.lock(LockId::Detect, slot) {
         Ok(g) => g,
         Err(e) => {
@@ -392,9 +443,22 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
             o.retries
         );
     }
-    let _node = node_lock(cfg);
+    let node = node_lock(cfg);
     crate::testpoint::hold_detect();
+    detect(region, slot, cfg, &|| guard.is_current());
+    drop(node);
+    if guard.release() == ReleaseOutcome::Fenced {
+        vlog!(
+            WARN,
+            "our detection lock had been taken over (fenced release)"
+        );
+    }
+}
 
+/// Creates our primary context and learns the host PID, in either mode; records the
+/// outcome and charges the context. `still_ours` says whether a serial detector
+/// still holds its lock (one evicted must not publish).
+fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn() -> bool) {
     let me = std::process::id();
     let device = cfg.physical_device(0);
     let nvml = Nvml::open(device);
@@ -421,6 +485,8 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
         polls: 0,
         candidates: Vec::new(),
         foreign: Vec::new(),
+        footprint: None,
+        note: None,
     };
     let det = match (&nvml, &before, ctx_ok) {
         (_, _, Err(e)) => {
@@ -439,10 +505,22 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
                 slot,
                 start,
                 ctx,
-                marker: None,
+                markers: Vec::new(),
+                rng: seed(slot),
             };
-            let d = detect::run(&policy, b, me, &mut live);
-            live.unmark();
+            let d = match cfg.detect_mode {
+                DetectMode::Parallel => {
+                    let sig = detect::Signature {
+                        steps: cfg.detect_steps,
+                        max_pages: 16,
+                    };
+                    detect::run_signature(&policy, &sig, b, me, &mut live)
+                }
+                DetectMode::Serial => detect::run_serial(&policy, b, me, &mut live),
+            };
+            while !live.markers.is_empty() {
+                live.unmark();
+            }
             d
         }
         (Err(e), _, _) | (_, Err(e), _) => {
@@ -451,7 +529,7 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
         }
     };
     let latency_ns = start.elapsed().as_nanos() as u64;
-    let det = if guard.is_current() {
+    let det = if still_ours() {
         det
     } else {
         vlog!(
@@ -472,12 +550,13 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
         det.polls,
         ctx_ns,
     );
-    if let Ok(n) = &nvml {
-        charge_context(region, slot, n, &det, me, estimate);
-    }
+    charge_context(region, slot, nvml.as_ref().ok(), &det, me, estimate);
     let ms = latency_ns as f64 / 1e6;
     if !det.foreign.is_empty() {
-        vlog!(WARN, "ignored PIDs {:?}: they appeared in our window but their memory did not move with ours (other containers)", det.foreign);
+        vlog!(DEBUG, "ruled out PIDs {:?}: their memory did not move with our markers (other processes starting at the same time)", det.foreign);
+    }
+    if let Some(why) = &det.note {
+        vlog!(WARN, "host PID detection: {why}");
     }
     match det.outcome {
         DetectOutcome::Found => vlog!(
@@ -490,45 +569,50 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
         DetectOutcome::SameNamespace => vlog!(INFO, "the driver reports namespace PIDs: our PID {me} is what NVML shows"),
         DetectOutcome::Ambiguous => vlog!(
             WARN,
-            "host PID ambiguous after {} polls: new unclaimed PIDs {:?} (another container started at the same time?); continuing with PID {me}",
+            "host PID ambiguous after {} polls in {ms:.1} ms: no single NVML entry followed our markers (candidates {:?}); continuing with PID {me}",
             det.polls,
             det.candidates
         ),
         DetectOutcome::Timeout => vlog!(WARN, "host PID not found within {:?}; continuing with PID {me}", cfg.deadline),
         DetectOutcome::NvmlError => vlog!(WARN, "host PID detection failed on NVML errors; continuing with PID {me}"),
     }
-    if guard.release() == ReleaseOutcome::Fenced {
-        vlog!(
-            WARN,
-            "our detection lock had been taken over (fenced release)"
-        );
-    }
 }
 
 /// No primary context takes more than this (an H100's is 518 MiB).
 const MAX_CTX_FOOTPRINT: u64 = 8 << 30;
 
-/// Replaces the estimated context charge with what NVML says our context takes.
+/// Replaces the estimated context charge with what NVML says our context takes:
+/// whatever detection's outcome, the context is charged. Found: the base of our own
+/// entry; same namespace: our entry now; otherwise the smallest base seen on the
+/// entries of processes like ours (same driver, same device), unless the region's
+/// estimate already stands.
 fn charge_context(
     region: &Region,
     slot: SlotHandle,
-    nvml: &Nvml,
+    nvml: Option<&Nvml>,
     det: &Detection,
     me: u32,
     estimate: u64,
 ) {
-    let pid = match det.outcome {
-        DetectOutcome::Found => det.host_pid,
-        DetectOutcome::SameNamespace => Some(me),
-        _ => None,
+    let own = |pid: u32| {
+        nvml.and_then(|n| n.procs().ok())
+            .and_then(|ps| ps.into_iter().find(|p| p.0 == pid))
+            .map(|p| p.1)
+            .filter(|u| *u != detect::NOT_AVAILABLE)
     };
-    let Some(pid) = pid else { return };
-    let Some(used) = nvml
-        .procs()
-        .ok()
-        .and_then(|ps| ps.into_iter().find(|p| p.0 == pid))
-        .map(|p| p.1)
-    else {
+    let (used, measured) = match det.outcome {
+        DetectOutcome::Found => (det.footprint.or_else(|| det.host_pid.and_then(own)), true),
+        DetectOutcome::SameNamespace => (own(me), true),
+        _ if estimate > 0 => (None, false),
+        _ => (det.footprint, false),
+    };
+    let Some(used) = used.map(|u| u.min(MAX_CTX_FOOTPRINT)) else {
+        if estimate == 0 {
+            vlog!(
+                WARN,
+                "primary context not charged: its footprint is unknown (no host PID, no estimate)"
+            );
+        }
         return;
     };
     let r = if used >= estimate {
@@ -538,7 +622,10 @@ fn charge_context(
     };
     match r {
         Ok(()) => {
-            region.set_ctx_footprint(used);
+            if measured {
+                region.set_ctx_footprint(used);
+                crate::mem::note_context_footprint(used);
+            }
             vlog!(DEBUG, "primary context footprint: {used} bytes (charged)");
         }
         Err(e) => vlog!(WARN, "context footprint: {e}"),

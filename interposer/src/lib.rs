@@ -19,6 +19,7 @@ mod log;
 mod mem;
 mod nvml;
 mod real;
+mod signature;
 mod testpoint;
 
 use std::sync::OnceLock;

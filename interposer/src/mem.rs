@@ -124,6 +124,76 @@ pub fn admit(what: &str, dev: Option<usize>, bytes: u64) -> Admit {
     }
 }
 
+/// Reserves a detection marker. Detection runs while Vigil is starting, so it cannot
+/// go through `admit` (which would wait for the start to finish); the limits are the
+/// same. Ok(false): over a limit.
+pub fn reserve_marker(
+    region: &vigil_region::Region,
+    slot: vigil_region::SlotHandle,
+    dev: usize,
+    bytes: u64,
+) -> Result<bool, String> {
+    let (cap, invalid) = own_limit(dev);
+    if invalid {
+        return Ok(false);
+    }
+    match region.reserve_within(slot, dev, bytes, cap) {
+        Ok(Reservation::Granted) => Ok(true),
+        Ok(Reservation::Denied { .. }) => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// What our detection-device context measured, for contexts on other devices.
+static FOOTPRINT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn note_context_footprint(bytes: u64) {
+    FOOTPRINT.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Devices whose primary context this process has charged (bit per ordinal; device
+/// 0's is charged by detection).
+static CTX_CHARGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A context now exists on CUDA device `dev`: charge what a context takes (measured
+/// on our detection device, else the region's estimate) once per device. Contexts
+/// are not refused: the driver already made it; the limit then leaves less for
+/// allocations. Credited with the slot at exit.
+pub fn context_created(dev: usize) {
+    if dev >= 64 {
+        return;
+    }
+    let bit = 1u64 << dev;
+    if CTX_CHARGED.fetch_or(bit, std::sync::atomic::Ordering::AcqRel) & bit != 0 {
+        return;
+    }
+    let r = crate::init::with_process(|region, slot| {
+        let bytes = match FOOTPRINT.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => region.ctx_footprint().min(8 << 30),
+            b => b,
+        };
+        (bytes, region.charge(slot, dev, bytes))
+    });
+    match r {
+        Some((bytes, Ok(()))) => {
+            vlog!(
+                DEBUG,
+                "primary context on device {dev}: {bytes} bytes charged"
+            )
+        }
+        Some((_, Err(e))) => note_error("context", &e),
+        None => {
+            // Not running: let a later start try again.
+            CTX_CHARGED.fetch_and(!bit, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+}
+
+/// A forked child charges its own contexts afresh.
+pub fn forget_contexts() {
+    CTX_CHARGED.store(1, std::sync::atomic::Ordering::Release);
+}
+
 fn note_error(what: &str, e: &RegionError) {
     vlog!(
         WARN,

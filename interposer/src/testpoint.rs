@@ -26,3 +26,24 @@ pub fn hold_detect() {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
+
+/// Parallel detection holds no detection lock: the same test variable holds the
+/// region lock instead, so a test can still kill a lock holder at a known point.
+pub fn hold_region_lock(region: &vigil_region::Region, slot: vigil_region::SlotHandle) {
+    #[cfg(feature = "fault-injection")]
+    if let Some(ms) = std::env::var("VIGIL_TEST_HOLD_DETECT_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        crate::log::vlog!(
+            crate::log::INFO,
+            "test hold point: holding the region lock {ms} ms"
+        );
+        if let Ok(g) = region.lock(vigil_region::LockId::Region, slot) {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            g.release();
+        }
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = (region, slot);
+}
