@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
 
 /// "VIGILRGN", little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"VIGILRGN");
-/// Bump on any change to this file's structs.
-pub const LAYOUT_VERSION: u32 = 2;
+/// Bump on any change to this file's structs. 3: slots record their owner's PID
+/// namespace inode and start time (`Slot::pidns_inode`, `Slot::start_time_ticks`).
+pub const LAYOUT_VERSION: u32 = 3;
 
 pub const MAX_DEVICES: usize = 16;
 pub const MAX_SLOTS: usize = 1024;
@@ -123,7 +124,14 @@ pub struct Slot {
     /// Last host-PID detection outcome (see `counters::DetectOutcome`), 0 = none yet.
     pub detect_outcome: AtomicU32,
     pub flags: AtomicU32,
-    pub _reserved: [AtomicU64; 4],
+    /// Inode of the owner's PID namespace (`stat /proc/self/ns/pid`); 0 = unknown.
+    /// With `pid` and `start_time_ticks` it names the owner to any reader that can
+    /// see its `/proc` (see `procfs`).
+    pub pidns_inode: AtomicU64,
+    /// Owner's start time, clock ticks after boot (`/proc/self/stat` field 22); 0 =
+    /// unknown. Tells the owner apart from a later process that reuses its PID.
+    pub start_time_ticks: AtomicU64,
+    pub _reserved: [AtomicU64; 2],
     /// Bytes this process holds on each device.
     pub mem_used: [AtomicU64; MAX_DEVICES],
     /// This process's share of the region counters (attribution only; the region
@@ -196,6 +204,14 @@ const _: () = {
     assert!(size_of::<Histogram>() == 256);
     assert!(size_of::<LockState>() == 64);
     assert!(size_of::<Slot>() == 704);
+    assert!(offset_of!(Slot, generation) == 4);
+    assert!(offset_of!(Slot, pid) == 8);
+    assert!(offset_of!(Slot, host_pid) == 12);
+    assert!(offset_of!(Slot, claimed_realtime_ns) == 16);
+    assert!(offset_of!(Slot, detect_outcome) == 24);
+    assert!(offset_of!(Slot, pidns_inode) == 32);
+    assert!(offset_of!(Slot, start_time_ticks) == 40);
+    assert!(offset_of!(Slot, _reserved) == 48);
     assert!(offset_of!(Slot, mem_used) == 64);
     assert!(offset_of!(Slot, counters) == 192);
     assert!(size_of::<EventSlot>() == 64);

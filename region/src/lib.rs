@@ -15,6 +15,7 @@ pub mod fault;
 pub mod layout;
 pub mod lock;
 pub mod mem;
+pub mod procfs;
 pub mod region;
 pub mod ring;
 pub mod slot;
@@ -24,6 +25,7 @@ pub use counters::{Counter, DetectOutcome, ForceReason, HistogramId, HistogramSn
 pub use error::RegionError;
 pub use lock::{LockGuard, LockOutcome, ReleaseOutcome};
 pub use mem::Reservation;
+pub use procfs::ProcessIdentity;
 pub use region::{
     install_sigbus_guard, DeviceInfo, InitParams, InitPath, InitReport, LockInfo, Region,
     RegionIdentity, RegionRead, RegionReader, SlotInfo, Snapshot,

@@ -651,6 +651,8 @@ fn zero_all(l: &RegionLayout) {
     for s in &l.slots {
         s.state.store(SLOT_FREE, Relaxed);
         s.host_pid.store(0, Relaxed);
+        s.pidns_inode.store(0, Relaxed);
+        s.start_time_ticks.store(0, Relaxed);
         s.mem_used.iter().for_each(|m| m.store(0, Relaxed));
         s.counters.iter().for_each(|c| c.store(0, Relaxed));
     }
@@ -873,12 +875,30 @@ impl RegionReader {
 pub struct SlotInfo {
     pub index: u16,
     pub generation: u32,
+    /// The owner's PID in its own namespace.
     pub pid: u32,
+    /// Inode of the owner's PID namespace; 0 = unknown.
+    pub pidns_inode: u64,
+    /// The owner's start time, clock ticks after boot; 0 = unknown.
+    pub start_time_ticks: u64,
+    /// Host PID as recorded by detection; 0 = none. Tenant-written: check it against
+    /// the kernel with [`SlotInfo::identity`] before trusting it.
     pub host_pid: u32,
     pub detect_outcome: u32,
     pub mem_used: Vec<u64>,
     /// Its liveness token is held: the owner is running (or is this process).
     pub alive: bool,
+}
+
+impl SlotInfo {
+    /// The owner as the kernel knows it (see `procfs`).
+    pub fn identity(&self) -> crate::procfs::ProcessIdentity {
+        crate::procfs::ProcessIdentity {
+            pid: self.pid,
+            pidns_inode: self.pidns_inode,
+            start_time_ticks: self.start_time_ticks,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -960,14 +980,28 @@ fn snapshot(l: &RegionLayout, file: &File) -> Snapshot {
         .iter()
         .enumerate()
         .filter(|(_, s)| s.state.load(Acquire) == SLOT_ACTIVE)
-        .map(|(i, s)| SlotInfo {
-            index: i as u16,
-            generation: s.generation.load(Relaxed),
-            pid: s.pid.load(Relaxed),
-            host_pid: s.host_pid.load(Relaxed),
-            detect_outcome: s.detect_outcome.load(Relaxed),
-            mem_used: s.mem_used[..dc].iter().map(|m| m.load(Relaxed)).collect(),
-            alive: sys::ofd_is_locked(file, slot_token_offset(i)).unwrap_or(true),
+        .map(|(i, s)| {
+            // The order matters (see `Region::try_claim` and `record_detection`):
+            // generation, then the owner's identity, then the outcome, then the host
+            // PID. An identity seen is never paired with an earlier owner's outcome,
+            // and an outcome seen comes with the host PID recorded before it.
+            let generation = s.generation.load(Acquire);
+            let pid = s.pid.load(Acquire);
+            let pidns_inode = s.pidns_inode.load(Acquire);
+            let start_time_ticks = s.start_time_ticks.load(Acquire);
+            let detect_outcome = s.detect_outcome.load(Acquire);
+            let host_pid = s.host_pid.load(Acquire);
+            SlotInfo {
+                index: i as u16,
+                generation,
+                pid,
+                pidns_inode,
+                start_time_ticks,
+                host_pid,
+                detect_outcome,
+                mem_used: s.mem_used[..dc].iter().map(|m| m.load(Relaxed)).collect(),
+                alive: sys::ofd_is_locked(file, slot_token_offset(i)).unwrap_or(true),
+            }
         })
         .collect();
     Snapshot {

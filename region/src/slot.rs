@@ -10,6 +10,7 @@
 use crate::counters::Counter;
 use crate::error::RegionError;
 use crate::layout::*;
+use crate::procfs::ProcessIdentity;
 use crate::region::Region;
 use crate::ring::{Event, EventKind};
 use crate::sys;
@@ -39,14 +40,21 @@ impl Region {
     /// Claims a free slot, or reclaims one whose owner died. Free slots are tried first
     /// so that a dead process's slot (and its accounting) is kept for inspection until
     /// space runs short or someone reaps it.
+    ///
+    /// The slot records the claimant's identity as the kernel knows it (its PID, PID
+    /// namespace inode and start time, read from `/proc/self`; 0 for what cannot be
+    /// read), so that a reader can find the same process in its own view of `/proc`.
     pub fn claim_slot(&self) -> Result<SlotHandle, RegionError> {
         let l = self.layout();
+        // Read once per claim, before any slot is touched: /proc/self of whoever calls
+        // (a forked child re-claiming gets its own).
+        let me = ProcessIdentity::current();
         for pass in 0..2 {
             for i in 0..MAX_SLOTS {
                 if pass == 0 && l.slots[i].state.load(Relaxed) != SLOT_FREE {
                     continue;
                 }
-                if let Some(h) = self.try_claim(i)? {
+                if let Some(h) = self.try_claim(i, &me)? {
                     return Ok(h);
                 }
             }
@@ -57,7 +65,7 @@ impl Region {
         })
     }
 
-    fn try_claim(&self, i: usize) -> Result<Option<SlotHandle>, RegionError> {
+    fn try_claim(&self, i: usize, me: &ProcessIdentity) -> Result<Option<SlotHandle>, RegionError> {
         if !self.mark_held(i) {
             return Ok(None);
         }
@@ -87,10 +95,18 @@ impl Region {
         // bytes in the slot, still counted, for the next reaper.
         let leftovers = s.state.load(Acquire) != SLOT_FREE;
         crate::fault::point("slot.claim.mid");
-        let generation = s.generation.fetch_add(1, AcqRel).wrapping_add(1);
-        s.pid.store(sys::getpid(), Relaxed);
+        // No detection yet, then the new owner's identity (Release), then the new
+        // generation. A reader loads in the opposite order (generation, identity, then
+        // outcome, all Acquire; see `region::snapshot`): whatever new identity field it
+        // sees, it also sees the cleared outcome, so it never pairs the new owner's
+        // identity with the dead owner's host PID and outcome. With the new generation
+        // it sees the whole new identity.
         s.host_pid.store(0, Relaxed);
         s.detect_outcome.store(0, Relaxed);
+        s.pid.store(me.pid, Release);
+        s.pidns_inode.store(me.pidns_inode, Release);
+        s.start_time_ticks.store(me.start_time_ticks, Release);
+        let generation = s.generation.fetch_add(1, AcqRel).wrapping_add(1);
         s.claimed_realtime_ns.store(sys::realtime_ns(), Relaxed);
         let handle = SlotHandle {
             index: i as u16,

@@ -3,6 +3,7 @@
 mod common;
 use common::*;
 use std::time::Duration;
+use vigil_region::procfs;
 use vigil_region::*;
 
 #[test]
@@ -223,4 +224,104 @@ fn processes_in_separate_pid_namespaces_both_pid_1_get_distinct_live_slots() {
     );
     drop(g);
     b.kill9();
+}
+
+/// The kernel's view of `pid` (as this test sees it), read the same way `claim_slot`
+/// reads `/proc/self`.
+fn identity_of(pid: u32, ns_pid: u32) -> ProcessIdentity {
+    let dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+    ProcessIdentity {
+        pid: ns_pid,
+        pidns_inode: procfs::pidns_inode(&dir).unwrap(),
+        start_time_ticks: procfs::start_time_ticks(&dir).unwrap(),
+    }
+}
+
+fn slot_identity(path: &std::path::Path, index: u64) -> ProcessIdentity {
+    let s = RegionReader::open(path).unwrap().snapshot();
+    s.slots
+        .iter()
+        .find(|s| s.index as u64 == index)
+        .unwrap_or_else(|| panic!("slot {index} not active"))
+        .identity()
+}
+
+#[test]
+fn every_claimant_records_its_kernel_identity_forked_children_included() {
+    let dir = tempdir();
+    let path = dir.path().join("r.cache");
+    let (r, _) = Region::open(&path, &InitParams::default()).unwrap();
+    let me = r.claim_slot().unwrap();
+    let mine = slot_identity(&path, me.index as u64);
+    assert_eq!(mine, ProcessIdentity::current());
+    assert_eq!(mine, identity_of(std::process::id(), std::process::id()));
+    assert!(mine.is_complete(), "{mine:?}");
+
+    // A forked child re-claims after reattaching: its own identity, not the parent's.
+    let (mut parent, parent_slot, child_slot, child_pid) = fork_pair(&path, &[]);
+    let p = slot_identity(&path, parent_slot);
+    let c = slot_identity(&path, child_slot);
+    assert_eq!(p, identity_of(parent.pid() as u32, parent.pid() as u32));
+    assert_eq!(c, identity_of(child_pid as u32, child_pid as u32));
+    assert_ne!(p.pid, c.pid);
+    assert_eq!(p.pidns_inode, c.pidns_inode, "fork keeps the PID namespace");
+    signal(child_pid as i32, libc::SIGKILL);
+    parent.kill9();
+
+    // A dead owner's slot reclaimed by a new claimer carries the new claimer's identity.
+    let mut holder = Proc::spawn(exercise(&["claim", path.to_str().unwrap()]));
+    let kv = holder.expect("slot");
+    let slot = get(&kv, "index");
+    let pid = holder.pid() as u32;
+    assert_eq!(slot_identity(&path, slot), identity_of(pid, pid));
+    holder.kill9();
+    r.release_slot(me).unwrap();
+    let mut got = Vec::new();
+    while let Ok(h) = r.claim_slot() {
+        got.push(h);
+        if h.index as u64 == slot {
+            break;
+        }
+    }
+    assert_eq!(slot_identity(&path, slot), ProcessIdentity::current());
+}
+
+#[test]
+fn a_claimant_in_its_own_pid_namespace_records_that_namespace_and_its_start_time() {
+    if !can_unshare() {
+        eprintln!("SKIPPED: unshare --pid is not available here (needs root or user namespaces)");
+        return;
+    }
+    let dir = tempdir();
+    let path = dir.path().join("r.cache");
+    let mut c = std::process::Command::new("unshare");
+    c.args([
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        bin(),
+        "exercise",
+        "claim",
+    ])
+    .arg(&path)
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let mut p = Proc::spawn(c);
+    let kv = p.expect("slot");
+    assert_eq!(kv["pid"], "1");
+    // The claimant is unshare's only child; its PID as this test sees it:
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", p.pid()))
+        .expect("/proc/<pid>/task/<pid>/children (CONFIG_PROC_CHILDREN)");
+    let host_pid: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let want = identity_of(host_pid, 1);
+    let got = slot_identity(&path, get(&kv, "index"));
+    assert_eq!(got, want);
+    assert_ne!(
+        got.pidns_inode,
+        ProcessIdentity::current().pidns_inode,
+        "a namespace of its own"
+    );
+    assert_eq!(get(&kv, "pidns_inode"), want.pidns_inode);
+    assert_eq!(get(&kv, "start_time_ticks"), want.start_time_ticks);
 }

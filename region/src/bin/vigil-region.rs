@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use vigil_region::{
-    monotonic_ns, Counter, Event, EventKind, ForceReason, InitParams, LockId, Region, RegionRead,
-    RegionReader, ReleaseOutcome, Snapshot,
+    monotonic_ns, Counter, DetectOutcome, Event, EventKind, ForceReason, InitParams, LockId,
+    Region, RegionRead, RegionReader, ReleaseOutcome, Snapshot,
 };
 
 #[derive(Parser)]
@@ -85,6 +85,27 @@ impl From<LockArg> for LockId {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum OutcomeArg {
+    Found,
+    SameNamespace,
+    Ambiguous,
+    Timeout,
+    NvmlError,
+}
+
+impl From<OutcomeArg> for DetectOutcome {
+    fn from(o: OutcomeArg) -> DetectOutcome {
+        match o {
+            OutcomeArg::Found => DetectOutcome::Found,
+            OutcomeArg::SameNamespace => DetectOutcome::SameNamespace,
+            OutcomeArg::Ambiguous => DetectOutcome::Ambiguous,
+            OutcomeArg::Timeout => DetectOutcome::Timeout,
+            OutcomeArg::NvmlError => DetectOutcome::NvmlError,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Exercise {
     /// Attach (initializing if first) and print the init path.
@@ -104,6 +125,26 @@ enum Exercise {
         /// How long to hold the lock (0 = until killed).
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
+        #[command(flatten)]
+        init: InitArgs,
+    },
+    /// Claim a slot, optionally record a host-PID detection in it, print both, and wait
+    /// to be killed (no lock taken). Prints "slot index=I generation=G pid=P
+    /// pidns_inode=N start_time_ticks=T", then "detected outcome=O host_pid=H".
+    Claim {
+        path: PathBuf,
+        /// Record a detection with this outcome (as the interposer would).
+        #[arg(long, value_enum)]
+        detect: Option<OutcomeArg>,
+        /// The host PID to record with it (default: none, except that `same-namespace`
+        /// records this process's own PID, as the interposer does).
+        #[arg(long, conflicts_with = "host_pid_from_stdin")]
+        host_pid: Option<u32>,
+        /// Read the host PID to record from a line on stdin, after printing the slot
+        /// (a test learns the process's host PID only once it runs).
+        #[arg(long)]
+        host_pid_from_stdin: bool,
+        /// Initial device limits etc. if this process creates the region.
         #[command(flatten)]
         init: InitArgs,
     },
@@ -292,6 +333,49 @@ fn exercise(e: Exercise) -> Result<ExitCode> {
                     ReleaseOutcome::Fenced => "fenced",
                 }
             );
+        }
+        Exercise::Claim {
+            path,
+            detect,
+            host_pid,
+            host_pid_from_stdin,
+            init,
+        } => {
+            let (r, _) = Region::open(&path, &init.params())?;
+            let me = r.claim_slot()?;
+            let s = r.snapshot();
+            let info = s
+                .slots
+                .iter()
+                .find(|x| x.index == me.index)
+                .ok_or("the claimed slot is not in the snapshot")?;
+            println!(
+                "slot index={} generation={} pid={} pidns_inode={} start_time_ticks={}",
+                me.index, me.generation, info.pid, info.pidns_inode, info.start_time_ticks
+            );
+            let host_pid = if host_pid_from_stdin {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                Some(line.trim().parse::<u32>()?)
+            } else {
+                host_pid
+            };
+            if let Some(o) = detect {
+                let outcome = DetectOutcome::from(o);
+                let host_pid = match outcome {
+                    DetectOutcome::SameNamespace => host_pid.or(Some(std::process::id())),
+                    _ => host_pid,
+                };
+                r.record_detection(me, outcome, host_pid, 1_000_000, 1, 500_000);
+                println!(
+                    "detected outcome={} host_pid={}",
+                    outcome.name(),
+                    host_pid.unwrap_or(0)
+                );
+            }
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
         Exercise::LockLoop {
             path,
@@ -502,7 +586,7 @@ fn format_event(e: &Event) -> String {
         EventKind::FencedRelease => format!("lock={}", lock_name(e.arg)),
         EventKind::Detection => format!(
             "outcome={} latency_ns={} polls={} host_pid={}",
-            vigil_region::DetectOutcome::from_u8(e.arg as u8)
+            DetectOutcome::from_u8(e.arg as u8)
                 .map(|o| o.name())
                 .unwrap_or("?"),
             e.a,
@@ -564,8 +648,16 @@ fn print_snapshot(path: &Path, s: &Snapshot) {
     );
     for sl in &s.slots {
         println!(
-            "    slot {} gen={} pid={} host_pid={} detect={} mem={:?} alive={}",
-            sl.index, sl.generation, sl.pid, sl.host_pid, sl.detect_outcome, sl.mem_used, sl.alive
+            "    slot {} gen={} pid={} pidns_inode={} start_time_ticks={} host_pid={} detect={} mem={:?} alive={}",
+            sl.index,
+            sl.generation,
+            sl.pid,
+            sl.pidns_inode,
+            sl.start_time_ticks,
+            sl.host_pid,
+            sl.detect_outcome,
+            sl.mem_used,
+            sl.alive
         );
     }
 }
