@@ -475,9 +475,24 @@ fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn()
         }
     };
     vigil_region::fault::point("detect.before_ctx");
+    let device_before = nvml.as_ref().ok().and_then(Nvml::device_used);
     let start = Instant::now();
     let ctx_ok = retain_primary_context();
     let ctx_ns = start.elapsed().as_nanos() as u64;
+    // A region that has no estimate yet (its first processes) charges the context
+    // as soon as it exists, so that nobody fills the limit around uncharged contexts
+    // while detection runs: the smallest entry that appeared since our snapshot (a
+    // context like ours), else what the whole device gained while ours was born
+    // (which can include other processes' work: an over-charge, corrected when
+    // detection measures ours, beats an uncounted context).
+    let estimate = if estimate == 0 && ctx_ok.is_ok() {
+        provisional_footprint(nvml.as_ref().ok(), before.as_deref().ok(), device_before)
+            .map(|b| b.min(MAX_CTX_FOOTPRINT))
+            .filter(|b| *b > 0 && region.charge(slot, 0, *b).is_ok())
+            .unwrap_or(0)
+    } else {
+        estimate
+    };
     vigil_region::fault::point("detect.after_ctx");
     let failed = |outcome| Detection {
         outcome,
@@ -578,14 +593,32 @@ fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn()
     }
 }
 
+/// A first charge for our new context when the region has no estimate yet.
+fn provisional_footprint(
+    nvml: Option<&Nvml>,
+    before: Option<&[(u32, u64)]>,
+    device_before: Option<u64>,
+) -> Option<u64> {
+    let nvml = nvml?;
+    let fresh_min = before.and_then(|b| {
+        nvml.procs()
+            .ok()?
+            .into_iter()
+            .filter(|(p, u)| *u != detect::NOT_AVAILABLE && *u > 0 && !b.iter().any(|e| e.0 == *p))
+            .map(|(_, u)| u)
+            .min()
+    });
+    fresh_min.or_else(|| Some(nvml.device_used()?.saturating_sub(device_before?)))
+}
+
 /// No primary context takes more than this (an H100's is 518 MiB).
 const MAX_CTX_FOOTPRINT: u64 = 8 << 30;
 
 /// Replaces the estimated context charge with what NVML says our context takes:
 /// whatever detection's outcome, the context is charged. Found: the base of our own
 /// entry; same namespace: our entry now; otherwise the smallest base seen on the
-/// entries of processes like ours (same driver, same device), unless the region's
-/// estimate already stands.
+/// entries of processes like ours (same driver, same device), unless an estimate
+/// already stands.
 fn charge_context(
     region: &Region,
     slot: SlotHandle,

@@ -56,6 +56,16 @@ impl Nvml {
         Ok(Nvml { device, procs })
     }
 
+    /// Bytes in use on the whole device (every process), or None.
+    pub fn device_used(&self) -> Option<u64> {
+        let f = crate::real::nvml_memory_info()?;
+        // nvmlMemory_t: total, free, used.
+        let mut m = [0u64; 3];
+        // SAFETY: `m` has the layout of nvmlMemory_t and lives across the call.
+        let r = unsafe { f(self.device, m.as_mut_ptr().cast()) };
+        (r == NVML_SUCCESS).then_some(m[2])
+    }
+
     /// (PID, used bytes) per compute process on the device, with NVML's two-call
     /// protocol.
     pub fn procs(&self) -> Result<Vec<(u32, u64)>, String> {

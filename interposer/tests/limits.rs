@@ -415,3 +415,98 @@ fn under_the_closed_policy_a_stricter_own_limit_also_holds() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("the region wins"));
     drop(holder);
 }
+
+/// The same command in a PID namespace of its own, as in a container: NVML lists it
+/// by a PID it cannot see, so detection runs its markers.
+fn in_pid_namespace(cmd: Command) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--pid", "--fork", "--kill-child", "--mount-proc"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+/// (limit, used) of a device in the region, as the exporter would read it.
+fn region_usage(sim: &Sim, dev: usize) -> (u64, u64) {
+    RegionReader::open(sim.region())
+        .unwrap()
+        .device_usage(dev)
+        .unwrap()
+}
+
+#[test]
+fn detection_markers_are_charged_so_a_late_starter_never_pushes_the_device_past_the_limit() {
+    let sim = Sim::start(&["--ctx-memory", "2MiB"]);
+    let limit = [("CUDA_DEVICE_MEMORY_LIMIT", "1g")];
+    // The first holds the limit but for the 2 MiB the second's context takes (its
+    // context 2 MiB + 1020 MiB).
+    let _a = spawn_ready(sim.workload(&["--alloc", "1020MiB", "--hold", "60s"], &limit, true));
+    // The second's detection markers would take the device past the limit if they
+    // were not charged. Charged, they are refused and detection says why.
+    let out = in_pid_namespace(sim.workload(&["--alloc", "2MiB"], &limit, true))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let (_, peak) = sim_stats(&sim);
+    assert!(
+        peak <= GIB,
+        "the device reached {peak} bytes under a {GIB}-byte limit:\n{err}"
+    );
+    assert!(
+        err.contains("no room under the memory limit for a detection marker"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_context_is_charged_even_when_detection_fails() {
+    // Contexts never show in NVML within the detection deadline: no host PID, no
+    // footprint from NVML's process list.
+    let sim = Sim::start(&["--nvml-lag", "60s"]);
+    let env = [
+        ("CUDA_DEVICE_MEMORY_LIMIT", "1g"),
+        ("VIGIL_DETECT_DEADLINE", "300ms"),
+    ];
+    let (_h, _) = spawn_ready(sim.workload(&["--alloc", "64MiB", "--hold", "60s"], &env, true));
+    let (_, used) = region_usage(&sim, 0);
+    assert!(
+        used >= 518 * MIB + 64 * MIB,
+        "only {used} bytes charged: the 518 MiB context is missing"
+    );
+    // And so the limit leaves room for what is really free: 600 MiB more is refused.
+    let out = sim
+        .workload(&["--alloc", "600MiB"], &env, true)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "600 MiB granted on top of a 518 MiB context and 64 MiB under 1 GiB"
+    );
+}
+
+#[test]
+fn a_primary_context_on_another_device_is_charged_too() {
+    let sim = Sim::start(&[]);
+    let env = [("CUDA_DEVICE_MEMORY_LIMIT", "4g")];
+    let (_h, _) = spawn_ready(sim.workload(
+        &["--device", "1", "--alloc", "64MiB", "--hold", "60s"],
+        &env,
+        true,
+    ));
+    let (_, used1) = region_usage(&sim, 1);
+    assert!(
+        used1 >= 518 * MIB + 64 * MIB,
+        "device 1: {used1} bytes charged, its 518 MiB context missing"
+    );
+    let (_, used0) = region_usage(&sim, 0);
+    assert!(
+        used0 >= 518 * MIB,
+        "device 0 (detection's context): {used0}"
+    );
+}

@@ -13,6 +13,8 @@ use vigil_gpusim::state::{PidMode, SimConfig};
 #[command(
     name = "vigil-gpusim",
     version,
+    // A later flag wins, so a test can override a helper's defaults.
+    args_override_self = true,
     about = "Simulated GPU driver daemon: serves libcuda.so.1/libnvidia-ml.so.1 stand-ins over a Unix socket"
 )]
 struct Cli {
