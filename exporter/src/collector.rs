@@ -12,8 +12,9 @@
 //! still panic, `http::Metrics::render` renders again in isolation mode: each region
 //! is first encoded on its own, and one that panics is left out of that scrape.
 
+use crate::hostpid::RESULTS;
 use crate::labels::RegionLabels;
-use crate::regions::{panic_text, RegionSet, Tracked};
+use crate::regions::{lock, panic_text, RegionSet, Tracked};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -21,7 +22,7 @@ use prometheus_client::registry::Registry;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tracing::{error, warn};
 use vigil_region::{
     Counter, DetectOutcome, ForceReason, HistogramId, HistogramSnapshot, LockId, Snapshot,
@@ -44,11 +45,14 @@ pub fn histogram_is_plausible(h: &HistogramSnapshot) -> bool {
 /// What one scrape read from one region, with each histogram checked.
 #[derive(Debug, Clone)]
 struct View {
+    tracked: Arc<Tracked>,
     labels: RegionLabels,
     snap: Snapshot,
     lost: [u64; 3],
     /// Per histogram (indexed like `snap.histograms`): safe to encode.
     hist_ok: Vec<bool>,
+    /// `vigil_host_pid_checks_total` by result (indexed like `hostpid::RESULTS`).
+    host_pid_checks: [u64; 4],
 }
 
 impl View {
@@ -91,10 +95,12 @@ impl VigilCollector {
             let hist_ok: Vec<bool> = snap.histograms.iter().map(histogram_is_plausible).collect();
             self.set.note_histograms(t, hist_ok.iter().all(|ok| *ok));
             Some(View {
+                tracked: t.clone(),
                 labels: t.labels(),
                 snap,
                 lost: t.lost(),
                 hist_ok,
+                host_pid_checks: [0; 4],
             })
         }));
         res.unwrap_or_else(|p| {
@@ -105,6 +111,40 @@ impl VigilCollector {
             );
             None
         })
+    }
+
+    /// Checks the host PIDs of new slot incarnations against `/proc` (see `hostpid`):
+    /// every region's slots first, then one scan for all of them if one is due, and
+    /// fills in each view's counts. A panic leaves the counts as they were.
+    fn check_host_pids(&self, views: &mut [View]) {
+        // Renders are serialized already (http::MAX_CONCURRENT_RENDERS); this keeps
+        // the observe/scan/resolve sequence whole whatever calls it.
+        static BUSY: Mutex<()> = Mutex::new(());
+        let _busy = lock(&BUSY);
+        let checker = self.set.host_pid_checker();
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            let mut wanted = Vec::new();
+            for v in views.iter() {
+                let mut c = lock(&v.tracked.host_pid_checks);
+                wanted.extend(c.observe(v.snap.init_nonce, &v.snap.slots));
+            }
+            wanted.sort_unstable();
+            wanted.dedup();
+            if let Some(found) = checker.scan_if_due(&wanted) {
+                for v in views.iter() {
+                    lock(&v.tracked.host_pid_checks).resolved(&found);
+                }
+            }
+        }));
+        if let Err(p) = res {
+            error!(
+                "host-PID check panicked ({}); counts left as they were",
+                panic_text(&*p)
+            );
+        }
+        for v in views.iter_mut() {
+            v.host_pid_checks = lock(&v.tracked.host_pid_checks).counts();
+        }
     }
 }
 
@@ -275,6 +315,7 @@ impl Collector for VigilCollector {
                 ok
             });
         }
+        self.check_host_pids(&mut views);
         let read_time = t0.elapsed();
         let errs = self.set.error_counts();
         encode_views(&mut enc, &views, tracked.len(), &errs)?;
@@ -453,6 +494,17 @@ fn encode_views(
             POLLS,
             each()
                 .filter_map(|(v, b)| Some((b.clone(), v.histogram(HistogramId::DetectionPolls)?))),
+        )?;
+        counters(
+            enc,
+            "vigil_host_pid_checks",
+            "Slot incarnations whose recorded host PID was checked against the exporter's /proc (once each), by result: match, mismatch, unresolvable (no process of the exporter's view matched), not_recorded (no host PID to compare, e.g. same_namespace)",
+            each().flat_map(|(v, b)| {
+                RESULTS
+                    .into_iter()
+                    .zip(v.host_pid_checks)
+                    .map(|(r, n)| (with(b, &[("result", r)]), n))
+            }),
         )?;
         histograms(
             enc,

@@ -2,11 +2,58 @@
 //!
 //! Read-only (the region is mapped `PROT_READ`, nothing is locked), so it is safe to
 //! run against a region in use. HAMi's `shrreg_tool`, with validation and JSON.
+//!
+//! Each live slot's process is also looked up in `/proc` (`--proc.path`), as the
+//! exporter does (see `hostpid`): `resolved_host_pid` is its PID in that view when
+//! that is a host PID. On drivers that report namespace PIDs (`same_namespace`) the
+//! recorded PID is not a host PID, and this is how an operator learns the real one.
 
+use crate::hostpid::{self, Resolution};
 use serde_json::{json, Value};
 use std::path::Path;
 use vigil_region::layout::RING_CAPACITY;
-use vigil_region::{Counter, DetectOutcome, LockId, RegionReader, Snapshot};
+use vigil_region::{Counter, DetectOutcome, LockId, RegionReader, SlotInfo, Snapshot};
+
+/// One slot's host PID as the kernel tells it (see `hostpid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotCheck {
+    /// None for a dead slot: its process is gone, nothing was looked up.
+    pub resolution: Option<Resolution>,
+    /// `match`, `mismatch`, `unresolvable`, `not_recorded` (as the metric), `pending`
+    /// (no detection outcome yet) or `not_checked` (dead slot).
+    pub result: &'static str,
+}
+
+/// Looks every live slot up in `proc_root` (one pass) and checks it.
+pub fn check_slots(proc_root: &Path, slots: &[SlotInfo]) -> Vec<SlotCheck> {
+    let wanted: Vec<_> = slots
+        .iter()
+        .filter(|s| s.alive)
+        .map(|s| s.identity())
+        .collect();
+    let (found, _) = hostpid::scan(proc_root, &wanted);
+    slots
+        .iter()
+        .map(|s| {
+            if !s.alive {
+                return SlotCheck {
+                    resolution: None,
+                    result: "not_checked",
+                };
+            }
+            let r = found
+                .get(&s.identity())
+                .copied()
+                .unwrap_or(Resolution::NotFound);
+            SlotCheck {
+                resolution: Some(r),
+                result: hostpid::classify(s.detect_outcome, s.host_pid, Some(r))
+                    .map(|c| c.name())
+                    .unwrap_or("pending"),
+            }
+        })
+        .collect()
+}
 
 fn outcome_name(v: u32) -> &'static str {
     if v == 0 {
@@ -17,8 +64,9 @@ fn outcome_name(v: u32) -> &'static str {
         .unwrap_or("unknown")
 }
 
-/// Everything `inspect` prints, as JSON (the text form is rendered from it).
-pub fn to_json(path: &Path, s: &Snapshot) -> Value {
+/// Everything `inspect` prints, as JSON (the text form is rendered from it). `checks`
+/// is indexed like `s.slots` (see [`check_slots`]); missing entries print as unknown.
+pub fn to_json(path: &Path, s: &Snapshot, checks: &[SlotCheck]) -> Value {
     let created_s = s.created_realtime_ns / 1_000_000_000;
     json!({
         "path": path.display().to_string(),
@@ -36,11 +84,19 @@ pub fn to_json(path: &Path, s: &Snapshot) -> Value {
             "device": i, "limit_bytes": d.limit, "used_bytes": d.used,
             "peak_bytes": d.peak, "allocation_denials": d.denials,
         })).collect::<Vec<_>>(),
-        "slots": s.slots.iter().map(|sl| json!({
-            "slot": sl.index, "generation": sl.generation, "pid": sl.pid,
-            "host_pid": sl.host_pid, "detect_outcome": outcome_name(sl.detect_outcome),
-            "alive": sl.alive, "mem_used_bytes": sl.mem_used,
-        })).collect::<Vec<_>>(),
+        "slots": s.slots.iter().enumerate().map(|(i, sl)| {
+            let c = checks.get(i);
+            let resolution = c.and_then(|c| c.resolution);
+            json!({
+                "slot": sl.index, "generation": sl.generation, "pid": sl.pid,
+                "pidns_inode": sl.pidns_inode, "start_time_ticks": sl.start_time_ticks,
+                "host_pid": sl.host_pid, "detect_outcome": outcome_name(sl.detect_outcome),
+                "resolved_host_pid": resolution.and_then(Resolution::host_pid),
+                "resolution": resolution.map(Resolution::name).unwrap_or("not_checked"),
+                "host_pid_check": c.map(|c| c.result).unwrap_or("not_checked"),
+                "alive": sl.alive, "mem_used_bytes": sl.mem_used,
+            })
+        }).collect::<Vec<_>>(),
         "locks": LockId::ALL.iter().zip(&s.locks).map(|(id, l)| json!({
             "lock": id.name(), "owner_slot": l.owner, "epoch": l.epoch,
             "waiters": l.waiters, "lease_ms": l.lease_ns / 1_000_000,
@@ -113,13 +169,22 @@ pub fn to_text(v: &Value) -> String {
     let alive = slots.iter().filter(|s| s["alive"] == json!(true)).count();
     let _ = writeln!(o, "  slots: {} active, {} alive", slots.len(), alive);
     for s in &slots {
+        let resolved = match s["resolved_host_pid"].as_u64() {
+            Some(p) => p.to_string(),
+            None => "-".into(),
+        };
         let _ = writeln!(
             o,
-            "    slot {:>4} gen={} pid={} host_pid={} detect={} alive={} mem={}",
+            "    slot {:>4} gen={} pid={} pidns_inode={} start_time_ticks={} host_pid={} resolved_host_pid={} check={} ({}) detect={} alive={} mem={}",
             s["slot"],
             s["generation"],
             s["pid"],
+            s["pidns_inode"],
+            s["start_time_ticks"],
             s["host_pid"],
+            resolved,
+            s["host_pid_check"].as_str().unwrap_or(""),
+            s["resolution"].as_str().unwrap_or(""),
             s["detect_outcome"].as_str().unwrap_or(""),
             s["alive"],
             s["mem_used_bytes"]
@@ -138,10 +203,13 @@ pub fn to_text(v: &Value) -> String {
     o
 }
 
-/// Prints the region at `path`; errors name the file.
-pub fn run(path: &Path, as_json: bool) -> Result<(), String> {
+/// Prints the region at `path`, each live slot's host PID resolved in `proc_root`;
+/// errors name the file.
+pub fn run(path: &Path, as_json: bool, proc_root: &Path) -> Result<(), String> {
     let r = RegionReader::open(path).map_err(|e| e.to_string())?;
-    let v = to_json(path, &r.snapshot());
+    let snap = r.snapshot();
+    let checks = check_slots(proc_root, &snap.slots);
+    let v = to_json(path, &snap, &checks);
     if as_json {
         println!(
             "{}",

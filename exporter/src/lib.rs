@@ -11,6 +11,7 @@
 
 pub mod collector;
 pub mod drain;
+pub mod hostpid;
 pub mod http;
 pub mod inspect;
 pub mod labels;

@@ -68,6 +68,13 @@ struct Cli {
     /// pays the mapping and its page faults.
     #[arg(long = "regions.map-per-read")]
     map_per_read: bool,
+    /// The /proc to find the slots' processes in, to check their recorded host PIDs
+    /// (vigil_host_pid_checks_total). Node-wide: the host's, i.e. run with hostPID.
+    #[arg(long = "proc.path", value_name = "DIR", default_value = vigil_exporter::regions::DEFAULT_PROC_PATH)]
+    proc_path: PathBuf,
+    /// At most one /proc scan per this interval (only when new slots await a check).
+    #[arg(long = "proc.scan-interval", default_value = "10s", value_parser = parse_duration)]
+    proc_scan_interval: Duration,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long = "log.level", default_value = "info",
           value_parser = ["error", "warn", "info", "debug", "trace"])]
@@ -87,13 +94,21 @@ enum Cmd {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// The /proc to resolve each live slot's host PID in.
+        #[arg(long = "proc.path", value_name = "DIR", default_value = vigil_exporter::regions::DEFAULT_PROC_PATH)]
+        proc_path: PathBuf,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Cmd::Inspect { path, json }) = &cli.cmd {
-        return match vigil_exporter::inspect::run(path, *json) {
+    if let Some(Cmd::Inspect {
+        path,
+        json,
+        proc_path,
+    }) = &cli.cmd
+    {
+        return match vigil_exporter::inspect::run(path, *json, proc_path) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("vigil-exporter inspect: {e}");
@@ -167,7 +182,8 @@ fn run(cli: Cli) -> Result<(), String> {
             .with_limits(Limits {
                 max_regions: cli.max_regions as usize,
                 max_per_dir: cli.max_per_dir as usize,
-            }),
+            })
+            .with_host_pid_checks(cli.proc_path.clone(), cli.proc_scan_interval),
     );
     set.rescan();
 

@@ -35,6 +35,7 @@
 //! others.
 
 use crate::drain::RegionDrain;
+use crate::hostpid::{HostPidChecker, RegionChecks};
 use crate::labels::{region_labels, LabelPolicy, RegionLabels};
 use crate::trace::TraceSink;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -46,6 +47,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tracing::{debug, error, info, warn};
 use vigil_region::{RegionError, RegionReader, Snapshot};
 
@@ -73,6 +75,11 @@ pub enum ErrorReason {
     NotRegular = 6,
     LimitExceeded = 7,
 }
+
+/// `--proc.path` default.
+pub const DEFAULT_PROC_PATH: &str = "/proc";
+/// `--proc.scan-interval` default.
+pub const DEFAULT_PROC_SCAN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Entries of one directory looked at per scan; the rest are ignored (logged once).
 pub const MAX_DIR_ENTRIES: usize = 4096;
@@ -184,6 +191,8 @@ pub struct Tracked {
     cached: Mutex<Option<CachedReader>>,
     /// Some histogram of this region is impossible (counted once per episode).
     corrupt_histograms: AtomicBool,
+    /// Host-PID checks of this region's slots (see `hostpid`); only scrapes use it.
+    pub host_pid_checks: Mutex<RegionChecks>,
 }
 
 impl std::fmt::Debug for Tracked {
@@ -259,6 +268,8 @@ pub struct RegionSet {
     limits: Limits,
     /// Where the next drain pass starts, so a pass budget is shared fairly.
     drain_start: AtomicUsize,
+    /// `--proc.path` and `--proc.scan-interval`: host-PID checks against the kernel.
+    host_pid: HostPidChecker,
 }
 
 impl std::fmt::Debug for RegionSet {
@@ -393,7 +404,22 @@ impl RegionSet {
             policy: LabelPolicy::default(),
             limits: Limits::default(),
             drain_start: AtomicUsize::new(0),
+            host_pid: HostPidChecker::new(
+                PathBuf::from(DEFAULT_PROC_PATH),
+                DEFAULT_PROC_SCAN_INTERVAL,
+            ),
         }
+    }
+
+    /// Where to look for the slots' processes (`--proc.path`) and how often `/proc`
+    /// may be scanned for new ones (`--proc.scan-interval`); see `hostpid`.
+    pub fn with_host_pid_checks(mut self, proc_root: PathBuf, min_interval: Duration) -> RegionSet {
+        self.host_pid = HostPidChecker::new(proc_root, min_interval);
+        self
+    }
+
+    pub fn host_pid_checker(&self) -> &HostPidChecker {
+        &self.host_pid
     }
 
     /// Keep regions mapped between reads: scrapes skip re-mapping and first-touch
@@ -746,6 +772,7 @@ impl RegionSet {
                     lost: Default::default(),
                     cached: Mutex::new(None),
                     corrupt_histograms: AtomicBool::new(false),
+                    host_pid_checks: Mutex::new(RegionChecks::default()),
                 });
                 let mut inner = lock(&self.inner);
                 inner.failed.remove(&c.path);
