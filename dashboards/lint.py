@@ -26,6 +26,7 @@ COUNTERS = ["vigil_region_initializations_total", "vigil_region_recoveries_total
             "vigil_process_slots_claimed_total",
             "vigil_process_slots_reclaimed_total", "vigil_lock_acquisitions_total", "vigil_lock_retries_total",
             "vigil_lock_force_posts_total", "vigil_lock_fenced_releases_total", "vigil_host_pid_detections_total",
+            "vigil_host_pid_checks_total",
             "vigil_device_memory_allocation_denials_total", "vigil_ring_events_total",
             "vigil_ring_events_lost_total", "vigil_exporter_region_errors_total"]
 GAUGES = ["vigil_processes", "vigil_device_memory_limit_bytes", "vigil_device_memory_used_bytes",

@@ -434,6 +434,9 @@ class Synthetic:
             for outcome, rate in (("found", 0.5), ("same_namespace", 0.1), ("ambiguous", 0.05),
                                   ("timeout", 0.1), ("nvml_error", 0.02)):
                 emit("vigil_host_pid_detections_total", "counter", {**r, "outcome": outcome}, round(rate * t))
+            for result, rate in (("match", 0.4), ("mismatch", 0.05), ("unresolvable", 0.05),
+                                 ("not_recorded", 0.1)):
+                emit("vigil_host_pid_checks_total", "counter", {**r, "result": result}, round(rate * t))
             emit("vigil_ring_events_total", "counter", r, round(20 * t))
             for reason, rate in (("overwritten", 1), ("torn", 0.02), ("abandoned", 0.02)):
                 emit("vigil_ring_events_lost_total", "counter", {**r, "reason": reason}, round(rate * t))
