@@ -463,10 +463,23 @@ fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn()
     let device = cfg.physical_device(0);
     let nvml = Nvml::open(device);
     let before = nvml.as_ref().map_err(Clone::clone).and_then(|n| n.procs());
+    // A region's first processes: nobody has measured a context yet. In parallel
+    // mode they create their contexts one at a time until one has (a single context
+    // creation, once in the region's life), so that no context is left uncharged
+    // while the others fill the limit. Serial mode holds the detection lock already.
+    let mut first_wave = None;
+    if cfg.detect_mode == DetectMode::Parallel && region.ctx_footprint() == 0 {
+        first_wave = region.lock(LockId::Detect, slot).ok();
+    }
     // Charge what the last context measured before ours exists, so that processes
     // already running can never fill the limit while our context is being born.
     // Bounded: the field is in a file any process of the container can write.
     let estimate = region.ctx_footprint().min(MAX_CTX_FOOTPRINT);
+    if estimate > 0 {
+        if let Some(g) = first_wave.take() {
+            g.release();
+        }
+    }
     let estimate = match region.charge(slot, 0, estimate) {
         Ok(()) => estimate,
         Err(e) => {
@@ -493,6 +506,13 @@ fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn()
     } else {
         estimate
     };
+    if let Some(g) = first_wave.take() {
+        // What the others waiting charge before creating theirs; detection corrects it.
+        if estimate > 0 {
+            region.set_ctx_footprint(estimate);
+        }
+        g.release();
+    }
     vigil_region::fault::point("detect.after_ctx");
     let failed = |outcome| Detection {
         outcome,

@@ -137,7 +137,7 @@ pub fn reserve_marker(
     if invalid {
         return Ok(false);
     }
-    match region.reserve_within(slot, dev, bytes, cap) {
+    match region.reserve_quietly(slot, dev, bytes, cap) {
         Ok(Reservation::Granted) => Ok(true),
         Ok(Reservation::Denied { .. }) => Ok(false),
         Err(e) => Err(e.to_string()),

