@@ -463,12 +463,14 @@ fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn()
     let device = cfg.physical_device(0);
     let nvml = Nvml::open(device);
     let before = nvml.as_ref().map_err(Clone::clone).and_then(|n| n.procs());
-    // A region's first processes: nobody has measured a context yet. In parallel
-    // mode they create their contexts one at a time until one has (a single context
-    // creation, once in the region's life), so that no context is left uncharged
-    // while the others fill the limit. Serial mode holds the detection lock already.
+    // A region's first processes: nobody has measured a context yet. Under a limit,
+    // in parallel mode, they create their contexts one at a time until one has (a
+    // single context creation, once in the region's life), so that no context is
+    // left uncharged while the others fill the limit. Serial mode holds the
+    // detection lock already; without a limit there is nothing to overrun.
+    let limited = region.device_limits().first().is_some_and(|l| *l > 0);
     let mut first_wave = None;
-    if cfg.detect_mode == DetectMode::Parallel && region.ctx_footprint() == 0 {
+    if cfg.detect_mode == DetectMode::Parallel && limited && region.ctx_footprint() == 0 {
         first_wave = region.lock(LockId::Detect, slot).ok();
     }
     // Charge what the last context measured before ours exists, so that processes
