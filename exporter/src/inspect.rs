@@ -175,7 +175,7 @@ pub fn to_text(v: &Value) -> String {
         };
         let _ = writeln!(
             o,
-            "    slot {:>4} gen={} pid={} pidns_inode={} start_time_ticks={} host_pid={} resolved_host_pid={} check={} ({}) detect={} alive={} mem={}",
+            "    slot {:>4} gen={} pid={} pidns_inode={} start_time_ticks={} host_pid={} resolved_host_pid={} resolution={} check={} detect={} alive={} mem={}",
             s["slot"],
             s["generation"],
             s["pid"],
@@ -183,8 +183,8 @@ pub fn to_text(v: &Value) -> String {
             s["start_time_ticks"],
             s["host_pid"],
             resolved,
-            s["host_pid_check"].as_str().unwrap_or(""),
             s["resolution"].as_str().unwrap_or(""),
+            s["host_pid_check"].as_str().unwrap_or(""),
             s["detect_outcome"].as_str().unwrap_or(""),
             s["alive"],
             s["mem_used_bytes"]

@@ -297,7 +297,7 @@ fn recorded_host_pids_are_checked_against_the_kernel_once_per_slot_incarnation()
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains(&format!(
-            "host_pid=1 resolved_host_pid={} check=not_recorded",
+            "host_pid=1 resolved_host_pid={} resolution=host check=not_recorded",
             same_ns.host_pid
         )),
         "{text}"
