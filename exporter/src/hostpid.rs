@@ -124,6 +124,8 @@ pub struct ScanStats {
     pub ns_denied: usize,
     /// Wanted identities found.
     pub found: usize,
+    /// Of those, found by namespace PID and start time alone (`ns/pid` unreadable).
+    pub by_pair: usize,
     pub duration: Duration,
     /// The directory itself could not be listed.
     pub error: Option<String>,
@@ -174,6 +176,9 @@ pub fn scan(
             return (out, stats);
         }
     };
+    // Candidates whose `ns/pid` could not be read, by (namespace PID, start time):
+    // (PID in the view, NSpid length).
+    let mut unverified: HashMap<(u32, u64), Vec<(u32, usize)>> = HashMap::new();
     for e in rd.flatten() {
         let Some(pid) = is_pid(e.file_name().as_encoded_bytes()) else {
             continue;
@@ -209,6 +214,10 @@ pub fn scan(
                 if e.kind() == io::ErrorKind::PermissionDenied {
                     stats.ns_denied += 1;
                 }
+                unverified
+                    .entry((own, start))
+                    .or_default()
+                    .push((pid, nspid.len()));
                 continue;
             }
         };
@@ -229,6 +238,34 @@ pub fn scan(
                 if missing == 0 {
                     break;
                 }
+            }
+        }
+    }
+    // Without ptrace access to a workload (another UID, no CAP_SYS_PTRACE) its
+    // `ns/pid` cannot be read. Namespace PID plus start time (in clock ticks) then
+    // still names it when exactly one process of the view, and exactly one wanted
+    // slot, has that pair; two containers whose PID 1 started in the same tick are
+    // left unresolvable rather than guessed.
+    if missing > 0 && !unverified.is_empty() {
+        let mut wanted_pairs: HashMap<(u32, u64), usize> = HashMap::new();
+        for id in out.keys().filter(|id| id.is_complete()) {
+            *wanted_pairs
+                .entry((id.pid, id.start_time_ticks))
+                .or_default() += 1;
+        }
+        for (id, r) in out.iter_mut() {
+            let key = (id.pid, id.start_time_ticks);
+            if *r != Resolution::NotFound || wanted_pairs.get(&key) != Some(&1) {
+                continue;
+            }
+            if let Some([(pid, len)]) = unverified.get(&key).map(Vec::as_slice) {
+                *r = if *len >= 2 {
+                    Resolution::Host(*pid)
+                } else {
+                    Resolution::NotHostView(*pid)
+                };
+                stats.found += 1;
+                stats.by_pair += 1;
             }
         }
     }
@@ -412,12 +449,13 @@ impl HostPidChecker {
         }
         let (res, st) = scan(&self.root, wanted);
         debug!(
-            "host-PID check: {} slot(s) looked up in {}: {} processes, {} candidates, {} found, {} ns/pid denied, {:?}",
+            "host-PID check: {} slot(s) looked up in {}: {} processes, {} candidates, {} found ({} by namespace PID and start time alone), {} ns/pid denied, {:?}",
             wanted.len(),
             self.root.display(),
             st.processes,
             st.candidates,
             st.found,
+            st.by_pair,
             st.ns_denied,
             st.duration
         );
@@ -428,7 +466,7 @@ impl HostPidChecker {
         }
         if st.ns_denied > 0 && !self.warned_denied.swap(true, Relaxed) {
             warn!(
-                "host-PID check: permission denied reading {}/<pid>/ns/pid of {} process(es): the exporter needs ptrace read access to the workloads (their UID, or CAP_SYS_PTRACE); their slots count as unresolvable (logged once)",
+                "host-PID check: permission denied reading {}/<pid>/ns/pid of {} process(es) (the exporter lacks ptrace read access: another UID, no CAP_SYS_PTRACE); they are matched by namespace PID and start time alone where that pair is unique, else unresolvable (logged once)",
                 self.root.display(),
                 st.ns_denied
             );
@@ -585,5 +623,47 @@ mod tests {
         for bad in [&b""[..], b"0", b"self", b"12a", b"99999999999", b"-1"] {
             assert_eq!(is_pid(bad), None, "{bad:?}");
         }
+    }
+
+    /// A fake /proc entry: `stat` with start time `start`, `status` with `nspid`,
+    /// and no `ns/` (as unreadable as without ptrace access).
+    fn fake(root: &Path, pid: u32, start: u64, nspid: &str) {
+        let d = root.join(pid.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        let mut stat = format!("{pid} (a b) S");
+        for _ in 4..22 {
+            stat.push_str(" 0");
+        }
+        stat.push_str(&format!(" {start} 0 0\n"));
+        std::fs::write(d.join("stat"), stat).unwrap();
+        std::fs::write(d.join("status"), format!("Name:\tw\nNSpid:\t{nspid}\n")).unwrap();
+    }
+
+    #[test]
+    fn without_ns_access_a_unique_namespace_pid_and_start_time_still_resolves() {
+        let root = tempfile::tempdir().unwrap();
+        fake(root.path(), 4100, 777, "4100\t1");
+        fake(root.path(), 4200, 888, "4200\t1");
+        fake(root.path(), 4300, 888, "4300\t1"); // same pair as 4200: ambiguous
+        let id = |start| ProcessIdentity {
+            pid: 1,
+            pidns_inode: 4026532999,
+            start_time_ticks: start,
+        };
+        let (res, st) = scan(root.path(), &[id(777), id(888)]);
+        assert_eq!(res[&id(777)], Resolution::Host(4100));
+        assert_eq!(
+            res[&id(888)],
+            Resolution::NotFound,
+            "two processes share the pair"
+        );
+        assert_eq!((st.found, st.by_pair), (1, 1));
+        // Two wanted slots sharing the pair are not guessed either.
+        let other = ProcessIdentity {
+            pidns_inode: 4026533000,
+            ..id(777)
+        };
+        let (res, _) = scan(root.path(), &[id(777), other]);
+        assert_eq!(res[&id(777)], Resolution::NotFound);
     }
 }
