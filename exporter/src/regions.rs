@@ -164,6 +164,15 @@ impl FileKey {
     }
 }
 
+/// True if both name the same file (device, inode), whatever its size and mtime.
+fn same_file(a: &Option<FileKey>, b: &Option<FileKey>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => (a.dev, a.ino) == (b.dev, b.ino),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 /// The version of whatever the path names, without following a symlink.
 fn file_key(path: &Path) -> Option<FileKey> {
     std::fs::symlink_metadata(path)
@@ -239,8 +248,8 @@ struct Scan {
     cands: Vec<Candidate>,
     /// Entries that are not regular files: (path, version, what it is).
     rejected: Vec<(PathBuf, Option<FileKey>, &'static str)>,
-    /// Regular `*.cache` files over a limit: (path, which limit).
-    over_limit: Vec<(PathBuf, &'static str)>,
+    /// Regular `*.cache` files over a limit: (path, which limit, version).
+    over_limit: Vec<(PathBuf, &'static str, Option<FileKey>)>,
 }
 
 #[derive(Default)]
@@ -248,8 +257,11 @@ struct Inner {
     tracked: BTreeMap<PathBuf, Arc<Tracked>>,
     /// Files that failed, with the version that failed (None: did not exist).
     failed: HashMap<PathBuf, Option<FileKey>>,
-    /// Files already counted as over a limit (until they are no longer listed).
-    limited: HashSet<PathBuf>,
+    /// Files counted as over a limit, with the version counted: counted again only
+    /// once the path names another file (device, inode); forgotten once it is no
+    /// longer listed. A live region's mtime moves as its workload writes it, so over
+    /// the limit it stays one file, not a new version per write.
+    limited: HashMap<PathBuf, Option<FileKey>>,
     /// Directories already reported as having too many entries.
     crowded: HashSet<PathBuf>,
 }
@@ -518,11 +530,11 @@ impl RegionSet {
         let Some(dir) = &self.dir else {
             return scan;
         };
-        let (tracked, failed): (HashSet<PathBuf>, HashSet<PathBuf>) = {
+        let (tracked, failed): (HashSet<PathBuf>, HashMap<PathBuf, Option<FileKey>>) = {
             let inner = lock(&self.inner);
             (
                 inner.tracked.keys().cloned().collect(),
-                inner.failed.keys().cloned().collect(),
+                inner.failed.clone(),
             )
         };
         // The top directory is the operator's: it may be reached through a symlink.
@@ -574,11 +586,11 @@ impl RegionSet {
         per_dir.push(files);
 
         // Limits: per directory, then in all. Watched regions keep their place, then
-        // files that have not failed, then by name.
+        // files that have not failed (or changed since they failed), then by name.
         let rank = |c: &Candidate| -> u8 {
             if tracked.contains(&c.path) {
                 0
-            } else if failed.contains(&c.path) {
+            } else if c.key.is_some() && failed.get(&c.path) == Some(&c.key) {
                 2
             } else {
                 1
@@ -592,7 +604,8 @@ impl RegionSet {
             files.sort_by_key(|c| rank(c));
             let keep = files.len().min(self.limits.max_per_dir);
             for c in files.drain(keep..) {
-                scan.over_limit.push((c.path, "--regions.max-per-dir"));
+                scan.over_limit
+                    .push((c.path, "--regions.max-per-dir", c.key));
             }
             admitted.extend(files.into_iter().enumerate().map(|(i, c)| (rank(&c), i, c)));
         }
@@ -605,7 +618,7 @@ impl RegionSet {
         let room = self.limits.max_regions.saturating_sub(scan.cands.len());
         let keep = admitted.len().min(room);
         for c in admitted.drain(keep..) {
-            scan.over_limit.push((c.path, "--regions.max"));
+            scan.over_limit.push((c.path, "--regions.max", c.key));
         }
         // A file named by --region and also found in the directory is watched once,
         // under its --region label.
@@ -709,6 +722,9 @@ impl RegionSet {
         self.note_over_limit(&scan.over_limit);
         let mut seen: HashSet<PathBuf> = HashSet::with_capacity(scan.cands.len());
         seen.extend(scan.rejected.iter().map(|(p, _, _)| p.clone()));
+        // Files over a limit are still there: their failures stay remembered, or a
+        // file that takes turns with another for a place would be counted each time.
+        seen.extend(scan.over_limit.iter().map(|(p, _, _)| p.clone()));
         for c in scan.cands {
             seen.insert(c.path.clone());
             let path = c.path.clone();
@@ -722,9 +738,9 @@ impl RegionSet {
             }
         }
         // Forget failures of files that no longer exist, so the memo stays bounded.
-        lock(&self.inner)
-            .failed
-            .retain(|p, k| k.is_none() || seen.contains(p));
+        let mut inner = lock(&self.inner);
+        inner.failed.retain(|p, k| k.is_none() || seen.contains(p));
+        inner.limited.retain(|p, _| seen.contains(p));
     }
 
     fn rescan_one(&self, c: Candidate, known: Option<&Arc<Tracked>>) {
@@ -798,15 +814,23 @@ impl RegionSet {
         );
     }
 
-    /// Counts files over a limit, once per file while it stays listed.
-    fn note_over_limit(&self, over: &[(PathBuf, &'static str)]) {
+    /// Counts files over a limit, once per file while it stays listed (see
+    /// `Inner::limited`). A file whose current version already failed to open was
+    /// counted then, and is not counted again for being over the limit.
+    fn note_over_limit(&self, over: &[(PathBuf, &'static str, Option<FileKey>)]) {
         let mut inner = lock(&self.inner);
-        let now: HashSet<&PathBuf> = over.iter().map(|(p, _)| p).collect();
-        inner.limited.retain(|p| now.contains(p));
         let mut fresh = Vec::new();
-        for (p, which) in over {
-            if inner.limited.insert(p.clone()) {
-                fresh.push((p, which));
+        for (p, which, key) in over {
+            let key = key.or_else(|| file_key(p));
+            if key.is_some() && inner.failed.get(p) == Some(&key) {
+                continue;
+            }
+            match inner.limited.get(p) {
+                Some(prev) if same_file(prev, &key) => {}
+                _ => {
+                    inner.limited.insert(p.clone(), key);
+                    fresh.push((p, which));
+                }
             }
         }
         drop(inner);
@@ -833,7 +857,17 @@ impl RegionSet {
                 }
             }
             OpenFailure::Error(r) => {
-                lock(&self.inner).failed.insert(path.to_path_buf(), key);
+                let mut inner = lock(&self.inner);
+                inner.failed.insert(path.to_path_buf(), key);
+                // Already counted, as over a limit, in this very version: once per file.
+                let counted = key.is_some() && inner.limited.get(path) == Some(&key);
+                drop(inner);
+                if counted {
+                    debug!(
+                        "{e} (already counted as reason=\"limit_exceeded\"; skipped until the file changes)"
+                    );
+                    return;
+                }
                 self.count_error(r);
                 warn!(
                     "{e} (counted as reason=\"{}\"; skipped until the file changes)",

@@ -172,3 +172,68 @@ fn slow_clients_and_500_connections_do_not_block_scrapes() {
     drop((stalled, hog, idle));
     assert_eq!(ex.get("/healthz").status, 200);
 }
+
+/// Sum of `vigil_exporter_region_errors_total` over every reason.
+fn errors_total(m: &Exposition) -> f64 {
+    m.sum("vigil_exporter_region_errors_total", &[])
+}
+
+#[test]
+fn bad_files_over_the_per_dir_limit_are_counted_once_each_until_they_change() {
+    // Five broken files in one tenant directory (--regions.max-per-dir is 4): the
+    // files taking turns for the four places must not be counted again and again.
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let good = scratch.path().join("good.cache");
+    let (_w, _) = Region::open(&good, &InitParams::default()).unwrap();
+    let valid = std::fs::read(&good).unwrap();
+    let tenant = dir.path().join("uid-1_main");
+    std::fs::create_dir(&tenant).unwrap();
+    for i in 0..5 {
+        // Cut short at different lengths (reason "truncated").
+        std::fs::write(
+            tenant.join(format!("junk{i}.cache")),
+            &valid[..valid.len() / 2 - i * 4096],
+        )
+        .unwrap();
+    }
+    let ex = Exporter::start(&["--regions-dir", dir.path().to_str().unwrap()]);
+    wait_until("five files counted", Duration::from_secs(10), || {
+        errors_total(&ex.scrape()) >= 5.0
+    });
+    // 20 rescans later (100 ms each): still one count and one log line per file.
+    std::thread::sleep(Duration::from_secs(2));
+    let m = ex.scrape();
+    assert_eq!(
+        errors_total(&m),
+        5.0,
+        "{:?}",
+        m.find("vigil_exporter_region_errors_total", &[])
+    );
+    assert_eq!(m.value("vigil_exporter_regions", &[]), 0.0);
+    let lines = |log: &str| log.lines().filter(|l| l.contains("junk")).count();
+    assert_eq!(lines(&ex.log_text()), 5, "{}", ex.log_text());
+
+    // A file that changes is a new version: counted (and logged) once more.
+    let mut changed = valid[..valid.len() / 3].to_vec();
+    changed.push(1);
+    std::fs::write(tenant.join("junk4.cache"), &changed).unwrap();
+    wait_until("the changed file counted", Duration::from_secs(10), || {
+        errors_total(&ex.scrape()) >= 6.0
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(errors_total(&ex.scrape()), 6.0);
+    assert_eq!(lines(&ex.log_text()), 6, "{}", ex.log_text());
+
+    // Deleted and written again: a new file, counted once.
+    std::fs::remove_file(tenant.join("junk0.cache")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(tenant.join("junk0.cache"), &valid[..1000]).unwrap();
+    wait_until(
+        "the re-created file counted",
+        Duration::from_secs(10),
+        || errors_total(&ex.scrape()) >= 7.0,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(errors_total(&ex.scrape()), 7.0);
+}
