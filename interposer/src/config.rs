@@ -35,6 +35,10 @@ pub struct Config {
     pub region_mode: u32,
     /// `VIGIL_LIMIT_POLICY`: what allocations do when limits cannot be enforced.
     pub limit_policy: LimitPolicy,
+    /// This process's environment asks for a memory limit (a limit variable set to
+    /// anything but 0). Decides the default policy, and whether `dlopen` drops
+    /// `RTLD_DEEPBIND` (see `dl`).
+    pub limit_requested: bool,
     /// A setuid/setgid (AT_SECURE) program: the environment is not trusted, nothing is
     /// read from it, and Vigil stays out of the way.
     pub secure: bool,
@@ -152,10 +156,12 @@ impl Config {
             }),
         };
         // A limit protects the *other* tenants of the GPU: when one is asked for and
-        // cannot be enforced, refusing keeps the damage inside this container.
-        let limit_set = get("CUDA_DEVICE_MEMORY_LIMIT").is_some()
+        // cannot be enforced, refusing keeps the damage inside this container. A 0
+        // asks for none (HAMi-core's meaning); an invalid value asks for one.
+        let asks = |name: &str| get(name).is_some_and(|v| crate::limits::asks_for_limit(name, &v));
+        let limit_set = asks("CUDA_DEVICE_MEMORY_LIMIT")
             || (0..crate::limits::MAX_ORDINALS)
-                .any(|i| get(&format!("CUDA_DEVICE_MEMORY_LIMIT_{i}")).is_some());
+                .any(|i| asks(&format!("CUDA_DEVICE_MEMORY_LIMIT_{i}")));
         let default_policy = if limit_set {
             LimitPolicy::Closed
         } else {
@@ -218,6 +224,7 @@ impl Config {
             visible_devices,
             region_mode,
             limit_policy,
+            limit_requested: limit_set,
             secure: false,
             warnings,
         }
@@ -321,6 +328,20 @@ mod tests {
             ("VIGIL_LIMIT_POLICY", "open"),
         ]);
         assert_eq!(c.limit_policy, LimitPolicy::Open);
+        // 0 asks for no limit (HAMi-core's meaning), so it leaves the policy open.
+        let c = cfg(&[
+            ("CUDA_DEVICE_MEMORY_LIMIT", "0"),
+            ("CUDA_DEVICE_MEMORY_LIMIT_1", "0g"),
+        ]);
+        assert_eq!(
+            (c.limit_policy, c.limit_requested),
+            (LimitPolicy::Open, false)
+        );
+        let c = cfg(&[("CUDA_DEVICE_MEMORY_LIMIT", "4gb")]);
+        assert_eq!(
+            (c.limit_policy, c.limit_requested),
+            (LimitPolicy::Closed, true)
+        );
         let c = cfg(&[("VIGIL_LIMIT_POLICY", "strict")]);
         assert_eq!(c.limit_policy, LimitPolicy::Open);
         assert!(c.warnings.iter().any(|w| w.contains("VIGIL_LIMIT_POLICY")));

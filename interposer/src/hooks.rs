@@ -7,7 +7,7 @@
 //! swap in our hooks for the entry points we intercept), and `dlsym` on a dlopened
 //! driver (our `dlsym` does the same swap).
 
-use crate::log::{vlog, DEBUG, ERROR};
+use crate::log::{vlog, DEBUG, ERROR, WARN};
 use crate::mem::{self, Admit, Key};
 use crate::real;
 use std::ffi::{c_char, c_void, CStr};
@@ -55,8 +55,31 @@ pub extern "C" fn cuInit(flags: u32) -> u32 {
     let r = unsafe { real_init(flags) };
     if r == 0 {
         guard("cuInit", crate::init::ensure);
+        guard("cuInit", explain_limits);
     }
     r
+}
+
+/// Says once per process what limit variables mean where they may surprise (a 0, an
+/// ordinal past the devices this process sees).
+fn explain_limits() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if crate::config().secure || DONE.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let mut devices = 0i32;
+    if let Some(count) = real::cu_device_get_count() {
+        // SAFETY: valid out-pointer; cuInit has succeeded.
+        if unsafe { count(&mut devices) } != 0 {
+            devices = 0;
+        }
+    }
+    let vars = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    for w in crate::limits::explain(devices.max(0) as usize, vars) {
+        vlog!(WARN, "{w}");
+    }
 }
 
 /// A primary context on any device takes memory the workload never asked for: it is
