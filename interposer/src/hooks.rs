@@ -5,7 +5,9 @@
 //! Workloads reach the driver three ways, and all three land here: linking against
 //! `libcuda.so.1` (these exports win under LD_PRELOAD), `cuGetProcAddress(_v2)` (we
 //! swap in our hooks for the entry points we intercept), and `dlsym` on a dlopened
-//! driver (our `dlsym` does the same swap).
+//! driver (our `dlsym` does the same swap, and answers for a private copy of the
+//! driver from the one we interpose). `dlopen`/`dlmopen`, which keep libraries from
+//! binding around these exports, are in `dl`.
 
 use crate::log::{vlog, DEBUG, ERROR, WARN};
 use crate::mem::{self, Admit, Key};
@@ -22,7 +24,7 @@ fn guard(what: &str, f: impl FnOnce()) {
 
 /// Runs Vigil's part of a hook; `None` if it panicked (logged), so the hook can pass
 /// through.
-fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Option<T> {
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Option<T> {
     let r = catch_unwind(AssertUnwindSafe(|| {
         crate::testpoint::panic_point("hook.panic");
         f()
@@ -236,14 +238,40 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut
         return p;
     }
     // SAFETY: non-null, NUL-terminated per dlsym's contract.
-    let n = unsafe { CStr::from_ptr(name) }.to_bytes();
+    let name = unsafe { CStr::from_ptr(name) };
+    let n = name.to_bytes();
     // Cheap filter first: this runs for every dlsym in the process.
     if !n.starts_with(b"cu") && !n.starts_with(b"nvml") {
         return p;
     }
-    match replacement(n, p as usize, false) {
-        Some(h) => h as *mut c_void,
-        None => p,
+    guarded("dlsym", || resolved(name, p as usize)).unwrap_or(p)
+}
+
+/// Our answer for `name` when the real dlsym said `p`: our hook for a function we
+/// intercept; for a private copy of the driver, the interposed driver's function (or
+/// our hook for it); under the closed policy, nothing for an intercepted function a
+/// private copy has and the interposed driver lacks.
+fn resolved(name: &CStr, p: usize) -> *mut c_void {
+    let n = name.to_bytes();
+    if let Some(h) = replacement(n, p, false) {
+        return h as *mut c_void;
+    }
+    match crate::dl::interposed_instead(name, p) {
+        None => p as *mut c_void,
+        Some(Some(ours)) => replacement(n, ours, false).unwrap_or(ours) as *mut c_void,
+        Some(None) => {
+            let intercepted = hooked().iter().any(|h| h.exported == n);
+            if intercepted && crate::config().limit_policy == crate::config::LimitPolicy::Closed {
+                vlog!(
+                    WARN,
+                    "dlsym({:?}) from a private copy of the driver refused: the driver Vigil interposes has no such entry point to count it through, and VIGIL_LIMIT_POLICY=closed refuses what it cannot account",
+                    name.to_string_lossy()
+                );
+                std::ptr::null_mut()
+            } else {
+                p as *mut c_void
+            }
+        }
     }
 }
 

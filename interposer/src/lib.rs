@@ -11,6 +11,7 @@
 
 mod config;
 mod detect;
+mod dl;
 #[cfg(not(test))]
 mod hooks;
 mod init;

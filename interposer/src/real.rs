@@ -8,29 +8,54 @@ use std::sync::OnceLock;
 
 pub type DlsymFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void;
 
-static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
+/// The versions libc's dl* functions carry: glibc 2.34 moved them into libc.so.6
+/// (GLIBC_2.34); before, libdl.so.2 had them at the architecture's first version.
+/// `dlmopen` came later (2.3.4 on x86_64).
+const DL_VERSIONS: [&CStr; 4] = [c"GLIBC_2.34", c"GLIBC_2.2.5", c"GLIBC_2.17", c"GLIBC_2.3.4"];
 
-/// libc's dlsym. Found with dlvsym, which we do not hook, so this is safe to call
-/// from inside our dlsym hook.
-pub fn dlsym_fn() -> Option<DlsymFn> {
-    let mut p = REAL_DLSYM.load(Ordering::Acquire);
+/// The next definition of `name` after libvigil.so (libc's, or another interposer's
+/// loaded after us), cached in `cache`. Found with dlvsym, which we do not hook, so
+/// this is safe to call from inside our dlsym and dlopen hooks.
+fn next_after_us(cache: &AtomicUsize, name: &CStr) -> usize {
+    let mut p = cache.load(Ordering::Acquire);
     if p == 0 {
-        for ver in [c"GLIBC_2.34", c"GLIBC_2.2.5", c"GLIBC_2.17"] {
+        for ver in DL_VERSIONS {
             // SAFETY: dlvsym with RTLD_NEXT and NUL-terminated names; it allocates
-            // nothing of ours and does not call dlsym.
-            let f = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), ver.as_ptr()) };
+            // nothing of ours and calls neither dlsym nor dlopen.
+            let f = unsafe { libc::dlvsym(libc::RTLD_NEXT, name.as_ptr(), ver.as_ptr()) };
             if !f.is_null() {
                 p = f as usize;
                 break;
             }
         }
-        if p == 0 {
-            return None;
+        if p != 0 {
+            cache.store(p, Ordering::Release);
         }
-        REAL_DLSYM.store(p, Ordering::Release);
     }
-    // SAFETY: p is the address of libc's dlsym, whose C signature is DlsymFn.
-    Some(unsafe { std::mem::transmute::<usize, DlsymFn>(p) })
+    p
+}
+
+static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
+
+/// libc's dlsym.
+pub fn dlsym_fn() -> Option<DlsymFn> {
+    match next_after_us(&REAL_DLSYM, c"dlsym") {
+        0 => None,
+        // SAFETY: p is the address of libc's dlsym, whose C signature is DlsymFn.
+        p => Some(unsafe { std::mem::transmute::<usize, DlsymFn>(p) }),
+    }
+}
+
+/// The real dlopen's address (0 if not found), for the dlopen trampoline.
+pub fn dlopen_addr() -> usize {
+    static P: AtomicUsize = AtomicUsize::new(0);
+    next_after_us(&P, c"dlopen")
+}
+
+/// The real dlmopen's address (0 if not found), for the dlmopen trampoline.
+pub fn dlmopen_addr() -> usize {
+    static P: AtomicUsize = AtomicUsize::new(0);
+    next_after_us(&P, c"dlmopen")
 }
 
 /// Calls the real dlsym.
