@@ -30,7 +30,7 @@ COUNTERS = ["vigil_region_initializations_total", "vigil_region_recoveries_total
             "vigil_device_memory_allocation_denials_total", "vigil_ring_events_total",
             "vigil_ring_events_lost_total", "vigil_exporter_region_errors_total"]
 GAUGES = ["vigil_processes", "vigil_device_memory_limit_bytes", "vigil_device_memory_used_bytes",
-          "vigil_device_memory_peak_bytes", "vigil_exporter_regions", "vigil_exporter_build_info"]
+          "vigil_device_memory_dead_bytes", "vigil_device_memory_peak_bytes", "vigil_exporter_regions", "vigil_exporter_build_info"]
 HISTOGRAMS = ["vigil_lock_wait_seconds", "vigil_host_pid_detection_seconds", "vigil_host_pid_detection_polls",
               "vigil_init_duration_seconds", "vigil_exporter_scrape_duration_seconds"]
 METRICS = set(COUNTERS + GAUGES + [h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")])

@@ -148,6 +148,19 @@ impl VigilCollector {
     }
 }
 
+/// Per device, the memory accounted to active slots whose owner is gone (its liveness
+/// token is free): `used` minus this is what live processes hold. Saturating: the
+/// numbers are tenant-written.
+pub fn dead_bytes(s: &Snapshot) -> Vec<u64> {
+    let mut out = vec![0u64; s.devices.len()];
+    for slot in s.slots.iter().filter(|sl| !sl.alive) {
+        for (acc, m) in out.iter_mut().zip(slot.mem_used.iter()) {
+            *acc = acc.saturating_add(*m);
+        }
+    }
+    out
+}
+
 /// Encodes a fixed set of views (isolation mode's trial encodings).
 #[derive(Debug)]
 struct Trial(Vec<View>);
@@ -536,8 +549,28 @@ fn encode_views(
         gauges(
             enc,
             "vigil_device_memory_used_bytes",
-            "Device memory the region's live processes hold, as the interposer accounted it",
+            "Device memory the region's processes hold, as the interposer accounted it (memory of processes that died is included until their slot is reclaimed: see dead_bytes)",
             per_device(|d| d.used).map(|(l, v)| (l, v.min(i64::MAX as u64) as i64)),
+        )?;
+        // Held by slots whose process is gone (SIGKILLed, `_exit`): still in `used`
+        // until a later process of the region reclaims the slot. Told apart by the
+        // reader's liveness probe on each slot's token; nothing is written.
+        let dead: Vec<Vec<u64>> = views.iter().map(|v| dead_bytes(&v.snap)).collect();
+        gauges(
+            enc,
+            "vigil_device_memory_dead_bytes",
+            "Device memory still accounted to process slots whose process is gone (included in used_bytes until a later process of the region reclaims the slot)",
+            each()
+                .zip(devs.iter())
+                .zip(dead.iter())
+                .flat_map(|(((_, b), names), held)| {
+                    names.iter().zip(held.iter()).map(move |(n, v)| {
+                        (
+                            with(b, &[("device", n.as_str())]),
+                            (*v).min(i64::MAX as u64) as i64,
+                        )
+                    })
+                }),
         )?;
         gauges(
             enc,

@@ -68,6 +68,7 @@ fn outcome_name(v: u32) -> &'static str {
 /// is indexed like `s.slots` (see [`check_slots`]); missing entries print as unknown.
 pub fn to_json(path: &Path, s: &Snapshot, checks: &[SlotCheck]) -> Value {
     let created_s = s.created_realtime_ns / 1_000_000_000;
+    let dead = crate::collector::dead_bytes(s);
     json!({
         "path": path.display().to_string(),
         "header": {
@@ -80,10 +81,14 @@ pub fn to_json(path: &Path, s: &Snapshot, checks: &[SlotCheck]) -> Value {
             "pod": s.identity.pod,
             "container": s.identity.container,
         },
-        "devices": s.devices.iter().enumerate().map(|(i, d)| json!({
-            "device": i, "limit_bytes": d.limit, "used_bytes": d.used,
-            "peak_bytes": d.peak, "allocation_denials": d.denials,
-        })).collect::<Vec<_>>(),
+        "devices": s.devices.iter().enumerate().map(|(i, d)| {
+            let dead = dead.get(i).copied().unwrap_or(0);
+            json!({
+                "device": i, "limit_bytes": d.limit, "used_bytes": d.used,
+                "live_bytes": d.used.saturating_sub(dead), "dead_bytes": dead,
+                "peak_bytes": d.peak, "allocation_denials": d.denials,
+            })
+        }).collect::<Vec<_>>(),
         "slots": s.slots.iter().enumerate().map(|(i, sl)| {
             let c = checks.get(i);
             let resolution = c.and_then(|c| c.resolution);
@@ -145,8 +150,14 @@ pub fn to_text(v: &Value) -> String {
         };
         let _ = writeln!(
             o,
-            "  device {}: limit={} used={} peak={} denials={}",
-            d["device"], limit, d["used_bytes"], d["peak_bytes"], d["allocation_denials"]
+            "  device {}: limit={} used={} (live={} dead={}) peak={} denials={}",
+            d["device"],
+            limit,
+            d["used_bytes"],
+            d["live_bytes"],
+            d["dead_bytes"],
+            d["peak_bytes"],
+            d["allocation_denials"]
         );
     }
     for l in v["locks"].as_array().into_iter().flatten() {

@@ -41,6 +41,132 @@ fn holder_child() {
     }
 }
 
+/// Child-process mode: when VIGIL_TEST_CHARGER names a region, claim a slot, charge
+/// 576 MiB on device 0 and 8 MiB on device 1, say "ready" and wait to be killed (it
+/// never releases: a SIGKILLed workload).
+#[test]
+#[ignore = "helper run as a child process by the other tests"]
+fn charger_child() {
+    let Ok(path) = std::env::var("VIGIL_TEST_CHARGER") else {
+        return;
+    };
+    let (r, _) = Region::open(&path, &InitParams::default()).unwrap();
+    let me = r.claim_slot().unwrap();
+    r.reserve(me, 0, 576 << 20).unwrap();
+    r.reserve(me, 1, 8 << 20).unwrap();
+    println!("ready");
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn spawn_child(test: &str, var: &str, path: &Path) -> std::process::Child {
+    let mut c = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--ignored", "--nocapture"])
+        .env(var, path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = c.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(out).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.trim() == "ready" => break,
+            Some(Ok(_)) => {}
+            _ => panic!("{test} child did not start"),
+        }
+    }
+    c
+}
+
+#[test]
+fn memory_of_a_killed_process_shows_as_dead_without_writing_the_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.cache");
+    let (w, _) = Region::open(&path, &params(vec![4 << 30, 0], "", "")).unwrap();
+    // This process stays alive with 64 MiB on device 0.
+    let me = w.claim_slot().unwrap();
+    w.reserve(me, 0, 64 << 20).unwrap();
+    let mut child = spawn_child("charger_child", "VIGIL_TEST_CHARGER", &path);
+    let ex = Exporter::start(&["--region", path.to_str().unwrap()]);
+    let p = path.to_str().unwrap();
+    let dl = |d: &'static str| [("region", p), ("device", d)];
+    let m = ex.scrape();
+    assert_eq!(m.value("vigil_processes", &[("region", p)]), 2.0);
+    assert_eq!(
+        m.value("vigil_device_memory_used_bytes", &dl("0")),
+        (640u64 << 20) as f64
+    );
+    assert_eq!(m.value("vigil_device_memory_dead_bytes", &dl("0")), 0.0);
+    assert_eq!(m.value("vigil_device_memory_dead_bytes", &dl("1")), 0.0);
+
+    // SIGKILL: nothing releases the slot; the region still says 640 MiB used.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = std::fs::read(&path).unwrap();
+    wait_until(
+        "the killed process seen dead",
+        Duration::from_secs(10),
+        || ex.scrape().value("vigil_processes", &[("region", p)]) == 1.0,
+    );
+    let m = ex.scrape();
+    assert_eq!(
+        m.value("vigil_device_memory_used_bytes", &dl("0")),
+        (640u64 << 20) as f64
+    );
+    assert_eq!(
+        m.value("vigil_device_memory_dead_bytes", &dl("0")),
+        (576u64 << 20) as f64
+    );
+    assert_eq!(
+        m.value("vigil_device_memory_used_bytes", &dl("1")),
+        (8u64 << 20) as f64
+    );
+    assert_eq!(
+        m.value("vigil_device_memory_dead_bytes", &dl("1")),
+        (8u64 << 20) as f64
+    );
+    assert_matches(&m, p, &truth(&path));
+
+    // inspect says the same, live and dead apart.
+    let out = Command::new(BIN)
+        .args(["inspect", p, "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["devices"][0]["used_bytes"], 640u64 << 20);
+    assert_eq!(v["devices"][0]["live_bytes"], 64u64 << 20);
+    assert_eq!(v["devices"][0]["dead_bytes"], 576u64 << 20);
+    assert_eq!(v["devices"][1]["live_bytes"], 0);
+    assert_eq!(v["devices"][1]["dead_bytes"], 8u64 << 20);
+    let out = Command::new(BIN).args(["inspect", p]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "used={} (live={} dead={})",
+            640u64 << 20,
+            64u64 << 20,
+            576u64 << 20
+        )),
+        "{text}"
+    );
+    // Neither the exporter nor inspect wrote a byte of the region.
+    assert!(
+        std::fs::read(&path).unwrap() == before,
+        "the region changed"
+    );
+
+    // A later process of the region reclaims the slot: the dead memory is gone.
+    assert_eq!(w.reap_dead_slots(me), 1);
+    wait_until("the dead slot reclaimed", Duration::from_secs(10), || {
+        let m = ex.scrape();
+        m.value("vigil_device_memory_dead_bytes", &dl("0")) == 0.0
+            && m.value("vigil_device_memory_used_bytes", &dl("0")) == (64u64 << 20) as f64
+    });
+}
+
 fn spawn_holder(path: &Path) -> std::process::Child {
     let mut c = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "holder_child", "--ignored", "--nocapture"])
@@ -187,6 +313,13 @@ fn assert_matches(m: &Exposition, region: &str, s: &Snapshot) {
             m.value("vigil_device_memory_peak_bytes", &dl),
             d.peak as f64
         );
+        let dead: u64 = s
+            .slots
+            .iter()
+            .filter(|x| !x.alive)
+            .map(|x| x.mem_used[i])
+            .sum();
+        assert_eq!(m.value("vigil_device_memory_dead_bytes", &dl), dead as f64);
         assert_eq!(
             m.value("vigil_device_memory_allocation_denials_total", &dl),
             d.denials as f64
