@@ -46,10 +46,18 @@ fi
 
 echo "==> start-up scenarios (tests/run_comprehensive_tests.sh)"
 export VIGIL_SKIP_BUILD=1
+# Every scenario runs; the section fails at its end if any did.
+scenarios_passed=0
+scenarios_failed=()
 scenario() {
     echo "--- $*"
-    env "$@"
+    if env "$@"; then
+        scenarios_passed=$((scenarios_passed + 1))
+    else
+        scenarios_failed+=("$*")
+    fi
 }
+# Host-PID detection in the default mode (VIGIL_DETECT_MODE=parallel).
 scenario tests/run_comprehensive_tests.sh 8
 scenario VIGIL_SCENARIO_LAG=uniform:20ms..200ms tests/run_comprehensive_tests.sh 32
 scenario VIGIL_SCENARIO_KILL_HOLDER_MS=400 tests/run_comprehensive_tests.sh 8
@@ -57,7 +65,23 @@ scenario VIGIL_SCENARIO_FOREIGN=1 tests/run_comprehensive_tests.sh 8
 scenario VIGIL_SCENARIO_PID_MODE=namespace tests/run_comprehensive_tests.sh 8
 scenario VIGIL_SCENARIO_PID_MODE=caller tests/run_comprehensive_tests.sh 8
 scenario VIGIL_SCENARIO_LIMIT=8g tests/run_comprehensive_tests.sh 8
-echo "scenarios: 7 passed, 0 failed"
+# K containers (region files that cannot see each other), everyone released at once.
+scenario VIGIL_SCENARIO_CONTAINERS=1 tests/run_comprehensive_tests.sh 8
+scenario VIGIL_SCENARIO_CONTAINERS=2 tests/run_comprehensive_tests.sh 8
+scenario VIGIL_SCENARIO_CONTAINERS=4 tests/run_comprehensive_tests.sh 8
+scenario VIGIL_SCENARIO_CONTAINERS=4 VIGIL_SCENARIO_SIM_LAG=default tests/run_comprehensive_tests.sh 16
+# The seed's serialized detection (VIGIL_DETECT_MODE=serial) keeps working.
+scenario VIGIL_DETECT_MODE=serial tests/run_comprehensive_tests.sh 8
+scenario VIGIL_DETECT_MODE=serial VIGIL_SCENARIO_KILL_HOLDER_MS=400 tests/run_comprehensive_tests.sh 8
+# 4 x 1 GiB racing for a 2 GiB limit: refusals are expected; the simulator's true device
+# peak must stay within the limit.
+scenario VIGIL_SCENARIO_LIMIT=2g VIGIL_SCENARIO_ALLOC=1GiB VIGIL_SCENARIO_EXPECT_REFUSALS=1 \
+    tests/run_comprehensive_tests.sh 4
+echo "scenarios: $scenarios_passed passed, ${#scenarios_failed[@]} failed"
+if ((${#scenarios_failed[@]})); then
+    printf '  failed: %s\n' "${scenarios_failed[@]}" >&2
+    exit 1
+fi
 
 echo "==> exporter end to end with a real Prometheus (scripts/exporter-e2e.sh)"
 scripts/exporter-e2e.sh 8
@@ -65,8 +89,9 @@ scripts/exporter-e2e.sh 8
 echo "==> dashboards, alerts and manifests (scripts/check-monitoring.sh)"
 scripts/check-monitoring.sh
 
-echo "==> kill sweep (tests/kill_sweep.py: one SIGKILL at every fault point)"
+echo "==> kill sweep (tests/kill_sweep.py: one SIGKILL at every fault point, both detection modes)"
 python3 tests/kill_sweep.py --runs 1
+python3 tests/kill_sweep.py --runs 1 --mode serial
 
 echo "==> random kills (tests/random_kills.py: 10 rounds of 64 processes; --long for 200)"
 python3 tests/random_kills.py --rounds 10

@@ -3,9 +3,14 @@ named fault point (compiled in with the `fault-injection` feature), checking tha
 survivor completes, nobody waits more than 100 ms on the dead, counters stay consistent,
 memory accounting returns to 0 and the region still validates.
 
-Usage: python3 tests/kill_sweep.py [--runs R] [--n N] [--markdown]
+Usage: python3 tests/kill_sweep.py [--runs R] [--n N] [--mode parallel|serial] [--markdown]
 Needs the workspace built with --features vigil-interposer/fault-injection (the
 scenario builds it unless VIGIL_SKIP_BUILD=1). Exits non-zero if any run fails.
+
+--mode sets VIGIL_DETECT_MODE for the runs (default: the environment's, else
+parallel). How many force-posts each point means depends on it (LOCK_FAULTS_BY_MODE in
+tests/comprehensive.py): serial holds the detection lock through detection, parallel
+has none.
 """
 import argparse
 import json
@@ -16,22 +21,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Every point where a process can die with shared state in flux, and what it means.
+# Every point where a process can die with shared state in flux, what it means, and
+# the detection modes that have it.
+BOTH = ("parallel", "serial")
 POINTS = [
-    ("region.init.mid", "initializing the region (header half written)"),
-    ("slot.claim.mid", "claiming a process slot (token held, slot not yet active)"),
-    ("ring.mid_write", "writing an event (sequence word odd)"),
-    ("detect.before_ctx", "holding the detection lock, before the context exists"),
-    ("detect.after_ctx", "holding the detection lock, after the context exists"),
-    ("region_lock.held", "holding the region lock (and the detection lock)"),
-    ("mem.reserve.mid", "in the middle of a memory reservation (slot charged, device not)"),
+    ("region.init.mid", "initializing the region (header half written)", BOTH),
+    ("slot.claim.mid", "claiming a process slot (token held, slot not yet active)", BOTH),
+    ("ring.mid_write", "writing an event (sequence word odd)", BOTH),
+    ("detect.before_ctx", "before the context exists (serial: holding the detection lock)", BOTH),
+    ("detect.after_ctx", "after the context exists (serial: holding the detection lock)", BOTH),
+    ("detect.marker_held", "holding a charged detection marker allocation (no lock)", ("parallel",)),
+    ("region_lock.held", "holding the region lock (serial: and the detection lock)", BOTH),
+    ("mem.reserve.mid", "in the middle of a memory reservation (slot charged, device not)", BOTH),
 ]
 
 
-def run(point, n, limit):
-    env = dict(os.environ, VIGIL_SCENARIO_FAULT=point, VIGIL_SCENARIO_LIMIT=limit)
-    p = subprocess.run([sys.executable, str(ROOT / "tests" / "comprehensive.py"), str(n)],
-                       env=env, capture_output=True, text=True, cwd=ROOT)
+def run(point, n, limit, mode):
+    env = dict(os.environ, VIGIL_SCENARIO_FAULT=point, VIGIL_SCENARIO_LIMIT=limit, VIGIL_DETECT_MODE=mode)
+    try:
+        p = subprocess.run([sys.executable, str(ROOT / "tests" / "comprehensive.py"), str(n)],
+                           env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return False, {}, ["the scenario did not finish within 600 s"], out
     last = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else "{}"
     try:
         summary = json.loads(last)
@@ -46,6 +58,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="runs per fault point (default 3)")
     ap.add_argument("--n", type=int, default=8, help="processes per run (default 8)")
     ap.add_argument("--limit", default="16g", help="CUDA_DEVICE_MEMORY_LIMIT for the runs (default 16g)")
+    ap.add_argument("--mode", choices=BOTH, default=os.environ.get("VIGIL_DETECT_MODE") or "parallel",
+                    help="VIGIL_DETECT_MODE for the runs (default: $VIGIL_DETECT_MODE, else parallel)")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     a = ap.parse_args()
     if a.runs < 1 or a.n < 2:
@@ -55,10 +69,11 @@ def main():
                        cwd=ROOT, check=True)
     os.environ["VIGIL_SKIP_BUILD"] = "1"
     rows, failed = [], 0
-    for point, _ in POINTS:
+    points = [p for p, _, modes in POINTS if a.mode in modes]
+    for point in points:
         ok_runs, waits, forces, mem_zero, reclaimed = 0, [], [], 0, []
         for r in range(a.runs):
-            ok, s, fails, out = run(point, a.n, a.limit)
+            ok, s, fails, out = run(point, a.n, a.limit, a.mode)
             ok_runs += ok
             waits.append(s.get("extra_wait_ms", float("inf")))
             forces.append(s.get("force_posts", -1))
@@ -78,7 +93,7 @@ def main():
         print(f"{head[0]:<20} {head[1]:>4} {head[2]:>12} {head[3]:>14} {head[4]:>11} {head[5]:>15} {head[6]:>15}")
         for p, runs, ok, w, f, z, rc in rows:
             print(f"{p:<20} {runs:>4} {ok:>10}/{runs} {w:>11.1f} ms {'/'.join(map(str, f)):>11} {z:>13}/{runs} {'/'.join(map(str, rc)):>15}")
-    print(f"kill sweep: {len(POINTS) * a.runs - failed} of {len(POINTS) * a.runs} runs passed")
+    print(f"kill sweep ({a.mode} mode): {len(points) * a.runs - failed} of {len(points) * a.runs} runs passed")
     sys.exit(1 if failed else 0)
 
 

@@ -5,7 +5,10 @@
 //! holds, frees and exits the way it is told to.
 //!
 //! It prints one `key=value` line per step, so tests can follow it:
-//! `ctx`, `alloc`, `ready`, `freed`, and `error` on a failed call (exit status 3).
+//! `released` (with --wait-for), `ctx`, `alloc`, `ready`, `freed`, and `error` on a
+//! failed call (exit status 3). The `ctx` line's `ts_ns` is CLOCK_MONOTONIC right
+//! after `cuInit` (which runs the interposer's start-up and host-PID detection) and the
+//! first use of the primary context returned: the moment this workload is running.
 
 use clap::{Parser, ValueEnum};
 use libloading::Library;
@@ -67,6 +70,11 @@ struct Cli {
     /// Busy-wait until CLOCK_MONOTONIC reaches this many ns before starting.
     #[arg(long)]
     start_at_ns: Option<u64>,
+    /// Before cuInit, wait until this path exists (polled every 1 ms; an error naming
+    /// the path after 60 s). A test harness spawns many workloads, then creates the
+    /// file to release them all at once.
+    #[arg(long, value_name = "PATH")]
+    wait_for: Option<std::path::PathBuf>,
     /// Call cuInit from this many threads at once (thread-safety checks).
     #[arg(long, default_value_t = 1)]
     init_threads: usize,
@@ -255,6 +263,36 @@ fn bench_getproc(cu: &Cuda, n: u64, version: c_int) -> Result<(), String> {
     Ok(())
 }
 
+/// How long --wait-for waits for its file before giving up.
+const WAIT_FOR_LIMIT: Duration = Duration::from_secs(60);
+
+/// Waits until `path` exists, polling every 1 ms; prints `released` with the time.
+fn wait_for(path: &std::path::Path) -> Result<(), String> {
+    let t0 = monotonic_ns();
+    let limit = WAIT_FOR_LIMIT.as_nanos() as u64;
+    loop {
+        // symlink_metadata: the path's own existence, whatever it is or points to.
+        if std::fs::symlink_metadata(path).is_ok() {
+            break;
+        }
+        if monotonic_ns() - t0 >= limit {
+            return Err(format!(
+                "call=wait-for code=timeout: {} did not appear within {} s",
+                path.display(),
+                WAIT_FOR_LIMIT.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let t = monotonic_ns();
+    println!(
+        "released pid={} ts_ns={t} waited_ns={}",
+        std::process::id(),
+        t - t0
+    );
+    Ok(())
+}
+
 /// Fails with the call's name and code.
 fn check(call: &str, r: Res) -> Result<(), String> {
     if r == 0 {
@@ -292,7 +330,11 @@ fn run(cli: &Cli) -> Result<(), String> {
     if let Some(n) = cli.bench_getproc {
         return bench_getproc(&cu, n, cli.cuda_version);
     }
+    if let Some(path) = &cli.wait_for {
+        wait_for(path)?;
+    }
     let init = cu.init;
+    let init_start = monotonic_ns();
     let threads: Vec<_> = (0..cli.init_threads.saturating_sub(1))
         .map(|_| {
             // SAFETY: cuInit is thread-safe by the CUDA contract.
@@ -317,9 +359,10 @@ fn run(cli: &Cli) -> Result<(), String> {
         let t1 = monotonic_ns();
         check("cuCtxSetCurrent", (cu.set_current)(ctx))?;
         println!(
-            "ctx pid={} device={dev} ts_ns={t1} create_ns={}",
+            "ctx pid={} device={dev} ts_ns={t1} create_ns={} init_ns={}",
             std::process::id(),
-            t1 - t0
+            t1 - t0,
+            t1 - init_start
         );
     }
     if let Some(mode) = cli.stress {
