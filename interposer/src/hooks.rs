@@ -222,29 +222,144 @@ pub extern "C" fn cuGetProcAddress_v2(
     r
 }
 
-/// `dlsym` on a dlopened `libcuda.so.1` would bypass our exports; hand out our hooks
-/// for the functions we intercept. Everything else is the real dlsym's answer.
+/// What Vigil's `dlsym` does with a lookup.
+enum Lookup {
+    /// The real dlsym answers, called as if Vigil were not there (a tail jump, so
+    /// glibc sees the real caller: `RTLD_NEXT` and `RTLD_DEFAULT` depend on it).
+    Real,
+    /// Vigil's answer.
+    Ours(*mut c_void),
+}
+
+/// Decides a `dlsym(handle, name)`. Only driver and NVML names (`cu*`, `nvml*`) are
+/// Vigil's business:
+/// - on a real handle (a dlopened driver): the real answer, with our hook swapped in
+///   for a function we intercept, and for a private copy of the driver the interposed
+///   driver's function (`resolved`);
+/// - on `RTLD_NEXT`: the interposed driver's function (our hook where we have one),
+///   as the caller would find it past an interposer; glibc would otherwise look past
+///   the caller, which for a library loaded after us is the driver itself;
+/// - on `RTLD_DEFAULT`: the real answer, from the caller's scope, where our exports
+///   already come first.
 ///
 /// # Safety
-/// Same contract as libc's `dlsym`.
-#[no_mangle]
-pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
-    let Some(real_dlsym) = real::dlsym_fn() else {
-        return std::ptr::null_mut();
-    };
-    // SAFETY: forwarding the caller's arguments to the real dlsym.
-    let p = unsafe { real_dlsym(handle, name) };
-    if p.is_null() || name.is_null() {
-        return p;
+/// `name` is null or a NUL-terminated string, as dlsym's contract says.
+unsafe fn lookup(handle: *mut c_void, name: *const c_char) -> Lookup {
+    if name.is_null() || handle.is_null() {
+        return Lookup::Real;
     }
     // SAFETY: non-null, NUL-terminated per dlsym's contract.
     let name = unsafe { CStr::from_ptr(name) };
     let n = name.to_bytes();
     // Cheap filter first: this runs for every dlsym in the process.
     if !n.starts_with(b"cu") && !n.starts_with(b"nvml") {
-        return p;
+        return Lookup::Real;
     }
-    guarded("dlsym", || resolved(name, p as usize)).unwrap_or(p)
+    if handle == libc::RTLD_NEXT {
+        let ours = if n.starts_with(b"nvml") {
+            real::nvml_sym(name)
+        } else {
+            real::cuda_sym(name)
+        };
+        return match ours {
+            Some(o) => Lookup::Ours(replacement(n, o, false).unwrap_or(o) as *mut c_void),
+            None => Lookup::Real,
+        };
+    }
+    let Some(real_dlsym) = real::dlsym_fn() else {
+        return Lookup::Real;
+    };
+    // SAFETY: forwarding the caller's arguments to the real dlsym (a real handle,
+    // whose lookup does not depend on who calls).
+    let p = unsafe { real_dlsym(handle, name.as_ptr()) };
+    if p.is_null() {
+        return Lookup::Ours(p);
+    }
+    Lookup::Ours(resolved(name, p as usize))
+}
+
+/// Called by the `dlsym` trampoline. Stores in `*tail` the real dlsym's address when
+/// the real dlsym is to answer (the return value is then unused), else 0 and returns
+/// Vigil's answer. Internal failure (a caught panic) means the real dlsym answers.
+#[cfg(target_arch = "x86_64")]
+extern "C" fn dlsym_prepare(
+    handle: *mut c_void,
+    name: *const c_char,
+    tail: *mut usize,
+) -> *mut c_void {
+    // SAFETY: the caller's arguments, under dlsym's contract.
+    let l = guarded("dlsym", || unsafe { lookup(handle, name) }).unwrap_or(Lookup::Real);
+    let (to, answer) = match l {
+        Lookup::Real => (
+            real::dlsym_fn().map_or(0, |f| f as usize),
+            std::ptr::null_mut(),
+        ),
+        Lookup::Ours(p) => (0, p),
+    };
+    // SAFETY: `tail` is the trampoline's own stack slot.
+    unsafe { *tail = to };
+    answer
+}
+
+/// `dlsym`: `dlsym_prepare`, then either its answer or a tail jump to the real dlsym
+/// with the caller's return address still on the stack, so that glibc sees the real
+/// caller (`RTLD_NEXT` is "the next object after the caller"; an ordinary function in
+/// between would make it "the next after libvigil.so", which for an interposer
+/// preloaded after us is itself: endless recursion). The stack is 16-byte aligned at
+/// the call (8 at entry, two pushes and an 8-byte slot).
+///
+/// # Safety
+/// Same contract as libc's `dlsym`.
+#[cfg(target_arch = "x86_64")]
+#[unsafe(naked)]
+#[no_mangle]
+pub unsafe extern "C" fn dlsym(_handle: *mut c_void, _name: *const c_char) -> *mut c_void {
+    std::arch::naked_asm!(
+        ".cfi_startproc",
+        "endbr64",
+        "push rdi",
+        ".cfi_adjust_cfa_offset 8",
+        "push rsi",
+        ".cfi_adjust_cfa_offset 8",
+        "sub rsp, 8",
+        ".cfi_adjust_cfa_offset 8",
+        "mov qword ptr [rsp], 0",
+        "mov rdx, rsp",
+        "call {prepare}",
+        "mov r11, qword ptr [rsp]",
+        "add rsp, 8",
+        ".cfi_adjust_cfa_offset -8",
+        "pop rsi",
+        ".cfi_adjust_cfa_offset -8",
+        "pop rdi",
+        ".cfi_adjust_cfa_offset -8",
+        "test r11, r11",
+        "jz 2f",
+        "jmp r11",
+        "2:",
+        "ret",
+        ".cfi_endproc",
+        prepare = sym dlsym_prepare,
+    )
+}
+
+/// `dlsym` where there is no trampoline: an ordinary function, so glibc sees
+/// libvigil.so as the caller (`RTLD_NEXT` then means "after libvigil.so").
+///
+/// # Safety
+/// Same contract as libc's `dlsym`.
+#[cfg(not(target_arch = "x86_64"))]
+#[no_mangle]
+pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    // SAFETY: the caller's arguments, under dlsym's contract.
+    match guarded("dlsym", || unsafe { lookup(handle, name) }).unwrap_or(Lookup::Real) {
+        Lookup::Ours(p) => p,
+        Lookup::Real => match real::dlsym_fn() {
+            // SAFETY: forwarding the caller's arguments to the real dlsym.
+            Some(f) => unsafe { f(handle, name) },
+            None => std::ptr::null_mut(),
+        },
+    }
 }
 
 /// Our answer for `name` when the real dlsym said `p`: our hook for a function we

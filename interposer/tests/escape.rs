@@ -168,7 +168,13 @@ fn a_deepbind_library_linked_against_the_driver_is_limited_on_every_path() {
     let lib = f.deepbind.to_str().unwrap();
     let (mut escapes, mut unlogged) = (Vec::new(), Vec::new());
     for first in [false, true] {
-        for path in ["linked", "dlsym-default", "dlsym-self", "proc-address"] {
+        for path in [
+            "linked",
+            "dlsym-default",
+            "dlsym-next",
+            "dlsym-self",
+            "proc-address",
+        ] {
             let mut args = vec!["deepbind", lib, path];
             if first {
                 args.insert(0, "--init-first");
@@ -301,6 +307,36 @@ fn dlopen_under_vigil_keeps_the_callers_runpath_and_origin() {
     let mut c = command(&sim, &f.main, &["runpath", lib, "plain", "now"], &[], false);
     c.env("LD_PRELOAD", &naive);
     assert_eq!(printed(&run(c), "loaded"), 0);
+}
+
+#[test]
+fn rtld_next_from_a_library_after_vigil_finds_the_next_definition() {
+    // An interposer preloaded after libvigil.so wraps puts and finds libc's with
+    // dlsym(RTLD_NEXT): glibc must see it, not Vigil's dlsym, as the caller.
+    let sim = Sim::start(&["--ctx-memory", "2MiB"]);
+    let f = build(&sim);
+    let wrap = sim.dir.path().join("fixtures/libnext_puts.so");
+    let src = fixture("next_puts.c");
+    let o = OsStr::new;
+    cc(&[
+        o("-shared"),
+        o("-fPIC"),
+        o("-o"),
+        wrap.as_os_str(),
+        src.as_os_str(),
+        o("-ldl"),
+    ]);
+    let mut c = command(&sim, &f.main, &["hello"], &LIMIT, true);
+    let preload = format!("{} {}", artifact("libvigil.so").display(), wrap.display());
+    c.env("LD_PRELOAD", preload);
+    let out = c.output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "[wrapped] hello\n",
+        "{:?}\n{}",
+        out.status,
+        stderr(&out)
+    );
 }
 
 #[test]
