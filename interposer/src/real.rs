@@ -1,6 +1,7 @@
 //! The real driver: handles from our own `dlopen` of the real libraries, and the real
-//! `dlsym` (ours is a hook) from `dlvsym(RTLD_NEXT)`. Nothing here ever resolves a
-//! symbol through Vigil's own exports, so a hook can never recurse into itself.
+//! `dlsym`, `dlopen` and `dlmopen` (ours are hooks) from `dlvsym(RTLD_NEXT)`. Nothing
+//! here ever resolves a symbol through Vigil's own exports, so a hook can never recurse
+//! into itself.
 
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicUsize, Ordering};
