@@ -231,6 +231,23 @@ enum Lookup {
     Ours(*mut c_void),
 }
 
+/// `name`, if it is a driver or NVML name (`cu*`, `nvml*`) looked up on a handle other
+/// than `RTLD_DEFAULT`: the only lookups that are Vigil's business. This runs for every
+/// dlsym in the process, first and outside `guarded`: it allocates nothing (a malloc
+/// interposer may be asking from inside its malloc) and cannot panic.
+///
+/// # Safety
+/// `name` is null or a NUL-terminated string, as dlsym's contract says.
+unsafe fn driver_name<'a>(handle: *mut c_void, name: *const c_char) -> Option<&'a CStr> {
+    if name.is_null() || handle.is_null() {
+        return None;
+    }
+    // SAFETY: non-null, NUL-terminated per dlsym's contract.
+    let name = unsafe { CStr::from_ptr(name) };
+    let n = name.to_bytes();
+    (n.starts_with(b"cu") || n.starts_with(b"nvml")).then_some(name)
+}
+
 /// Decides a `dlsym(handle, name)`. Only driver and NVML names (`cu*`, `nvml*`) are
 /// Vigil's business:
 /// - on a real handle (a dlopened driver): the real answer, with our hook swapped in
@@ -245,16 +262,11 @@ enum Lookup {
 /// # Safety
 /// `name` is null or a NUL-terminated string, as dlsym's contract says.
 unsafe fn lookup(handle: *mut c_void, name: *const c_char) -> Lookup {
-    if name.is_null() || handle.is_null() {
+    // SAFETY: passed on from our caller.
+    let Some(name) = (unsafe { driver_name(handle, name) }) else {
         return Lookup::Real;
-    }
-    // SAFETY: non-null, NUL-terminated per dlsym's contract.
-    let name = unsafe { CStr::from_ptr(name) };
+    };
     let n = name.to_bytes();
-    // Cheap filter first: this runs for every dlsym in the process.
-    if !n.starts_with(b"cu") && !n.starts_with(b"nvml") {
-        return Lookup::Real;
-    }
     if handle == libc::RTLD_NEXT {
         let ours = if n.starts_with(b"nvml") {
             real::nvml_sym(name)
@@ -288,7 +300,12 @@ extern "C" fn dlsym_prepare(
     tail: *mut usize,
 ) -> *mut c_void {
     // SAFETY: the caller's arguments, under dlsym's contract.
-    let l = guarded("dlsym", || unsafe { lookup(handle, name) }).unwrap_or(Lookup::Real);
+    let l = if unsafe { driver_name(handle, name) }.is_none() {
+        Lookup::Real
+    } else {
+        // SAFETY: as above.
+        guarded("dlsym", || unsafe { lookup(handle, name) }).unwrap_or(Lookup::Real)
+    };
     let (to, answer) = match l {
         Lookup::Real => (
             real::dlsym_fn().map_or(0, |f| f as usize),
