@@ -33,7 +33,9 @@ Environment:
                             namespace PID) or caller (PIDs translated into the caller's
                             namespace, as the 580 driver does)
   VIGIL_SCENARIO_MIN_FOUND  fraction of the surviving workloads that must find their own
-                            host PID (default 1.0); a wrong PID fails the run regardless
+                            host PID (default 1.0; 0 with VIGIL_SCENARIO_EXPECT_REFUSALS=1,
+                            where a workload may find no room under the limit for a detection
+                            marker); a wrong PID fails the run regardless
   VIGIL_SCENARIO_KILL_HOLDER_MS   if set: the first workload holds the detection lock
                             (serial) or the region lock (parallel) this long at the test hold
                             point and is SIGKILLed half-way through
@@ -51,7 +53,9 @@ Environment:
   VIGIL_SCENARIO_EXPECT_REFUSALS  if 1: allocations may be refused (the limit is meant to
                             be too small); every refusal must then be a clean
                             CUDA_ERROR_OUT_OF_MEMORY and the simulator's true device peak
-                            must stay within the limit(s)
+                            must stay within the limit(s). The region's own peak, which
+                            counts context charges that cannot be refused, is then printed
+                            as INFO instead of checked
   VIGIL_SCENARIO_FAULT      if set: the first workload runs with VIGIL_FAULT=<point> and is
                             SIGKILLed there (see tests/kill_sweep.py for the points); the
                             run then checks recovery, counters and accounting
@@ -287,11 +291,14 @@ def main():
     foreign = env("VIGIL_SCENARIO_FOREIGN") == "1"
     ns_opt = env("VIGIL_SCENARIO_NS", "auto")
     use_ns = can_unshare() if ns_opt == "auto" else ns_opt == "1"
-    min_found = float(env("VIGIL_SCENARIO_MIN_FOUND", "1.0") or "1.0")
     alloc = env("VIGIL_SCENARIO_ALLOC", "64MiB") or "64MiB"
     parse_size(alloc, "VIGIL_SCENARIO_ALLOC")
     limit = env("VIGIL_SCENARIO_LIMIT")
     expect_refusals = env("VIGIL_SCENARIO_EXPECT_REFUSALS") == "1"
+    try:
+        min_found = float(env("VIGIL_SCENARIO_MIN_FOUND") or ("0" if expect_refusals else "1.0"))
+    except ValueError:
+        sys.exit(f"VIGIL_SCENARIO_MIN_FOUND={env('VIGIL_SCENARIO_MIN_FOUND')!r}: expected a fraction, e.g. 0.99")
     if env("VIGIL_SCENARIO_HOLD"):
         hold_ms = ms(env("VIGIL_SCENARIO_HOLD"), "VIGIL_SCENARIO_HOLD")
     elif expect_refusals:
@@ -666,7 +673,7 @@ def report(v):
         checks.append((f"all {survivors} found their own host PID", correct == survivors, detail))
 
     # Memory.
-    mems = []
+    mems, infos = [], []
     if v["limit"]:
         for c, region in enumerate(regions):
             out = inspect(region)[1]
@@ -677,8 +684,13 @@ def report(v):
             checks.append((f"{tag}memory limit recorded", mem is not None and mem["limit"] > 0, f"{mem}"))
             if mem:
                 checks.append((f"{tag}device memory back to 0 after the run", mem["used"] == 0, f"used={mem['used']}"))
-                checks.append((f"{tag}peak within the limit (region's own figure)", mem["peak"] <= mem["limit"],
-                               f"peak={mem['peak']} limit={mem['limit']}"))
+                if expect_refusals:
+                    over = mem["peak"] - mem["limit"]
+                    infos.append(f"{tag}region's own peak {mem['peak']} vs limit {mem['limit']}"
+                                 + (f" (over by {over} bytes; it includes context charges)" if over > 0 else ""))
+                else:
+                    checks.append((f"{tag}peak within the limit (region's own figure)", mem["peak"] <= mem["limit"],
+                                   f"peak={mem['peak']} limit={mem['limit']}"))
     device_peak = v["device_peak"]
     if expect_refusals:
         limits = [m["limit"] for m in mems if m]
@@ -743,6 +755,8 @@ def report(v):
     for name, passed, det in checks:
         ok &= bool(passed)
         print(f"{'✓ PASS' if passed else '✗ FAIL'}: {name} ({det})")
+    for line in infos:
+        print(f"· INFO: {line}")
     initializers = sum(r["initializers"] for r in per)
     fast_path = sum(r["fast_path"] for r in per)
     summary = {"procs": n, "detect_mode": mode, "containers_n": k, "inits": len(all_inits), "detections": len(all_dets),
