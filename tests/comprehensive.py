@@ -203,15 +203,21 @@ def inspect(region):
 # Fault points whose victim dies holding locks: each must be force-posted exactly this
 # many times. Serial: region_lock.held is first reached charging the context footprint,
 # inside detection, so the victim dies holding both locks. Parallel: there is no
-# detection lock; the detect.* victims hold nothing (detect.marker_held dies with a
-# charged detection marker, which the reaper must return), region_lock.held holds only
-# the region lock.
+# detection lock, except that under a limit a region's first processes create their
+# contexts one at a time under it until one is measured; the victim (the region's first
+# process) then dies holding it at detect.before_ctx, and with the region lock at
+# region_lock.held (its first charge). detect.after_ctx comes after that lock is
+# released; detect.marker_held dies with a charged detection marker and no lock (the
+# reaper must return the marker).
 LOCK_FAULTS_BY_MODE = {
     "serial": {"detect.before_ctx": 1, "detect.after_ctx": 1, "region_lock.held": 2, "mem.reserve.mid": 1},
     "parallel": {"detect.before_ctx": 0, "detect.after_ctx": 0, "detect.marker_held": 0, "region_lock.held": 1,
                  "mem.reserve.mid": 1},
+    "parallel-limited": {"detect.before_ctx": 1, "detect.after_ctx": 0, "detect.marker_held": 0,
+                         "region_lock.held": 2, "mem.reserve.mid": 1},
 }
-LOCK_FAULTS = LOCK_FAULTS_BY_MODE[detect_mode()]
+LOCK_FAULTS = LOCK_FAULTS_BY_MODE[
+    "parallel-limited" if detect_mode() == "parallel" and os.environ.get("VIGIL_SCENARIO_LIMIT") else detect_mode()]
 
 # What each workload's own log says detection did (LIBCUDA_LOG_LEVEL=3).
 RE_FOUND = re.compile(r"host PID (\d+) found")
@@ -450,7 +456,9 @@ def scenario(n, mode, k, ctx_ms, lag_spec, lag_desc, per_ms, per_max_ms, sim_arg
     if fault:
         # Not in a namespace of its own: the harness must see the death itself, not an
         # unshare parent's exit some time later. Released at once; the others 30 ms later.
-        workers[0], truths[0] = spawn(0, {"VIGIL_FAULT": fault}, own_ns=False, wait=None)
+        # Except at detect.marker_held: markers are only taken where NVML shows another
+        # PID than our own, i.e. in a namespace (unshare exits as its child dies).
+        workers[0], truths[0] = spawn(0, {"VIGIL_FAULT": fault}, own_ns=fault == "detect.marker_held", wait=None)
         killed.add(0)
         victim = workers[0]
 

@@ -306,8 +306,13 @@ pub fn run_serial(
     let mut last_candidates: Vec<u32> = Vec::new();
     let mut errors = 0u32;
     let mut foreign: BTreeSet<u32> = BTreeSet::new();
-    // While confirming: (candidate, its usage before the marker, marker size).
-    let mut confirming: Option<(u32, u64, u64)> = None;
+    // While confirming: (candidate, its usage before the marker, marker size, when).
+    let mut confirming: Option<(u32, u64, u64, Duration)> = None;
+    // NVML shows a process's memory some time after the allocation (tens of ms on
+    // the simulator's default): a candidate that has not moved within this is foreign.
+    let confirm_window = (policy.poll_max * 20)
+        .max(Duration::from_millis(200))
+        .min(policy.deadline / 4);
     loop {
         polls += 1;
         match probe.nvml_procs() {
@@ -322,14 +327,14 @@ pub fn run_serial(
                     }
                     return done(DetectOutcome::SameNamespace, Some(me), polls, &foreign);
                 }
-                if let Some((cand, base, size)) = confirming {
+                if let Some((cand, base, size, _)) = confirming {
                     match used_of(&procs, cand) {
                         Some(u) if u >= base.saturating_add(size) => {
                             probe.unmark();
                             return done(DetectOutcome::Found, Some(cand), polls, &foreign);
                         }
                         Some(_) => {
-                            // Not yet reflected; give it until a few polls at the cap.
+                            // Not yet reflected; give it until the window closes.
                         }
                         None => {
                             probe.unmark();
@@ -350,8 +355,12 @@ pub fn run_serial(
                         let cand = fresh[0];
                         match probe.mark(MARKER) {
                             Ok(()) => {
-                                confirming =
-                                    Some((cand, used_of(&procs, cand).unwrap_or(0), MARKER));
+                                confirming = Some((
+                                    cand,
+                                    used_of(&procs, cand).unwrap_or(0),
+                                    MARKER,
+                                    probe.elapsed(),
+                                ));
                                 wait = policy.poll_start;
                             }
                             // Cannot confirm (driver refused the marker): accept, as a
@@ -369,7 +378,7 @@ pub fn run_serial(
             Err(_) => errors += 1,
         }
         if probe.elapsed() >= policy.deadline {
-            if let Some((cand, _, _)) = confirming.take() {
+            if let Some((cand, ..)) = confirming.take() {
                 probe.unmark();
                 foreign.insert(cand);
             }
@@ -384,9 +393,9 @@ pub fn run_serial(
             d.candidates = last_candidates;
             return d;
         }
-        // A candidate whose usage did not move within a few capped polls is foreign.
-        if let Some((cand, _, _)) = confirming {
-            if wait >= policy.poll_max && polls.is_multiple_of(4) {
+        // A candidate whose usage did not move within the window is foreign.
+        if let Some((cand, _, _, since)) = confirming {
+            if probe.elapsed().saturating_sub(since) >= confirm_window {
                 probe.unmark();
                 foreign.insert(cand);
                 confirming = None;
