@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
+# interposer/tests/escape.rs builds its C fixtures with cc.
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
 python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
     echo "==> installing ${need_apt[*]}"
