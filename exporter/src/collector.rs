@@ -86,12 +86,7 @@ impl VigilCollector {
     /// and drops broken ones) or its mapping faulted (dropped here).
     fn read(&self, t: &Arc<Tracked>) -> Option<View> {
         let res = catch_unwind(AssertUnwindSafe(|| {
-            let r = self.set.reader(t).ok()?;
-            let snap = r.snapshot();
-            if r.is_poisoned() {
-                self.set.mapping_faulted(t);
-                return None;
-            }
+            let snap = self.set.scrape_snapshot(t)?;
             let hist_ok: Vec<bool> = snap.histograms.iter().map(histogram_is_plausible).collect();
             self.set.note_histograms(t, hist_ok.iter().all(|ok| *ok));
             Some(View {

@@ -129,6 +129,14 @@ pub struct ScanStats {
     pub duration: Duration,
     /// The directory itself could not be listed.
     pub error: Option<String>,
+    /// The exporter ran out of file descriptors during the pass: what it found is
+    /// incomplete, and "not found" means nothing.
+    pub no_fds: bool,
+}
+
+/// True for EMFILE and ENFILE: out of file descriptors, a passing condition.
+pub fn is_out_of_fds(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
 
 fn is_pid(name: &[u8]) -> Option<u32> {
@@ -171,6 +179,7 @@ pub fn scan(
     let rd = match std::fs::read_dir(root) {
         Ok(rd) => rd,
         Err(e) => {
+            stats.no_fds = is_out_of_fds(&e);
             stats.error = Some(format!("cannot list {}: {e}", root.display()));
             stats.duration = t0.elapsed();
             return (out, stats);
@@ -185,19 +194,29 @@ pub fn scan(
         };
         stats.processes += 1;
         let dir = e.path();
-        let Some(start) = procfs::read_small(&dir.join("stat"))
-            .ok()
-            .and_then(|s| procfs::parse_stat_start_time(&s))
-        else {
+        let stat = match procfs::read_small(&dir.join("stat")) {
+            Ok(s) => s,
+            Err(e) if is_out_of_fds(&e) => {
+                stats.no_fds = true;
+                break;
+            }
+            Err(_) => continue,
+        };
+        let Some(start) = procfs::parse_stat_start_time(&stat) else {
             continue;
         };
         let Some(same_start) = by_start.get(&start) else {
             continue;
         };
-        let Some(nspid) = procfs::read_small(&dir.join("status"))
-            .ok()
-            .and_then(|s| procfs::parse_nspid(&s))
-        else {
+        let status = match procfs::read_small(&dir.join("status")) {
+            Ok(s) => s,
+            Err(e) if is_out_of_fds(&e) => {
+                stats.no_fds = true;
+                break;
+            }
+            Err(_) => continue,
+        };
+        let Some(nspid) = procfs::parse_nspid(&status) else {
             continue;
         };
         // NSpid starts with the PID in the view's namespace: the directory's name.
@@ -210,6 +229,10 @@ pub fn scan(
         stats.candidates += 1;
         let ino = match procfs::pidns_inode(&dir) {
             Ok(i) => i,
+            Err(e) if is_out_of_fds(&e) => {
+                stats.no_fds = true;
+                break;
+            }
             Err(e) => {
                 if e.kind() == io::ErrorKind::PermissionDenied {
                     stats.ns_denied += 1;
@@ -448,6 +471,14 @@ impl HostPidChecker {
             *last = Some(Instant::now());
         }
         let (res, st) = scan(&self.root, wanted);
+        if st.no_fds {
+            // Out of descriptors: nothing is concluded; the slots wait for a later scan.
+            warn!(
+                "host-PID check: out of file descriptors while reading {}; the slots are checked at a later scan",
+                self.root.display()
+            );
+            return None;
+        }
         debug!(
             "host-PID check: {} slot(s) looked up in {}: {} processes, {} candidates, {} found ({} by namespace PID and start time alone), {} ns/pid denied, {:?}",
             wanted.len(),

@@ -52,7 +52,7 @@ use tracing::{debug, error, info, warn};
 use vigil_region::{RegionError, RegionReader, Snapshot};
 
 /// Every `reason` of `vigil_exporter_region_errors_total`, all exported from start.
-pub const ERROR_REASONS: [&str; 8] = [
+pub const ERROR_REASONS: [&str; 9] = [
     "open_failed",
     "truncated",
     "bad_magic",
@@ -61,6 +61,7 @@ pub const ERROR_REASONS: [&str; 8] = [
     "vanished",
     "not_regular",
     "limit_exceeded",
+    "fd_exhausted",
 ];
 
 /// Index into [`ERROR_REASONS`].
@@ -74,6 +75,9 @@ pub enum ErrorReason {
     Vanished = 5,
     NotRegular = 6,
     LimitExceeded = 7,
+    /// Out of file descriptors (EMFILE, ENFILE): counted per failed open or
+    /// directory listing, never held against the file, which keeps its place.
+    FdExhausted = 8,
 }
 
 /// `--proc.path` default.
@@ -116,6 +120,9 @@ enum OpenFailure {
     NotYet,
     /// The file is gone.
     Missing,
+    /// Out of file descriptors: says nothing about the file; known regions are kept
+    /// (and served as last read) and new ones retried.
+    NoDescriptors,
     Error(ErrorReason),
 }
 
@@ -135,6 +142,9 @@ fn classify(e: &RegionError) -> OpenFailure {
         }
         RegionError::InvalidParam { what: "file", .. } => {
             OpenFailure::Error(ErrorReason::NotRegular)
+        }
+        RegionError::Io { source, .. } if crate::hostpid::is_out_of_fds(source) => {
+            OpenFailure::NoDescriptors
         }
         RegionError::Io { .. } => OpenFailure::Error(ErrorReason::OpenFailed),
         RegionError::Truncated { .. } => OpenFailure::Error(ErrorReason::Truncated),
@@ -202,6 +212,10 @@ pub struct Tracked {
     corrupt_histograms: AtomicBool,
     /// Host-PID checks of this region's slots (see `hostpid`); only scrapes use it.
     pub host_pid_checks: Mutex<RegionChecks>,
+    /// With `--regions.map-per-read`: the last snapshot a scrape read, served while
+    /// the region cannot be opened for lack of file descriptors. (A kept mapping
+    /// needs no new descriptor, and is itself the fallback otherwise.)
+    last: Mutex<Option<Arc<Snapshot>>>,
 }
 
 impl std::fmt::Debug for Tracked {
@@ -250,6 +264,9 @@ struct Scan {
     rejected: Vec<(PathBuf, Option<FileKey>, &'static str)>,
     /// Regular `*.cache` files over a limit: (path, which limit, version).
     over_limit: Vec<(PathBuf, &'static str, Option<FileKey>)>,
+    /// Directories that could not be listed for lack of file descriptors: their
+    /// watched regions are kept, and no new region is admitted in this pass.
+    incomplete: Vec<PathBuf>,
 }
 
 #[derive(Default)]
@@ -282,6 +299,8 @@ pub struct RegionSet {
     drain_start: AtomicUsize,
     /// `--proc.path` and `--proc.scan-interval`: host-PID checks against the kernel.
     host_pid: HostPidChecker,
+    /// When running out of descriptors was last logged, and failures since.
+    fd_log: Mutex<(Option<std::time::Instant>, u64)>,
 }
 
 impl std::fmt::Debug for RegionSet {
@@ -329,16 +348,23 @@ fn openat(dir: Option<&OwnedFd>, name: &OsStr, flags: libc::c_int) -> std::io::R
 /// Lists a directory through its descriptor (never through a path a tenant could
 /// swap): `(name, file type without following symlinks)`, at most `max` entries,
 /// and whether there were more.
+/// Err(()) only when out of file descriptors (any other failure lists nothing: the
+/// directory is gone).
 fn list_dir(
     fd: &OwnedFd,
     fallback: &Path,
     max: usize,
-) -> (Vec<(OsString, std::fs::FileType)>, bool) {
+) -> Result<(Vec<(OsString, std::fs::FileType)>, bool), ()> {
     // /proc/self/fd/N names exactly the directory we opened. Without /proc, fall back
     // to the path (the top directory is the operator's; subdirectories were checked
     // to be real directories when opened).
     let via_fd = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
     let rd = std::fs::read_dir(&via_fd).or_else(|_| std::fs::read_dir(fallback));
+    if let Err(e) = &rd {
+        if crate::hostpid::is_out_of_fds(e) {
+            return Err(());
+        }
+    }
     let mut out = Vec::new();
     let mut more = false;
     if let Ok(rd) = rd {
@@ -354,7 +380,7 @@ fn list_dir(
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    (out, more)
+    Ok((out, more))
 }
 
 fn kind_of(ft: &std::fs::FileType) -> &'static str {
@@ -420,6 +446,7 @@ impl RegionSet {
                 PathBuf::from(DEFAULT_PROC_PATH),
                 DEFAULT_PROC_SCAN_INTERVAL,
             ),
+            fd_log: Mutex::new((None, 0)),
         }
     }
 
@@ -463,22 +490,44 @@ impl RegionSet {
     pub fn reader(&self, t: &Tracked) -> Result<Arc<RegionReader>, RegionError> {
         if self.keep_mapped {
             let mut c = lock(&t.cached);
+            let mut old = None;
             if let Some((r, id)) = c.as_ref() {
                 let same = std::fs::symlink_metadata(&t.path)
                     .map(|m| (m.dev(), m.ino()) == *id)
                     .unwrap_or(false);
-                if same && !r.is_poisoned() && r.revalidate().is_ok() {
+                let valid = !r.is_poisoned() && r.revalidate().is_ok();
+                if same && valid {
                     return Ok(r.clone());
+                }
+                if valid {
+                    old = c.take();
                 }
                 *c = None;
             }
-            let r = Arc::new(RegionReader::open(&t.path)?);
+            let r = match RegionReader::open(&t.path) {
+                Ok(r) => Arc::new(r),
+                Err(e) => {
+                    // Out of descriptors: the mapping we have is the last known state.
+                    if let (OpenFailure::NoDescriptors, Some(o)) = (classify(&e), old) {
+                        self.note_no_fds(&t.path, &e.to_string());
+                        let r = o.0.clone();
+                        *c = Some(o);
+                        return Ok(r);
+                    }
+                    return Err(e);
+                }
+            };
             if let Ok(m) = std::fs::symlink_metadata(&t.path) {
                 *c = Some((r.clone(), (m.dev(), m.ino())));
             }
             return Ok(r);
         }
         Ok(Arc::new(RegionReader::open(&t.path)?))
+    }
+
+    /// How many regions are watched now.
+    pub fn tracked_count(&self) -> usize {
+        lock(&self.inner).tracked.len()
     }
 
     /// Current regions, in label order.
@@ -493,6 +542,49 @@ impl RegionSet {
 
     fn count_error(&self, r: ErrorReason) {
         self.errors[r as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts an open or listing that failed for lack of file descriptors
+    /// (`fd_exhausted`), logging at most once a minute. Nothing is dropped for it.
+    pub fn note_no_fds(&self, path: &Path, e: &str) {
+        self.count_error(ErrorReason::FdExhausted);
+        let mut l = lock(&self.fd_log);
+        l.1 += 1;
+        if l.0.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            warn!(
+                "{}: {e}: out of file descriptors ({} such failures since the last report; counted as reason=\"fd_exhausted\"); watched regions are kept and served as last read",
+                path.display(),
+                l.1
+            );
+            *l = (Some(std::time::Instant::now()), 0);
+        }
+    }
+
+    /// A scrape's read of `t`: a snapshot, or the last one when the region cannot be
+    /// opened for lack of file descriptors. None if it cannot be read now (the
+    /// background task counts and drops broken ones) or its mapping faulted (dropped
+    /// here).
+    pub fn scrape_snapshot(&self, t: &Arc<Tracked>) -> Option<Snapshot> {
+        match self.reader(t) {
+            Ok(r) => {
+                let snap = r.snapshot();
+                if r.is_poisoned() {
+                    self.mapping_faulted(t);
+                    return None;
+                }
+                if !self.keep_mapped {
+                    *lock(&t.last) = Some(Arc::new(snap.clone()));
+                }
+                Some(snap)
+            }
+            Err(e) => match classify(&e) {
+                OpenFailure::NoDescriptors => {
+                    self.note_no_fds(&t.path, &e.to_string());
+                    lock(&t.last).as_deref().cloned()
+                }
+                _ => None,
+            },
+        }
     }
 
     /// A read of `t`'s mapping faulted because its file was truncated under it (the
@@ -544,6 +636,11 @@ impl RegionSet {
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK,
         ) {
             Ok(fd) => fd,
+            Err(e) if crate::hostpid::is_out_of_fds(&e) => {
+                self.note_no_fds(dir, &e.to_string());
+                scan.incomplete.push(dir.clone());
+                return scan;
+            }
             Err(e) => {
                 warn!("regions dir {}: cannot open: {e}", dir.display());
                 return scan;
@@ -552,7 +649,11 @@ impl RegionSet {
         // Per directory, the files that may become regions, in preference order.
         let mut per_dir: Vec<Vec<Candidate>> = Vec::new();
         let mut files = Vec::new();
-        let (entries, more) = list_dir(&top, dir, MAX_TOP_DIR_ENTRIES);
+        let Ok((entries, more)) = list_dir(&top, dir, MAX_TOP_DIR_ENTRIES) else {
+            self.note_no_fds(dir, "cannot list the directory");
+            scan.incomplete.push(dir.clone());
+            return scan;
+        };
         self.note_crowded(dir, more, MAX_TOP_DIR_ENTRIES);
         for (name, ft) in entries {
             if name.as_bytes().starts_with(b".") {
@@ -562,10 +663,20 @@ impl RegionSet {
             if ft.is_dir() {
                 let flags =
                     libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
-                let Ok(sub) = openat(Some(&top), &name, flags) else {
-                    continue; // gone, or swapped for something else: next scan
+                let sub = match openat(Some(&top), &name, flags) {
+                    Ok(sub) => sub,
+                    Err(e) if crate::hostpid::is_out_of_fds(&e) => {
+                        self.note_no_fds(&path, &e.to_string());
+                        scan.incomplete.push(path);
+                        continue;
+                    }
+                    Err(_) => continue, // gone, or swapped for something else: next scan
                 };
-                let (sub_entries, more) = list_dir(&sub, &path, MAX_DIR_ENTRIES);
+                let Ok((sub_entries, more)) = list_dir(&sub, &path, MAX_DIR_ENTRIES) else {
+                    self.note_no_fds(&path, "cannot list the directory");
+                    scan.incomplete.push(path);
+                    continue;
+                };
                 self.note_crowded(&path, more, MAX_DIR_ENTRIES);
                 let mut sub_files = Vec::new();
                 for (fname, fft) in sub_entries {
@@ -625,6 +736,13 @@ impl RegionSet {
         let explicit: HashSet<PathBuf> = self.explicit.iter().cloned().collect();
         scan.cands
             .extend(admitted.into_iter().filter(|c| !explicit.contains(&c.path)));
+        if !scan.incomplete.is_empty() {
+            // Part of the tree is unseen: its regions' places are unknown, so the
+            // limits cannot be judged. Keep what is watched, admit nothing new.
+            scan.cands
+                .retain(|c| c.rel.is_none() || tracked.contains(&c.path));
+            scan.over_limit.clear();
+        }
         scan
     }
 
@@ -706,8 +824,9 @@ impl RegionSet {
             .collect();
         // Directory files that are no longer listed are gone (or were replaced by
         // something that is not a regular file).
+        let unseen = |p: &Path| scan.incomplete.iter().any(|d| p.starts_with(d));
         for (p, t) in &known {
-            if t.rel.is_some() && !listed.contains(p.as_path()) {
+            if t.rel.is_some() && !listed.contains(p.as_path()) && !unseen(p) {
                 match rejected.get(p.as_path()) {
                     Some(what) => {
                         self.drop_region(t, ErrorReason::NotRegular, &format!("now {what}"))
@@ -738,9 +857,12 @@ impl RegionSet {
             }
         }
         // Forget failures of files that no longer exist, so the memo stays bounded.
+        // (Files in a directory that could not be listed are not known to be gone.)
         let mut inner = lock(&self.inner);
-        inner.failed.retain(|p, k| k.is_none() || seen.contains(p));
-        inner.limited.retain(|p, _| seen.contains(p));
+        inner
+            .failed
+            .retain(|p, k| k.is_none() || seen.contains(p) || unseen(p));
+        inner.limited.retain(|p, _| seen.contains(p) || unseen(p));
     }
 
     fn rescan_one(&self, c: Candidate, known: Option<&Arc<Tracked>>) {
@@ -789,6 +911,7 @@ impl RegionSet {
                     cached: Mutex::new(None),
                     corrupt_histograms: AtomicBool::new(false),
                     host_pid_checks: Mutex::new(RegionChecks::default()),
+                    last: Mutex::new(None),
                 });
                 let mut inner = lock(&self.inner);
                 inner.failed.remove(&c.path);
@@ -847,6 +970,7 @@ impl RegionSet {
     fn note_failure(&self, path: &Path, key: Option<FileKey>, e: &RegionError) {
         match classify(e) {
             OpenFailure::NotYet => debug!("{e} (will retry)"),
+            OpenFailure::NoDescriptors => self.note_no_fds(path, &e.to_string()),
             OpenFailure::Missing => {
                 // Only explicit --region paths get here; report once until it appears.
                 let mut inner = lock(&self.inner);
@@ -920,6 +1044,7 @@ impl RegionSet {
             Err(e) => {
                 match classify(&e) {
                     OpenFailure::NotYet => debug!("{e} (will retry)"),
+                    OpenFailure::NoDescriptors => self.note_no_fds(&t.path, &e.to_string()),
                     OpenFailure::Missing => {
                         self.drop_region(t, ErrorReason::Vanished, "file deleted")
                     }
