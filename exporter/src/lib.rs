@@ -15,6 +15,7 @@ pub mod hostpid;
 pub mod http;
 pub mod inspect;
 pub mod labels;
+pub mod negotiate;
 pub mod otlp;
 pub mod regions;
 pub mod trace;
