@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{error, info};
-use vigil_exporter::http::{parse_listen_address, serve, Metrics, WebConfig};
+use tracing::{error, info, warn};
+use vigil_exporter::http::{parse_listen_address, serve, Metrics, ServeOptions, WebConfig};
 use vigil_exporter::labels::LabelPolicy;
 use vigil_exporter::regions::{Limits, RegionSet};
 use vigil_exporter::util::parse_duration;
@@ -60,6 +60,16 @@ struct Cli {
     /// Address to listen on: HOST:PORT, or :PORT for every interface.
     #[arg(long = "web.listen-address", default_value = vigil_exporter::DEFAULT_LISTEN)]
     listen_address: String,
+    /// At most this many client connections at once (fewer if the descriptor limit
+    /// leaves less room). At the cap, the connection idle longest (1 s at least) is
+    /// closed for a new one; if none is, the new one gets a 503.
+    #[arg(long = "web.max-connections", default_value_t = vigil_exporter::http::DEFAULT_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_connections: u32,
+    /// A reply the client has not taken within this long after it stopped reading is
+    /// abandoned and the connection closed.
+    #[arg(long = "web.write-timeout", default_value = "10s", value_parser = parse_duration)]
+    write_timeout: Duration,
     /// Path under which metrics are served.
     #[arg(long = "web.telemetry-path", default_value = "/metrics")]
     telemetry_path: String,
@@ -153,6 +163,15 @@ fn run(cli: Cli) -> Result<(), String> {
         ));
     }
     let addr = parse_listen_address(&cli.listen_address)?;
+    // Every watched region and every client connection is a descriptor: use all the
+    // hard limit allows (containers often start with a soft limit of 1024).
+    match vigil_exporter::util::raise_nofile_limit() {
+        Ok((old, new)) if new > old => {
+            info!("RLIMIT_NOFILE: soft limit raised from {old} to the hard limit {new}")
+        }
+        Ok((_, cur)) => info!("RLIMIT_NOFILE: soft limit {cur} (the hard limit)"),
+        Err(e) => warn!("RLIMIT_NOFILE: cannot raise the soft limit: {e}"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
@@ -238,7 +257,22 @@ fn run(cli: Cli) -> Result<(), String> {
             cli.telemetry_path,
             set.tracked().len()
         );
-        serve(listener, metrics, web, stop).await;
+        let opts = ServeOptions {
+            max_connections: cli.max_connections as usize,
+            write_timeout: cli.write_timeout,
+        };
+        info!(
+            "at most {} client connections at once (--web.max-connections {}, {} descriptors); write timeout {:?}",
+            vigil_exporter::http::connection_cap(
+                opts.max_connections,
+                vigil_exporter::http::nofile_limit(),
+                set.tracked_count()
+            ),
+            opts.max_connections,
+            vigil_exporter::http::nofile_limit(),
+            opts.write_timeout
+        );
+        serve(listener, metrics, web, opts, stop).await;
         Ok::<(), String>(())
     });
     let _ = stop_tx.send(());

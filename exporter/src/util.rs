@@ -24,6 +24,28 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v * mult_ms / 1000.0))
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: `(soft before, soft now)`.
+pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let old = r.rlim_cur;
+    if r.rlim_cur >= r.rlim_max {
+        return Ok((old, old));
+    }
+    r.rlim_cur = r.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((old, r.rlim_cur))
+}
+
 /// Resident set size of this process in bytes, from /proc (0 if unreadable).
 pub fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -157,15 +157,18 @@ fn slow_clients_and_500_connections_do_not_block_scrapes() {
             }
         }));
     }
-    // Meanwhile ordinary scrapes are answered promptly.
+    // Meanwhile ordinary scrapes are answered: the connection cap (64) refuses or
+    // queues what is over it, and a scraper gets in by evicting a connection that
+    // has been idle for a second (so a scrape may need a retry, not a long wait).
     let mut worst = Duration::ZERO;
     for _ in 0..20 {
         let t = Instant::now();
-        let m = ex.scrape();
+        let r = get_until_ok(ex.addr, "/metrics", Duration::from_secs(30));
+        let m = Exposition::parse(&r.body);
         worst = worst.max(t.elapsed());
         assert_eq!(m.value("vigil_exporter_regions", &[]), 1.0);
     }
-    assert!(worst < Duration::from_secs(5), "slowest scrape {worst:?}");
+    assert!(worst < Duration::from_secs(10), "slowest scrape {worst:?}");
     for r in readers {
         r.join().unwrap();
     }

@@ -35,7 +35,15 @@ impl Exporter {
 
     /// Like `start`, with only the listen address added to `args`.
     pub fn start_raw(args: &[&str]) -> Exporter {
-        let mut child = Command::new(BIN)
+        Exporter::start_with(args, |_| {})
+    }
+
+    /// Like `start_raw`, with the command adjusted by `configure` first (e.g. a
+    /// `pre_exec` that lowers a resource limit).
+    pub fn start_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Exporter {
+        let mut cmd = Command::new(BIN);
+        configure(&mut cmd);
+        let mut child = cmd
             .args(["--web.listen-address", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::null())
@@ -95,38 +103,69 @@ pub struct Response {
     pub status: u16,
     pub headers: HashMap<String, String>,
     pub body: String,
+    /// The body's bytes (`body` is them as lossy UTF-8).
+    pub raw: Vec<u8>,
 }
 
 /// One HTTP/1.1 GET with `Connection: close`.
 pub fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Response {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let accept = accept
         .map(|a| format!("Accept: {a}\r\n"))
         .unwrap_or_default();
+    try_http_get(addr, path, &accept).expect("GET")
+}
+
+/// One HTTP/1.1 GET with `Connection: close` and `extra` header lines (each ending in
+/// CRLF); the body as raw bytes in `Response::raw`.
+pub fn try_http_get(addr: SocketAddr, path: &str, extra: &str) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
-    )
-    .unwrap();
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read response");
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("response has headers");
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad response"))
+}
+
+/// A whole HTTP/1.1 response (head and body as sent).
+pub fn parse_response(raw: &[u8]) -> Option<Response> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let body_raw = raw[split + 4..].to_vec();
     let mut lines = head.lines();
     let status = lines
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
+        .and_then(|c| c.parse().ok())?;
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    Response {
+    Some(Response {
         status,
         headers,
-        body: body.to_string(),
+        body: String::from_utf8_lossy(&body_raw).to_string(),
+        raw: body_raw,
+    })
+}
+
+/// GETs `path` until it answers 200 (a capped exporter may refuse or close while it
+/// is full), for at most `timeout`; panics naming the last failure.
+pub fn get_until_ok(addr: SocketAddr, path: &str, timeout: Duration) -> Response {
+    let end = Instant::now() + timeout;
+    loop {
+        let last = match try_http_get(addr, path, "") {
+            Ok(r) if r.status == 200 => return r,
+            Ok(r) => format!("status {}", r.status),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= end {
+            panic!("GET {path}: no 200 within {timeout:?} (last: {last})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -253,4 +292,81 @@ pub fn repo_root() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
+}
+
+/// An HTTP/1.1 keep-alive connection: requests one after another on one socket.
+pub struct KeepAlive {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> KeepAlive {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        KeepAlive { s, buf: Vec::new() }
+    }
+
+    /// GET `path` with `extra` header lines; the response, framed by Content-Length.
+    pub fn get(&mut self, path: &str, extra: &str) -> Response {
+        write!(self.s, "GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").unwrap();
+        let mut chunk = [0u8; 65536];
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .expect("content-length");
+                if self.buf.len() >= end + 4 + len {
+                    let rest = self.buf.split_off(end + 4 + len);
+                    let r = parse_response(&self.buf).expect("response");
+                    self.buf = rest;
+                    return r;
+                }
+            }
+            let n = self.s.read(&mut chunk).expect("read");
+            assert!(n > 0, "connection closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// Descriptors `pid` has open.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Bytes `pid`'s TCP sockets have queued for sending (written, not yet acknowledged:
+/// kernel memory a client that does not read makes it hold), and how many sockets.
+pub fn tcp_send_queued(pid: u32) -> (u64, usize) {
+    let mut inodes = std::collections::HashSet::new();
+    if let Ok(d) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in d.flatten() {
+            if let Ok(l) = std::fs::read_link(e.path()) {
+                let l = l.to_string_lossy().to_string();
+                if let Some(i) = l.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(i.to_string());
+                }
+            }
+        }
+    }
+    let (mut bytes, mut n) = (0u64, 0usize);
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(t) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for line in t.lines().skip(1) {
+            let p: Vec<&str> = line.split_whitespace().collect();
+            if p.len() > 9 && inodes.contains(p[9]) {
+                let tx = p[4].split(':').next().unwrap_or("0");
+                bytes += u64::from_str_radix(tx, 16).unwrap_or(0);
+                n += 1;
+            }
+        }
+    }
+    (bytes, n)
 }
