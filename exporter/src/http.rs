@@ -393,6 +393,9 @@ struct ConnState {
     /// Requests of this connection inside the handler (waiting for a render).
     in_handler: AtomicU32,
     evict: Notify,
+    /// The socket's descriptor (valid while the connection's task runs), to make
+    /// closing it reset the connection (see [`discard_on_close`]).
+    fd: std::os::fd::RawFd,
 }
 
 /// Open client connections, to cap them and evict the stalest.
@@ -457,6 +460,7 @@ impl<T> TrackedIo<T> {
         match sleep.as_mut().poll(cx) {
             Poll::Ready(()) => {
                 self.stats.count(WRITE_TIMEOUT);
+                discard_on_close(self.conn.fd);
                 Poll::Ready(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "the client did not take its reply within --web.write-timeout",
@@ -556,6 +560,28 @@ fn refuse(stream: TcpStream) {
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
           retry-after: 1\r\nconnection: close\r\ncontent-length: 21\r\n\r\ntoo many connections\n",
     );
+}
+
+/// Makes closing `fd` reset the connection and free what it still has queued at
+/// once (`SO_LINGER` 0). Otherwise a closed socket whose client does not read stays
+/// an orphan holding its send queue (up to twice [`SEND_BUFFER`]) until the kernel
+/// gives up on it, minutes later. For connections the exporter abandons: a write
+/// timeout, an eviction. `fd` must be open.
+fn discard_on_close(fd: std::os::fd::RawFd) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: an open socket descriptor and a linger value of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 fn set_send_buffer(stream: &TcpStream) {
@@ -792,6 +818,7 @@ impl Gate {
                 last_progress: AtomicU64::new(t.now_ms()),
                 in_handler: AtomicU32::new(0),
                 evict: Notify::new(),
+                fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
             });
             let id = t.next_id;
             t.next_id += 1;
@@ -817,11 +844,19 @@ impl Gate {
         ));
         let me = self.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    debug!("connection from {peer}: {e}");
-                },
-                _ = c.evict.notified() => debug!("connection from {peer} evicted"),
+            {
+                // Pinned out here, so that the socket is still open in the eviction
+                // arm; closed at the end of this block.
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    r = &mut conn => if let Err(e) = r {
+                        debug!("connection from {peer}: {e}");
+                    },
+                    _ = c.evict.notified() => {
+                        debug!("connection from {peer} evicted");
+                        discard_on_close(c.fd);
+                    }
+                }
             }
             let mut t = crate::regions::lock(&me.table);
             t.open.remove(&id);

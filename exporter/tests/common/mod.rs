@@ -370,3 +370,23 @@ pub fn tcp_send_queued(pid: u32) -> (u64, usize) {
     }
     (bytes, n)
 }
+
+/// Bytes queued for sending on every TCP socket whose local port is `port`, including
+/// sockets already closed by their process but not yet freed by the kernel (orphans).
+pub fn port_send_queued(port: u16) -> u64 {
+    let want = format!(":{port:04X}");
+    let mut bytes = 0;
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(t) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for line in t.lines().skip(1) {
+            let p: Vec<&str> = line.split_whitespace().collect();
+            if p.len() > 4 && p[1].ends_with(&want) {
+                let tx = p[4].split(':').next().unwrap_or("0");
+                bytes += u64::from_str_radix(tx, 16).unwrap_or(0);
+            }
+        }
+    }
+    bytes
+}
