@@ -32,10 +32,13 @@
 //! Connection header saying close or keep-alive) each get exactly the documented answer
 //! of exporter/src/http.rs, in order:
 //!   * a method other than GET or HEAD: 405, text/plain;
-//!   * GET/HEAD on the telemetry path: 200; OpenMetrics exactly when the first Accept
-//!     header is visible ASCII containing `application/openmetrics-text`, else
-//!     Prometheus text 0.0.4; a GET body that passes `vigil_fuzz::exposition::check`
-//!     for that format; HEAD: the same headers and no body;
+//!   * GET/HEAD on the telemetry path: 200; OpenMetrics exactly when all the Accept
+//!     headers together prefer it (`vigil_exporter::negotiate::negotiate_format`,
+//!     whose rules its unit tests pin; here: that the service applies them), else
+//!     Prometheus text 0.0.4; `Content-Encoding: gzip` exactly when the
+//!     Accept-Encoding headers accept gzip (`negotiate::wants_gzip`); a GET body that
+//!     (gunzipped if so) passes `vigil_fuzz::exposition::check` for that format; HEAD:
+//!     the same headers and no body;
 //!   * `/healthz`: 200 "ok"; `/`: 200 HTML linking the (escaped) telemetry path;
 //!   * any other path (no decoding: `/%6Detrics` is not `/metrics`): 404.
 //! After `Connection: close` nothing more is answered and the connection closes. The
@@ -51,6 +54,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vigil_exporter::http::{serve_connection, Metrics, WebConfig, OPENMETRICS_CONTENT_TYPE};
 use vigil_exporter::labels::LabelPolicy;
+use vigil_exporter::negotiate::{negotiate_format, wants_gzip, Format as Negotiated};
 use vigil_exporter::regions::RegionSet;
 use vigil_fuzz::check;
 use vigil_fuzz::exposition::{self, Format};
@@ -261,6 +265,8 @@ struct Req {
     /// `Uri::path()`, as hyper's request would give it.
     path: String,
     openmetrics: bool,
+    /// Accept-Encoding accepts gzip: a metrics answer is gzipped.
+    gzip: bool,
     close: bool,
     /// The request is the last thing on the wire (for half-close).
     at_end: bool,
@@ -287,6 +293,7 @@ fn requests(wire: &[u8]) -> Vec<Req> {
                     plain: false,
                     path: String::new(),
                     openmetrics: false,
+                    gzip: false,
                     close: true,
                     at_end: false,
                 });
@@ -310,13 +317,17 @@ fn requests(wire: &[u8]) -> Vec<Req> {
                 String::new()
             }
         };
-        let mut accept: Option<&[u8]> = None;
+        let mut accept: Vec<&[u8]> = Vec::new();
+        let mut accept_encoding: Vec<&[u8]> = Vec::new();
         let mut connection = Vec::new();
         for hd in r.headers.iter() {
             plain &= http::HeaderName::from_bytes(hd.name.as_bytes()).is_ok()
                 && http::HeaderValue::from_bytes(hd.value).is_ok();
-            if header_is(hd.name, "accept") && accept.is_none() {
-                accept = Some(hd.value);
+            if header_is(hd.name, "accept") {
+                accept.push(hd.value);
+            }
+            if header_is(hd.name, "accept-encoding") {
+                accept_encoding.push(hd.value);
             }
             if header_is(hd.name, "connection") {
                 connection.push(hd.value.to_ascii_lowercase());
@@ -337,18 +348,16 @@ fn requests(wire: &[u8]) -> Vec<Req> {
                 true
             }
         };
-        // Negotiation as http.rs documents it: the first Accept header, if it is
-        // visible ASCII, asks for OpenMetrics by containing the media type.
-        let openmetrics = accept.is_some_and(|v| {
-            v.iter().all(|&b| (32..127).contains(&b) || b == b'\t')
-                && v.windows(28).any(|w| w == b"application/openmetrics-text")
-        });
+        // Negotiation as exporter/src/negotiate.rs defines it, over every header.
+        let openmetrics = negotiate_format(accept) == Negotiated::OpenMetrics;
+        let gzip = wants_gzip(accept_encoding);
         pos += n;
         out.push(Req {
             method: Some(method),
             plain,
             path,
             openmetrics,
+            gzip,
             close,
             at_end: pos == wire.len(),
         });
@@ -362,7 +371,20 @@ fn requests(wire: &[u8]) -> Vec<Req> {
 struct Resp<'a> {
     status: u16,
     content_type: Option<String>,
+    /// `Content-Encoding: gzip`.
+    gzip: bool,
     body: &'a [u8],
+}
+
+/// A response body as sent, gunzipped if it says it is gzipped.
+fn decoded<'a>(r: &Resp<'a>, what: &str) -> std::borrow::Cow<'a, [u8]> {
+    if !r.gzip {
+        return std::borrow::Cow::Borrowed(r.body);
+    }
+    let mut out = Vec::new();
+    let ok = std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(r.body), &mut out);
+    check!("gzip", ok.is_ok(), "{what}: a gzip body that does not decode: {ok:?}");
+    std::borrow::Cow::Owned(out)
 }
 
 /// The next response in `out` at `pos`, framed by Content-Length (no body for HEAD).
@@ -379,7 +401,11 @@ fn response<'a>(out: &'a [u8], pos: &mut usize, head_req: bool) -> Result<Resp<'
         let status = r.code.unwrap_or(0);
         let mut cl = Vec::new();
         let mut ct = None;
+        let mut gzip = false;
         for hd in r.headers.iter() {
+            if header_is(hd.name, "content-encoding") {
+                gzip |= hd.value.eq_ignore_ascii_case(b"gzip");
+            }
             if header_is(hd.name, "content-length") {
                 cl.push(hd.value);
             }
@@ -413,6 +439,7 @@ fn response<'a>(out: &'a [u8], pos: &mut usize, head_req: bool) -> Result<Resp<'
         return Ok(Resp {
             status,
             content_type: ct,
+            gzip,
             body,
         });
     }
@@ -477,13 +504,15 @@ fn judge(wire: &[u8], cfg: usize, out: &Outcome, half_close: bool) -> usize {
             let service = match (r.status, ct) {
                 (200, Some(OPENMETRICS_CONTENT_TYPE)) => {
                     if !is_head {
-                        check_metrics_body(r.body, true, "an unjudged request");
+                        let body = decoded(&r, "an unjudged request");
+                        check_metrics_body(&body, true, "an unjudged request");
                     }
                     true
                 }
                 (200, Some(TEXT_CT)) => {
                     if !is_head {
-                        check_metrics_body(r.body, false, "an unjudged request");
+                        let body = decoded(&r, "an unjudged request");
+                        check_metrics_body(&body, false, "an unjudged request");
                     }
                     true
                 }
@@ -524,6 +553,15 @@ fn judge(wire: &[u8], cfg: usize, out: &Outcome, half_close: bool) -> usize {
             q.path,
             r.status
         );
+        let want_gzip = q.gzip && want_status == 200 && q.path == telemetry;
+        check!(
+            "content-encoding",
+            r.gzip == want_gzip,
+            "{method} {:?} (gzip accepted: {}) got Content-Encoding gzip: {}",
+            q.path,
+            q.gzip,
+            r.gzip
+        );
         check!(
             "content-type",
             ct == Some(want_ct),
@@ -550,7 +588,10 @@ fn judge(wire: &[u8], cfg: usize, out: &Outcome, half_close: bool) -> usize {
                         "landing page {page:?}"
                     );
                 }
-                None => check_metrics_body(r.body, q.openmetrics, &format!("{method} {}", q.path)),
+                None => {
+                    let what = format!("{method} {}", q.path);
+                    check_metrics_body(&decoded(&r, &what), q.openmetrics, &what)
+                }
             }
         } else {
             check!("body", r.body.is_empty(), "a body for HEAD");
