@@ -46,6 +46,8 @@ pub enum RegionError {
         lock: &'static str,
         waited_ms: u64,
     },
+    #[error("region {}: no space left on its filesystem for the region's {needed} bytes (ENOSPC); free some space or put CUDA_DEVICE_MEMORY_SHARED_CACHE elsewhere", path.display())]
+    NoSpace { path: PathBuf, needed: u64 },
     #[error("region {}: invalid parameter {what}: {why}", path.display())]
     InvalidParam {
         path: PathBuf,
@@ -67,6 +69,7 @@ impl RegionError {
             RegionError::InitTimeout { .. } => "init_timeout",
             RegionError::SlotsExhausted { .. } => "slots_exhausted",
             RegionError::LockTimeout { .. } => "lock_timeout",
+            RegionError::NoSpace { .. } => "no_space",
             RegionError::InvalidParam { .. } => "invalid_param",
         }
     }

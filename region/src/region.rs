@@ -319,8 +319,13 @@ impl Region {
             let res = grow_if_blank(&file, path);
             let _ = sys::ofd_unlock(&file, INIT_TOKEN_OFFSET);
             res?;
-            len = file_len(&file, path)?;
         }
+        // Every page of the mapping must be the file's own before anyone touches it:
+        // a hole on a full filesystem faults with SIGBUS. Idempotent for a region
+        // whose blocks are allocated already (a region created by an older version, or
+        // on a filesystem filled since, may still have holes).
+        reserve_blocks(&file, path)?;
+        len = len.max(file_len(&file, path)?);
         let map = Mapping::new(&file, REGION_SIZE, true).map_err(io_err(path, "mmap"))?;
         let region = Region {
             path: path.to_path_buf(),
@@ -607,8 +612,29 @@ fn grow_if_blank(file: &File, path: &Path) -> Result<(), RegionError> {
             expected: REGION_SIZE as u64,
         });
     }
-    file.set_len(REGION_SIZE as u64)
-        .map_err(io_err(path, "grow"))
+    reserve_blocks(file, path)
+}
+
+/// Grows the file to the layout size with every block allocated (see
+/// `sys::allocate`). On a filesystem without `fallocate` it is grown sparse, as before.
+fn reserve_blocks(file: &File, path: &Path) -> Result<(), RegionError> {
+    match sys::allocate(file, REGION_SIZE as u64) {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            if file_len(file, path)? < REGION_SIZE as u64 {
+                file.set_len(REGION_SIZE as u64)
+                    .map_err(io_err(path, "grow"))?;
+            }
+            Ok(())
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) => {
+            Err(RegionError::NoSpace {
+                path: path.to_path_buf(),
+                needed: REGION_SIZE as u64,
+            })
+        }
+        Err(e) => Err(io_err(path, "allocate the file's blocks (fallocate)")(e)),
+    }
 }
 
 fn zero_all(l: &RegionLayout) {

@@ -116,6 +116,27 @@ pub(crate) fn ofd_is_locked(file: &File, offset: u64) -> io::Result<bool> {
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+/// Gives the first `len` bytes of `file` real blocks (growing the file to `len` if it
+/// is shorter), so that no page of a mapping of it can fault for lack of space later:
+/// a sparse file on a full tmpfs kills whoever first touches a hole with SIGBUS.
+/// Idempotent for blocks already allocated, and leaves the data alone. Ok(false) if
+/// the filesystem cannot reserve blocks (no `fallocate` support).
+pub(crate) fn allocate(file: &File, len: u64) -> io::Result<bool> {
+    loop {
+        // SAFETY: valid fd; mode 0 only allocates (and extends), never changes data.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(false),
+            _ => return Err(err),
+        }
+    }
+}
+
 /// Outcome of one futex wait slice.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Wait {

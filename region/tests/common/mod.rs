@@ -148,3 +148,52 @@ pub fn p99(mut v: Vec<u64>) -> u64 {
     let i = ((v.len() as f64) * 0.99).ceil() as usize;
     v[i.saturating_sub(1).min(v.len() - 1)]
 }
+
+/// A tmpfs mounted for one test, lazily unmounted when dropped.
+pub struct Tmpfs {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempdir();
+        let path = dir.path().join("fs");
+        std::fs::create_dir(&path).unwrap();
+        match Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+        {
+            Ok(o) if o.status.success() => Some(Tmpfs { _dir: dir, path }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    /// Fills the filesystem to its last block.
+    pub fn fill(&self) {
+        let out = Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", self.path.join("fill").display()))
+            .arg("bs=64k")
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stderr).contains("No space left"));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
