@@ -125,6 +125,13 @@ pub enum Counter {
     DetectTimeout,
     DetectNvmlError,
     AllocationDenials,
+    /// A process found the region it had attached damaged under it (truncated,
+    /// overwritten, zero-filled) and re-attached to the file's current region,
+    /// re-charging what it holds. Counted in the region it re-attached to.
+    DamageReattachments,
+    /// A region damaged under live processes got every one of them back (see
+    /// `FLAG_RECOVERING`): its totals are complete again.
+    DamageRecoveries,
     /// Must stay last.
     _Count,
 }
@@ -133,7 +140,7 @@ const _: () = assert!((Counter::_Count as usize) <= NUM_COUNTERS);
 const _: () = assert!(Counter::ALL.len() == Counter::_Count as usize);
 
 impl Counter {
-    pub const ALL: [Counter; 23] = [
+    pub const ALL: [Counter; 25] = [
         Counter::RegionInitializations,
         Counter::RegionRecoveries,
         Counter::ProcessInitsInitializer,
@@ -157,6 +164,8 @@ impl Counter {
         Counter::DetectTimeout,
         Counter::DetectNvmlError,
         Counter::AllocationDenials,
+        Counter::DamageReattachments,
+        Counter::DamageRecoveries,
     ];
 
     pub fn lock_acquisitions(lock: LockId) -> Counter {

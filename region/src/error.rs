@@ -48,6 +48,16 @@ pub enum RegionError {
     },
     #[error("region {}: no space left on its filesystem for the region's {needed} bytes (ENOSPC); free some space or put CUDA_DEVICE_MEMORY_SHARED_CACHE elsewhere", path.display())]
     NoSpace { path: PathBuf, needed: u64 },
+    /// The region changed under this process in a way no Vigil writer makes: the file
+    /// was truncated, overwritten, zero-filled or re-initialized while mapped. Nothing
+    /// in it can be trusted any more, and this process no longer writes to it.
+    #[error("region {}: damaged under this process ({what}); it is no longer used", path.display())]
+    Damaged { path: PathBuf, what: &'static str },
+    /// The region was damaged under live processes and has not yet been told what
+    /// they hold: `orphans` of them have not re-attached. Until they have, its totals
+    /// understate the device's use and a reservation cannot be checked.
+    #[error("region {}: recovering from damage; {orphans} process(es) that were using it have not re-attached, so its totals are incomplete", path.display())]
+    Recovering { path: PathBuf, orphans: usize },
     #[error("region {}: invalid parameter {what}: {why}", path.display())]
     InvalidParam {
         path: PathBuf,
@@ -70,6 +80,8 @@ impl RegionError {
             RegionError::SlotsExhausted { .. } => "slots_exhausted",
             RegionError::LockTimeout { .. } => "lock_timeout",
             RegionError::NoSpace { .. } => "no_space",
+            RegionError::Damaged { .. } => "damaged",
+            RegionError::Recovering { .. } => "recovering",
             RegionError::InvalidParam { .. } => "invalid_param",
         }
     }

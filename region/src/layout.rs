@@ -28,6 +28,11 @@ pub const STATE_READY: u32 = 2;
 
 /// `Header::flags`: some process of this region saw the driver report namespace PIDs.
 pub const FLAG_NAMESPACE_PIDS: u32 = 1;
+/// `Header::flags`: the region was (re)initialized, or re-attached to after damage,
+/// while processes that used the damaged one were still alive (their slot tokens were
+/// held). Their memory is not in the totals until they re-attach and re-charge it;
+/// until then no reservation is checked against the limit (see `mem`).
+pub const FLAG_RECOVERING: u32 = 2;
 
 /// Slot states, in `Slot::state`.
 pub const SLOT_FREE: u32 = 0;

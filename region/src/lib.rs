@@ -6,7 +6,7 @@
 //! histograms, two cross-process locks, process slots with liveness tokens, and an
 //! event ring. See `docs/region.md` for the protocols and the reasons behind them.
 //!
-//! Unsafe code lives only in `sys` (syscalls, and the SIGBUS guard for readers) and in
+//! Unsafe code lives only in `sys` (syscalls, and the SIGBUS guard for mappings) and in
 //! the one cast from mapping to layout in `region`.
 
 pub mod counters;

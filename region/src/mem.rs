@@ -21,11 +21,20 @@
 use crate::counters::{Counter, LockId};
 use crate::error::RegionError;
 use crate::layout::*;
-use crate::region::Region;
+use crate::region::{Region, DAMAGE_LIMIT};
 use crate::ring::{Event, EventKind};
 use crate::slot::SlotHandle;
 use crate::ReleaseOutcome;
 use std::sync::atomic::Ordering::*;
+
+/// What a reservation's critical section found.
+enum Answer {
+    Is(Reservation),
+    /// Damage (an index into the region's reasons).
+    Damaged(u8),
+    /// The region is recovering; it waits for this many processes.
+    Recovering(usize),
+}
 
 /// The answer to a reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,13 +49,22 @@ impl Region {
     /// Runs `f` under the region lock, after repairing the totals if the previous
     /// holder died or was evicted. Returns `f`'s value and whether our own release was
     /// fenced (the caller must then not trust what `f` did).
+    ///
+    /// The region's integrity is checked under the lock, before `f` writes anything
+    /// (see [`Region::check_integrity`]), and a region already found damaged is not
+    /// even locked: a damaged region is never written to.
     fn with_totals<T>(
         &self,
         me: SlotHandle,
         f: impl FnOnce(&RegionLayout) -> T,
     ) -> Result<(T, bool), RegionError> {
+        self.check_latched()?;
         let _local = self.local_mem_lock();
         let guard = self.lock(LockId::Region, me)?;
+        if let Err(e) = self.check_fast(me) {
+            guard.release();
+            return Err(e);
+        }
         if guard.outcome().forced.is_some() {
             self.recompute_totals();
         }
@@ -54,6 +72,18 @@ impl Region {
         let v = f(self.layout());
         let fenced = guard.release() == ReleaseOutcome::Fenced;
         Ok((v, fenced))
+    }
+
+    /// Our own copy of our slot's share (see `Region::own`). Only changed under
+    /// `mem_local`, so a plain load and store (no locked instruction) is exact.
+    fn add_own(&self, dev: usize, bytes: u64) {
+        let o = &self.own[dev];
+        o.store(o.load(Relaxed).saturating_add(bytes), Relaxed);
+    }
+
+    fn sub_own(&self, dev: usize, bytes: u64) {
+        let o = &self.own[dev];
+        o.store(o.load(Relaxed).saturating_sub(bytes), Relaxed);
     }
 
     /// Serializes this process's threads: the region lock is held per slot, and a
@@ -113,6 +143,13 @@ impl Region {
         self.reserve_inner(me, dev, bytes, cap, false)
     }
 
+    /// The limit checked is the one this process attached with (or a stricter one
+    /// it kept, see [`Region::keep_limits`]), never a value read from the region
+    /// now: the region's is compared with it, and a difference is damage. The
+    /// region's integrity is checked under the lock before the check and again after
+    /// the charge, so a grant is only ever made while the region was the one we
+    /// attached to. A region recovering from damage (`FLAG_RECOVERING`) grants
+    /// nothing until every process that used it before has re-attached.
     fn reserve_inner(
         &self,
         me: SlotHandle,
@@ -129,7 +166,7 @@ impl Region {
                 answer
             }
         };
-        let effective = |limit: u64| match (limit, cap) {
+        let effective = match (self.attached.caps[dev], cap) {
             (0, c) => c,
             (l, 0) => l,
             (l, c) => l.min(c),
@@ -138,7 +175,15 @@ impl Region {
         for _ in 0..4 {
             let (answer, fenced) = self.with_totals(me, |l| {
                 let d = &l.devices[dev];
-                let limit = effective(d.limit.load(Relaxed));
+                if d.limit.load(Relaxed) != self.attached.limits[dev] {
+                    return Answer::Damaged(DAMAGE_LIMIT);
+                }
+                if l.header.flags.load(Acquire) & FLAG_RECOVERING != 0 {
+                    if let Some(orphans) = self.finish_recovery() {
+                        return Answer::Recovering(orphans);
+                    }
+                }
+                let limit = effective;
                 let mut used = d.used.load(Acquire);
                 if limit > 0 && used.saturating_add(bytes) > limit {
                     // Before refusing, trust nothing but the slots: a total damaged by
@@ -152,11 +197,35 @@ impl Region {
                         crate::fault::point("mem.reserve.mid");
                         d.used.fetch_add(bytes, AcqRel);
                         d.peak.fetch_max(total, Relaxed);
-                        Reservation::Granted
+                        // Damaged while we charged (someone zero-filling the file
+                        // right now)? Then this grant was checked against garbage:
+                        // take the charge back out of whatever the file holds now
+                        // (a region re-initialized meanwhile must not keep it).
+                        match self.damaged_since(dev) {
+                            0 => {
+                                self.add_own(dev, bytes);
+                                Answer::Is(Reservation::Granted)
+                            }
+                            damage => {
+                                sub(&l.slots[me.index as usize].mem_used[dev], bytes);
+                                sub(&d.used, bytes);
+                                Answer::Damaged(damage)
+                            }
+                        }
                     }
-                    _ => Reservation::Denied { used, limit },
+                    _ => Answer::Is(Reservation::Denied { used, limit }),
                 }
             })?;
+            let answer = match answer {
+                Answer::Is(a) => a,
+                Answer::Damaged(d) => return Err(self.damaged(d)),
+                Answer::Recovering(orphans) => {
+                    return Err(RegionError::Recovering {
+                        path: self.path.clone(),
+                        orphans,
+                    })
+                }
+            };
             if fenced {
                 // Our update may have raced the new owner's repair: undo it under a
                 // clean acquisition and start over.
@@ -181,14 +250,37 @@ impl Region {
         let l = self.layout();
         let answer = Reservation::Denied {
             used: l.devices[dev].used.load(Acquire),
-            limit: effective(l.devices[dev].limit.load(Relaxed)),
+            limit: effective,
         };
         Ok(deny(answer))
     }
 
+    /// Under the region lock, in a region marked recovering: if every live slot token
+    /// belongs to an active slot again (the processes that used the damaged region
+    /// all re-attached and re-charged), rebuild the totals from the slots and clear
+    /// the mark. Otherwise nothing can be checked yet.
+    /// Returns how many processes it still waits for, if any.
+    #[cold]
+    #[inline(never)]
+    fn finish_recovery(&self) -> Option<usize> {
+        match self.orphans() {
+            0 => {
+                self.recompute_totals();
+                self.layout()
+                    .header
+                    .flags
+                    .fetch_and(!FLAG_RECOVERING, AcqRel);
+                self.count(None, Counter::DamageRecoveries, 1);
+                None
+            }
+            orphans => Some(orphans),
+        }
+    }
+
     fn rollback(&self, me: SlotHandle, dev: usize, bytes: u64) -> Result<(), RegionError> {
         self.with_totals(me, |l| {
-            sub(&l.slots[me.index as usize].mem_used[dev], bytes);
+            let n = sub(&l.slots[me.index as usize].mem_used[dev], bytes);
+            self.sub_own(dev, n);
             // The lock was fenced: the totals may be off either way. Rebuild them.
             self.recompute_totals();
         })?;
@@ -219,6 +311,7 @@ impl Region {
         }
         let (_, fenced) = self.with_totals(me, |l| {
             l.slots[me.index as usize].mem_used[dev].fetch_add(bytes, AcqRel);
+            self.add_own(dev, bytes);
             let d = &l.devices[dev];
             let total = d
                 .used
@@ -243,6 +336,7 @@ impl Region {
         let (credited, fenced) = self.with_totals(me, |l| {
             let n = sub(&l.slots[me.index as usize].mem_used[dev], bytes);
             sub(&l.devices[dev].used, n);
+            self.sub_own(dev, n);
             n
         })?;
         if fenced {
@@ -268,6 +362,10 @@ impl Region {
             for (d, used) in l.slots[i].mem_used.iter().enumerate() {
                 let v = used.swap(0, AcqRel);
                 sub(&l.devices[d].used, v);
+                if i == by.index as usize {
+                    // Our own slot (released at exit): we hold nothing any more.
+                    self.own[d].store(0, Relaxed);
+                }
                 freed = freed.saturating_add(v);
             }
             freed
@@ -296,8 +394,10 @@ impl Region {
             .map_or(0, |m| m.load(Acquire))
     }
 
+    /// Against the device count this process attached with: a damaged header must
+    /// show up as damage (see `check_integrity`), not as a missing device.
     fn check_device(&self, dev: usize) -> Result<(), RegionError> {
-        let n = self.layout().header.device_count.load(Relaxed) as usize;
+        let n = self.attached.device_count as usize;
         if dev < n.min(MAX_DEVICES) {
             Ok(())
         } else {

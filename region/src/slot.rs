@@ -160,6 +160,12 @@ impl Region {
                 why: format!("slot {} is not held by this process", h.index),
             });
         }
+        if let Err(e) = self.check_integrity(h) {
+            // Nothing of ours is in a damaged region any more: only let the token go.
+            let _ = sys::ofd_unlock(&self.file, slot_token_offset(i));
+            self.unmark_held(i);
+            return Err(e);
+        }
         let s = &self.layout().slots[i];
         // If the lock cannot be had the bytes stay in the slot; the slot is then
         // reclaimed (and credited) as dead once our token goes.
@@ -174,6 +180,18 @@ impl Region {
             op: "unlock slot token",
             source,
         })
+    }
+
+    /// Lets go of every slot token this handle holds, without touching the region
+    /// (it may be damaged). The locks belong to the open file description, so this
+    /// also frees them for forked children that still share it and never exec.
+    pub(crate) fn drop_tokens(&self) {
+        for i in 0..MAX_SLOTS {
+            if self.holds(i) {
+                let _ = sys::ofd_unlock(&self.file, slot_token_offset(i));
+                self.unmark_held(i);
+            }
+        }
     }
 
     /// Reclaims every active slot whose owner is dead; returns how many. Cheap enough

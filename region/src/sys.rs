@@ -137,6 +137,21 @@ pub(crate) fn allocate(file: &File, len: u64) -> io::Result<bool> {
     }
 }
 
+/// Some other open file description's lock (read or write) overlapping
+/// `[start, start + len)`, as (start, len) with len 0 meaning "to the end of the file";
+/// None if there is none. Our own description's locks never conflict with us.
+pub(crate) fn ofd_lock_in(file: &File, start: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
+    let mut fl = ofd_flock(libc::F_WRLCK as libc::c_short, start);
+    fl.l_len = len as libc::off_t;
+    // SAFETY: valid fd; the kernel writes the result into `fl`, which we own.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((fl.l_type != libc::F_UNLCK as libc::c_short)
+        .then(|| (fl.l_start.max(0) as u64, fl.l_len.max(0) as u64)))
+}
+
 /// Outcome of one futex wait slice.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Wait {
@@ -243,39 +258,48 @@ pub(crate) fn fork_generation() -> Option<u64> {
         .then(|| FORK_GENERATION.load(std::sync::atomic::Ordering::Relaxed))
 }
 
-/// Read-only mappings a SIGBUS may hit: a region file truncated while mapped (any
-/// process of the container can do that) makes every access past the new end fault.
-/// The guard answers such a fault by mapping a page of zeros over the faulting page
-/// and marking the mapping poisoned; the reader sees garbage, which validation and
-/// `is_poisoned` turn into an error, instead of dying. Faults anywhere else go to the
-/// previous handler (or the default action, which kills as before).
+/// Mappings of region files that a SIGBUS may hit: a file truncated while mapped (any
+/// process of the container can do that) makes every access past the new end fault,
+/// and so does a page that cannot be allocated on a full filesystem. The guard answers
+/// such a fault by mapping anonymous zeros over the *whole* registered mapping (with
+/// the mapping's own protection) and marking it poisoned; the faulting access then
+/// retries on the zeros. The owner sees an all-zero region, which validation and the
+/// integrity checks refuse, and `poisoned` says why, instead of the process dying.
+/// The whole range is replaced, not just the faulting page, so that a writer never
+/// works on a mix of the file's pages and private ones. Faults anywhere else go to the
+/// previous handler, or to the default action, which kills as before.
+///
+/// Everything the handler touches is a static atomic or a syscall (mmap, sigaction,
+/// raise): async-signal-safe, no allocation, no lock.
 pub(crate) mod sigbus {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
+    use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::*};
     use std::sync::OnceLock;
 
     const SLOTS: usize = 4096;
     static START: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
     static LEN: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
-    static POISONED: [AtomicBool; SLOTS] = [const { AtomicBool::new(false) }; SLOTS];
-    static PAGE: AtomicUsize = AtomicUsize::new(4096);
+    static WRITABLE: [AtomicBool; SLOTS] = [const { AtomicBool::new(false) }; SLOTS];
+    /// CLEAN, then REPLACING while one handler maps zeros over the range, then POISONED.
+    static STATE: [AtomicU8; SLOTS] = [const { AtomicU8::new(CLEAN) }; SLOTS];
     static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
-    /// Installs the handler (once per process). Only for processes that own their
-    /// signal handling, like the exporter and tools: never from the interposer.
+    const CLEAN: u8 = 0;
+    const REPLACING: u8 = 1;
+    const POISONED: u8 = 2;
+
+    /// Installs the handler (once per process), keeping the action it replaces to
+    /// chain to. For processes whose region mappings must survive a damaged file: the
+    /// exporter and tools (readers) and the interposer (writers), which installs it
+    /// just before it maps its region.
     pub fn install() {
         PREVIOUS.get_or_init(|| {
-            // SAFETY: sysconf has no preconditions.
-            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-            if page > 0 {
-                PAGE.store(page as usize, Relaxed);
-            }
             // SAFETY: sigaction is a plain C struct; all-zero is valid. We install a
-            // handler that only uses async-signal-safe calls (mmap, sigaction) and
-            // atomics, and keep the previous action to chain to.
+            // handler that only uses async-signal-safe calls (mmap, sigaction, raise)
+            // and atomics, and keep the previous action to chain to.
             unsafe {
                 let mut sa: libc::sigaction = std::mem::zeroed();
                 sa.sa_sigaction = on_sigbus as *const () as usize;
-                sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+                sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_ONSTACK;
                 libc::sigemptyset(&mut sa.sa_mask);
                 let mut old: libc::sigaction = std::mem::zeroed();
                 libc::sigaction(libc::SIGBUS, &sa, &mut old);
@@ -286,12 +310,13 @@ pub(crate) mod sigbus {
 
     /// Registers a mapping; returns its guard slot (None if the table is full, in
     /// which case the mapping is simply unguarded).
-    pub fn register(start: usize, len: usize) -> Option<usize> {
+    pub fn register(start: usize, len: usize, writable: bool) -> Option<usize> {
         for i in 0..SLOTS {
             if START[i].load(Relaxed) == 0
                 && LEN[i].compare_exchange(0, len, AcqRel, Relaxed).is_ok()
             {
-                POISONED[i].store(false, Release);
+                STATE[i].store(CLEAN, Release);
+                WRITABLE[i].store(writable, Release);
                 START[i].store(start, Release);
                 return Some(i);
             }
@@ -302,36 +327,61 @@ pub(crate) mod sigbus {
     /// Unregisters before the mapping goes away.
     pub fn unregister(slot: usize) {
         START[slot].store(0, Release);
-        POISONED[slot].store(false, Release);
+        STATE[slot].store(CLEAN, Release);
         LEN[slot].store(0, Release);
     }
 
     pub fn poisoned(slot: usize) -> bool {
-        POISONED[slot].load(Acquire)
+        STATE[slot].load(Acquire) != CLEAN
+    }
+
+    /// Replaces registration `i`'s whole range with anonymous zeros. Returns false if
+    /// the kernel refused (the caller then lets the fault take its course).
+    fn replace(i: usize, start: usize, len: usize) -> bool {
+        let prot = if WRITABLE[i].load(Acquire) {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: the range is a mapping we registered and still own (it is
+        // unregistered before it is unmapped), so MAP_FIXED replaces nothing but it.
+        // mmap is async-signal-safe on Linux (a plain syscall).
+        let p = unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        p != libc::MAP_FAILED
     }
 
     extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
         // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-        let addr = unsafe { (*info).si_addr() } as usize;
-        for i in 0..SLOTS {
-            let start = START[i].load(Acquire);
-            if start != 0 && addr >= start && addr < start + LEN[i].load(Acquire) {
-                let page = addr & !(PAGE.load(Relaxed) - 1);
-                // SAFETY: replaces one page inside a read-only mapping we registered
-                // (and still own: unregistered before munmap) with anonymous zeros.
-                let p = unsafe {
-                    libc::mmap(
-                        page as *mut libc::c_void,
-                        PAGE.load(Relaxed),
-                        libc::PROT_READ,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                        -1,
-                        0,
-                    )
-                };
-                if p != libc::MAP_FAILED {
-                    POISONED[i].store(true, Release);
-                    return;
+        let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+        // Only a fault raised by the kernel carries a faulting address (si_code > 0);
+        // a SIGBUS sent with kill() is never ours.
+        if code > 0 {
+            for i in 0..SLOTS {
+                let start = START[i].load(Acquire);
+                let len = LEN[i].load(Acquire);
+                if start == 0 || addr < start || addr >= start.saturating_add(len) {
+                    continue;
+                }
+                match STATE[i].compare_exchange(CLEAN, REPLACING, AcqRel, Acquire) {
+                    Ok(_) => {
+                        if replace(i, start, len) {
+                            STATE[i].store(POISONED, Release);
+                            return;
+                        }
+                        STATE[i].store(CLEAN, Release);
+                    }
+                    // Another thread is replacing it, or has: retry the access (it
+                    // faults again until the zeros are in place, then succeeds).
+                    Err(_) => return,
                 }
             }
         }
@@ -355,12 +405,16 @@ pub(crate) mod sigbus {
                 f(sig)
             }
             _ => {
-                // SAFETY: restores the default action; returning re-runs the faulting
-                // access, which now terminates the process as it would have.
+                // SAFETY: restores the default action. Returning re-runs a faulting
+                // access, which now terminates the process as it would have; a signal
+                // sent with kill() is raised again (SA_NODEFER: not blocked here).
                 unsafe {
                     let mut sa: libc::sigaction = std::mem::zeroed();
                     sa.sa_sigaction = libc::SIG_DFL;
                     libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+                    if code <= 0 {
+                        libc::raise(libc::SIGBUS);
+                    }
                 }
             }
         }
