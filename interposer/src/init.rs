@@ -9,9 +9,12 @@ use crate::nvml::Nvml;
 use crate::real;
 use std::collections::BTreeSet;
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use vigil_region::{DetectOutcome, InitParams, LockId, Region, ReleaseOutcome, SlotHandle};
+use vigil_region::{
+    DetectOutcome, InitParams, LockId, Region, RegionError, ReleaseOutcome, SlotHandle,
+};
 
 /// Vigil's hold on this process: the region (whose open file description carries our
 /// slot's liveness token, so it must live as long as the process) and our slot.
@@ -19,10 +22,44 @@ pub struct Process {
     region: Region,
     slot: SlotHandle,
     pid: u32,
+    /// What we would write into a new region, kept for re-attaching after damage.
+    params: InitParams,
+    /// The region's damage was logged (once per damaged region).
+    damage_logged: bool,
+    /// The last failed re-attach was logged (once per damaged region).
+    reattach_logged: bool,
+    /// When we last tried to re-attach (attempts are spaced by REATTACH_EVERY).
+    last_attempt: Option<Instant>,
 }
 
+/// Damage to the region, as this process saw it. Counted here because a damaged
+/// region cannot hold counts; reported in the log at exit (and re-attachments are
+/// also counted in the region re-attached to, `DamageReattachments`).
+pub struct DamageCounts {
+    /// Regions found damaged under this process.
+    pub detected: std::sync::atomic::AtomicU64,
+    /// Successful re-attachments to the file's current region.
+    pub reattached: std::sync::atomic::AtomicU64,
+    /// Allocations refused because the region was damaged or recovering (closed policy).
+    pub refused: std::sync::atomic::AtomicU64,
+    /// Allocations let through unchecked for the same reasons (open policy).
+    pub passed: std::sync::atomic::AtomicU64,
+}
+
+pub static DAMAGE: DamageCounts = DamageCounts {
+    detected: std::sync::atomic::AtomicU64::new(0),
+    reattached: std::sync::atomic::AtomicU64::new(0),
+    refused: std::sync::atomic::AtomicU64::new(0),
+    passed: std::sync::atomic::AtomicU64::new(0),
+};
+
+/// Attempts to re-attach to a damaged region's file are at least this far apart: a
+/// file left as garbage fails every time, and each attempt opens and reads it.
+const REATTACH_EVERY: Duration = Duration::from_millis(20);
+
 enum State {
-    Ready(Process),
+    /// Boxed: the region handle is large, and `Failed` is common.
+    Ready(Box<Process>),
     /// Vigil could not start in this process; the workload runs without it.
     Failed(u32),
 }
@@ -85,6 +122,104 @@ pub fn with_process<T>(f: impl FnOnce(&Region, SlotHandle) -> T) -> Option<T> {
     None
 }
 
+/// Runs a region operation like [`with_process`]; if it finds the region damaged
+/// (truncated, overwritten or zero-filled under us), logs that once, re-attaches to
+/// the file's current region (re-charging what this process holds) and runs it again
+/// there. `Some(Err(Damaged))` when re-attaching is not possible (yet): the caller
+/// applies the limit policy.
+pub fn with_region<T>(
+    f: impl Fn(&Region, SlotHandle) -> Result<T, RegionError>,
+) -> Option<Result<T, RegionError>> {
+    let r = with_process(&f)?;
+    if matches!(r, Err(RegionError::Damaged { .. })) && repair() {
+        return with_process(&f);
+    }
+    Some(r)
+}
+
+/// After an operation found the region damaged: logs it (once per damaged region)
+/// and tries to re-attach. True if the region in use now is sound.
+fn repair() -> bool {
+    let pid = std::process::id();
+    let mut g = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(State::Ready(p)) = &mut *g else {
+        return false;
+    };
+    if p.pid != pid {
+        return false;
+    }
+    if note_damage(p).is_none() {
+        return true;
+    }
+    if p.last_attempt.is_some_and(|t| t.elapsed() < REATTACH_EVERY) {
+        return false;
+    }
+    p.last_attempt = Some(Instant::now());
+    match p.region.reattach_after_damage(&p.params) {
+        Ok((fresh, slot)) => {
+            let held: u64 = p.region.holdings().iter().sum();
+            let fresh_region = fresh.attached_nonce() != p.region.attached_nonce();
+            let old = std::mem::replace(&mut p.region, fresh);
+            // No thread is inside the old handle (they all go through STATE).
+            drop(old);
+            p.slot = slot;
+            p.damage_logged = false;
+            p.reattach_logged = false;
+            p.last_attempt = None;
+            DAMAGE.reattached.fetch_add(1, Relaxed);
+            vlog!(
+                WARN,
+                "re-attached to {} ({}, slot {}); re-charged the {held} bytes this process holds",
+                p.region.path().display(),
+                if fresh_region {
+                    "a region initialized after the damage"
+                } else {
+                    "the same region, whose slots were lost: it waits for the others to re-attach"
+                },
+                slot.index
+            );
+            true
+        }
+        Err(e) => {
+            if !p.reattach_logged {
+                p.reattach_logged = true;
+                vlog!(
+                    WARN,
+                    "cannot re-attach yet ({e}); {} until it can",
+                    damaged_consequence()
+                );
+            }
+            false
+        }
+    }
+}
+
+/// Logs the region's damage the first time it is seen, and counts it. The reason, if
+/// the region is damaged.
+fn note_damage(p: &mut Process) -> Option<&'static str> {
+    let what = p.region.damage()?;
+    if !p.damage_logged {
+        p.damage_logged = true;
+        DAMAGE.detected.fetch_add(1, Relaxed);
+        vlog!(
+            ERROR,
+            "region damaged: {} changed under this process ({what}); another process of the container truncated or overwrote it. Nothing is written to it any more; re-attaching to the file's current region, and {} meanwhile",
+            p.region.path().display(),
+            damaged_consequence()
+        );
+    }
+    Some(what)
+}
+
+fn damaged_consequence() -> &'static str {
+    match crate::config().limit_policy {
+        crate::config::LimitPolicy::Closed => "allocations are refused (VIGIL_LIMIT_POLICY=closed)",
+        crate::config::LimitPolicy::Open => {
+            "allocations pass through unchecked (VIGIL_LIMIT_POLICY=open)"
+        }
+    }
+}
+
 /// (limit, used) of CUDA device `dev` for reporting. Works in processes that never
 /// started CUDA (an NVML-only monitor): they read the region, or failing that the
 /// environment's limit with nothing used.
@@ -121,11 +256,16 @@ extern "C" fn at_exit() {
     let _ = std::panic::catch_unwind(|| {
         let pid = std::process::id();
         let mut g = STATE.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(State::Ready(p)) = g.take() {
+        if let Some(State::Ready(mut p)) = g.take() {
             if p.pid == pid {
+                // A process that has not touched the region since it was damaged
+                // learns it here, so that every one of them says so.
+                let _ = p.region.check_integrity(p.slot);
+                note_damage(&mut p);
                 if let Err(e) = p.region.release_slot(p.slot) {
                     vlog!(DEBUG, "at exit: {e}");
                 }
+                report_damage();
             }
             *g = Some(State::Failed(pid));
             // The Region stays mapped (leaked) for any hook still running on another
@@ -135,11 +275,30 @@ extern "C" fn at_exit() {
     });
 }
 
+/// The damage this process saw, in the log (at exit).
+fn report_damage() {
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
+    if n(&DAMAGE.detected) == 0 {
+        return;
+    }
+    vlog!(
+        WARN,
+        "since the region was damaged: {} damaged region(s) seen, {} re-attachment(s), {} allocation(s) refused and {} passed through unchecked",
+        n(&DAMAGE.detected),
+        n(&DAMAGE.reattached),
+        n(&DAMAGE.refused),
+        n(&DAMAGE.passed)
+    );
+}
+
 fn start(existing: Option<Region>) -> State {
     let pid = std::process::id();
     let cfg = crate::config();
     crate::log::config_warnings(cfg);
     let params = init_params();
+    // Before the region is mapped: a process of the container that truncates the
+    // file under us must not kill us with SIGBUS (see vigil_region::sigbus).
+    vigil_region::install_sigbus_guard();
     let region = match existing {
         Some(r) => r,
         None => match Region::open(&cfg.region_path, &params) {
@@ -191,7 +350,15 @@ fn start(existing: Option<Region>) -> State {
             );
         }
     });
-    State::Ready(Process { region, slot, pid })
+    State::Ready(Box::new(Process {
+        region,
+        slot,
+        pid,
+        params,
+        damage_logged: false,
+        reattach_logged: false,
+        last_attempt: None,
+    }))
 }
 
 /// The CUDA device count, as the driver reports it (0 if it cannot say).

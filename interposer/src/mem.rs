@@ -86,25 +86,27 @@ pub fn admit(what: &str, dev: Option<usize>, bytes: u64) -> Admit {
     if bytes == 0 {
         return Admit::Pass;
     }
-    let r = crate::init::with_process(|region, slot| {
+    let r = crate::init::with_region(|region, slot| {
         let (cap, invalid) = own_limit(dev);
         if invalid {
-            return Err(format!(
+            return Ok(Err(format!(
                 "the CUDA_DEVICE_MEMORY_LIMIT setting for device {dev} is invalid (see the error at start-up)"
-            ));
+            )));
         }
-        let theirs = vigil_region::RegionRead::device_usage(region, dev).map_or(0, |u| u.0);
-        Ok((region.reserve_within(slot, dev, bytes, cap), cap, theirs))
+        let theirs = region.enforced_limits().get(dev).copied().unwrap_or(0);
+        region
+            .reserve_within(slot, dev, bytes, cap)
+            .map(|res| Ok((res, cap, theirs)))
     });
     match r {
         None if closed() => refuse_unenforceable(what, "Vigil is not running in this process"),
         None => Admit::Pass,
-        Some(Err(why)) => {
+        Some(Ok(Err(why))) => {
             vlog!(WARN, "{what}({bytes} bytes) on device {dev} refused: {why}");
             Admit::Deny
         }
-        Some(Ok((Ok(Reservation::Granted), ..))) => Admit::Charged(Ticket { dev, bytes }),
-        Some(Ok((Ok(Reservation::Denied { used, limit }), cap, theirs))) => {
+        Some(Ok(Ok((Reservation::Granted, ..)))) => Admit::Charged(Ticket { dev, bytes }),
+        Some(Ok(Ok((Reservation::Denied { used, limit }, cap, theirs)))) => {
             let whose = if cap > 0 && cap == limit && (theirs == 0 || cap < theirs) {
                 "this process's own CUDA_DEVICE_MEMORY_LIMIT, stricter than the region's"
             } else {
@@ -116,11 +118,59 @@ pub fn admit(what: &str, dev: Option<usize>, bytes: u64) -> Admit {
             );
             Admit::Deny
         }
-        Some(Ok((Err(e), ..))) if closed() => refuse_unenforceable(what, &e.to_string()),
-        Some(Ok((Err(e), ..))) => {
+        // Damaged and not re-attached (yet): nothing in the region can be trusted.
+        Some(Err(RegionError::Damaged { .. })) => unchecked(),
+        // Re-attached, but others that used the damaged region have not yet: their
+        // memory is missing from the totals, so no limit can be checked. The open
+        // policy still accounts what it lets through.
+        Some(Err(e @ RegionError::Recovering { .. })) => {
+            note_recovering(&e);
+            if closed() {
+                return unchecked();
+            }
+            match crate::init::with_region(|region, slot| region.charge(slot, dev, bytes)) {
+                Some(Ok(())) => {
+                    crate::init::DAMAGE
+                        .passed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Admit::Charged(Ticket { dev, bytes })
+                }
+                _ => unchecked(),
+            }
+        }
+        Some(Err(e)) if closed() => refuse_unenforceable(what, &e.to_string()),
+        Some(Err(e)) => {
             note_error(what, &e);
             Admit::Pass
         }
+    }
+}
+
+/// An allocation the region cannot check (damaged, or recovering from damage):
+/// refused under the closed policy, passed through under the open one; counted
+/// either way (the counts are logged at exit, see `init::report_damage`).
+fn unchecked() -> Admit {
+    use std::sync::atomic::Ordering::Relaxed;
+    if closed() {
+        crate::init::DAMAGE.refused.fetch_add(1, Relaxed);
+        Admit::Deny
+    } else {
+        crate::init::DAMAGE.passed.fetch_add(1, Relaxed);
+        Admit::Pass
+    }
+}
+
+/// Says once per recovery (not per allocation) that the region waits for others.
+fn note_recovering(e: &RegionError) {
+    static SAID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+    let episode = crate::init::DAMAGE
+        .reattached
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if SAID.swap(episode, std::sync::atomic::Ordering::Relaxed) != episode {
+        vlog!(WARN, "{e}; {}", match closed() {
+            true => "refusing allocations until they have (VIGIL_LIMIT_POLICY=closed)",
+            false => "allocations are accounted but not limited until they have (VIGIL_LIMIT_POLICY=open)",
+        });
     }
 }
 
@@ -167,21 +217,21 @@ pub fn context_created(dev: usize) {
     if CTX_CHARGED.fetch_or(bit, std::sync::atomic::Ordering::AcqRel) & bit != 0 {
         return;
     }
-    let r = crate::init::with_process(|region, slot| {
+    let r = crate::init::with_region(|region, slot| {
         let bytes = match FOOTPRINT.load(std::sync::atomic::Ordering::Relaxed) {
             0 => region.ctx_footprint().min(8 << 30),
             b => b,
         };
-        (bytes, region.charge(slot, dev, bytes))
+        region.charge(slot, dev, bytes).map(|()| bytes)
     });
     match r {
-        Some((bytes, Ok(()))) => {
+        Some(Ok(bytes)) => {
             vlog!(
                 DEBUG,
                 "primary context on device {dev}: {bytes} bytes charged"
             )
         }
-        Some((_, Err(e))) => note_error("context", &e),
+        Some(Err(e)) => note_error("context", &e),
         None => {
             // Not running: let a later start try again.
             CTX_CHARGED.fetch_and(!bit, std::sync::atomic::Ordering::AcqRel);
@@ -195,10 +245,13 @@ pub fn forget_contexts() {
 }
 
 fn note_error(what: &str, e: &RegionError) {
-    vlog!(
-        WARN,
-        "{what}: accounting unavailable ({e}); passing through"
-    );
+    // Damage is logged once, where it was found (`init`), not on every call.
+    if !matches!(e, RegionError::Damaged { .. }) {
+        vlog!(
+            WARN,
+            "{what}: accounting unavailable ({e}); passing through"
+        );
+    }
 }
 
 /// The real allocation succeeded as `key`, of `actual` bytes (which may differ from
@@ -207,7 +260,7 @@ pub fn commit(t: Ticket, key: Key, actual: u64) {
     // Only a pitched allocation can differ: do not take the region lock for nothing.
     let adjust = (actual != t.bytes)
         .then(|| {
-            crate::init::with_process(|region, slot| {
+            crate::init::with_region(|region, slot| {
                 if actual > t.bytes {
                     region.charge(slot, t.dev, actual - t.bytes)
                 } else {
@@ -248,8 +301,7 @@ pub fn restore(key: Key, entry: (usize, u64)) {
 }
 
 fn credit(dev: usize, bytes: u64) {
-    if let Some(Err(e)) = crate::init::with_process(|region, slot| region.credit(slot, dev, bytes))
-    {
+    if let Some(Err(e)) = crate::init::with_region(|region, slot| region.credit(slot, dev, bytes)) {
         note_error("free", &e);
     }
 }
