@@ -95,8 +95,9 @@ echo "==> kill sweep (tests/kill_sweep.py: one SIGKILL at every fault point, bot
 python3 tests/kill_sweep.py --runs 1
 python3 tests/kill_sweep.py --runs 1 --mode serial
 
-echo "==> random kills (tests/random_kills.py: 10 rounds of 64 processes; --long for 200)"
+echo "==> random kills (tests/random_kills.py: 10 rounds of 64 processes, 3 more in serial mode; --long for 200)"
 python3 tests/random_kills.py --rounds 10
+VIGIL_DETECT_MODE=serial python3 tests/random_kills.py --rounds 3
 
 echo "==> fuzzing (scripts/fuzz.sh: saved reproducers, then each target for 20 s)"
 scripts/fuzz.sh 20

@@ -3,14 +3,16 @@ with random processes SIGKILLed at random times, checking DESIGN.md's invariants
 after every round:
 
  1. exactly one initializer per region (re-initializations only as counted recoveries);
- 2. mutual exclusion: no two detections' lock-held windows overlap;
+ 2. mutual exclusion: no two detections' lock-held windows overlap (serial mode; in the
+    default parallel mode processes detect at the same time by design, and invariant 4
+    is what guards them);
  3. a dead lock owner is taken over within 100 ms of its kill;
  4. every survivor finds its host PID; no PID recorded twice or by the wrong process;
  5. memory accounting returns to 0 once the dead are reaped; the peak stays in the limit;
  6. counters are exact: every counter equals its events plus events counted as lost;
  7. every survivor completes (exit 0).
 
-Usage: python3 tests/random_kills.py [--rounds R] [--n N] [--seed S]
+Usage: [VIGIL_DETECT_MODE=serial] python3 tests/random_kills.py [--rounds R] [--n N] [--seed S]
        (CI runs 10 rounds; --long runs 200). Exits non-zero on the first failed round.
 """
 import argparse
@@ -83,7 +85,12 @@ def one_round(rnd, n, rng, use_ns):
             truths.append(children(p.pid) if use_ns else p.pid)
         # Kill 2-10 of them, each a random still-running one at a random time within the
         # expected run (whoever holds a lock at that moment is as likely as any other).
-        span = n * (CTX_MS + LAG_MS) / 1000
+        # Serial detection runs one process at a time; parallel, everyone at once (the
+        # whole start-up lasts about a context, the lag and a signature).
+        if os.environ.get("VIGIL_DETECT_MODE", "parallel") == "serial":
+            span = n * (CTX_MS + LAG_MS) / 1000
+        else:
+            span = (CTX_MS + LAG_MS) / 1000 + 0.4
         plan = sorted(rng.uniform(0, span) for _ in range(rng.randint(2, 10)))
         t0 = time.monotonic()
         kills = {}
@@ -136,9 +143,10 @@ def one_round(rnd, n, rng, use_ns):
     check("every survivor completed", not bad, f"{bad}: {[logs[i][-200:] for i in bad[:2]]}")
     # 2
     dets = [e for e in evs if e.get("kind") == "detection"]
-    windows = sorted((int(e["ts_ns"]) - int(e["latency_ns"]), int(e["ts_ns"])) for e in dets)
-    overlaps = [(a, b) for a, b in zip(windows, windows[1:]) if b[0] < a[1]]
-    check("detection windows never overlap", not overlaps, f"{overlaps[:2]}")
+    if os.environ.get("VIGIL_DETECT_MODE", "parallel") == "serial":
+        windows = sorted((int(e["ts_ns"]) - int(e["latency_ns"]), int(e["ts_ns"])) for e in dets)
+        overlaps = [(a, b) for a, b in zip(windows, windows[1:]) if b[0] < a[1]]
+        check("detection windows never overlap", not overlaps, f"{overlaps[:2]}")
     # 3
     kill_times = sorted(kills.values())
     for e in (e for e in evs if e.get("kind") == "force_post"):
