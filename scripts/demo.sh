@@ -4,7 +4,9 @@
 # and (if installed) Prometheus with Vigil's alert rules, then runs a burst of workloads
 # under LD_PRELOAD=libvigil.so in two "containers" (two regions):
 #   - trainer: 8 workloads starting at once, each in its own PID namespace, with a
-#     16 GiB limit; the first is SIGKILLed while it holds the detection lock;
+#     16 GiB limit; they detect their host PIDs at the same time (memory signatures);
+#     the first is SIGKILLed while it holds the lock under which a new region's first
+#     context is created (the others take it over within milliseconds);
 #   - small: a 1 GiB limit and a workload that asks for 2 GiB (refused).
 # It prints a summary read from /metrics, where everything is served, and the alerts
 # Prometheus raised. It leaves no processes behind.
@@ -86,7 +88,7 @@ run() { # run CONTAINER LIMIT LOG ARGS...: one workload in the container, preloa
         "$bin/vigil-workload" "$@" >"$log" 2>&1
 }
 
-echo "==> container 'trainer': 8 workloads at once; the first is SIGKILLed holding the detection lock"
+echo "==> container 'trainer': 8 workloads at once; the first is SIGKILLed holding the first-context lock"
 # In a subshell of its own, so the shell's "Killed" notice goes nowhere.
 (run trainer 16g "$dir/victim.log" --alloc 256MiB --hold 5s) 2>/dev/null &
 victim=$!

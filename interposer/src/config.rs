@@ -193,11 +193,6 @@ impl Config {
                 DetectMode::Parallel
             }
         };
-        if detect_mode == DetectMode::Parallel && get("VIGIL_NODE_LOCK_DIR").is_some() {
-            warnings.push(
-                "VIGIL_NODE_LOCK_DIR is only used with VIGIL_DETECT_MODE=serial; parallel detection needs no node lock".into(),
-            );
-        }
         let detect_steps = match get("VIGIL_DETECT_STEPS") {
             None => 5,
             Some(v) => match v.trim().parse::<usize>() {

@@ -583,6 +583,12 @@ fn node_lock(cfg: &Config) -> Option<std::fs::File> {
 
 fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
     if cfg.detect_mode == DetectMode::Parallel {
+        if cfg.node_lock_dir.is_some() {
+            vlog!(
+                INFO,
+                "VIGIL_NODE_LOCK_DIR is only used with VIGIL_DETECT_MODE=serial; parallel detection needs no node lock"
+            );
+        }
         crate::testpoint::hold_region_lock(region, slot);
         detect(region, slot, cfg, &|| true);
         return;

@@ -11,14 +11,19 @@ pub fn panic_point(name: &str) {
     let _ = name;
 }
 
+/// `VIGIL_TEST_HOLD_DETECT_MS`, if set to a number.
+#[cfg(feature = "fault-injection")]
+fn hold_ms() -> Option<u64> {
+    std::env::var("VIGIL_TEST_HOLD_DETECT_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Holds the detection lock for `VIGIL_TEST_HOLD_DETECT_MS` before detecting, so a
 /// test can kill the holder at a known point.
 pub fn hold_detect() {
     #[cfg(feature = "fault-injection")]
-    if let Some(ms) = std::env::var("VIGIL_TEST_HOLD_DETECT_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(ms) = hold_ms() {
         crate::log::vlog!(
             crate::log::INFO,
             "test hold point: holding the detection lock {ms} ms"
@@ -31,10 +36,7 @@ pub fn hold_detect() {
 /// region lock instead, so a test can still kill a lock holder at a known point.
 pub fn hold_region_lock(region: &vigil_region::Region, slot: vigil_region::SlotHandle) {
     #[cfg(feature = "fault-injection")]
-    if let Some(ms) = std::env::var("VIGIL_TEST_HOLD_DETECT_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(ms) = hold_ms() {
         crate::log::vlog!(
             crate::log::INFO,
             "test hold point: holding the region lock {ms} ms"

@@ -257,3 +257,73 @@ fn the_first_process_sets_the_limits_and_later_disagreement_is_reported() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("code=2"));
 }
+
+/// The host PID of the workload `unshare --pid --fork` started: its only child.
+fn unshare_child(parent: u32) -> Option<u32> {
+    for _ in 0..5000 {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")) {
+            if let Some(c) = s.split_whitespace().next() {
+                return c.parse().ok();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    None
+}
+
+#[test]
+fn threads_allocating_as_soon_as_they_can_do_not_spoil_the_signature() {
+    let ok = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED: unshare --pid is not available here");
+        return;
+    }
+    // In a PID namespace of its own, so NVML lists it by a PID it cannot see and the
+    // signature runs; 7 more threads call cuInit at the same moment and allocate the
+    // moment theirs returns, through the hooks, 16 times each.
+    let sim = Sim::start(&[]);
+    let wl = sim.workload(
+        &[
+            "--init-threads",
+            "8",
+            "--init-threads-alloc",
+            "6MiB",
+            "--alloc",
+            "4MiB",
+        ],
+        &[("CUDA_DEVICE_MEMORY_LIMIT", "4g")],
+        true,
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--kill-child", "--mount-proc"])
+        .arg(wl.get_program())
+        .args(wl.get_args())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in wl.get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
+    let child = cmd.spawn().unwrap();
+    let truth = unshare_child(child.id());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let truth = truth.expect("the workload's host PID");
+    assert!(
+        err.contains(&format!("host PID {truth} found")),
+        "expected host PID {truth}:\n{err}"
+    );
+    // Every allocation was counted and freed: only the context stays until exit, and
+    // the slot's release credits it.
+    let used = RegionReader::open(sim.region())
+        .unwrap()
+        .device_usage(0)
+        .unwrap()
+        .1;
+    assert_eq!(used, 0);
+}

@@ -78,6 +78,11 @@ struct Cli {
     /// Call cuInit from this many threads at once (thread-safety checks).
     #[arg(long, default_value_t = 1)]
     init_threads: usize,
+    /// With --init-threads: each extra thread, as soon as its cuInit returns, takes
+    /// the primary context and allocates and frees this much, 16 times (a workload
+    /// allocating while the interposer is still starting up).
+    #[arg(long)]
+    init_threads_alloc: Option<String>,
     /// After init, fork a child that allocates on its own and exits; wait for it.
     #[arg(long)]
     fork: bool,
@@ -334,11 +339,42 @@ fn run(cli: &Cli) -> Result<(), String> {
         wait_for(path)?;
     }
     let init = cu.init;
+    let thread_alloc = cli
+        .init_threads_alloc
+        .as_deref()
+        .map(|s| parse_size("--init-threads-alloc", s).map_err(|e| e.to_string()))
+        .transpose()?;
+    let (device_get, retain, set_current) = (cu.device_get, cu.retain, cu.set_current);
+    let (mem_alloc, mem_free, device) = (cu.mem_alloc, cu.mem_free, cli.device);
     let init_start = monotonic_ns();
     let threads: Vec<_> = (0..cli.init_threads.saturating_sub(1))
         .map(|_| {
-            // SAFETY: cuInit is thread-safe by the CUDA contract.
-            std::thread::spawn(move || unsafe { init(0) })
+            // SAFETY: cuInit, and after it the context and allocation calls, are
+            // thread-safe by the CUDA contract; every out-pointer is a local.
+            std::thread::spawn(move || unsafe {
+                let r = init(0);
+                let Some(bytes) = thread_alloc.filter(|_| r == 0) else {
+                    return r;
+                };
+                let (mut dev, mut ctx, mut p) = (0, std::ptr::null_mut(), 0u64);
+                for call in [
+                    device_get(&mut dev, device),
+                    retain(&mut ctx, dev),
+                    set_current(ctx),
+                ] {
+                    if call != 0 {
+                        return call;
+                    }
+                }
+                for _ in 0..16 {
+                    let r = mem_alloc(&mut p, bytes as usize);
+                    if r != 0 {
+                        return r;
+                    }
+                    mem_free(p);
+                }
+                0
+            })
         })
         .collect();
     let mut dev: c_int = 0;
