@@ -164,7 +164,8 @@ fn check_from_lookup(b: &mut Bytes) {
     }
     for (i, &l) in lims.iter().enumerate() {
         let var = format!("{LIMIT}_{i}");
-        let own = parse(&var);
+        // A per-device 0 means unset (HAMi-core's meaning): the global value decides.
+        let own = parse(&var).filter(|r| *r != Ok(0));
         let want = match (&own, &global) {
             (Some(Ok(n)), _) => *n,
             (Some(Err(_)), g) => {
@@ -301,9 +302,11 @@ fn check_config(b: &mut Bytes) {
     });
     assert_eq!(c.region_mode, mode.unwrap_or(0o666));
     assert!(c.region_mode <= 0o777);
-    // Limit policy: closed by default as soon as any limit variable is set at all.
-    let limit_set = set(LIMIT).is_some()
-        || (0..limits::MAX_ORDINALS).any(|i| set(&format!("{LIMIT}_{i}")).is_some());
+    // Limit policy: closed by default as soon as any limit variable asks for a limit:
+    // set to anything but a valid 0 (which means unset, as in HAMi-core).
+    let asks = |k: &str| set(k).is_some_and(|v| limits::parse_limit(k, v) != Ok(0));
+    let limit_set =
+        asks(LIMIT) || (0..limits::MAX_ORDINALS).any(|i| asks(&format!("{LIMIT}_{i}")));
     let default_policy = if limit_set {
         config::LimitPolicy::Closed
     } else {
