@@ -72,6 +72,11 @@ pub trait Probe {
     fn random(&mut self) -> u64;
     /// A named point where a test can kill us (`fault-injection`).
     fn fault(&mut self, _point: &'static str) {}
+    /// Whether we run in the host's (initial) PID namespace: NVML then lists us by the
+    /// PID we know, and markers are pointless.
+    fn in_initial_pid_namespace(&mut self) -> bool {
+        false
+    }
     /// Time since detection started.
     fn elapsed(&mut self) -> Duration;
     fn sleep(&mut self, d: Duration);
@@ -120,19 +125,29 @@ fn ours_by_namespace(
     had(now) > had(before) || (had(now) > 0 && probe.namespace_pids_seen())
 }
 
-/// Takes a staircase step of `bytes` (or one page if that is refused).
-fn step(t: &mut Tracker, held: &mut Vec<u64>, bytes: u64, probe: &mut impl Probe) -> bool {
+/// Takes a staircase step of `bytes` (or one page if that is refused); Err says why
+/// not even a page could be had.
+fn step(
+    t: &mut Tracker,
+    held: &mut Vec<u64>,
+    bytes: u64,
+    probe: &mut impl Probe,
+) -> Result<(), String> {
+    let mut why = String::new();
     for b in [bytes, signature::UNIT] {
-        if probe.mark(b).is_ok() {
-            t.step_up(b);
-            held.push(b);
-            return true;
+        match probe.mark(b) {
+            Ok(()) => {
+                t.step_up(b);
+                held.push(b);
+                return Ok(());
+            }
+            Err(e) => why = e,
         }
         if b == signature::UNIT {
             break;
         }
     }
-    false
+    Err(format!("no detection marker could be allocated ({why})"))
 }
 
 /// Frees every marker, newest first, and ends the round.
@@ -163,6 +178,7 @@ pub fn run_signature(
     let mut wait = policy.poll_start;
     let (mut polls, mut errors) = (0u32, 0u32);
     let mut note: Option<String> = None;
+    let host_ns = probe.in_initial_pid_namespace();
     // A step nobody shows within this long starts a new round.
     let stuck = (policy.poll_max * 15).max(Duration::from_millis(100));
     // After the first entry shows a step, how long the others get to show it too.
@@ -175,7 +191,28 @@ pub fn run_signature(
                 let now_c = counts(&procs);
                 if ours_by_namespace(&before, &now_c, me, probe) {
                     unwind(&mut t, &mut held, probe);
-                    return done(DetectOutcome::SameNamespace, Some(me), polls, t.rejected());
+                    let mut d = done(DetectOutcome::SameNamespace, Some(me), polls, t.rejected());
+                    if t.actions() > 0 {
+                        // NVML may still show our markers on our own entry: its value
+                        // now is no measure of the context by itself. The smallest of
+                        // it and of what entries like ours showed first is.
+                        let ours = procs.iter().find(|p| p.0 == me).map(|p| p.1);
+                        d.footprint = match (ours, t.first_min()) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    }
+                    return d;
+                }
+                if host_ns {
+                    // Only our own PID can be ours: wait for it, no markers.
+                    let left = policy.deadline.saturating_sub(probe.elapsed());
+                    if left.is_zero() {
+                        break;
+                    }
+                    probe.sleep(wait.min(left));
+                    wait = (wait * 2).min(policy.poll_max);
+                    continue;
                 }
                 let claimed = probe.claimed();
                 let mut present = BTreeSet::new();
@@ -209,10 +246,8 @@ pub fn run_signature(
                     // Between rounds: start one as soon as there is anyone to watch.
                     if t.alive().next().is_some() {
                         sizes = signature::step_sizes(sig.steps, sig.max_pages, || probe.random());
-                        if !step(&mut t, &mut held, sizes[0], probe) {
-                            note = Some(
-                                "no room under the memory limit for a detection marker".into(),
-                            );
+                        if let Err(e) = step(&mut t, &mut held, sizes[0], probe) {
+                            note = Some(e);
                             break;
                         }
                         probe.fault("detect.marker_held");
@@ -251,11 +286,9 @@ pub fn run_signature(
                                 continue;
                             }
                             let next = sizes[held.len()];
-                            if !step(&mut t, &mut held, next, probe) {
+                            if let Err(e) = step(&mut t, &mut held, next, probe) {
                                 unwind(&mut t, &mut held, probe);
-                                note = Some(
-                                    "no room under the memory limit for a detection marker".into(),
-                                );
+                                note = Some(e);
                                 break;
                             }
                             (step_at, first_show, wait) = (now, None, policy.poll_start);
@@ -684,6 +717,7 @@ mod signature_tests {
         others: Vec<Shown>,
         cap: u64,
         marks: u32,
+        host_ns: bool,
     }
 
     impl World {
@@ -702,6 +736,7 @@ mod signature_tests {
                 others: Vec::new(),
                 cap: u64::MAX,
                 marks: 0,
+                host_ns: false,
             }
         }
 
@@ -756,7 +791,7 @@ mod signature_tests {
         fn mark(&mut self, bytes: u64) -> Result<(), String> {
             let level: u64 = self.held.iter().sum::<u64>() + bytes;
             if level > self.cap {
-                return Err("over the limit".into());
+                return Err(format!("{bytes} bytes refused by the memory limit"));
             }
             self.held.push(bytes);
             self.marks += 1;
@@ -772,6 +807,9 @@ mod signature_tests {
         }
         fn random(&mut self) -> u64 {
             self.rng.next()
+        }
+        fn in_initial_pid_namespace(&mut self) -> bool {
+            self.host_ns
         }
         fn elapsed(&mut self) -> Duration {
             self.t
@@ -881,5 +919,39 @@ mod signature_tests {
             (d.outcome, d.host_pid),
             (DetectOutcome::SameNamespace, Some(7))
         );
+    }
+
+    #[test]
+    fn in_the_host_namespace_it_waits_for_its_own_pid_without_markers() {
+        // Others start at once and are listed first; we are listed late, by our PID.
+        let mut w = World::new(9, (5, 30), 120);
+        w.ours.pid = 7;
+        w.host_ns = true;
+        w.detector(1000, 0, 5);
+        let d = run_signature(&P, &SIG, &[], 7, &mut w);
+        assert_eq!(
+            (d.outcome, d.host_pid),
+            (DetectOutcome::SameNamespace, Some(7))
+        );
+        assert_eq!(w.marks, 0, "no marker in the host namespace");
+        assert_eq!(d.footprint, None, "our own entry measures the context");
+    }
+
+    #[test]
+    fn markers_taken_before_our_pid_showed_are_not_measured_as_the_context() {
+        // A namespace-PID driver: a foreign entry appears first and a round starts;
+        // then our own PID is listed, possibly with a marker on it.
+        let mut w = World::new(10, (5, 30), 60);
+        w.ours.pid = 7;
+        w.detector(1000, 0, 5);
+        let d = run_signature(&P, &SIG, &[], 7, &mut w);
+        assert_eq!(d.outcome, DetectOutcome::SameNamespace);
+        assert!(w.marks > 0);
+        assert_eq!(
+            d.footprint,
+            Some(BASE),
+            "from entries like ours, not ours with markers"
+        );
+        assert!(w.held.is_empty());
     }
 }

@@ -494,6 +494,10 @@ impl Probe for Live<'_> {
     fn fault(&mut self, point: &'static str) {
         vigil_region::fault::point(point);
     }
+    fn in_initial_pid_namespace(&mut self) -> bool {
+        vigil_region::ProcessIdentity::current().pidns_inode
+            == vigil_region::procfs::PROC_PID_INIT_INO
+    }
     fn elapsed(&mut self) -> Duration {
         self.start.elapsed()
     }
@@ -830,7 +834,12 @@ fn charge_context(
     };
     let (used, measured) = match det.outcome {
         DetectOutcome::Found => (det.footprint.or_else(|| det.host_pid.and_then(own)), true),
-        DetectOutcome::SameNamespace => (own(me), true),
+        // Markers taken before our own PID showed up may still be on our entry: then
+        // the footprint comes from entries like ours, and is not published.
+        DetectOutcome::SameNamespace => match det.footprint {
+            Some(f) => (Some(f), false),
+            None => (own(me), true),
+        },
         _ if estimate > 0 => (None, false),
         _ => (det.footprint, false),
     };

@@ -43,6 +43,8 @@ pub struct Tracker {
     round: Vec<usize>,
     entries: BTreeMap<u32, Entry>,
     rejected: BTreeSet<u32>,
+    /// The smallest usage any entry showed when first seen (rejected ones included).
+    first_min: Option<u64>,
 }
 
 impl Default for Tracker {
@@ -52,6 +54,7 @@ impl Default for Tracker {
             round: Vec::new(),
             entries: BTreeMap::new(),
             rejected: BTreeSet::new(),
+            first_min: None,
         }
     }
 }
@@ -114,6 +117,7 @@ impl Tracker {
         }
         let actions = self.actions();
         let Some(mut e) = self.entries.remove(&pid) else {
+            self.first_min = Some(self.first_min.map_or(used, |m| m.min(used)));
             // First sight: any level reached so far may be what it shows.
             let mut hyps: Vec<Hyp> = Vec::new();
             for j in 0..self.levels.len() {
@@ -210,6 +214,12 @@ impl Tracker {
                     .map(|h| (*pid, h.base))
             })
             .collect()
+    }
+
+    /// The smallest usage any entry showed when first seen: a process like ours, its
+    /// context and little else.
+    pub fn first_min(&self) -> Option<u64> {
+        self.first_min
     }
 
     /// The bases of every entry still consistent (what a context takes, seen on

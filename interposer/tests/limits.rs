@@ -465,7 +465,8 @@ fn detection_markers_are_charged_so_a_late_starter_never_pushes_the_device_past_
         "the device reached {peak} bytes under a {GIB}-byte limit:\n{err}"
     );
     assert!(
-        err.contains("no room under the memory limit for a detection marker"),
+        err.contains("no detection marker could be allocated")
+            && err.contains("refused by the memory limit"),
         "{err}"
     );
 }
