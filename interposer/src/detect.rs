@@ -316,7 +316,7 @@ pub fn run_signature(
     };
     let mut d = done(outcome, None, polls, t.rejected());
     d.candidates = candidates;
-    d.footprint = t.bases().into_iter().min();
+    d.footprint = t.bases().into_iter().chain(t.first_min()).min();
     d.note = note;
     d
 }

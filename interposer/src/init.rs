@@ -840,8 +840,14 @@ fn charge_context(
             Some(f) => (Some(f), false),
             None => (own(me), true),
         },
-        _ if estimate > 0 => (None, false),
-        _ => (det.footprint, false),
+        // No measure of our own: what entries like ours take, never more than the
+        // estimate already charged (a provisional one, taken while other processes
+        // were also starting, can be several contexts).
+        _ => match (det.footprint, estimate) {
+            (Some(f), 0) => (Some(f), false),
+            (Some(f), e) => (Some(f.min(e)), false),
+            (None, _) => (None, false),
+        },
     };
     let Some(used) = used.map(|u| u.min(MAX_CTX_FOOTPRINT)) else {
         if estimate == 0 {
