@@ -673,12 +673,10 @@ fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn()
     let ctx_ns = start.elapsed().as_nanos() as u64;
     // A region that has no estimate yet (its first processes) charges the context
     // as soon as it exists, so that nobody fills the limit around uncharged contexts
-    // while detection runs: the smallest entry that appeared since our snapshot (a
-    // context like ours), else what the whole device gained while ours was born
-    // (which can include other processes' work: an over-charge, corrected when
-    // detection measures ours, beats an uncounted context).
+    // while detection runs (see `provisional_footprint`; an over-charge, corrected
+    // when detection measures ours, beats an uncounted context).
     let estimate = if estimate == 0 && ctx_ok.is_ok() {
-        provisional_footprint(nvml.as_ref().ok(), before.as_deref().ok(), device_before)
+        provisional_footprint(nvml.as_ref().ok(), device_before)
             .map(|b| b.min(MAX_CTX_FOOTPRINT))
             .filter(|b| *b > 0 && region.charge(slot, 0, *b).is_ok())
             .unwrap_or(0)
@@ -792,22 +790,27 @@ fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn()
     }
 }
 
-/// A first charge for our new context when the region has no estimate yet.
-fn provisional_footprint(
-    nvml: Option<&Nvml>,
-    before: Option<&[(u32, u64)]>,
-    device_before: Option<u64>,
-) -> Option<u64> {
+/// A first charge for our new context when the region has no estimate yet: what the
+/// whole device gained while ours was born, but never more than the smallest process
+/// NVML lists (a context like ours, plus whatever it allocated): on a node where other
+/// containers start at the same moment, the device's gain counts their contexts too.
+fn provisional_footprint(nvml: Option<&Nvml>, device_before: Option<u64>) -> Option<u64> {
     let nvml = nvml?;
-    let fresh_min = before.and_then(|b| {
-        nvml.procs()
-            .ok()?
-            .into_iter()
-            .filter(|(p, u)| *u != detect::NOT_AVAILABLE && *u > 0 && !b.iter().any(|e| e.0 == *p))
+    let listed_min = nvml.procs().ok().and_then(|ps| {
+        ps.into_iter()
             .map(|(_, u)| u)
+            .filter(|u| *u != detect::NOT_AVAILABLE && *u > 0)
             .min()
     });
-    fresh_min.or_else(|| Some(nvml.device_used()?.saturating_sub(device_before?)))
+    let delta = nvml
+        .device_used()
+        .zip(device_before)
+        .map(|(a, b)| a.saturating_sub(b))
+        .filter(|d| *d > 0);
+    match (delta, listed_min) {
+        (Some(d), Some(l)) => Some(d.min(l)),
+        (d, l) => d.or(l),
+    }
 }
 
 /// No primary context takes more than this (an H100's is 518 MiB).
