@@ -8,7 +8,6 @@
 
 mod common;
 use common::*;
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -145,18 +144,7 @@ fn printed(out: &Output, key: &str) -> u64 {
 
 /// The simulator's peak usage so far, across devices.
 fn sim_peak(sim: &Sim) -> u64 {
-    let out = Command::new(artifact("vigil-gpusim"))
-        .arg("--socket")
-        .arg(sim.dir.path().join("gpu.sock"))
-        .arg("stats")
-        .output()
-        .unwrap();
-    let kv: HashMap<String, u64> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|t| t.split_once('='))
-        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        .collect();
-    kv["peak"]
+    sim_stats(sim).1
 }
 
 const LIMIT: [(&str, &str); 1] = [("CUDA_DEVICE_MEMORY_LIMIT", "1g")];

@@ -46,22 +46,6 @@ fn field(out: &[u8], word: &str, key: &str) -> u64 {
         })
 }
 
-/// The simulator's own totals: (used now, peak ever) across devices.
-fn sim_stats(sim: &Sim) -> (u64, u64) {
-    let out = Command::new(artifact("vigil-gpusim"))
-        .arg("--socket")
-        .arg(sim.dir.path().join("gpu.sock"))
-        .arg("stats")
-        .output()
-        .unwrap();
-    let kv: HashMap<String, u64> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|t| t.split_once('='))
-        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        .collect();
-    (kv["used"], kv["peak"])
-}
-
 #[test]
 fn sixteen_processes_filling_a_1gib_limit_never_pass_it_and_usage_returns_to_zero() {
     // Contexts are small here so the limit is mostly allocations; they are charged

@@ -7,7 +7,6 @@
 
 mod common;
 use common::*;
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -76,22 +75,6 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
-}
-
-/// The simulator's own totals: (used now, peak ever).
-fn sim_stats(sim: &Sim) -> (u64, u64) {
-    let out = Command::new(artifact("vigil-gpusim"))
-        .arg("--socket")
-        .arg(sim.dir.path().join("gpu.sock"))
-        .arg("stats")
-        .output()
-        .unwrap();
-    let kv: HashMap<String, u64> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|t| t.split_once('='))
-        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        .collect();
-    (kv["used"], kv["peak"])
 }
 
 /// A workload on `region` (instead of the simulator's default path).

@@ -100,3 +100,20 @@ pub fn stderr(o: &Output) -> String {
 pub fn counter(region: &Path, c: Counter) -> u64 {
     RegionReader::open(region).unwrap().snapshot().counter(c)
 }
+
+/// The simulator's own totals: (used now, peak ever) across devices, from
+/// `vigil-gpusim stats` (the truth the limit tests compare with).
+pub fn sim_stats(sim: &Sim) -> (u64, u64) {
+    let out = Command::new(artifact("vigil-gpusim"))
+        .arg("--socket")
+        .arg(sim.dir.path().join("gpu.sock"))
+        .arg("stats")
+        .output()
+        .unwrap();
+    let kv: std::collections::HashMap<String, u64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|t| t.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect();
+    (kv["used"], kv["peak"])
+}
