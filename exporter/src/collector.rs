@@ -12,9 +12,11 @@
 //! still panic, `http::Metrics::render` renders again in isolation mode: each region
 //! is first encoded on its own, and one that panics is left out of that scrape.
 
+use crate::hami::{Liveness, LockState};
 use crate::hostpid::RESULTS;
 use crate::labels::RegionLabels;
-use crate::regions::{lock, panic_text, RegionSet, Tracked};
+use crate::nvml::NvmlState;
+use crate::regions::{lock, panic_text, HamiView, RegionSet, Tracked};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -162,7 +164,7 @@ struct Trial(Vec<View>);
 
 impl Collector for Trial {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
-        encode_views(&mut enc, &self.0, 0, &[])
+        encode_views(&mut enc, &self.0, &Extra::default(), 0, &[])
     }
 }
 
@@ -325,8 +327,12 @@ impl Collector for VigilCollector {
         }
         self.check_host_pids(&mut views);
         let read_time = t0.elapsed();
+        let extra = Extra {
+            hami: self.set.hami_views(),
+            nvml: self.set.nvml_state(),
+        };
         let errs = self.set.error_counts();
-        encode_views(&mut enc, &views, tracked.len(), &errs)?;
+        encode_views(&mut enc, &views, &extra, tracked.len(), &errs)?;
         tracing::debug!(
             "scrape: read {} regions in {:?}, encoded in {:?}",
             views.len(),
@@ -337,16 +343,60 @@ impl Collector for VigilCollector {
     }
 }
 
-/// Encodes every family for `views`, then the exporter's self-metrics.
+/// What a scrape exports besides Vigil's own regions.
+#[derive(Debug, Default)]
+struct Extra {
+    /// HAMi-core regions (issue 14): some of Vigil's families, marked
+    /// `interposer="hami-core"`, plus `vigil_hami_*`.
+    hami: Vec<HamiView>,
+    nvml: NvmlState,
+}
+
+/// The `interposer` label of HAMi-core regions' series. Vigil's own series carry none,
+/// so every existing query keeps its meaning; `{interposer=""}` selects Vigil's only.
+const HAMI: (&str, &str) = ("interposer", "hami-core");
+
+fn lock_state_value(s: LockState) -> (i64, i64) {
+    match s {
+        LockState::Free => (0, 0),
+        LockState::Held => (1, 0),
+        LockState::HeldByDeadOwner => (1, 1),
+    }
+}
+
+/// Encodes every family for `views` and `extra`, then the exporter's self-metrics.
 fn encode_views(
     enc: &mut DescriptorEncoder,
     views: &[View],
+    extra: &Extra,
     regions: usize,
     errs: &[(&'static str, u64)],
 ) -> fmt::Result {
     {
         let bases: Vec<Labels> = views.iter().map(|v| v.labels.pairs()).collect();
         let each = || views.iter().zip(bases.iter());
+        let hami = &extra.hami;
+        let hbases: Vec<Labels> = hami
+            .iter()
+            .map(|h| {
+                let mut b = h.labels.pairs();
+                b.push(HAMI);
+                b
+            })
+            .collect();
+        let heach = || hami.iter().zip(hbases.iter());
+        let hdevs: Vec<Vec<String>> = hami
+            .iter()
+            .map(|h| (0..h.region.devices).map(|i| i.to_string()).collect())
+            .collect();
+        let hper_device = |f: &'static dyn Fn(&HamiView, usize) -> u64| {
+            heach().zip(hdevs.iter()).flat_map(move |((h, b), names)| {
+                names
+                    .iter()
+                    .enumerate()
+                    .map(move |(d, n)| (with(b, &[("device", n.as_str())]), clamp(f(h, d))))
+            })
+        };
         let c = |v: &View, c: Counter| v.snap.counter(c);
 
         counters(
@@ -376,13 +426,20 @@ fn encode_views(
         gauges(
             enc,
             "vigil_processes",
-            "Live processes: active slots whose owner's liveness token is held",
-            each().map(|(v, b)| {
-                (
-                    b.clone(),
-                    v.snap.slots.iter().filter(|s| s.alive).count() as i64,
-                )
-            }),
+            "Live processes: active slots whose owner's liveness token is held (HAMi-core: used slots not known to be dead)",
+            each()
+                .map(|(v, b)| {
+                    (
+                        b.clone(),
+                        v.snap.slots.iter().filter(|s| s.alive).count() as i64,
+                    )
+                })
+                .chain(heach().map(|(h, b)| {
+                    (
+                        b.clone(),
+                        (h.region.slots.len() - h.eval.count(Liveness::Dead)) as i64,
+                    )
+                })),
         )?;
         counters(
             enc,
@@ -539,13 +596,17 @@ fn encode_views(
             enc,
             "vigil_device_memory_limit_bytes",
             "Per-device memory limit; 0 means no limit",
-            per_device(|d| d.limit).map(|(l, v)| (l, v.min(i64::MAX as u64) as i64)),
+            per_device(|d| d.limit)
+                .map(|(l, v)| (l, v.min(i64::MAX as u64) as i64))
+                .chain(hper_device(&|h, d| h.region.limits[d])),
         )?;
         gauges(
             enc,
             "vigil_device_memory_used_bytes",
             "Device memory the region's processes hold, as the interposer accounted it (memory of processes that died is included until their slot is reclaimed: see dead_bytes)",
-            per_device(|d| d.used).map(|(l, v)| (l, v.min(i64::MAX as u64) as i64)),
+            per_device(|d| d.used)
+                .map(|(l, v)| (l, v.min(i64::MAX as u64) as i64))
+                .chain(hper_device(&|h, d| h.region.used(d))),
         )?;
         // Held by slots whose process is gone (SIGKILLed, `_exit`): still in `used`
         // until a later process of the region reclaims the slot. Told apart by the
@@ -565,8 +626,47 @@ fn encode_views(
                             (*v).min(i64::MAX as u64) as i64,
                         )
                     })
-                }),
+                })
+                .chain(hper_device(&|h, d| h.eval.dead_bytes[d])),
         )?;
+        encode_hami(enc, hami, &hbases, &hdevs)?;
+        if extra.nvml.enabled {
+            // Per region and device: (host PIDs of live slots, what Vigil accounted to them).
+            let mut checked: Vec<(Labels, Vec<u32>, Vec<u64>)> = Vec::new();
+            for (v, b) in each() {
+                let live: Vec<_> = v
+                    .snap
+                    .slots
+                    .iter()
+                    .filter(|s| s.alive && s.host_pid != 0)
+                    .collect();
+                let mut acc = vec![0u64; v.snap.devices.len()];
+                for s in &live {
+                    for (a, &u) in acc.iter_mut().zip(s.mem_used.iter()) {
+                        *a = a.saturating_add(u);
+                    }
+                }
+                checked.push((b.clone(), live.iter().map(|s| s.host_pid).collect(), acc));
+            }
+            for ((h, b), ev) in heach().zip(hami.iter().map(|h| &h.eval)) {
+                let live: Vec<_> = h
+                    .region
+                    .slots
+                    .iter()
+                    .zip(ev.slots.iter())
+                    .filter(|(s, l)| **l == Liveness::Alive && s.host_pid != 0)
+                    .map(|(s, _)| s)
+                    .collect();
+                let acc = (0..h.region.devices)
+                    .map(|d| {
+                        live.iter()
+                            .fold(0u64, |a, s| a.saturating_add(s.devices[d].total))
+                    })
+                    .collect();
+                checked.push((b.clone(), live.iter().map(|s| s.host_pid).collect(), acc));
+            }
+            encode_nvml(enc, &extra.nvml, &checked)?;
+        }
         gauges(
             enc,
             "vigil_device_memory_peak_bytes",
@@ -610,6 +710,12 @@ fn encode_views(
             "Regions currently watched",
             [(vec![], regions as i64)],
         )?;
+        gauges(
+            enc,
+            "vigil_exporter_hami_regions",
+            "HAMi-core regions currently watched",
+            [(vec![], hami.len() as i64)],
+        )?;
         counters(
             enc,
             "vigil_exporter_region_errors",
@@ -618,4 +724,215 @@ fn encode_views(
         )?;
         Ok(())
     }
+}
+
+fn clamp(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+/// The families only HAMi-core regions have.
+fn encode_hami(
+    enc: &mut DescriptorEncoder,
+    hami: &[HamiView],
+    bases: &[Labels],
+    devs: &[Vec<String>],
+) -> fmt::Result {
+    let each = || hami.iter().zip(bases.iter());
+    gauges(
+        enc,
+        "vigil_hami_region_info",
+        "Always 1 per HAMi-core region; version is the shared_region_t version its libvgpu.so wrote",
+        each().map(|(h, b)| {
+            (
+                with(b, &[("version", if h.region.minor >= 2 { "1.2" } else { "1.1" })]),
+                1,
+            )
+        }),
+    )?;
+    gauges(
+        enc,
+        "vigil_hami_device_info",
+        "Always 1 per device of a HAMi-core region; uuid is the one HAMi-core recorded (joins with HAMi's deviceuuid and dcgm-exporter's UUID)",
+        each().zip(devs.iter()).flat_map(|((h, b), names)| {
+            names.iter().zip(h.region.uuids.iter()).map(move |(n, u)| {
+                (with(b, &[("device", n.as_str()), ("uuid", u.as_str())]), 1)
+            })
+        }),
+    )?;
+    {
+        let mut m = enc.encode_descriptor(
+            "vigil_hami_device_sm_limit_ratio",
+            "HAMi-core's SM (core) limit per device, as a fraction of the device; 0 means no limit. Vigil's interposer does not enforce it",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((h, b), names) in each().zip(devs.iter()) {
+            for (n, &p) in names.iter().zip(h.region.sm_limits.iter()) {
+                m.encode_family(&with(b, &[("device", n.as_str())]))?
+                    .encode_gauge(&(p as f64 / 100.0))?;
+            }
+        }
+    }
+    gauges(
+        enc,
+        "vigil_hami_process_slots",
+        "Used process slots of a HAMi-core region, by whether their process is alive (judged from who maps the region file; unknown without ptrace access to /proc)",
+        each().flat_map(|(h, b)| {
+            [
+                ("alive", Liveness::Alive),
+                ("dead", Liveness::Dead),
+                ("unknown", Liveness::Unknown),
+            ]
+            .map(|(n, l)| (with(b, &[("state", n)]), h.eval.count(l) as i64))
+        }),
+    )?;
+    gauges(
+        enc,
+        "vigil_hami_host_pid_zero_slots",
+        "Used slots of a HAMi-core region whose recorded host PID is 0: HAMi-core's host-PID detection failed for them",
+        each().map(|(h, b)| (b.clone(), h.eval.host_pid_zero as i64)),
+    )?;
+    gauges(
+        enc,
+        "vigil_hami_host_pid_wrong_slots",
+        "Slots of a HAMi-core region whose process is alive but whose recorded host PID is another process's",
+        each().map(|(h, b)| (b.clone(), h.eval.host_pid_wrong as i64)),
+    )?;
+    let locks = |h: &HamiView| -> Vec<(&'static str, LockState, u32)> {
+        let mut v = vec![("sem", h.eval.sem, h.region.sem.waiters)];
+        if let (Some(s), Some(raw)) = (h.eval.sem_postinit, h.region.sem_postinit) {
+            v.push(("sem_postinit", s, raw.waiters));
+        }
+        v
+    };
+    gauges(
+        enc,
+        "vigil_hami_lock_held",
+        "1 while a HAMi-core lock (sem: slot table; sem_postinit: host-PID detection) is held",
+        each().flat_map(|(h, b)| {
+            locks(h)
+                .into_iter()
+                .map(move |(n, s, _)| (with(b, &[("lock", n)]), lock_state_value(s).0))
+        }),
+    )?;
+    gauges(
+        enc,
+        "vigil_hami_lock_owner_dead",
+        "1 while a HAMi-core lock is held and no live process can be its holder: a deadlock in progress for every process that starts in the container",
+        each().flat_map(|(h, b)| {
+            locks(h)
+                .into_iter()
+                .map(move |(n, s, _)| (with(b, &[("lock", n)]), lock_state_value(s).1))
+        }),
+    )?;
+    gauges(
+        enc,
+        "vigil_hami_lock_waiters",
+        "Processes blocked on a HAMi-core lock right now (from the semaphore's waiter count)",
+        each().flat_map(|(h, b)| {
+            locks(h)
+                .into_iter()
+                .map(move |(n, _, w)| (with(b, &[("lock", n)]), w as i64))
+        }),
+    )?;
+    Ok(())
+}
+
+/// NVML's families: devices, and per region NVML's usage of its live processes next
+/// to Vigil's accounting of them (see `nvml`).
+fn encode_nvml(
+    enc: &mut DescriptorEncoder,
+    st: &NvmlState,
+    regions: &[(Labels, Vec<u32>, Vec<u64>)],
+) -> fmt::Result {
+    gauges(
+        enc,
+        "vigil_exporter_nvml_up",
+        "1 if NVML is loaded and its last refresh succeeded",
+        [(vec![], st.up as i64)],
+    )?;
+    counters(
+        enc,
+        "vigil_exporter_nvml_errors",
+        "NVML refreshes that failed, including attempts to load the library",
+        [(vec![], st.errors)],
+    )?;
+    let snap = st.snapshot.as_deref();
+    let devices = snap.map_or(&[][..], |s| s.devices.as_slice());
+    let idx: Vec<String> = devices.iter().map(|d| d.index.to_string()).collect();
+    {
+        let mut m = enc.encode_descriptor(
+            "vigil_exporter_nvml_refresh_seconds",
+            "How long the last NVML refresh took (done in the background, not by scrapes)",
+            None,
+            MetricType::Gauge,
+        )?;
+        if let Some(s) = snap {
+            m.encode_family(&Vec::<(&str, &str)>::new())?
+                .encode_gauge(&s.duration.as_secs_f64())?;
+        }
+    }
+    gauges(
+        enc,
+        "vigil_device_info",
+        "Always 1 per physical device NVML lists; device is NVML's index (joins with dcgm-exporter's UUID and HAMi's deviceuuid through uuid)",
+        devices.iter().zip(idx.iter()).map(|(d, i)| {
+            (
+                vec![("device", i.as_str()), ("uuid", d.uuid.as_str()), ("model", d.model.as_str())],
+                1,
+            )
+        }),
+    )?;
+    gauges(
+        enc,
+        "vigil_nvml_device_memory_total_bytes",
+        "Physical device memory, from NVML",
+        devices
+            .iter()
+            .zip(idx.iter())
+            .map(|(d, i)| (vec![("device", i.as_str())], clamp(d.total))),
+    )?;
+    gauges(
+        enc,
+        "vigil_nvml_device_memory_used_bytes",
+        "Physical device memory in use by anyone, from NVML",
+        devices
+            .iter()
+            .zip(idx.iter())
+            .map(|(d, i)| (vec![("device", i.as_str())], clamp(d.used))),
+    )?;
+    let mut rows: Vec<(Labels, i64, i64)> = Vec::new();
+    let names: Vec<Vec<String>> = regions
+        .iter()
+        .map(|(_, _, acc)| (0..acc.len()).map(|d| d.to_string()).collect())
+        .collect();
+    if let Some(s) = snap {
+        for ((b, pids, acc), names) in regions.iter().zip(names.iter()) {
+            let Some(pairs) = crate::nvml::pair_devices(s, pids, acc) else {
+                continue;
+            };
+            for ((d, n), name) in pairs.iter().enumerate().zip(names.iter()) {
+                let seen = n.map_or(0, |n| crate::nvml::usage_of(s, n, pids));
+                let drift = seen as i128 - acc[d] as i128;
+                rows.push((
+                    with(b, &[("device", name.as_str())]),
+                    clamp(seen),
+                    drift.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+                ));
+            }
+        }
+    }
+    gauges(
+        enc,
+        "vigil_nvml_process_memory_bytes",
+        "Device memory NVML reports for the region's live processes whose host PID is known (device is the region's ordinal, paired with the physical device its processes use)",
+        rows.iter().map(|(l, v, _)| (l.clone(), *v)),
+    )?;
+    gauges(
+        enc,
+        "vigil_device_memory_accounting_drift_bytes",
+        "NVML's usage of the region's live processes minus what the interposer accounted to them: positive means allocations Vigil did not count",
+        rows.iter().map(|(l, _, d)| (l.clone(), *d)),
+    )?;
+    Ok(())
 }

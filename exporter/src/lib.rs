@@ -11,11 +11,13 @@
 
 pub mod collector;
 pub mod drain;
+pub mod hami;
 pub mod hostpid;
 pub mod http;
 pub mod inspect;
 pub mod labels;
 pub mod negotiate;
+pub mod nvml;
 pub mod otlp;
 pub mod regions;
 pub mod trace;

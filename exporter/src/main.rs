@@ -85,6 +85,21 @@ struct Cli {
     /// At most one /proc scan per this interval (only when new slots await a check).
     #[arg(long = "proc.scan-interval", default_value = "10s", value_parser = parse_duration)]
     proc_scan_interval: Duration,
+    /// NVML (the driver's view: device UUID and model, physical memory, and each
+    /// region's processes' usage to compute accounting drift). auto: used if the
+    /// library loads, otherwise its series are left out; off: never loaded.
+    #[arg(long = "nvml", value_enum, default_value = "auto")]
+    nvml: vigil_exporter::nvml::Mode,
+    /// The NVML library to load.
+    #[arg(
+        long = "nvml.library",
+        value_name = "PATH",
+        default_value = "libnvidia-ml.so.1"
+    )]
+    nvml_library: std::ffi::OsString,
+    /// How often NVML is read (in the background; scrapes serve the latest reading).
+    #[arg(long = "nvml.interval", default_value = "5s", value_parser = parse_duration)]
+    nvml_interval: Duration,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long = "log.level", default_value = "info",
           value_parser = ["error", "warn", "info", "debug", "trace"])]
@@ -202,9 +217,16 @@ fn run(cli: Cli) -> Result<(), String> {
                 max_regions: cli.max_regions as usize,
                 max_per_dir: cli.max_per_dir as usize,
             })
-            .with_host_pid_checks(cli.proc_path.clone(), cli.proc_scan_interval),
+            .with_host_pid_checks(cli.proc_path.clone(), cli.proc_scan_interval)
+            .with_nvml(vigil_exporter::nvml::NvmlSource::new(
+                cli.nvml,
+                cli.nvml_library.clone(),
+                cli.nvml_interval,
+            )),
     );
     set.rescan();
+    // Starts the NVML thread now, so the first scrape already has a reading.
+    let _ = set.nvml_state();
 
     // The background task: drains rings and rescans, on a thread of its own because
     // it maps files and makes syscalls (it is never on an async worker).

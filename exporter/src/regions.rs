@@ -35,6 +35,7 @@
 //! others.
 
 use crate::drain::RegionDrain;
+use crate::hami::Attachments;
 use crate::hostpid::{HostPidChecker, RegionChecks};
 use crate::labels::{region_labels, LabelPolicy, RegionLabels};
 use crate::trace::TraceSink;
@@ -272,6 +273,8 @@ struct Scan {
 #[derive(Default)]
 struct Inner {
     tracked: BTreeMap<PathBuf, Arc<Tracked>>,
+    /// HAMi-core regions (see `hami`): read at each scrape, never mapped.
+    hami: BTreeMap<PathBuf, Arc<HamiTracked>>,
     /// Files that failed, with the version that failed (None: did not exist).
     failed: HashMap<PathBuf, Option<FileKey>>,
     /// Files counted as over a limit, with the version counted: counted again only
@@ -301,6 +304,26 @@ pub struct RegionSet {
     host_pid: HostPidChecker,
     /// When running out of descriptors was last logged, and failures since.
     fd_log: Mutex<(Option<std::time::Instant>, u64)>,
+    /// Who maps each HAMi-core region (same `--proc.path` and interval as `host_pid`).
+    attachments: Attachments,
+    /// `--nvml`: the driver's view, refreshed in the background.
+    nvml: crate::nvml::NvmlSource,
+}
+
+/// One watched HAMi-core region.
+#[derive(Debug)]
+pub struct HamiTracked {
+    pub path: PathBuf,
+    pub rel: Option<PathBuf>,
+    pub labels: RegionLabels,
+}
+
+/// What a scrape needs of one HAMi-core region.
+#[derive(Debug, Clone)]
+pub struct HamiView {
+    pub labels: RegionLabels,
+    pub region: vigil_hami::HamiRegion,
+    pub eval: crate::hami::Eval,
 }
 
 impl std::fmt::Debug for RegionSet {
@@ -324,6 +347,18 @@ pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic".into())
+}
+
+/// The reason a HAMi-core region failure is counted under.
+fn hami_reason(e: &vigil_hami::HamiError) -> ErrorReason {
+    match e.reason() {
+        "not_regular" => ErrorReason::NotRegular,
+        "bad_magic" => ErrorReason::BadMagic,
+        "bad_version" => ErrorReason::BadVersion,
+        "truncated" => ErrorReason::Truncated,
+        "corrupt" => ErrorReason::Corrupt,
+        _ => ErrorReason::OpenFailed,
+    }
 }
 
 fn has_cache_suffix(name: &OsStr) -> bool {
@@ -447,12 +482,29 @@ impl RegionSet {
                 DEFAULT_PROC_SCAN_INTERVAL,
             ),
             fd_log: Mutex::new((None, 0)),
+            attachments: Attachments::new(
+                PathBuf::from(DEFAULT_PROC_PATH),
+                DEFAULT_PROC_SCAN_INTERVAL,
+            ),
+            nvml: crate::nvml::NvmlSource::off(),
         }
+    }
+
+    /// Where NVML comes from (`--nvml`, `--nvml.library`, `--nvml.interval`).
+    pub fn with_nvml(mut self, nvml: crate::nvml::NvmlSource) -> RegionSet {
+        self.nvml = nvml;
+        self
+    }
+
+    /// The latest NVML snapshot (the first call loads NVML; see `nvml`).
+    pub fn nvml_state(&self) -> crate::nvml::NvmlState {
+        self.nvml.state()
     }
 
     /// Where to look for the slots' processes (`--proc.path`) and how often `/proc`
     /// may be scanned for new ones (`--proc.scan-interval`); see `hostpid`.
     pub fn with_host_pid_checks(mut self, proc_root: PathBuf, min_interval: Duration) -> RegionSet {
+        self.attachments = Attachments::new(proc_root.clone(), min_interval);
         self.host_pid = HostPidChecker::new(proc_root, min_interval);
         self
     }
@@ -625,7 +677,12 @@ impl RegionSet {
         let (tracked, failed): (HashSet<PathBuf>, HashMap<PathBuf, Option<FileKey>>) = {
             let inner = lock(&self.inner);
             (
-                inner.tracked.keys().cloned().collect(),
+                inner
+                    .tracked
+                    .keys()
+                    .chain(inner.hami.keys())
+                    .cloned()
+                    .collect(),
                 inner.failed.clone(),
             )
         };
@@ -815,7 +872,13 @@ impl RegionSet {
                 return;
             }
         };
-        let known: BTreeMap<PathBuf, Arc<Tracked>> = lock(&self.inner).tracked.clone();
+        let (known, known_hami): (
+            BTreeMap<PathBuf, Arc<Tracked>>,
+            BTreeMap<PathBuf, Arc<HamiTracked>>,
+        ) = {
+            let inner = lock(&self.inner);
+            (inner.tracked.clone(), inner.hami.clone())
+        };
         let listed: HashSet<&Path> = scan.cands.iter().map(|c| c.path.as_path()).collect();
         let rejected: HashMap<&Path, &'static str> = scan
             .rejected
@@ -835,6 +898,16 @@ impl RegionSet {
                 }
             }
         }
+        for (p, t) in &known_hami {
+            if t.rel.is_some() && !listed.contains(p.as_path()) && !unseen(p) {
+                match rejected.get(p.as_path()) {
+                    Some(what) => {
+                        self.drop_hami(t, ErrorReason::NotRegular, &format!("now {what}"))
+                    }
+                    None => self.drop_hami(t, ErrorReason::Vanished, "file deleted"),
+                }
+            }
+        }
         for (path, key, what) in &scan.rejected {
             self.note_rejected(path, *key, what);
         }
@@ -847,7 +920,13 @@ impl RegionSet {
         for c in scan.cands {
             seen.insert(c.path.clone());
             let path = c.path.clone();
-            let res = catch_unwind(AssertUnwindSafe(|| self.rescan_one(c, known.get(&path))));
+            let res = catch_unwind(AssertUnwindSafe(|| {
+                if let Some(t) = known_hami.get(&path) {
+                    self.recheck_hami(t)
+                } else {
+                    self.rescan_one(c, known.get(&path))
+                }
+            }));
             if let Err(p) = res {
                 error!(
                     "region {}: rescan panicked ({}); skipped this time",
@@ -881,6 +960,9 @@ impl RegionSet {
             if *prev == key {
                 return;
             }
+        }
+        if vigil_hami::read::looks_like_hami(&c.path) {
+            return self.admit_hami(c, key);
         }
         match RegionReader::open(&c.path) {
             Ok(reader) => {
@@ -1002,6 +1084,140 @@ impl RegionSet {
     }
 
     /// Stops watching `t` (if it is still the tracked entry for its path).
+    /// Starts watching a HAMi-core region, or counts why it cannot be read.
+    fn admit_hami(&self, c: Candidate, key: Option<FileKey>) {
+        match vigil_hami::read_region(&c.path) {
+            Ok(r) => {
+                let labels = region_labels(
+                    &c.label,
+                    c.rel.as_deref(),
+                    &vigil_region::RegionIdentity::default(),
+                    &self.policy,
+                );
+                info!(
+                    "watching HAMi-core region {} (version {}.{}, {} processes; label region=\"{}\")",
+                    c.path.display(),
+                    r.major,
+                    r.minor,
+                    r.slots.len(),
+                    c.label
+                );
+                let t = Arc::new(HamiTracked {
+                    path: c.path.clone(),
+                    rel: c.rel,
+                    labels,
+                });
+                let mut inner = lock(&self.inner);
+                inner.failed.remove(&c.path);
+                inner.limited.remove(&c.path);
+                inner.hami.insert(c.path, t);
+            }
+            Err(e) => self.note_hami_failure(&c.path, key, &e),
+        }
+    }
+
+    /// A watched HAMi-core region is re-validated at each rescan.
+    fn recheck_hami(&self, t: &Arc<HamiTracked>) {
+        match vigil_hami::read_region(&t.path) {
+            Ok(_) => {}
+            Err(vigil_hami::HamiError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                self.drop_hami(t, ErrorReason::Vanished, "file deleted")
+            }
+            Err(vigil_hami::HamiError::Io { source, .. })
+                if crate::hostpid::is_out_of_fds(&source) =>
+            {
+                self.note_no_fds(&t.path, &source.to_string())
+            }
+            Err(e) => self.drop_hami(t, hami_reason(&e), &e.to_string()),
+        }
+    }
+
+    fn note_hami_failure(&self, path: &Path, key: Option<FileKey>, e: &vigil_hami::HamiError) {
+        if let vigil_hami::HamiError::Io { source, .. } = e {
+            if crate::hostpid::is_out_of_fds(source) {
+                return self.note_no_fds(path, &source.to_string());
+            }
+            if source.kind() == std::io::ErrorKind::NotFound {
+                return;
+            }
+        }
+        let mut inner = lock(&self.inner);
+        inner.failed.insert(path.to_path_buf(), key);
+        drop(inner);
+        let r = hami_reason(e);
+        self.count_error(r);
+        warn!(
+            "{e} (HAMi-core region; counted as reason=\"{}\"; skipped until the file changes)",
+            ERROR_REASONS[r as usize]
+        );
+    }
+
+    fn drop_hami(&self, t: &Arc<HamiTracked>, r: ErrorReason, why: &str) {
+        let mut inner = lock(&self.inner);
+        match inner.hami.get(&t.path) {
+            Some(cur) if Arc::ptr_eq(cur, t) => {
+                inner.hami.remove(&t.path);
+            }
+            _ => return,
+        }
+        if r != ErrorReason::Vanished {
+            inner.failed.insert(t.path.clone(), file_key(&t.path));
+        }
+        drop(inner);
+        self.count_error(r);
+        warn!(
+            "HAMi-core region {} no longer watched: {why} (counted as reason=\"{}\")",
+            t.path.display(),
+            ERROR_REASONS[r as usize]
+        );
+    }
+
+    /// How many HAMi-core regions are watched now.
+    pub fn hami_count(&self) -> usize {
+        lock(&self.inner).hami.len()
+    }
+
+    /// Reads and judges every watched HAMi-core region (see `hami`). A region that
+    /// cannot be read now is left out of this scrape; the next rescan counts it.
+    pub fn hami_views(&self) -> Vec<HamiView> {
+        let tracked: Vec<Arc<HamiTracked>> = lock(&self.inner).hami.values().cloned().collect();
+        if tracked.is_empty() {
+            return Vec::new();
+        }
+        let read: Vec<(Arc<HamiTracked>, vigil_hami::HamiRegion)> = tracked
+            .into_iter()
+            .filter_map(|t| match vigil_hami::read_region(&t.path) {
+                Ok(r) => Some((t, r)),
+                Err(e) => {
+                    debug!("{e} (left out of this scrape)");
+                    None
+                }
+            })
+            .collect();
+        let files: HashSet<(u64, u64)> = read.iter().map(|(_, r)| r.file_id).collect();
+        let scan = self.attachments.get(&files);
+        let root = self.attachments.root().to_path_buf();
+        let look = |pid: u32| crate::hami::lookup(&root, pid);
+        read.into_iter()
+            .map(|(t, region)| {
+                let none: &[crate::hami::Attached] = &[];
+                let attached = scan.complete.then(|| {
+                    scan.by_file
+                        .get(&region.file_id)
+                        .map_or(none, |v| v.as_slice())
+                });
+                let eval = crate::hami::evaluate(&region, attached, &look);
+                HamiView {
+                    labels: t.labels.clone(),
+                    region,
+                    eval,
+                }
+            })
+            .collect()
+    }
+
     fn drop_region(&self, t: &Arc<Tracked>, r: ErrorReason, why: &str) {
         let mut inner = lock(&self.inner);
         match inner.tracked.get(&t.path) {

@@ -1,0 +1,282 @@
+//! NVML through nvml-wrapper, against the simulator's stand-in `libnvidia-ml.so.1`:
+//! device identity and memory, per-region NVML usage, and an accounting drift made to
+//! appear on purpose by a workload that allocates past the interposer.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const CTX_MIB: u64 = 64;
+const MIB: f64 = (1u64 << 20) as f64;
+
+fn need(name: &str) -> PathBuf {
+    workspace_bin(name).unwrap_or_else(|| {
+        panic!(
+            "{name} is not built: run `cargo build --workspace` (the README's test command does)"
+        )
+    })
+}
+
+/// The simulator daemon and its stand-in libraries; killed on drop.
+struct Sim {
+    dir: tempfile::TempDir,
+    daemon: Child,
+}
+
+impl Sim {
+    fn start() -> Sim {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = need("vigil-gpusim");
+        let st = Command::new(&sim)
+            .arg("install-libs")
+            .arg(dir.path().join("lib"))
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let sock = dir.path().join("sim.sock");
+        let daemon = Command::new(&sim)
+            .arg("--socket")
+            .arg(&sock)
+            .args([
+                "--nvml-lag",
+                "5ms",
+                "--ctx-create-time",
+                "5ms",
+                "--nvml-mem-lag",
+                "0",
+            ])
+            .args(["--ctx-memory", &format!("{CTX_MIB}MiB")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until("the simulator's socket", Duration::from_secs(10), || {
+            sock.exists()
+        });
+        std::fs::create_dir_all(dir.path().join("regions/u1_main")).unwrap();
+        Sim { dir, daemon }
+    }
+
+    fn lib(&self) -> PathBuf {
+        self.dir.path().join("lib")
+    }
+
+    fn regions(&self) -> PathBuf {
+        self.dir.path().join("regions")
+    }
+
+    /// `prog` as a workload of container `u1_main`, under the interposer.
+    fn workload(&self, prog: &Path, args: &[&str]) -> Child {
+        let mut c = Command::new(prog);
+        c.args(args)
+            .env("VIGIL_GPUSIM_SOCKET", self.dir.path().join("sim.sock"))
+            .env("LD_LIBRARY_PATH", self.lib())
+            .env("LD_PRELOAD", need("libvigil.so"))
+            .env(
+                "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+                self.regions().join("u1_main/vigil.cache"),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = c.spawn().unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "{prog:?} did not start: {line}");
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        child
+    }
+
+    fn exporter(&self, extra: &[&str]) -> Exporter {
+        let regions = self.regions();
+        let nvml = self.lib().join("libnvidia-ml.so.1");
+        let mut args = vec![
+            "--regions-dir.scan-interval",
+            "100ms",
+            "--regions-dir",
+            regions.to_str().unwrap(),
+            "--nvml.library",
+            nvml.to_str().unwrap(),
+            "--nvml.interval",
+            "100ms",
+        ];
+        args.extend_from_slice(extra);
+        let sock = self.dir.path().join("sim.sock");
+        Exporter::start_with(&args, |c| {
+            c.env("VIGIL_GPUSIM_SOCKET", sock);
+        })
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn build_uncounted(sim: &Sim) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/uncounted.c");
+    let out = sim.dir.path().join("uncounted");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let lib = sim.lib();
+    let res = Command::new(&cc)
+        .arg("-O1")
+        .arg("-o")
+        .arg(&out)
+        .arg(&src)
+        .arg("-L")
+        .arg(&lib)
+        .arg("-l:libcuda.so.1")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{cc}: {e}: install a C compiler (apt-get install gcc) or set CC")
+        });
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    out
+}
+
+const REGION: (&str, &str) = ("region", "u1_main/vigil.cache");
+
+#[test]
+fn memory_allocated_past_the_interposer_shows_as_drift() {
+    let sim = Sim::start();
+    let prog = build_uncounted(&sim);
+    let _w = Kill(sim.workload(&prog, &["2"]));
+    let e = sim.exporter(&[]);
+    let want = (2 * CTX_MIB) as f64 * MIB;
+    let mut last = String::new();
+    wait_until(
+        "a drift of the two uncounted contexts",
+        Duration::from_secs(20),
+        || {
+            let m = e.scrape();
+            let drift = m.find(
+                "vigil_device_memory_accounting_drift_bytes",
+                &[REGION, ("device", "0")],
+            );
+            last = format!(
+                "{:?} {:?} {:?}",
+                drift.iter().map(|s| s.value).collect::<Vec<_>>(),
+                m.find("vigil_exporter_nvml_up", &[])
+                    .first()
+                    .map(|s| s.value),
+                m.find("vigil_device_memory_used_bytes", &[])
+                    .iter()
+                    .map(|s| s.value)
+                    .collect::<Vec<_>>()
+            );
+            drift.len() == 1 && drift[0].value == want
+        },
+    );
+    let m = e.scrape();
+    // NVML's side is Vigil's plus the two contexts, and the device's identity is there.
+    let seen = m.value(
+        "vigil_nvml_process_memory_bytes",
+        &[REGION, ("device", "0")],
+    );
+    let used = m.value("vigil_device_memory_used_bytes", &[REGION, ("device", "0")]);
+    assert_eq!(seen - used, want, "last drift seen {last}");
+    let info = m.find("vigil_device_info", &[("device", "0")]);
+    assert_eq!(info.len(), 1);
+    assert!(
+        info[0].labels["uuid"].starts_with("GPU-"),
+        "{:?}",
+        info[0].labels
+    );
+    assert_eq!(info[0].labels["model"], "Vigil Simulated GPU");
+    assert_eq!(
+        m.value("vigil_nvml_device_memory_total_bytes", &[("device", "0")]),
+        16.0 * 1024.0 * MIB
+    );
+    assert!(m.value("vigil_nvml_device_memory_used_bytes", &[("device", "0")]) >= seen);
+    assert_eq!(m.value("vigil_exporter_nvml_up", &[]), 1.0);
+}
+
+#[test]
+fn a_fully_counted_workload_has_no_drift() {
+    let sim = Sim::start();
+    let prog = build_uncounted(&sim);
+    let _w = Kill(sim.workload(&prog, &["0"]));
+    let e = sim.exporter(&[]);
+    wait_until(
+        "NVML's view of the workload",
+        Duration::from_secs(20),
+        || {
+            e.scrape()
+                .find(
+                    "vigil_nvml_process_memory_bytes",
+                    &[REGION, ("device", "0")],
+                )
+                .iter()
+                .any(|s| s.value > 0.0)
+        },
+    );
+    let m = e.scrape();
+    assert_eq!(
+        m.value(
+            "vigil_device_memory_accounting_drift_bytes",
+            &[REGION, ("device", "0")]
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn without_a_driver_library_nvml_series_are_absent_and_the_rest_unchanged() {
+    let sim = Sim::start();
+    let prog = build_uncounted(&sim);
+    let _w = Kill(sim.workload(&prog, &["0"]));
+    let regions = sim.regions();
+    let e = Exporter::start(&[
+        "--regions-dir",
+        regions.to_str().unwrap(),
+        "--nvml.library",
+        "/nonexistent/libnvidia-ml.so.1",
+    ]);
+    wait_until("the region", Duration::from_secs(10), || {
+        !e.scrape()
+            .find("vigil_device_memory_used_bytes", &[REGION])
+            .is_empty()
+    });
+    let m = e.scrape();
+    assert_eq!(m.value("vigil_exporter_nvml_up", &[]), 0.0);
+    assert!(m.value("vigil_exporter_nvml_errors_total", &[]) >= 1.0);
+    for name in [
+        "vigil_device_info",
+        "vigil_nvml_device_memory_total_bytes",
+        "vigil_nvml_process_memory_bytes",
+        "vigil_device_memory_accounting_drift_bytes",
+    ] {
+        assert!(m.find(name, &[]).is_empty(), "{name} without a driver");
+    }
+    assert!(
+        e.log_text().contains("/nonexistent/libnvidia-ml.so.1"),
+        "{}",
+        e.log_text()
+    );
+    // --nvml off: not even the exporter's NVML self-metrics.
+    let off = Exporter::start(&["--regions-dir", regions.to_str().unwrap(), "--nvml", "off"]);
+    let body = off.get("/metrics").body;
+    assert!(
+        !body.contains("vigil_exporter_nvml") && !body.contains("vigil_device_info"),
+        "{body}"
+    );
+    assert!(body.contains("vigil_device_memory_used_bytes{"));
+}
