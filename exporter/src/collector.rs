@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use tracing::{error, warn};
 use vigil_region::{
     Counter, DetectOutcome, ForceReason, HistogramId, HistogramSnapshot, LockId, Snapshot,
+    UnenforcedSetting,
 };
 
 /// How far a histogram's `count` word may be from the sum of its buckets: they are
@@ -440,6 +441,23 @@ fn encode_views(
                         (h.region.slots.len() - h.eval.count(Liveness::Dead)) as i64,
                     )
                 })),
+        )?;
+        gauges(
+            enc,
+            "vigil_unenforced_settings",
+            "Live processes that started with a HAMi-core setting Vigil does not enforce (sm_limit: CUDA_DEVICE_SM_LIMIT, i.e. gpucores; see docs/adoption.md)",
+            each().flat_map(|(v, b)| {
+                UnenforcedSetting::ALL.map(|u| {
+                    (
+                        with(b, &[("setting", u.name())]),
+                        v.snap
+                            .slots
+                            .iter()
+                            .filter(|s| s.alive && s.unenforced.contains(&u))
+                            .count() as i64,
+                    )
+                })
+            }),
         )?;
         counters(
             enc,

@@ -524,6 +524,7 @@ mod tests {
             detect_outcome: outcome,
             mem_used: vec![],
             alive,
+            unenforced: vec![],
         }
     }
 

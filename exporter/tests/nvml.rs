@@ -4,160 +4,20 @@
 
 mod common;
 
+use common::sim::*;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-const CTX_MIB: u64 = 64;
 const MIB: f64 = (1u64 << 20) as f64;
-
-fn need(name: &str) -> PathBuf {
-    workspace_bin(name).unwrap_or_else(|| {
-        panic!(
-            "{name} is not built: run `cargo build --workspace` (the README's test command does)"
-        )
-    })
-}
-
-/// The simulator daemon and its stand-in libraries; killed on drop.
-struct Sim {
-    dir: tempfile::TempDir,
-    daemon: Child,
-}
-
-impl Sim {
-    fn start() -> Sim {
-        let dir = tempfile::tempdir().unwrap();
-        let sim = need("vigil-gpusim");
-        let st = Command::new(&sim)
-            .arg("install-libs")
-            .arg(dir.path().join("lib"))
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let sock = dir.path().join("sim.sock");
-        let daemon = Command::new(&sim)
-            .arg("--socket")
-            .arg(&sock)
-            .args([
-                "--nvml-lag",
-                "5ms",
-                "--ctx-create-time",
-                "5ms",
-                "--nvml-mem-lag",
-                "0",
-            ])
-            .args(["--ctx-memory", &format!("{CTX_MIB}MiB")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_until("the simulator's socket", Duration::from_secs(10), || {
-            sock.exists()
-        });
-        std::fs::create_dir_all(dir.path().join("regions/u1_main")).unwrap();
-        Sim { dir, daemon }
-    }
-
-    fn lib(&self) -> PathBuf {
-        self.dir.path().join("lib")
-    }
-
-    fn regions(&self) -> PathBuf {
-        self.dir.path().join("regions")
-    }
-
-    /// `prog` as a workload of container `u1_main`, under the interposer.
-    fn workload(&self, prog: &Path, args: &[&str]) -> Child {
-        let mut c = Command::new(prog);
-        c.args(args)
-            .env("VIGIL_GPUSIM_SOCKET", self.dir.path().join("sim.sock"))
-            .env("LD_LIBRARY_PATH", self.lib())
-            .env("LD_PRELOAD", need("libvigil.so"))
-            .env(
-                "CUDA_DEVICE_MEMORY_SHARED_CACHE",
-                self.regions().join("u1_main/vigil.cache"),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut child = c.spawn().unwrap();
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "{prog:?} did not start: {line}");
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        child
-    }
-
-    fn exporter(&self, extra: &[&str]) -> Exporter {
-        let regions = self.regions();
-        let nvml = self.lib().join("libnvidia-ml.so.1");
-        let mut args = vec![
-            "--regions-dir.scan-interval",
-            "100ms",
-            "--regions-dir",
-            regions.to_str().unwrap(),
-            "--nvml.library",
-            nvml.to_str().unwrap(),
-            "--nvml.interval",
-            "100ms",
-        ];
-        args.extend_from_slice(extra);
-        let sock = self.dir.path().join("sim.sock");
-        Exporter::start_with(&args, |c| {
-            c.env("VIGIL_GPUSIM_SOCKET", sock);
-        })
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
-    }
-}
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn build_uncounted(sim: &Sim) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/uncounted.c");
-    let out = sim.dir.path().join("uncounted");
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let lib = sim.lib();
-    let res = Command::new(&cc)
-        .arg("-O1")
-        .arg("-o")
-        .arg(&out)
-        .arg(&src)
-        .arg("-L")
-        .arg(&lib)
-        .arg("-l:libcuda.so.1")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{cc}: {e}: install a C compiler (apt-get install gcc) or set CC")
-        });
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    out
-}
 
 const REGION: (&str, &str) = ("region", "u1_main/vigil.cache");
 
 #[test]
 fn memory_allocated_past_the_interposer_shows_as_drift() {
     let sim = Sim::start();
-    let prog = build_uncounted(&sim);
+    let prog = sim.build_uncounted();
     let _w = Kill(sim.workload(&prog, &["2"]));
     let e = sim.exporter(&[]);
     let want = (2 * CTX_MIB) as f64 * MIB;
@@ -212,7 +72,7 @@ fn memory_allocated_past_the_interposer_shows_as_drift() {
 #[test]
 fn a_fully_counted_workload_has_no_drift() {
     let sim = Sim::start();
-    let prog = build_uncounted(&sim);
+    let prog = sim.build_uncounted();
     let _w = Kill(sim.workload(&prog, &["0"]));
     let e = sim.exporter(&[]);
     wait_until(
@@ -241,7 +101,7 @@ fn a_fully_counted_workload_has_no_drift() {
 #[test]
 fn without_a_driver_library_nvml_series_are_absent_and_the_rest_unchanged() {
     let sim = Sim::start();
-    let prog = build_uncounted(&sim);
+    let prog = sim.build_uncounted();
     let _w = Kill(sim.workload(&prog, &["0"]));
     let regions = sim.regions();
     let e = Exporter::start(&[

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
+use vigil_region::UnenforcedSetting;
 
 /// HAMi-core's default region path.
 pub const DEFAULT_REGION: &str = "/tmp/cudevshr.cache";
@@ -44,6 +45,65 @@ pub struct Config {
     pub secure: bool,
     /// Problems found while reading the environment, to be logged once the log is up.
     pub warnings: Vec<String>,
+    /// HAMi-core settings in the environment that Vigil does not enforce, each with
+    /// the variable that asked for it (`VAR="value"`): warned about, counted in the
+    /// region and exported (`vigil_unenforced_settings`).
+    pub unenforced: Vec<(UnenforcedSetting, String)>,
+}
+
+/// The HAMi-core settings Vigil does not enforce that `get` asks for. Values that mean
+/// "off" in HAMi-core (an SM limit of 0 or 100, `ACTIVE_OOM_KILLER=false`, the
+/// `default` policy) ask for nothing.
+pub fn unenforced_settings(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Vec<(UnenforcedSetting, String)> {
+    let mut out = Vec::new();
+    let shown = |k: &str, v: &str| format!("{k}={v:?}");
+    let truthy = |v: &str| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    };
+    let sm_vars = std::iter::once("CUDA_DEVICE_SM_LIMIT".to_string())
+        .chain((0..16).map(|i| format!("CUDA_DEVICE_SM_LIMIT_{i}")));
+    for k in sm_vars {
+        if let Some(v) = get(&k).filter(|v| !v.trim().is_empty()) {
+            // HAMi-core: a percentage; 0 is no limit, and 100 or more leaves every SM.
+            let off = matches!(v.trim().parse::<u64>(), Ok(0) | Ok(100..));
+            if !off {
+                out.push((UnenforcedSetting::SmLimit, shown(&k, &v)));
+                break;
+            }
+        }
+    }
+    if let Some(v) = get("CUDA_OVERSUBSCRIBE").filter(|v| truthy(v)) {
+        out.push((
+            UnenforcedSetting::Oversubscribe,
+            shown("CUDA_OVERSUBSCRIBE", &v),
+        ));
+    }
+    if let Some(v) = get("GPU_CORE_UTILIZATION_POLICY")
+        .filter(|v| !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("default"))
+    {
+        out.push((
+            UnenforcedSetting::CoreUtilizationPolicy,
+            shown("GPU_CORE_UTILIZATION_POLICY", &v),
+        ));
+    }
+    if let Some(v) = get("CUDA_TASK_PRIORITY").filter(|v| !v.trim().is_empty()) {
+        out.push((
+            UnenforcedSetting::TaskPriority,
+            shown("CUDA_TASK_PRIORITY", &v),
+        ));
+    }
+    if let Some(v) = get("ACTIVE_OOM_KILLER").filter(|v| truthy(v)) {
+        out.push((
+            UnenforcedSetting::ActiveOomKiller,
+            shown("ACTIVE_OOM_KILLER", &v),
+        ));
+    }
+    out
 }
 
 /// How host-PID detection tells its NVML entry from the others.
@@ -222,6 +282,7 @@ impl Config {
             limit_requested: limit_set,
             secure: false,
             warnings,
+            unenforced: unenforced_settings(&get),
         }
     }
 
@@ -381,5 +442,58 @@ mod tests {
         let c = cfg(&[("CUDA_VISIBLE_DEVICES", "1,1")]);
         assert_eq!(c.cuda_ordinal(1), Some(0));
         assert_eq!(c.cuda_ordinal(0), None);
+    }
+}
+
+#[cfg(test)]
+mod unenforced_tests {
+    use super::*;
+
+    fn cfg(vars: &[(&str, &str)]) -> Config {
+        Config::from_lookup(|k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn hami_settings_vigil_does_not_enforce_are_named_with_their_variable() {
+        let c = cfg(&[
+            ("CUDA_DEVICE_SM_LIMIT_1", "30"),
+            ("CUDA_OVERSUBSCRIBE", "true"),
+            ("GPU_CORE_UTILIZATION_POLICY", "force"),
+            ("CUDA_TASK_PRIORITY", "0"),
+            ("ACTIVE_OOM_KILLER", "1"),
+        ]);
+        let names: Vec<_> = c.unenforced.iter().map(|(s, _)| s.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "sm_limit",
+                "oversubscribe",
+                "core_utilization_policy",
+                "task_priority",
+                "active_oom_killer"
+            ]
+        );
+        assert_eq!(c.unenforced[0].1, r#"CUDA_DEVICE_SM_LIMIT_1="30""#);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn values_that_mean_off_in_hami_ask_for_nothing() {
+        let c = cfg(&[
+            ("CUDA_DEVICE_SM_LIMIT", "0"),
+            ("CUDA_DEVICE_SM_LIMIT_0", "100"),
+            ("CUDA_OVERSUBSCRIBE", "false"),
+            ("GPU_CORE_UTILIZATION_POLICY", "default"),
+            ("CUDA_TASK_PRIORITY", ""),
+            ("ACTIVE_OOM_KILLER", "false"),
+        ]);
+        assert!(c.unenforced.is_empty(), "{:?}", c.unenforced);
+        // Garbage in an SM limit is not "off": it asks for something Vigil ignores.
+        let g = cfg(&[("CUDA_DEVICE_SM_LIMIT", "half")]);
+        assert_eq!(g.unenforced.len(), 1);
     }
 }

@@ -339,6 +339,9 @@ fn start(existing: Option<Region>) -> State {
         vlog!(INFO, "reclaimed {reaped} slot(s) of dead processes");
     }
     vlog!(DEBUG, "slot {} generation {}", slot.index, slot.generation);
+    for (setting, _) in &cfg.unenforced {
+        region.count(Some(slot.index), setting.counter(), 1);
+    }
     detect_host_pid(&region, slot, cfg);
     static AT_EXIT: std::sync::Once = std::sync::Once::new();
     AT_EXIT.call_once(|| {

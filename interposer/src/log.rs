@@ -77,6 +77,27 @@ pub fn config_warnings(cfg: &Config) {
     for w in &cfg.warnings {
         log(WARN, w);
     }
+    for (setting, var) in &cfg.unenforced {
+        log(
+            WARN,
+            &format!(
+                "{var}: HAMi-core's {} is not enforced by Vigil, which enforces device memory limits only (exported as vigil_unenforced_settings{{setting=\"{}\"}}; see docs/adoption.md)",
+                setting_words(*setting),
+                setting.name()
+            ),
+        );
+    }
+}
+
+fn setting_words(s: vigil_region::UnenforcedSetting) -> &'static str {
+    use vigil_region::UnenforcedSetting::*;
+    match s {
+        SmLimit => "SM (core) limit",
+        Oversubscribe => "memory oversubscription",
+        CoreUtilizationPolicy => "core utilization policy",
+        TaskPriority => "task priority",
+        ActiveOomKiller => "active OOM killer",
+    }
 }
 
 macro_rules! vlog {

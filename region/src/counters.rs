@@ -63,6 +63,52 @@ impl ForceReason {
     }
 }
 
+/// A HAMi-core setting that Vigil does not enforce. A user who swaps `libvgpu.so` for
+/// `libvigil.so` must see that it stopped working, not find out from a noisy
+/// neighbour: the interposer warns, counts it here, and the exporter exports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnenforcedSetting {
+    /// `CUDA_DEVICE_SM_LIMIT[_i]`: HAMi-core's share of the SMs (`gpucores`).
+    SmLimit,
+    /// `CUDA_OVERSUBSCRIBE`: device memory backed by host memory past the limit.
+    Oversubscribe,
+    /// `GPU_CORE_UTILIZATION_POLICY` (`force`, `disable`): how the SM limit applies.
+    CoreUtilizationPolicy,
+    /// `CUDA_TASK_PRIORITY`: HAMi-core's kernel priority between tasks.
+    TaskPriority,
+    /// `ACTIVE_OOM_KILLER`: HAMi-core kills processes over the memory limit.
+    ActiveOomKiller,
+}
+
+impl UnenforcedSetting {
+    pub const ALL: [UnenforcedSetting; 5] = [
+        UnenforcedSetting::SmLimit,
+        UnenforcedSetting::Oversubscribe,
+        UnenforcedSetting::CoreUtilizationPolicy,
+        UnenforcedSetting::TaskPriority,
+        UnenforcedSetting::ActiveOomKiller,
+    ];
+    /// The `setting` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            UnenforcedSetting::SmLimit => "sm_limit",
+            UnenforcedSetting::Oversubscribe => "oversubscribe",
+            UnenforcedSetting::CoreUtilizationPolicy => "core_utilization_policy",
+            UnenforcedSetting::TaskPriority => "task_priority",
+            UnenforcedSetting::ActiveOomKiller => "active_oom_killer",
+        }
+    }
+    pub fn counter(self) -> Counter {
+        match self {
+            UnenforcedSetting::SmLimit => Counter::UnenforcedSmLimit,
+            UnenforcedSetting::Oversubscribe => Counter::UnenforcedOversubscribe,
+            UnenforcedSetting::CoreUtilizationPolicy => Counter::UnenforcedCoreUtilizationPolicy,
+            UnenforcedSetting::TaskPriority => Counter::UnenforcedTaskPriority,
+            UnenforcedSetting::ActiveOomKiller => Counter::UnenforcedActiveOomKiller,
+        }
+    }
+}
+
 /// Outcome of one host-PID detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -132,6 +178,13 @@ pub enum Counter {
     /// A region damaged under live processes got every one of them back (see
     /// `FLAG_RECOVERING`): its totals are complete again.
     DamageRecoveries,
+    /// Processes that started with a HAMi-core setting Vigil does not enforce (see
+    /// [`UnenforcedSetting`]); each process's share says which it had.
+    UnenforcedSmLimit,
+    UnenforcedOversubscribe,
+    UnenforcedCoreUtilizationPolicy,
+    UnenforcedTaskPriority,
+    UnenforcedActiveOomKiller,
     /// Must stay last.
     _Count,
 }
@@ -140,7 +193,7 @@ const _: () = assert!((Counter::_Count as usize) <= NUM_COUNTERS);
 const _: () = assert!(Counter::ALL.len() == Counter::_Count as usize);
 
 impl Counter {
-    pub const ALL: [Counter; 25] = [
+    pub const ALL: [Counter; 30] = [
         Counter::RegionInitializations,
         Counter::RegionRecoveries,
         Counter::ProcessInitsInitializer,
@@ -166,6 +219,11 @@ impl Counter {
         Counter::AllocationDenials,
         Counter::DamageReattachments,
         Counter::DamageRecoveries,
+        Counter::UnenforcedSmLimit,
+        Counter::UnenforcedOversubscribe,
+        Counter::UnenforcedCoreUtilizationPolicy,
+        Counter::UnenforcedTaskPriority,
+        Counter::UnenforcedActiveOomKiller,
     ];
 
     pub fn lock_acquisitions(lock: LockId) -> Counter {

@@ -21,7 +21,9 @@ pub mod ring;
 pub mod slot;
 mod sys;
 
-pub use counters::{Counter, DetectOutcome, ForceReason, HistogramId, HistogramSnapshot, LockId};
+pub use counters::{
+    Counter, DetectOutcome, ForceReason, HistogramId, HistogramSnapshot, LockId, UnenforcedSetting,
+};
 pub use error::RegionError;
 pub use lock::{LockGuard, LockOutcome, ReleaseOutcome};
 pub use mem::Reservation;

@@ -1266,6 +1266,8 @@ pub struct SlotInfo {
     pub mem_used: Vec<u64>,
     /// Its liveness token is held: the owner is running (or is this process).
     pub alive: bool,
+    /// HAMi-core settings the owner started with that Vigil does not enforce.
+    pub unenforced: Vec<crate::counters::UnenforcedSetting>,
 }
 
 impl SlotInfo {
@@ -1379,6 +1381,10 @@ fn snapshot(l: &RegionLayout, file: &File) -> Snapshot {
                 detect_outcome,
                 mem_used: s.mem_used[..dc].iter().map(|m| m.load(Relaxed)).collect(),
                 alive: sys::ofd_is_locked(file, slot_token_offset(i)).unwrap_or(true),
+                unenforced: crate::counters::UnenforcedSetting::ALL
+                    .into_iter()
+                    .filter(|u| s.counters[u.counter() as usize].load(Relaxed) > 0)
+                    .collect(),
             }
         })
         .collect();

@@ -2,6 +2,8 @@
 //! exposition format.
 #![allow(dead_code)]
 
+pub mod sim;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
