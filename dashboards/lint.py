@@ -21,16 +21,22 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALLOWED = {"timeseries", "stat", "heatmap", "table", "row"}
-ROWS = ["Start-up", "Host-PID detection", "Locks", "Memory", "Pipeline health"]
+ROWS = ["Start-up", "Host-PID detection", "Locks", "Memory", "Pipeline health", "HAMi-core and NVML"]
 COUNTERS = ["vigil_region_initializations_total", "vigil_region_recoveries_total", "vigil_process_inits_total",
             "vigil_process_slots_claimed_total",
             "vigil_process_slots_reclaimed_total", "vigil_lock_acquisitions_total", "vigil_lock_retries_total",
             "vigil_lock_force_posts_total", "vigil_lock_fenced_releases_total", "vigil_host_pid_detections_total",
             "vigil_host_pid_checks_total",
             "vigil_device_memory_allocation_denials_total", "vigil_ring_events_total",
-            "vigil_ring_events_lost_total", "vigil_exporter_region_errors_total"]
+            "vigil_ring_events_lost_total", "vigil_exporter_region_errors_total", "vigil_exporter_nvml_errors_total"]
 GAUGES = ["vigil_processes", "vigil_device_memory_limit_bytes", "vigil_device_memory_used_bytes",
-          "vigil_device_memory_dead_bytes", "vigil_device_memory_peak_bytes", "vigil_exporter_regions", "vigil_exporter_build_info"]
+          "vigil_device_memory_dead_bytes", "vigil_device_memory_peak_bytes", "vigil_exporter_regions", "vigil_exporter_build_info",
+          "vigil_unenforced_settings", "vigil_nvml_process_memory_bytes", "vigil_device_memory_accounting_drift_bytes",
+          "vigil_hami_region_info", "vigil_hami_device_info", "vigil_hami_device_sm_limit_ratio", "vigil_hami_process_slots",
+          "vigil_hami_host_pid_zero_slots", "vigil_hami_host_pid_wrong_slots", "vigil_hami_lock_held",
+          "vigil_hami_lock_owner_dead", "vigil_hami_lock_waiters", "vigil_exporter_hami_regions", "vigil_device_info",
+          "vigil_nvml_device_memory_total_bytes", "vigil_nvml_device_memory_used_bytes", "vigil_exporter_nvml_up",
+          "vigil_exporter_nvml_refresh_seconds"]
 HISTOGRAMS = ["vigil_lock_wait_seconds", "vigil_host_pid_detection_seconds", "vigil_host_pid_detection_polls",
               "vigil_init_duration_seconds", "vigil_exporter_scrape_duration_seconds"]
 METRICS = set(COUNTERS + GAUGES + [h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")])

@@ -454,6 +454,41 @@ class Synthetic:
             hist("vigil_host_pid_detection_seconds", r, [(0.28, 0.5), (0.6, 0.2), (5.0, 0.1)], self.SECONDS_BUCKETS)
             hist("vigil_host_pid_detection_polls", r, [(3, 0.5), (12, 0.2), (400, 0.1)], self.POLL_BUCKETS)
             hist("vigil_init_duration_seconds", r, [(0.002, 0.5), (0.3, 0.3)], self.SECONDS_BUCKETS)
+        for i, r in enumerate(self.REGIONS[:2]):
+            for u in ("sm_limit", "oversubscribe", "core_utilization_policy", "task_priority", "active_oom_killer"):
+                emit("vigil_unenforced_settings", "gauge", {**r, "setting": u}, 1 if u == "sm_limit" else 0)
+            d = {**r, "device": "0"}
+            emit("vigil_device_memory_dead_bytes", "gauge", d, 0)
+            emit("vigil_nvml_process_memory_bytes", "gauge", d, 5 << 30)
+            emit("vigil_device_memory_accounting_drift_bytes", "gauge", d, 1 << 30)
+        # A HAMi-core region whose sem is held by a dead owner, with host PID 0 slots
+        # and memory in dead slots: every vigil-hami alert has data.
+        h = {"namespace": "ml", "pod": "0c7e2a", "container": "main", "region": "0c7e2a_main/abc.cache",
+             "interposer": "hami-core"}
+        emit("vigil_processes", "gauge", h, 1)
+        emit("vigil_hami_region_info", "gauge", {**h, "version": "1.2"}, 1)
+        for dev in ("0",):
+            d = {**h, "device": dev}
+            emit("vigil_device_memory_limit_bytes", "gauge", d, 4 << 30)
+            emit("vigil_device_memory_used_bytes", "gauge", d, 2 << 30)
+            emit("vigil_device_memory_dead_bytes", "gauge", d, 1 << 30)
+            emit("vigil_hami_device_info", "gauge", {**d, "uuid": "GPU-0000"}, 1)
+            emit("vigil_hami_device_sm_limit_ratio", "gauge", d, 0.5)
+        for state, n in (("alive", 1), ("dead", 2), ("unknown", 0)):
+            emit("vigil_hami_process_slots", "gauge", {**h, "state": state}, n)
+        emit("vigil_hami_host_pid_zero_slots", "gauge", h, 2)
+        emit("vigil_hami_host_pid_wrong_slots", "gauge", h, 0)
+        for lock, held, dead, waiters in (("sem", 1, 1, 3), ("sem_postinit", 0, 0, 0)):
+            emit("vigil_hami_lock_held", "gauge", {**h, "lock": lock}, held)
+            emit("vigil_hami_lock_owner_dead", "gauge", {**h, "lock": lock}, dead)
+            emit("vigil_hami_lock_waiters", "gauge", {**h, "lock": lock}, waiters)
+        emit("vigil_exporter_hami_regions", "gauge", {}, 1)
+        emit("vigil_exporter_nvml_up", "gauge", {}, 1)
+        emit("vigil_exporter_nvml_errors_total", "counter", {}, 0)
+        emit("vigil_exporter_nvml_refresh_seconds", "gauge", {}, 0.0004)
+        emit("vigil_device_info", "gauge", {"device": "0", "uuid": "GPU-0000", "model": "Synthetic"}, 1)
+        emit("vigil_nvml_device_memory_total_bytes", "gauge", {"device": "0"}, 80 << 30)
+        emit("vigil_nvml_device_memory_used_bytes", "gauge", {"device": "0"}, 20 << 30)
         emit("vigil_exporter_regions", "gauge", {}, len(self.REGIONS))
         emit("vigil_exporter_build_info", "gauge", {"version": "0.1.0-selftest"}, 1)
         for reason, rate in (("corrupt", 0.1), ("vanished", 0.05)):

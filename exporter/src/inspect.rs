@@ -217,6 +217,26 @@ pub fn to_text(v: &Value) -> String {
 /// Prints the region at `path`, each live slot's host PID resolved in `proc_root`;
 /// errors name the file.
 pub fn run(path: &Path, as_json: bool, proc_root: &Path) -> Result<(), String> {
+    if vigil_hami::read::looks_like_hami(path) {
+        let r = vigil_hami::read_region(path).map_err(|e| e.to_string())?;
+        let files = std::collections::HashSet::from([r.file_id]);
+        let scan = crate::hami::scan_attachments(proc_root, &files);
+        let attached = scan.by_file.get(&r.file_id).cloned().unwrap_or_default();
+        let eval =
+            crate::hami::evaluate(&r, scan.complete.then_some(attached.as_slice()), &|pid| {
+                crate::hami::lookup(proc_root, pid)
+            });
+        let v = hami_json(path, &r, &eval, &attached, scan.complete);
+        if as_json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+            );
+        } else {
+            print!("{}", hami_text(&v));
+        }
+        return Ok(());
+    }
     let r = RegionReader::open(path).map_err(|e| e.to_string())?;
     let snap = r.snapshot();
     let checks = check_slots(proc_root, &snap.slots);
@@ -230,4 +250,124 @@ pub fn run(path: &Path, as_json: bool, proc_root: &Path) -> Result<(), String> {
         print!("{}", to_text(&v));
     }
     Ok(())
+}
+
+fn lock_state_name(s: crate::hami::LockState) -> &'static str {
+    match s {
+        crate::hami::LockState::Free => "free",
+        crate::hami::LockState::Held => "held",
+        crate::hami::LockState::HeldByDeadOwner => "held_by_dead_owner",
+    }
+}
+
+fn liveness_name(l: crate::hami::Liveness) -> &'static str {
+    match l {
+        crate::hami::Liveness::Alive => "alive",
+        crate::hami::Liveness::Dead => "dead",
+        crate::hami::Liveness::Unknown => "unknown",
+    }
+}
+
+/// A HAMi-core region as JSON: the header, both locks, and every used slot with its
+/// liveness as the exporter judges it.
+pub fn hami_json(
+    path: &Path,
+    r: &vigil_hami::HamiRegion,
+    eval: &crate::hami::Eval,
+    attached: &[crate::hami::Attached],
+    complete: bool,
+) -> Value {
+    let lock = |s: vigil_hami::SemState, st: crate::hami::LockState| json!({"value": s.value, "waiters": s.waiters, "state": lock_state_name(st)});
+    json!({
+        "path": path.display().to_string(),
+        "kind": "hami-core",
+        "version": format!("{}.{}", r.major, r.minor),
+        "devices": (0..r.devices).map(|d| json!({
+            "index": d,
+            "uuid": r.uuids[d],
+            "limit_bytes": r.limits[d],
+            "sm_limit_percent": r.sm_limits[d],
+            "used_bytes": r.used(d),
+            "dead_bytes": eval.dead_bytes[d],
+        })).collect::<Vec<_>>(),
+        "owner_pid": r.owner_pid,
+        "sem": lock(r.sem, eval.sem),
+        "sem_postinit": match (r.sem_postinit, eval.sem_postinit) {
+            (Some(s), Some(st)) => lock(s, st),
+            _ => Value::Null,
+        },
+        "priority": r.priority,
+        "processes_mapping_file": attached.iter().map(|a| json!({"host_pid": a.host_pid, "ns_pid": a.ns_pid})).collect::<Vec<_>>(),
+        "mapping_list_complete": complete,
+        "slots": r.slots.iter().zip(eval.slots.iter()).map(|(s, l)| json!({
+            "index": s.index,
+            "pid": s.pid,
+            "hostpid": s.host_pid,
+            "status": s.status,
+            "liveness": liveness_name(*l),
+            "used_bytes": s.devices.iter().map(|d| d.total).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The text form of [`hami_json`].
+pub fn hami_text(v: &Value) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "HAMi-core region {} (version {})",
+        v["path"].as_str().unwrap_or(""),
+        v["version"].as_str().unwrap_or("")
+    );
+    for d in v["devices"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  device {}: {} limit {} B, SM limit {}%, used {} B ({} B by dead processes)",
+            d["index"],
+            d["uuid"].as_str().unwrap_or(""),
+            d["limit_bytes"],
+            d["sm_limit_percent"],
+            d["used_bytes"],
+            d["dead_bytes"]
+        );
+    }
+    for name in ["sem", "sem_postinit"] {
+        let l = &v[name];
+        if l.is_null() {
+            continue;
+        }
+        let _ = writeln!(
+            o,
+            "  {name}: {} (value {}, {} waiting){}",
+            l["state"].as_str().unwrap_or(""),
+            l["value"],
+            l["waiters"],
+            if name == "sem" {
+                format!(", owner_pid {}", v["owner_pid"])
+            } else {
+                String::new()
+            }
+        );
+    }
+    if v["mapping_list_complete"] == Value::Bool(false) {
+        let _ = writeln!(
+            o,
+            "  (some /proc/PID/maps were unreadable: liveness from recorded host PIDs only)"
+        );
+    }
+    let slots = v["slots"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(o, "  {} slot(s):", slots.len());
+    for s in slots {
+        let _ = writeln!(
+            o,
+            "    [{}] pid {} hostpid {} {} used {}",
+            s["index"],
+            s["pid"],
+            s["hostpid"],
+            s["liveness"].as_str().unwrap_or(""),
+            s["used_bytes"]
+        );
+    }
+    o
 }
