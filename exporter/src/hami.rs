@@ -11,8 +11,9 @@
 //! Reading another user's `/proc/PID/maps` needs ptrace access (the exporter as root
 //! with `hostPID`). Without it the list is incomplete, and a slot is judged only by
 //! its recorded host PID: gone from `/proc` means dead; present with the recorded
-//! namespace PID means alive; anything else is unknown. Nothing is ever called dead
-//! on a guess.
+//! namespace PID means alive; anything else is unknown. And a `/proc` that is not the
+//! host's (a pod without `hostPID` sees only itself) proves nothing at all: every slot
+//! is unknown. Nothing is ever called dead on a guess.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -264,12 +265,23 @@ pub fn evaluate(
 /// When the last scan ran, for which files, and what it found.
 type LastScan = (Instant, HashSet<(u64, u64)>, AttachScan);
 
+/// The kernel's initial PID namespace has this inode (`PROC_PID_INIT_INO`).
+const INIT_PIDNS_INODE: u64 = 0xEFFF_FFFC;
+
+/// True if `root` is a `/proc` of the kernel's initial PID namespace, i.e. shows every
+/// process of the node (its PID 1 lives there). Unreadable means no.
+pub fn is_host_view(root: &Path) -> bool {
+    procfs::pidns_inode(&root.join("1")).is_ok_and(|i| i == INIT_PIDNS_INODE)
+}
+
 /// Attachment scans shared by all HAMi-core regions, at most one per interval.
 #[derive(Debug)]
 pub struct Attachments {
     root: PathBuf,
     min_interval: Duration,
     last: std::sync::Mutex<Option<LastScan>>,
+    /// Whether `root` is the host's view, once known.
+    host_view: std::sync::OnceLock<bool>,
 }
 
 impl Attachments {
@@ -278,7 +290,23 @@ impl Attachments {
             root,
             min_interval,
             last: Default::default(),
+            host_view: Default::default(),
         }
+    }
+
+    /// Whether liveness can be judged at all (see the module documentation); logged
+    /// once when it cannot.
+    pub fn host_view(&self) -> bool {
+        *self.host_view.get_or_init(|| {
+            let host = is_host_view(&self.root);
+            if !host {
+                tracing::warn!(
+                    "HAMi-core regions: {} is not the host's /proc (its PID 1 is not in the initial PID namespace, or cannot be read); their slots are reported as unknown and no lock owner is called dead. Run the node-wide exporter with hostPID: true (docs/adoption.md)",
+                    self.root.display()
+                );
+            }
+            host
+        })
     }
 
     pub fn root(&self) -> &Path {

@@ -220,12 +220,19 @@ pub fn run(path: &Path, as_json: bool, proc_root: &Path) -> Result<(), String> {
     if vigil_hami::read::looks_like_hami(path) {
         let r = vigil_hami::read_region(path).map_err(|e| e.to_string())?;
         let files = std::collections::HashSet::from([r.file_id]);
-        let scan = crate::hami::scan_attachments(proc_root, &files);
+        // A /proc that is not the host's proves nothing (see `hami`).
+        let host = crate::hami::is_host_view(proc_root);
+        let scan = if host {
+            crate::hami::scan_attachments(proc_root, &files)
+        } else {
+            crate::hami::AttachScan::default()
+        };
         let attached = scan.by_file.get(&r.file_id).cloned().unwrap_or_default();
-        let eval =
-            crate::hami::evaluate(&r, scan.complete.then_some(attached.as_slice()), &|pid| {
-                crate::hami::lookup(proc_root, pid)
-            });
+        let look = |pid| match host {
+            true => crate::hami::lookup(proc_root, pid),
+            false => crate::hami::Lookup::Unknown,
+        };
+        let eval = crate::hami::evaluate(&r, scan.complete.then_some(attached.as_slice()), &look);
         let v = hami_json(path, &r, &eval, &attached, scan.complete);
         if as_json {
             println!(

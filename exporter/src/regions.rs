@@ -1197,9 +1197,20 @@ impl RegionSet {
             })
             .collect();
         let files: HashSet<(u64, u64)> = read.iter().map(|(_, r)| r.file_id).collect();
-        let scan = self.attachments.get(&files);
+        let host = self.attachments.host_view();
+        let scan = if host {
+            self.attachments.get(&files)
+        } else {
+            crate::hami::AttachScan::default() // incomplete: judges nothing
+        };
         let root = self.attachments.root().to_path_buf();
-        let look = |pid: u32| crate::hami::lookup(&root, pid);
+        let look = |pid: u32| {
+            if host {
+                crate::hami::lookup(&root, pid)
+            } else {
+                crate::hami::Lookup::Unknown
+            }
+        };
         read.into_iter()
             .map(|(t, region)| {
                 let none: &[crate::hami::Attached] = &[];
