@@ -6,8 +6,6 @@ mod common;
 
 use common::sim::*;
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const MIB: f64 = (1u64 << 20) as f64;
