@@ -9,9 +9,11 @@
 //! their innermost namespace, and judges slots and lock owners against that list.
 //!
 //! Reading another user's `/proc/PID/maps` needs ptrace access (the exporter as root
-//! with `hostPID`). Without it the list is incomplete, and a slot is judged only by
-//! its recorded host PID: gone from `/proc` means dead; present with the recorded
-//! namespace PID means alive; anything else is unknown. And a `/proc` that is not the
+//! with `hostPID`). A process whose maps cannot be read might map the file: a slot or
+//! owner it could be (same namespace PID) is unknown, not dead. The view's own PID 1
+//! (the host's init) is never taken for a GPU process. When `/proc` cannot be listed at
+//! all, a slot is judged only by its recorded host PID: gone from `/proc` means dead;
+//! present with the recorded namespace PID means alive; anything else is unknown. And a `/proc` that is not the
 //! host's (a pod without `hostPID` sees only itself) proves nothing at all: every slot
 //! is unknown. Nothing is ever called dead on a guess.
 
@@ -34,9 +36,29 @@ pub struct Attached {
 #[derive(Debug, Clone, Default)]
 pub struct AttachScan {
     pub by_file: HashMap<(u64, u64), Vec<Attached>>,
-    /// Some process's maps could not be read (permission): absence proves nothing.
+    /// Processes whose maps could not be read (permission): each might map any file.
+    pub unreadable: Vec<Attached>,
+    /// `/proc` was listed: absence from `by_file` and `unreadable` proves a process
+    /// does not map a file.
     pub complete: bool,
     pub processes: usize,
+}
+
+impl AttachScan {
+    /// What this scan says about the file `id`, if it says anything.
+    pub fn view(&self, id: (u64, u64)) -> Option<View<'_>> {
+        self.complete.then(|| View {
+            mapping: self.by_file.get(&id).map_or(&[][..], |v| v.as_slice()),
+            unreadable: &self.unreadable,
+        })
+    }
+}
+
+/// Who maps one file: those known to, and those that might.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    pub mapping: &'a [Attached],
+    pub unreadable: &'a [Attached],
 }
 
 /// `major:minor` of a `st_dev`, as `/proc/PID/maps` prints it.
@@ -96,7 +118,15 @@ pub fn scan_attachments(root: &Path, files: &HashSet<(u64, u64)>) -> AttachScan 
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // exited
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
             Err(_) => {
-                scan.complete = false;
+                // The host's init never runs CUDA; anything else might map the file.
+                if pid != 1 {
+                    if let Some(ns_pid) = ns_pid_of(&dir) {
+                        scan.unreadable.push(Attached {
+                            host_pid: pid,
+                            ns_pid,
+                        });
+                    }
+                }
                 continue;
             }
         };
@@ -108,11 +138,7 @@ pub fn scan_attachments(root: &Path, files: &HashSet<(u64, u64)>) -> AttachScan 
         }
         hits.sort_unstable();
         hits.dedup();
-        let ns_pid = procfs::read_small(&dir.join("status"))
-            .ok()
-            .and_then(|s| procfs::parse_nspid(&s))
-            .and_then(|v| v.last().copied());
-        let Some(ns_pid) = ns_pid else {
+        let Some(ns_pid) = ns_pid_of(&dir) else {
             continue; // exited between the two reads
         };
         for f in hits {
@@ -123,6 +149,14 @@ pub fn scan_attachments(root: &Path, files: &HashSet<(u64, u64)>) -> AttachScan 
         }
     }
     scan
+}
+
+/// The innermost namespace PID of the process at `dir` (its `status` is world-readable).
+fn ns_pid_of(dir: &Path) -> Option<u32> {
+    procfs::read_small(&dir.join("status"))
+        .ok()
+        .and_then(|s| procfs::parse_nspid(&s))
+        .and_then(|v| v.last().copied())
 }
 
 /// A maps file, whole: a process with a few thousand mappings has a few hundred KiB.
@@ -193,26 +227,28 @@ impl Eval {
     }
 }
 
-/// Judges `r` against the processes mapping it (`None` when that list is not known
-/// to be complete) and, failing that, against `/proc` through `lookup`.
-pub fn evaluate(
-    r: &HamiRegion,
-    attached: Option<&[Attached]>,
-    lookup: &dyn Fn(u32) -> Lookup,
-) -> Eval {
+/// Judges `r` against who maps it (`None` when `/proc` could not be listed) and,
+/// failing that, against `/proc` through `lookup`.
+pub fn evaluate(r: &HamiRegion, view: Option<View<'_>>, lookup: &dyn Fn(u32) -> Lookup) -> Eval {
     let mut slots = Vec::with_capacity(r.slots.len());
     let mut host_pid_wrong = 0;
     let mut dead_bytes = vec![0u64; r.devices];
     for s in &r.slots {
-        let live = match attached {
-            Some(a) => {
-                let by_ns: Vec<&Attached> = a.iter().filter(|p| p.ns_pid == s.pid).collect();
-                let by_host = s.host_pid != 0 && a.iter().any(|p| p.host_pid == s.host_pid);
-                if !by_ns.is_empty() && s.host_pid != 0 && !by_host {
+        let live = match view {
+            Some(v) => {
+                let by_ns = v.mapping.iter().any(|p| p.ns_pid == s.pid);
+                let by_host = s.host_pid != 0 && v.mapping.iter().any(|p| p.host_pid == s.host_pid);
+                let maybe = v
+                    .unreadable
+                    .iter()
+                    .any(|p| p.ns_pid == s.pid || (s.host_pid != 0 && p.host_pid == s.host_pid));
+                if by_ns && s.host_pid != 0 && !by_host {
                     host_pid_wrong += 1;
                 }
-                if by_host || !by_ns.is_empty() {
+                if by_host || by_ns {
                     Liveness::Alive
+                } else if maybe {
+                    Liveness::Unknown
                 } else {
                     Liveness::Dead
                 }
@@ -231,34 +267,31 @@ pub fn evaluate(
         }
         slots.push(live);
     }
-    let nobody = attached.is_some_and(|a| a.is_empty());
-    let sem = if !r.sem.held() {
-        LockState::Free
-    } else {
-        let owner_gone = match attached {
-            Some(a) if r.owner_pid != 0 => !a.iter().any(|p| u64::from(p.ns_pid) == r.owner_pid),
-            _ => nobody,
-        };
-        if owner_gone {
-            LockState::HeldByDeadOwner
-        } else {
-            LockState::Held
-        }
-    };
-    // `sem_postinit` records no owner: only "nobody alive maps the region" proves its
-    // holder dead.
-    let sem_postinit = r.sem_postinit.map(|s| match (s.held(), nobody) {
+    // Every process of the region is gone: whoever holds a lock is gone too (a holder
+    // without a slot yet would still map the file).
+    let all_gone =
+        view.is_some_and(|v| v.mapping.is_empty()) && slots.iter().all(|&l| l == Liveness::Dead);
+    let state = |held: bool, owner_gone: bool| match (held, owner_gone) {
         (false, _) => LockState::Free,
         (true, true) => LockState::HeldByDeadOwner,
         (true, false) => LockState::Held,
-    });
+    };
+    let owner = r.owner_pid;
+    let owner_gone = match view {
+        Some(v) if owner != 0 => {
+            let is_owner = |p: &Attached| u64::from(p.ns_pid) == owner;
+            !v.mapping.iter().any(is_owner) && !v.unreadable.iter().any(is_owner)
+        }
+        _ => all_gone,
+    };
     Eval {
         host_pid_zero: r.slots.iter().filter(|s| s.host_pid == 0).count(),
         host_pid_wrong,
         slots,
         dead_bytes,
-        sem,
-        sem_postinit,
+        sem: state(r.sem.held(), owner_gone),
+        // `sem_postinit` records no owner.
+        sem_postinit: r.sem_postinit.map(|p| state(p.held(), all_gone)),
     }
 }
 
@@ -268,10 +301,13 @@ type LastScan = (Instant, HashSet<(u64, u64)>, AttachScan);
 /// The kernel's initial PID namespace has this inode (`PROC_PID_INIT_INO`).
 const INIT_PIDNS_INODE: u64 = 0xEFFF_FFFC;
 
-/// True if `root` is a `/proc` of the kernel's initial PID namespace, i.e. shows every
-/// process of the node (its PID 1 lives there). Unreadable means no.
+/// True if `root` shows every process of the node: the exporter itself lives in the
+/// kernel's initial PID namespace (`hostPID`), or the view's PID 1 does (a host procfs
+/// mounted elsewhere). Unreadable means no.
 pub fn is_host_view(root: &Path) -> bool {
-    procfs::pidns_inode(&root.join("1")).is_ok_and(|i| i == INIT_PIDNS_INODE)
+    let initial =
+        |dir: &str| procfs::pidns_inode(&root.join(dir)).is_ok_and(|i| i == INIT_PIDNS_INODE);
+    initial("self") || initial("1")
 }
 
 /// Attachment scans shared by all HAMi-core regions, at most one per interval.
@@ -363,6 +399,41 @@ mod tests {
         }
     }
 
+    fn view<'a>(mapping: &'a [Attached], unreadable: &'a [Attached]) -> Option<View<'a>> {
+        Some(View {
+            mapping,
+            unreadable,
+        })
+    }
+
+    #[test]
+    fn a_process_whose_maps_cannot_be_read_makes_its_slot_and_lock_unknown() {
+        let r = region(&[(1, 0, 100), (7, 4007, 50)], 1, true);
+        let a = [Attached {
+            host_pid: 4007,
+            ns_pid: 7,
+        }];
+        let u = [Attached {
+            host_pid: 6000,
+            ns_pid: 1,
+        }];
+        let e = evaluate(&r, view(&a, &u), &no_proc);
+        assert_eq!(e.sem, LockState::Held);
+        assert_eq!(e.slots, vec![Liveness::Unknown, Liveness::Alive]);
+        assert_eq!(e.dead_bytes, vec![0]);
+        // sem_postinit records no owner: dead only when every slot is dead.
+        let mut r2 = region(&[(4, 0, 0)], 0, false);
+        r2.sem_postinit = Some(SemState::from_word(0));
+        let e = evaluate(&r2, view(&[], &[]), &no_proc);
+        assert_eq!(e.sem_postinit, Some(LockState::HeldByDeadOwner));
+        let maybe = [Attached {
+            host_pid: 77,
+            ns_pid: 4,
+        }];
+        let e = evaluate(&r2, view(&[], &maybe), &no_proc);
+        assert_eq!(e.sem_postinit, Some(LockState::Held));
+    }
+
     fn no_proc(_: u32) -> Lookup {
         panic!("the maps list is complete: /proc must not be consulted")
     }
@@ -374,7 +445,7 @@ mod tests {
             host_pid: 4007,
             ns_pid: 7,
         }];
-        let e = evaluate(&r, Some(&a), &no_proc);
+        let e = evaluate(&r, view(&a, &[]), &no_proc);
         assert_eq!(e.sem, LockState::HeldByDeadOwner);
         assert_eq!(e.slots, vec![Liveness::Dead, Liveness::Alive]);
         assert_eq!(e.dead_bytes, vec![100]);
@@ -387,7 +458,7 @@ mod tests {
                 ns_pid: 1,
             },
         ];
-        assert_eq!(evaluate(&r, Some(&a2), &no_proc).sem, LockState::Held);
+        assert_eq!(evaluate(&r, view(&a2, &[]), &no_proc).sem, LockState::Held);
     }
 
     #[test]
@@ -397,7 +468,7 @@ mod tests {
             host_pid: 4003,
             ns_pid: 3,
         }];
-        let e = evaluate(&r, Some(&a), &no_proc);
+        let e = evaluate(&r, view(&a, &[]), &no_proc);
         assert_eq!(e.slots, vec![Liveness::Alive]);
         assert_eq!(e.host_pid_wrong, 1);
         assert_eq!(e.sem, LockState::Free);
@@ -434,7 +505,7 @@ mod tests {
     fn a_held_lock_with_nobody_attached_has_a_dead_owner() {
         let mut r = region(&[], 0, true);
         r.sem_postinit = Some(SemState::from_word(0));
-        let e = evaluate(&r, Some(&[]), &no_proc);
+        let e = evaluate(&r, view(&[], &[]), &no_proc);
         assert_eq!(e.sem, LockState::HeldByDeadOwner);
         assert_eq!(e.sem_postinit, Some(LockState::HeldByDeadOwner));
     }

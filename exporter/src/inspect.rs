@@ -232,7 +232,7 @@ pub fn run(path: &Path, as_json: bool, proc_root: &Path) -> Result<(), String> {
             true => crate::hami::lookup(proc_root, pid),
             false => crate::hami::Lookup::Unknown,
         };
-        let eval = crate::hami::evaluate(&r, scan.complete.then_some(attached.as_slice()), &look);
+        let eval = crate::hami::evaluate(&r, scan.view(r.file_id), &look);
         let v = hami_json(path, &r, &eval, &attached, scan.complete);
         if as_json {
             println!(

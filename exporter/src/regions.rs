@@ -1213,13 +1213,7 @@ impl RegionSet {
         };
         read.into_iter()
             .map(|(t, region)| {
-                let none: &[crate::hami::Attached] = &[];
-                let attached = scan.complete.then(|| {
-                    scan.by_file
-                        .get(&region.file_id)
-                        .map_or(none, |v| v.as_slice())
-                });
-                let eval = crate::hami::evaluate(&region, attached, &look);
+                let eval = crate::hami::evaluate(&region, scan.view(region.file_id), &look);
                 HamiView {
                     labels: t.labels.clone(),
                     region,

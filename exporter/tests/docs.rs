@@ -49,13 +49,55 @@ fn docs_metrics_md_matches_metrics_endpoint() {
         ..InitParams::default()
     };
     let (_w, _) = Region::open(sub.join("r.cache"), &params).unwrap();
+    // A HAMi-core region (written by HAMi-core's libvgpu.so), for the families only
+    // those have and the `interposer` label.
+    let hami = dir.path().join("uid-2_main");
+    std::fs::create_dir(&hami).unwrap();
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(
+            std::fs::File::open(repo_root().join("tests/fixtures/hami/live.cache.gz")).unwrap(),
+        ),
+        &mut raw,
+    )
+    .unwrap();
+    std::fs::write(hami.join("vgpu.cache"), raw).unwrap();
+    // NVML from the simulator's stand-in, for the NVML families.
+    let sim = common::sim::Sim::start();
+    let nvml = sim.lib().join("libnvidia-ml.so.1");
+    let sock = sim.dir.path().join("sim.sock");
     // The identity block supplies namespace/pod/container only when trusted.
-    let ex = Exporter::start(&[
-        "--regions-dir",
-        dir.path().to_str().unwrap(),
-        "--labels.from-region-identity",
-    ]);
-    let m = ex.scrape();
+    let ex = Exporter::start_with(
+        &[
+            "--regions-dir.scan-interval",
+            "100ms",
+            "--regions-dir",
+            dir.path().to_str().unwrap(),
+            "--labels.from-region-identity",
+            // HAMi-core regions have no identity block: a fixed namespace for all.
+            "--labels.namespace",
+            "ns",
+            "--nvml.library",
+            nvml.to_str().unwrap(),
+            "--nvml.interval",
+            "100ms",
+        ],
+        |c| {
+            c.env("VIGIL_GPUSIM_SOCKET", &sock);
+        },
+    );
+    let mut m = ex.scrape();
+    wait_until(
+        "every family to have series",
+        std::time::Duration::from_secs(10),
+        || {
+            m = ex.scrape();
+            m.value("vigil_exporter_hami_regions", &[]) == 1.0
+                && !m
+                    .find("vigil_device_memory_accounting_drift_bytes", &[])
+                    .is_empty()
+        },
+    );
 
     let mut served: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
     for (fam, ty) in &m.types {
