@@ -4,6 +4,11 @@
 # (default 8) under LD_PRELOAD, once plain and once with a SIGKILLed detection-lock
 # holder. Then the Prometheus HTTP API must report exactly the scenario's own JSON
 # figures, and `promtool check metrics` must find no problems on /metrics.
+# HAMi-core regions (tests/fixtures/hami: written by HAMi-core's own libvgpu.so) sit in
+# the same directory from the start: one whose `sem` is held by a SIGKILLed owner (the
+# VigilHamiLockOwnerDead alert must fire), one whose processes all have host PID 0, one
+# with memory in dead slots, and one of the older 1.1 layout; and NVML comes from a
+# simulator, so the NVML and drift series have data.
 # A third phase adds the remaining signals (a memory denial, a container near its
 # limit, host-PID detection failures, a corrupt region file) and sends every PromQL
 # expression of the dashboards and alert rules to Prometheus (tests/promql_exprs.py):
@@ -43,7 +48,33 @@ exp_port="$(free_port)"
 prom_port="$(free_port)"
 mkdir -p "$work/regions/plain" "$work/regions/kill" "$work/regions/signals"
 
-target/debug/vigil-exporter --regions-dir "$work/regions" --regions-dir.scan-interval 200ms \
+# HAMi-core's own region files, in HAMi's layout <pod-uid>_<container>/.
+hami_place() {
+    mkdir -p "$work/regions/$1_main"
+    gzip -dc "tests/fixtures/hami/$2" >"$work/regions/$1_main/vgpu.cache"
+}
+hami_place hami-deadowner sem-dead-owner.cache.gz
+hami_place hami-zero hostpid0.cache.gz
+hami_place hami-dead dead-slots.cache.gz
+hami_place hami-old v1_1-live.cache.gz
+hami_start=$(date +%s)
+
+# The simulator for phase 3's workloads, started now so that the exporter's NVML
+# (nvml-wrapper on the stand-in libnvidia-ml.so.1) works from its start.
+lib="$work/lib"
+target/debug/vigil-gpusim install-libs "$lib" >/dev/null
+sim() {
+    target/debug/vigil-gpusim --socket "$work/$1.sock" --ctx-create-time 20ms --nvml-lag 40ms \
+        --ctx-memory 2MiB "${@:2}" >"$work/$1.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do [ -S "$work/$1.sock" ] && return 0; sleep 0.05; done
+    echo "e2e: simulator $1 did not start" >&2; exit 1
+}
+sim ok
+
+VIGIL_GPUSIM_SOCKET="$work/ok.sock" target/debug/vigil-exporter --regions-dir "$work/regions" \
+    --regions-dir.scan-interval 200ms --proc.scan-interval 1s \
+    --nvml.library "$lib/libnvidia-ml.so.1" --nvml.interval 1s \
     --web.listen-address "127.0.0.1:$exp_port" >"$work/exporter.log" 2>&1 &
 pids+=($!)
 
@@ -148,16 +179,6 @@ fi
 echo "e2e: PASS: promtool check metrics: no problems"
 echo "e2e: phase 3: every dashboard and alert expression against the live data"
 # A simulator whose NVML fails every call: detection outcomes nvml_error.
-lib="$work/lib"
-target/debug/vigil-gpusim install-libs "$lib" >/dev/null
-sim() {
-    target/debug/vigil-gpusim --socket "$work/$1.sock" --ctx-create-time 20ms --nvml-lag 40ms \
-        --ctx-memory 2MiB "${@:2}" >"$work/$1.log" 2>&1 &
-    pids+=($!)
-    for _ in $(seq 1 100); do [ -S "$work/$1.sock" ] && return 0; sleep 0.05; done
-    echo "e2e: simulator $1 did not start" >&2; exit 1
-}
-sim ok
 sim broken --nvml-error-rate 1
 # A subshell that execs the workload: in the background, $! is the workload itself.
 workload() (
@@ -191,7 +212,10 @@ if [ ! -x "$py" ]; then
     py=target/pyenv/bin/python
 fi
 "$py" -c 'import yaml' 2>/dev/null || "$py" -m pip install -q --disable-pip-version-check pyyaml
-"$py" tests/promql_exprs.py --url "http://127.0.0.1:$prom_port" --rate-interval 1m \
+# --all: the dashboard's default state (every variable at All, `.*`). Discovering values
+# would pick the HAMi-core regions' pod UIDs, which the Vigil regions here (no pod
+# label) do not match.
+"$py" tests/promql_exprs.py --url "http://127.0.0.1:$prom_port" --rate-interval 1m --all \
     --require-data-all-except tests/e2e-no-data.txt -o "$work/promql.json" >"$work/promql.out" 2>&1 || {
     echo "e2e: FAIL: dashboard/alert expressions (report: $work/promql.json):" >&2
     cat "$work/promql.out" >&2
@@ -200,4 +224,57 @@ fi
 }
 tail -3 "$work/promql.out"
 echo "e2e: PASS: every dashboard and alert expression parsed, evaluated, and returned data where the run produced the signal"
+
+echo "e2e: HAMi-core regions and NVML, as Prometheus sees them"
+# VigilHamiLockOwnerDead has `for: 1m`: wait until it fires (at most 2 minutes after
+# the fixtures were placed), then compare the series with the fixtures' manifest.
+python3 - "$prom_port" "$hami_start" <<'PY'
+import json, sys, time, urllib.parse, urllib.request
+port, start = sys.argv[1], float(sys.argv[2])
+man = json.load(open("tests/fixtures/hami/manifest.json"))["fixtures"]
+
+def api(path, **q):
+    url = f"http://127.0.0.1:{port}{path}?" + urllib.parse.urlencode(q)
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.load(r)["data"]
+
+def value(q):
+    res = api("/api/v1/query", query=q)["result"]
+    return float(res[0]["value"][1]) if res else None
+
+def firing():
+    return [a["labels"] for a in api("/api/v1/alerts")["alerts"]
+            if a["labels"].get("alertname") == "VigilHamiLockOwnerDead" and a["state"] == "firing"]
+
+while not firing() and time.time() < start + 120:
+    time.sleep(1)
+ok = True
+def check(what, got, want):
+    global ok
+    good = got == want
+    ok &= good
+    print(f"e2e: {'PASS' if good else 'FAIL'}: {what} = {got} (want {want})")
+
+f = firing()
+check("VigilHamiLockOwnerDead firing for the dead-owner fixture",
+      sorted((a.get("region"), a.get("lock"), a.get("severity")) for a in f),
+      [("hami-deadowner_main/vgpu.cache", "sem", "critical")])
+check("vigil_hami_lock_owner_dead (sem) of the dead-owner fixture",
+      value('vigil_hami_lock_owner_dead{region="hami-deadowner_main/vgpu.cache",lock="sem"}'), 1.0)
+zero = sum(1 for s in man["hostpid0.cache.gz"]["region"]["slots"] if s["hostpid"] == 0)
+check("vigil_hami_host_pid_zero_slots of the host-PID-0 fixture",
+      value('vigil_hami_host_pid_zero_slots{region="hami-zero_main/vgpu.cache"}'), float(zero))
+dead = sum(d.get("total", 0) for s in man["dead-slots.cache.gz"]["region"]["slots"] for d in s["used"].values())
+check("vigil_device_memory_dead_bytes of the dead-slots fixture (every slot's process is gone)",
+      value('sum(vigil_device_memory_dead_bytes{region="hami-dead_main/vgpu.cache",interposer="hami-core"})'), float(dead))
+check("vigil_hami_region_info of the 1.1 fixture",
+      value('vigil_hami_region_info{region="hami-old_main/vgpu.cache",version="1.1"}'), 1.0)
+check("pod label from HAMi's directory name",
+      value('count(vigil_hami_region_info{pod="hami-dead",container="main"})'), 1.0)
+check("vigil_exporter_nvml_up", value("vigil_exporter_nvml_up"), 1.0)
+check("vigil_device_info series (one per simulated device)", value("count(vigil_device_info)"), 2.0)
+check("drift series for the live Vigil region",
+      value('count(vigil_device_memory_accounting_drift_bytes{region="signals/region.cache"}) > 0'), 2.0)
+sys.exit(0 if ok else 1)
+PY
 echo "e2e: all checks passed"

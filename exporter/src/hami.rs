@@ -349,18 +349,31 @@ impl Attachments {
         &self.root
     }
 
-    /// The processes mapping each of `files`, from a scan no older than the interval
-    /// (or a fresh one if the set of files changed).
+    /// The processes mapping each of `files`: the latest background scan (see
+    /// [`Attachments::refresh`]) when it covered them all, else a scan now (a region
+    /// admitted since). Scrapes call this; they never wait for a scan in progress.
     pub fn get(&self, files: &HashSet<(u64, u64)>) -> AttachScan {
-        let mut last = crate::regions::lock(&self.last);
-        if let Some((at, f, scan)) = last.as_ref() {
-            if at.elapsed() < self.min_interval && f == files {
+        if let Some((_, f, scan)) = crate::regions::lock(&self.last).as_ref() {
+            if files.is_subset(f) {
                 return scan.clone();
             }
         }
         let scan = scan_attachments(&self.root, files);
-        *last = Some((Instant::now(), files.clone(), scan.clone()));
+        *crate::regions::lock(&self.last) = Some((Instant::now(), files.clone(), scan.clone()));
         scan
+    }
+
+    /// Scans again if the last scan is older than the interval or covered other files.
+    /// The background task calls this, so that scrapes find a fresh scan ready.
+    pub fn refresh(&self, files: &HashSet<(u64, u64)>) {
+        let due = match crate::regions::lock(&self.last).as_ref() {
+            Some((at, f, _)) => at.elapsed() >= self.min_interval || f != files,
+            None => true,
+        };
+        if due && !files.is_empty() {
+            let scan = scan_attachments(&self.root, files);
+            *crate::regions::lock(&self.last) = Some((Instant::now(), files.clone(), scan));
+        }
     }
 }
 

@@ -935,6 +935,7 @@ impl RegionSet {
                 );
             }
         }
+        self.refresh_attachments();
         // Forget failures of files that no longer exist, so the memo stays bounded.
         // (Files in a directory that could not be listed are not known to be gone.)
         let mut inner = lock(&self.inner);
@@ -1172,6 +1173,20 @@ impl RegionSet {
             t.path.display(),
             ERROR_REASONS[r as usize]
         );
+    }
+
+    /// Rescans who maps the HAMi-core regions, when due (background task only).
+    fn refresh_attachments(&self) {
+        let paths: Vec<PathBuf> = lock(&self.inner).hami.keys().cloned().collect();
+        if paths.is_empty() || !self.attachments.host_view() {
+            return;
+        }
+        let files: HashSet<(u64, u64)> = paths
+            .iter()
+            .filter_map(|p| std::fs::symlink_metadata(p).ok())
+            .map(|m| (m.dev(), m.ino()))
+            .collect();
+        self.attachments.refresh(&files);
     }
 
     /// How many HAMi-core regions are watched now.
