@@ -138,3 +138,22 @@ fn without_a_driver_library_nvml_series_are_absent_and_the_rest_unchanged() {
     );
     assert!(body.contains("vigil_device_memory_used_bytes{"));
 }
+
+#[test]
+fn an_nvml_that_hangs_never_stalls_a_scrape() {
+    // Every NVML call of this simulator hangs for a minute, nvmlInit included.
+    let sim = Sim::start_with(&["--nvml-hang", "60s", "--nvml-hang-rate", "1"]);
+    let e = sim.exporter(&[]);
+    for _ in 0..5 {
+        let t0 = std::time::Instant::now();
+        let m = e.scrape();
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(m.value("vigil_exporter_nvml_up", &[]), 0.0);
+        assert!(m.find("vigil_device_info", &[]).is_empty());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

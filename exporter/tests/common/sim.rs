@@ -24,6 +24,11 @@ pub struct Sim {
 
 impl Sim {
     pub fn start() -> Sim {
+        Sim::start_with(&[])
+    }
+
+    /// `start` with extra simulator flags.
+    pub fn start_with(extra: &[&str]) -> Sim {
         let dir = tempfile::tempdir().unwrap();
         let sim = need("vigil-gpusim");
         let st = Command::new(&sim)
@@ -46,6 +51,7 @@ impl Sim {
                 "0",
             ])
             .args(["--ctx-memory", &format!("{CTX_MIB}MiB")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
