@@ -59,7 +59,7 @@ fn outcome_name(v: u32) -> &'static str {
     if v == 0 {
         return "none";
     }
-    DetectOutcome::from_u8(v as u8)
+    DetectOutcome::from_wire(u64::from(v))
         .map(|o| o.name())
         .unwrap_or("unknown")
 }

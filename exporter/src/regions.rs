@@ -52,34 +52,9 @@ use std::time::Duration;
 use tracing::{debug, error, info, warn};
 use vigil_region::{RegionError, RegionReader, Snapshot};
 
-/// Every `reason` of `vigil_exporter_region_errors_total`, all exported from start.
-pub const ERROR_REASONS: [&str; 9] = [
-    "open_failed",
-    "truncated",
-    "bad_magic",
-    "bad_version",
-    "corrupt",
-    "vanished",
-    "not_regular",
-    "limit_exceeded",
-    "fd_exhausted",
-];
-
-/// Index into [`ERROR_REASONS`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorReason {
-    OpenFailed = 0,
-    Truncated = 1,
-    BadMagic = 2,
-    BadVersion = 3,
-    Corrupt = 4,
-    Vanished = 5,
-    NotRegular = 6,
-    LimitExceeded = 7,
-    /// Out of file descriptors (EMFILE, ENFILE): counted per failed open or
-    /// directory listing, never held against the file, which keeps its place.
-    FdExhausted = 8,
-}
+/// Every `reason` of `vigil_exporter_region_errors_total`, all exported from start:
+/// the region crate's one list.
+pub use vigil_region::ErrorReason;
 
 /// `--proc.path` default.
 pub const DEFAULT_PROC_PATH: &str = "/proc";
@@ -128,30 +103,14 @@ enum OpenFailure {
 }
 
 fn classify(e: &RegionError) -> OpenFailure {
-    match e {
-        RegionError::NotReady { .. } => OpenFailure::NotYet,
-        // A new region is created empty, grown, and only then gets its magic: an
-        // empty file or an all-zero header is a region being born, not garbage.
-        RegionError::Truncated { len: 0, .. } => OpenFailure::NotYet,
-        RegionError::WrongMagic { found: 0, .. } => OpenFailure::NotYet,
-        RegionError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+    match (e, e.error_reason()) {
+        // Being created or re-initialized right now (see `error_reason`).
+        (_, None) => OpenFailure::NotYet,
+        (RegionError::Io { source, .. }, _) if source.kind() == std::io::ErrorKind::NotFound => {
             OpenFailure::Missing
         }
-        // O_NOFOLLOW on a symlink.
-        RegionError::Io { source, .. } if source.raw_os_error() == Some(libc::ELOOP) => {
-            OpenFailure::Error(ErrorReason::NotRegular)
-        }
-        RegionError::InvalidParam { what: "file", .. } => {
-            OpenFailure::Error(ErrorReason::NotRegular)
-        }
-        RegionError::Io { source, .. } if crate::hostpid::is_out_of_fds(source) => {
-            OpenFailure::NoDescriptors
-        }
-        RegionError::Io { .. } => OpenFailure::Error(ErrorReason::OpenFailed),
-        RegionError::Truncated { .. } => OpenFailure::Error(ErrorReason::Truncated),
-        RegionError::WrongMagic { .. } => OpenFailure::Error(ErrorReason::BadMagic),
-        RegionError::UnsupportedVersion { .. } => OpenFailure::Error(ErrorReason::BadVersion),
-        _ => OpenFailure::Error(ErrorReason::Corrupt),
+        (_, Some(ErrorReason::FdExhausted)) => OpenFailure::NoDescriptors,
+        (_, Some(r)) => OpenFailure::Error(r),
     }
 }
 
@@ -293,7 +252,7 @@ pub struct RegionSet {
     explicit: Vec<PathBuf>,
     dir: Option<PathBuf>,
     inner: Mutex<Inner>,
-    errors: [AtomicU64; ERROR_REASONS.len()],
+    errors: [AtomicU64; ErrorReason::ALL.len()],
     sink: Option<Arc<dyn TraceSink>>,
     keep_mapped: bool,
     policy: LabelPolicy,
@@ -347,18 +306,6 @@ pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic".into())
-}
-
-/// The reason a HAMi-core region failure is counted under.
-fn hami_reason(e: &vigil_hami::HamiError) -> ErrorReason {
-    match e.reason() {
-        "not_regular" => ErrorReason::NotRegular,
-        "bad_magic" => ErrorReason::BadMagic,
-        "bad_version" => ErrorReason::BadVersion,
-        "truncated" => ErrorReason::Truncated,
-        "corrupt" => ErrorReason::Corrupt,
-        _ => ErrorReason::OpenFailed,
-    }
 }
 
 fn has_cache_suffix(name: &OsStr) -> bool {
@@ -588,8 +535,8 @@ impl RegionSet {
     }
 
     /// `(reason, count)` for every reason.
-    pub fn error_counts(&self) -> [(&'static str, u64); ERROR_REASONS.len()] {
-        std::array::from_fn(|i| (ERROR_REASONS[i], self.errors[i].load(Relaxed)))
+    pub fn error_counts(&self) -> [(&'static str, u64); ErrorReason::ALL.len()] {
+        std::array::from_fn(|i| (ErrorReason::ALL[i].name(), self.errors[i].load(Relaxed)))
     }
 
     fn count_error(&self, r: ErrorReason) {
@@ -1078,7 +1025,7 @@ impl RegionSet {
                 self.count_error(r);
                 warn!(
                     "{e} (counted as reason=\"{}\"; skipped until the file changes)",
-                    ERROR_REASONS[r as usize]
+                    r.name()
                 );
             }
         }
@@ -1131,7 +1078,7 @@ impl RegionSet {
             {
                 self.note_no_fds(&t.path, &source.to_string())
             }
-            Err(e) => self.drop_hami(t, hami_reason(&e), &e.to_string()),
+            Err(e) => self.drop_hami(t, e.reason(), &e.to_string()),
         }
     }
 
@@ -1147,11 +1094,11 @@ impl RegionSet {
         let mut inner = lock(&self.inner);
         inner.failed.insert(path.to_path_buf(), key);
         drop(inner);
-        let r = hami_reason(e);
+        let r = e.reason();
         self.count_error(r);
         warn!(
             "{e} (HAMi-core region; counted as reason=\"{}\"; skipped until the file changes)",
-            ERROR_REASONS[r as usize]
+            r.name()
         );
     }
 
@@ -1171,7 +1118,7 @@ impl RegionSet {
         warn!(
             "HAMi-core region {} no longer watched: {why} (counted as reason=\"{}\")",
             t.path.display(),
-            ERROR_REASONS[r as usize]
+            r.name()
         );
     }
 
@@ -1257,7 +1204,7 @@ impl RegionSet {
         info!(
             "dropping region {} ({why}; counted as reason=\"{}\"); its series are gone",
             t.path.display(),
-            ERROR_REASONS[r as usize]
+            r.name()
         );
     }
 

@@ -17,7 +17,7 @@
 use crate::labels::RegionLabels;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use vigil_region::{monotonic_ns, realtime_ns, DetectOutcome, Event, EventKind, LockId};
+use vigil_region::{monotonic_ns, realtime_ns, Event, LockId, Payload};
 
 /// An `Init` with no start-up after it this long becomes an attach-only trace.
 pub const PENDING_INIT_TIMEOUT_NS: u64 = 30_000_000_000;
@@ -80,7 +80,7 @@ struct PendingInit {
     trace_id: u128,
     start: u64,
     end: u64,
-    path: u32,
+    path: Option<vigil_region::InitPath>,
 }
 
 #[derive(Debug)]
@@ -119,10 +119,8 @@ pub struct TraceBuilder {
     rng: u64,
 }
 
-fn lock_name(v: u32) -> &'static str {
-    LockId::from_u8(v as u8)
-        .map(|l| l.name())
-        .unwrap_or("unknown")
+fn lock_name(v: Option<LockId>) -> &'static str {
+    v.map_or("unknown", |l| l.name())
 }
 
 impl TraceBuilder {
@@ -158,8 +156,8 @@ impl TraceBuilder {
     }
 
     pub fn on_event(&mut self, ev: &Event) {
-        match ev.kind {
-            EventKind::Init => {
+        match ev.payload() {
+            Payload::Init { path, duration_ns } => {
                 if self.pending.len() >= MAX_PENDING {
                     if let Some(p) = self.pending.pop_front() {
                         self.export_attach_only(p);
@@ -168,13 +166,18 @@ impl TraceBuilder {
                 let trace_id = self.next_id();
                 self.pending.push_back(PendingInit {
                     trace_id,
-                    start: ev.ts_ns.saturating_sub(ev.a),
+                    start: ev.ts_ns.saturating_sub(duration_ns),
                     end: ev.ts_ns,
-                    path: ev.arg,
+                    path,
                 });
             }
-            EventKind::ForcePost => {
-                let lock = ev.arg & 0xff;
+            Payload::ForcePost {
+                lock,
+                reason,
+                victim_slot,
+                held_ns,
+                ..
+            } => {
                 let span = RawSpan {
                     name: "vigil.lock_force_post",
                     start: ev.ts_ns,
@@ -183,18 +186,13 @@ impl TraceBuilder {
                         ("vigil.lock", AttrValue::Str(lock_name(lock).into())),
                         (
                             "vigil.reason",
-                            AttrValue::Str(
-                                vigil_region::ForceReason::from_u8((ev.arg >> 8) as u8)
-                                    .map(|r| r.name())
-                                    .unwrap_or("unknown")
-                                    .into(),
-                            ),
+                            AttrValue::Str(reason.map_or("unknown", |r| r.name()).into()),
                         ),
-                        ("vigil.victim_slot", AttrValue::Int(ev.a as i64)),
-                        ("vigil.victim_held_ns", AttrValue::Int(ev.c as i64)),
+                        ("vigil.victim_slot", AttrValue::Int(victim_slot as i64)),
+                        ("vigil.victim_held_ns", AttrValue::Int(held_ns as i64)),
                     ],
                 };
-                if lock == LockId::Detect as u32 {
+                if lock == Some(LockId::Detect) {
                     let t = self.start(ev.slot, ev.ts_ns);
                     t.awaiting_wait = true;
                     t.push(span, ev.ts_ns);
@@ -202,18 +200,22 @@ impl TraceBuilder {
                     t.push(span, ev.ts_ns);
                 }
             }
-            EventKind::LockWait => {
-                let start = ev.ts_ns.saturating_sub(ev.a);
+            Payload::LockWait {
+                lock,
+                wait_ns,
+                retries,
+            } => {
+                let start = ev.ts_ns.saturating_sub(wait_ns);
                 let span = RawSpan {
                     name: "vigil.lock_wait",
                     start,
                     end: ev.ts_ns,
                     attrs: vec![
-                        ("vigil.lock", AttrValue::Str(lock_name(ev.arg).into())),
-                        ("vigil.retries", AttrValue::Int(ev.b as i64)),
+                        ("vigil.lock", AttrValue::Str(lock_name(lock).into())),
+                        ("vigil.retries", AttrValue::Int(retries as i64)),
                     ],
                 };
-                let t = if ev.arg == LockId::Detect as u32 {
+                let t = if lock == Some(LockId::Detect) {
                     match self.open.get_mut(&ev.slot) {
                         Some(t) if t.awaiting_wait => {
                             t.awaiting_wait = false;
@@ -229,12 +231,16 @@ impl TraceBuilder {
                 };
                 t.push(span, ev.ts_ns);
             }
-            EventKind::Detection => {
-                let det_start = ev.ts_ns.saturating_sub(ev.a);
-                let ctx_end = det_start.saturating_add(ev.d).min(ev.ts_ns);
-                let outcome = DetectOutcome::from_u8(ev.arg as u8)
-                    .map(|o| o.name())
-                    .unwrap_or("unknown");
+            Payload::Detection {
+                outcome,
+                latency_ns,
+                polls,
+                host_pid,
+                context_ns,
+            } => {
+                let det_start = ev.ts_ns.saturating_sub(latency_ns);
+                let ctx_end = det_start.saturating_add(context_ns).min(ev.ts_ns);
+                let outcome = outcome.map_or("unknown", |o| o.name());
                 let mut t = match self.open.remove(&ev.slot) {
                     Some(t) => t,
                     None => {
@@ -257,12 +263,12 @@ impl TraceBuilder {
                     end: ev.ts_ns,
                     attrs: vec![
                         ("vigil.detection.outcome", AttrValue::Str(outcome.into())),
-                        ("vigil.detection.polls", AttrValue::Int(ev.b as i64)),
+                        ("vigil.detection.polls", AttrValue::Int(polls as i64)),
                     ],
                 });
                 let extra = vec![
                     ("vigil.detection.outcome", AttrValue::Str(outcome.into())),
-                    ("vigil.host_pid", AttrValue::Int(ev.c as i64)),
+                    ("vigil.host_pid", AttrValue::Int(host_pid as i64)),
                 ];
                 self.finish(t, true, extra);
             }
@@ -377,12 +383,7 @@ impl TraceBuilder {
             root_attrs.push(("vigil.slot", AttrValue::Int(t.slot as i64)));
         }
         if let Some(p) = &t.attach {
-            let path = match p.path {
-                0 => "initializer",
-                1 => "fast_path",
-                2 => "recovered",
-                _ => "unknown",
-            };
+            let path = p.path.map_or("unknown", |x| x.name());
             root_attrs.push(("vigil.init.path", AttrValue::Str(path.into())));
             children.push(SpanRec {
                 name: "vigil.region_attach",
@@ -431,6 +432,7 @@ impl TraceBuilder {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+    use vigil_region::EventKind;
 
     #[derive(Debug, Default)]
     struct Collect(Mutex<Vec<FinishedTrace>>);

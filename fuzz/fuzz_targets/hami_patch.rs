@@ -146,7 +146,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(e) => {
             let reasons = ["open_failed", "not_regular", "bad_magic", "bad_version", "truncated", "corrupt"];
-            check!("hami_reason", reasons.contains(&e.reason()), "unknown reason {}", e.reason());
+            check!("hami_reason", reasons.contains(&e.reason().name()), "unknown reason {}", e.reason().name());
             let text = e.to_string();
             check!("hami_reason", text.contains(&*path.to_string_lossy()), "error names no file: {text}");
         }

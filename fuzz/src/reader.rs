@@ -166,7 +166,7 @@ fn model_position(img: Image, pos: u64) -> Pos {
             *x = img.u64(off + 8 + 8 * i);
         }
         let sum = img.u64(off + 8 + 8 * 6);
-        match EventKind::from_u16(w[1] as u16) {
+        match EventKind::from_wire(w[1] & 0xffff) {
             Some(kind) if checksum(pos, &w) == sum => Pos::Delivered(Event {
                 ts_ns: w[0],
                 kind,
@@ -222,8 +222,9 @@ fn check_error(e: &RegionError, path: &Path) {
         msg.contains(&path.display().to_string()),
         "error does not name the file: {msg}"
     );
-    const REASONS: [&str; 9] = [
+    const REASONS: [&str; 10] = [
         "io",
+        "not_regular",
         "truncated",
         "bad_magic",
         "bad_version",

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use vigil_region::ErrorReason;
 
 /// Why a file cannot be read as a HAMi-core region. Each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -43,16 +44,18 @@ pub enum HamiError {
 }
 
 impl HamiError {
-    /// The `reason` label this failure is counted under, the same words as Vigil's own
-    /// region errors.
-    pub fn reason(&self) -> &'static str {
+    /// The reason this failure is counted under: the same list as Vigil's own regions.
+    pub fn reason(&self) -> ErrorReason {
         match self {
-            HamiError::Io { .. } => "open_failed",
-            HamiError::NotRegularFile { .. } => "not_regular",
-            HamiError::WrongMagic { .. } => "bad_magic",
-            HamiError::UnsupportedVersion { .. } => "bad_version",
-            HamiError::Truncated { .. } => "truncated",
-            HamiError::Corrupt { .. } => "corrupt",
+            HamiError::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::EMFILE) | Some(libc::ENFILE) => ErrorReason::FdExhausted,
+                _ => ErrorReason::OpenFailed,
+            },
+            HamiError::NotRegularFile { .. } => ErrorReason::NotRegular,
+            HamiError::WrongMagic { .. } => ErrorReason::BadMagic,
+            HamiError::UnsupportedVersion { .. } => ErrorReason::BadVersion,
+            HamiError::Truncated { .. } => ErrorReason::Truncated,
+            HamiError::Corrupt { .. } => ErrorReason::Corrupt,
         }
     }
 }

@@ -203,7 +203,7 @@ fn damaged_copies_are_refused_with_the_field_that_is_wrong() {
         ),
         "{e}"
     );
-    assert_eq!(e.reason(), "corrupt");
+    assert_eq!(e.reason().name(), "corrupt");
     assert!(
         e.to_string().contains("live.cache") && e.to_string().contains("5000"),
         "{e}"
@@ -250,7 +250,7 @@ fn damaged_copies_are_refused_with_the_field_that_is_wrong() {
         matches!(e, HamiError::UnsupportedVersion { major: 7, .. }),
         "{e}"
     );
-    assert_eq!(e.reason(), "bad_version");
+    assert_eq!(e.reason().name(), "bad_version");
     // Not HAMi's magic.
     let e = err(damaged("live.cache.gz", t, 0, &[0, 0, 0, 0]));
     assert!(matches!(e, HamiError::WrongMagic { found: 0, .. }), "{e}");

@@ -7,97 +7,31 @@
 //! counter instead of a cross-field transaction a dying process could tear.
 
 use crate::layout::{Histogram, HIST_BUCKETS, NUM_COUNTERS};
+use crate::lock::{ForceReason, LockId};
+use crate::slot::DetectOutcome;
 use std::sync::atomic::Ordering::Relaxed;
 
-/// Which lock. The discriminant indexes `RegionLayout::locks`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum LockId {
-    /// Short region bookkeeping.
-    Region = 0,
-    /// Host-PID detection: held from the NVML snapshot to the slot write.
-    Detect = 1,
-}
-
-impl LockId {
-    pub const ALL: [LockId; 2] = [LockId::Region, LockId::Detect];
-    pub fn name(self) -> &'static str {
-        match self {
-            LockId::Region => "region",
-            LockId::Detect => "detect",
-        }
+crate::wire_enum! {
+    /// A HAMi-core setting that Vigil does not enforce. A user who swaps `libvgpu.so`
+    /// for `libvigil.so` must see that it stopped working, not find out from a noisy
+    /// neighbour: the interposer warns, counts it here, and the exporter exports it.
+    /// The label is `vigil_unenforced_settings{setting}`.
+    pub enum UnenforcedSetting: u8 {
+        /// `CUDA_DEVICE_SM_LIMIT[_i]`: HAMi-core's share of the SMs (`gpucores`).
+        SmLimit = 0 => "sm_limit",
+        /// `CUDA_OVERSUBSCRIBE`: device memory backed by host memory past the limit.
+        Oversubscribe = 1 => "oversubscribe",
+        /// `GPU_CORE_UTILIZATION_POLICY` (`force`, `disable`): how the SM limit applies.
+        CoreUtilizationPolicy = 2 => "core_utilization_policy",
+        /// `CUDA_TASK_PRIORITY`: HAMi-core's kernel priority between tasks.
+        TaskPriority = 3 => "task_priority",
+        /// `ACTIVE_OOM_KILLER`: HAMi-core kills processes over the memory limit.
+        ActiveOomKiller = 4 => "active_oom_killer",
     }
-    pub fn from_u8(v: u8) -> Option<LockId> {
-        match v {
-            0 => Some(LockId::Region),
-            1 => Some(LockId::Detect),
-            _ => None,
-        }
-    }
-}
-
-/// Why a lock was taken from its owner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum ForceReason {
-    /// The owner's liveness token was free: it died holding the lock.
-    OwnerDead = 0,
-    /// The owner is alive but held the lock past its lease: evicted, fenced.
-    LeaseExpired = 1,
-}
-
-impl ForceReason {
-    pub const ALL: [ForceReason; 2] = [ForceReason::OwnerDead, ForceReason::LeaseExpired];
-    pub fn name(self) -> &'static str {
-        match self {
-            ForceReason::OwnerDead => "owner_dead",
-            ForceReason::LeaseExpired => "lease_expired",
-        }
-    }
-    pub fn from_u8(v: u8) -> Option<ForceReason> {
-        match v {
-            0 => Some(ForceReason::OwnerDead),
-            1 => Some(ForceReason::LeaseExpired),
-            _ => None,
-        }
-    }
-}
-
-/// A HAMi-core setting that Vigil does not enforce. A user who swaps `libvgpu.so` for
-/// `libvigil.so` must see that it stopped working, not find out from a noisy
-/// neighbour: the interposer warns, counts it here, and the exporter exports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum UnenforcedSetting {
-    /// `CUDA_DEVICE_SM_LIMIT[_i]`: HAMi-core's share of the SMs (`gpucores`).
-    SmLimit,
-    /// `CUDA_OVERSUBSCRIBE`: device memory backed by host memory past the limit.
-    Oversubscribe,
-    /// `GPU_CORE_UTILIZATION_POLICY` (`force`, `disable`): how the SM limit applies.
-    CoreUtilizationPolicy,
-    /// `CUDA_TASK_PRIORITY`: HAMi-core's kernel priority between tasks.
-    TaskPriority,
-    /// `ACTIVE_OOM_KILLER`: HAMi-core kills processes over the memory limit.
-    ActiveOomKiller,
 }
 
 impl UnenforcedSetting {
-    pub const ALL: [UnenforcedSetting; 5] = [
-        UnenforcedSetting::SmLimit,
-        UnenforcedSetting::Oversubscribe,
-        UnenforcedSetting::CoreUtilizationPolicy,
-        UnenforcedSetting::TaskPriority,
-        UnenforcedSetting::ActiveOomKiller,
-    ];
-    /// The `setting` label.
-    pub fn name(self) -> &'static str {
-        match self {
-            UnenforcedSetting::SmLimit => "sm_limit",
-            UnenforcedSetting::Oversubscribe => "oversubscribe",
-            UnenforcedSetting::CoreUtilizationPolicy => "core_utilization_policy",
-            UnenforcedSetting::TaskPriority => "task_priority",
-            UnenforcedSetting::ActiveOomKiller => "active_oom_killer",
-        }
-    }
+    /// The counter that records it.
     pub fn counter(self) -> Counter {
         match self {
             UnenforcedSetting::SmLimit => Counter::UnenforcedSmLimit,
@@ -106,41 +40,6 @@ impl UnenforcedSetting {
             UnenforcedSetting::TaskPriority => Counter::UnenforcedTaskPriority,
             UnenforcedSetting::ActiveOomKiller => Counter::UnenforcedActiveOomKiller,
         }
-    }
-}
-
-/// Outcome of one host-PID detection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum DetectOutcome {
-    Found = 1,
-    /// The driver reports container PIDs: our own PID appeared.
-    SameNamespace = 2,
-    /// More than one unclaimed new PID: refused to guess.
-    Ambiguous = 3,
-    Timeout = 4,
-    NvmlError = 5,
-}
-
-impl DetectOutcome {
-    pub const ALL: [DetectOutcome; 5] = [
-        DetectOutcome::Found,
-        DetectOutcome::SameNamespace,
-        DetectOutcome::Ambiguous,
-        DetectOutcome::Timeout,
-        DetectOutcome::NvmlError,
-    ];
-    pub fn name(self) -> &'static str {
-        match self {
-            DetectOutcome::Found => "found",
-            DetectOutcome::SameNamespace => "same_namespace",
-            DetectOutcome::Ambiguous => "ambiguous",
-            DetectOutcome::Timeout => "timeout",
-            DetectOutcome::NvmlError => "nvml_error",
-        }
-    }
-    pub fn from_u8(v: u8) -> Option<DetectOutcome> {
-        DetectOutcome::ALL.into_iter().find(|o| *o as u8 == v)
     }
 }
 
@@ -359,15 +258,20 @@ mod tests {
     #[test]
     fn enums_round_trip() {
         for l in LockId::ALL {
-            assert_eq!(LockId::from_u8(l as u8), Some(l));
+            assert_eq!(LockId::from_wire(l as u64), Some(l));
         }
         for r in ForceReason::ALL {
-            assert_eq!(ForceReason::from_u8(r as u8), Some(r));
+            assert_eq!(ForceReason::from_wire(r as u64), Some(r));
         }
         for o in DetectOutcome::ALL {
-            assert_eq!(DetectOutcome::from_u8(o as u8), Some(o));
+            assert_eq!(DetectOutcome::from_wire(o as u64), Some(o));
         }
-        assert_eq!(DetectOutcome::from_u8(0), None);
-        assert_eq!(LockId::from_u8(9), None);
+        assert_eq!(DetectOutcome::from_wire(0), None);
+        assert_eq!(LockId::from_wire(9), None);
+        // What a truncating conversion would have accepted.
+        assert_eq!(DetectOutcome::from_wire(256 + 1), None);
+        for u in UnenforcedSetting::ALL {
+            assert_eq!(UnenforcedSetting::from_wire(u as u64), Some(u));
+        }
     }
 }

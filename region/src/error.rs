@@ -58,6 +58,28 @@ pub enum RegionError {
     /// understate the device's use and a reservation cannot be checked.
     #[error("region {}: recovering from damage; {orphans} process(es) that were using it have not re-attached, so its totals are incomplete", path.display())]
     Recovering { path: PathBuf, orphans: usize },
+    /// The path names something other than one regular file (a FIFO, a device, a
+    /// directory, a file with several names): never mapped or written.
+    #[error("region {}: {what}; refusing to use it", path.display())]
+    NotRegularFile { path: PathBuf, what: String },
+    /// A slot operation by a process that does not hold that slot (a forked child
+    /// that did not re-attach, or a stale handle).
+    #[error("region {}: slot {slot} is not held by this process{hint}", path.display())]
+    SlotNotHeld {
+        path: PathBuf,
+        slot: u16,
+        hint: &'static str,
+    },
+    /// A lock asked for again by the slot that holds it.
+    #[error("region {}: the {lock} lock is already held by this slot", path.display())]
+    AlreadyHeld { path: PathBuf, lock: &'static str },
+    /// A device index past the region's device count.
+    #[error("region {}: device {device} is not in this region ({devices} devices)", path.display())]
+    NoSuchDevice {
+        path: PathBuf,
+        device: usize,
+        devices: usize,
+    },
     #[error("region {}: invalid parameter {what}: {why}", path.display())]
     InvalidParam {
         path: PathBuf,
@@ -66,8 +88,55 @@ pub enum RegionError {
     },
 }
 
+crate::wire_enum! {
+    /// Why a reader could not use a file: the `reason` of
+    /// `vigil_exporter_region_errors_total`. One list for every reader, Vigil's regions
+    /// and HAMi-core's alike (see [`RegionError::error_reason`]).
+    pub enum ErrorReason: u8 {
+        /// Cannot open, or a named file is missing.
+        OpenFailed = 0 => "open_failed",
+        Truncated = 1 => "truncated",
+        /// Not a region of a known kind.
+        BadMagic = 2 => "bad_magic",
+        /// A layout version this reader does not read.
+        BadVersion = 3 => "bad_version",
+        /// Impossible values.
+        Corrupt = 4 => "corrupt",
+        /// A watched file was deleted.
+        Vanished = 5 => "vanished",
+        /// A symlink, FIFO, socket, device or directory where a region was expected.
+        NotRegular = 6 => "not_regular",
+        /// Over a reader's cap on files watched.
+        LimitExceeded = 7 => "limit_exceeded",
+        /// Out of file descriptors (EMFILE, ENFILE): says nothing about the file.
+        FdExhausted = 8 => "fd_exhausted",
+    }
+}
+
 impl RegionError {
-    /// A short stable label for metrics (`vigil_exporter_region_errors_total{reason}`).
+    /// What a reader counts this failure of `open` or `revalidate` as. `None` when
+    /// nothing is wrong with the file yet: a region being created (not ready, empty,
+    /// or still all zero), which a reader retries quietly.
+    pub fn error_reason(&self) -> Option<ErrorReason> {
+        Some(match self {
+            RegionError::NotReady { .. }
+            | RegionError::Truncated { len: 0, .. }
+            | RegionError::WrongMagic { found: 0, .. } => return None,
+            RegionError::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::ELOOP) => ErrorReason::NotRegular,
+                Some(libc::EMFILE) | Some(libc::ENFILE) => ErrorReason::FdExhausted,
+                _ => ErrorReason::OpenFailed,
+            },
+            RegionError::NotRegularFile { .. } => ErrorReason::NotRegular,
+            RegionError::Truncated { .. } => ErrorReason::Truncated,
+            RegionError::WrongMagic { .. } => ErrorReason::BadMagic,
+            RegionError::UnsupportedVersion { .. } => ErrorReason::BadVersion,
+            _ => ErrorReason::Corrupt,
+        })
+    }
+
+    /// A short stable label of the variant, for logs and tests (not a metric label:
+    /// see [`RegionError::error_reason`]).
     pub fn reason(&self) -> &'static str {
         match self {
             RegionError::Io { .. } => "io",
@@ -83,6 +152,10 @@ impl RegionError {
             RegionError::Damaged { .. } => "damaged",
             RegionError::Recovering { .. } => "recovering",
             RegionError::InvalidParam { .. } => "invalid_param",
+            RegionError::NotRegularFile { .. } => "not_regular",
+            RegionError::SlotNotHeld { .. } => "slot_not_held",
+            RegionError::AlreadyHeld { .. } => "already_held",
+            RegionError::NoSuchDevice { .. } => "no_such_device",
         }
     }
 }

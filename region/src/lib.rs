@@ -20,11 +20,11 @@ pub mod region;
 pub mod ring;
 pub mod slot;
 mod sys;
+pub mod wire;
 
-pub use counters::{
-    Counter, DetectOutcome, ForceReason, HistogramId, HistogramSnapshot, LockId, UnenforcedSetting,
-};
-pub use error::RegionError;
+pub use counters::{Counter, HistogramId, HistogramSnapshot, UnenforcedSetting};
+pub use error::{ErrorReason, RegionError};
+pub use lock::{ForceReason, LockId};
 pub use lock::{LockGuard, LockOutcome, ReleaseOutcome};
 pub use mem::Reservation;
 pub use procfs::ProcessIdentity;
@@ -32,6 +32,7 @@ pub use region::{
     install_sigbus_guard, DeviceInfo, InitParams, InitPath, InitReport, LockInfo, Region,
     RegionIdentity, RegionRead, RegionReader, SlotInfo, Snapshot,
 };
-pub use ring::{DrainStats, Event, EventKind, LostCounts, RingConsumer, NO_SLOT};
+pub use ring::{DrainStats, Event, EventKind, LostCounts, Payload, RingConsumer, NO_SLOT};
+pub use slot::DetectOutcome;
 pub use slot::SlotHandle;
 pub use sys::{getpid, monotonic_ns, realtime_ns};

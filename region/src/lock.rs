@@ -16,15 +16,35 @@
 //! - The slot generation in the word means a slot that died and was re-claimed by a
 //!   new process does not look like a live owner.
 
-use crate::counters::{Counter, ForceReason, HistogramId, LockId};
+use crate::counters::{Counter, HistogramId};
 use crate::error::RegionError;
 use crate::layout::LockState;
 use crate::region::Region;
-use crate::ring::{Event, EventKind};
+use crate::ring::{Event, Payload};
 use crate::slot::SlotHandle;
 use crate::sys::{self, monotonic_ns, Wait};
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
+
+crate::wire_enum! {
+    /// Which lock. The discriminant indexes `RegionLayout::locks`.
+    pub enum LockId: u8 {
+        /// Short region bookkeeping.
+        Region = 0 => "region",
+        /// Host-PID detection (serial mode): held from the NVML snapshot to the slot write.
+        Detect = 1 => "detect",
+    }
+}
+
+crate::wire_enum! {
+    /// Why a lock was taken from its owner.
+    pub enum ForceReason: u8 {
+        /// The owner's liveness token was free: it died holding the lock.
+        OwnerDead = 0 => "owner_dead",
+        /// The owner is alive but held the lock past its lease: evicted, fenced.
+        LeaseExpired = 1 => "lease_expired",
+    }
+}
 
 /// The longest lease honoured, whatever the region says (an hour).
 const MAX_LEASE_NS: u64 = 3_600_000_000_000;
@@ -105,13 +125,10 @@ impl Region {
     /// over within a wait slice or so, and a stalled one after the lease.
     pub fn lock(&self, lock: LockId, me: SlotHandle) -> Result<LockGuard<'_>, RegionError> {
         if self.is_forked_copy() || !self.holds(me.index as usize) {
-            return Err(RegionError::InvalidParam {
+            return Err(RegionError::SlotNotHeld {
                 path: self.path.clone(),
-                what: "slot",
-                why: format!(
-                    "slot {} is not held by this process (forked child not reattached?)",
-                    me.index
-                ),
+                slot: me.index,
+                hint: " (forked child not reattached?)",
             });
         }
         let st = &self.layout().locks[lock as usize];
@@ -167,10 +184,9 @@ impl Region {
                 continue;
             };
             if owner == me.index && gen16 == me.generation as u16 {
-                break Err(RegionError::InvalidParam {
+                break Err(RegionError::AlreadyHeld {
                     path: self.path.clone(),
-                    what: "lock",
-                    why: format!("{} lock is already held by this slot", lock.name()),
+                    lock: lock.name(),
                 });
             }
             let now = monotonic_ns();
@@ -219,22 +235,24 @@ impl Region {
         self.observe(HistogramId::lock_wait(lock), wait_ns);
         if let Some((reason, victim, victim_gen, held_ns)) = forced {
             self.count(slot, Counter::force_posts(lock, reason), 1);
-            self.emit(&Event::new(
-                EventKind::ForcePost,
+            self.emit(&Event::from_payload(
                 me.index,
-                lock as u32 | (reason as u32) << 8,
-                victim as u64,
-                victim_gen as u64,
-                held_ns,
+                Payload::ForcePost {
+                    lock: Some(lock),
+                    reason: Some(reason),
+                    victim_slot: victim as u64,
+                    victim_generation: victim_gen as u64,
+                    held_ns,
+                },
             ));
         }
-        self.emit(&Event::new(
-            EventKind::LockWait,
+        self.emit(&Event::from_payload(
             me.index,
-            lock as u32,
-            wait_ns,
-            retries as u64,
-            0,
+            Payload::LockWait {
+                lock: Some(lock),
+                wait_ns,
+                retries: retries as u64,
+            },
         ));
         Ok(LockGuard {
             region: self,
@@ -287,13 +305,11 @@ impl LockGuard<'_> {
             Err(_) => {
                 let r = self.region;
                 r.count(Some(self.me.index), Counter::fenced_releases(self.lock), 1);
-                r.emit(&Event::new(
-                    EventKind::FencedRelease,
+                r.emit(&Event::from_payload(
                     self.me.index,
-                    self.lock as u32,
-                    0,
-                    0,
-                    0,
+                    Payload::FencedRelease {
+                        lock: Some(self.lock),
+                    },
                 ));
                 ReleaseOutcome::Fenced
             }

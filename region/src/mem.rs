@@ -18,11 +18,12 @@
 //! Between those two moments the totals can be off by that one reservation, only ever
 //! before the real allocation happens, so the device itself never goes past the limit.
 
-use crate::counters::{Counter, LockId};
+use crate::counters::Counter;
 use crate::error::RegionError;
 use crate::layout::*;
+use crate::lock::LockId;
 use crate::region::{Region, DAMAGE_LIMIT};
-use crate::ring::{Event, EventKind};
+use crate::ring::{Event, Payload};
 use crate::slot::SlotHandle;
 use crate::ReleaseOutcome;
 use std::sync::atomic::Ordering::*;
@@ -291,13 +292,14 @@ impl Region {
         if let Reservation::Denied { used, limit } = answer {
             self.layout().devices[dev].denials.fetch_add(1, Relaxed);
             self.count(Some(me.index), Counter::AllocationDenials, 1);
-            self.emit(&Event::new(
-                EventKind::AllocationDenied,
+            self.emit(&Event::from_payload(
                 me.index,
-                dev as u32,
-                bytes,
-                used,
-                limit,
+                Payload::AllocationDenied {
+                    device: dev as u32,
+                    requested: bytes,
+                    used,
+                    limit,
+                },
             ));
         }
         answer
@@ -401,10 +403,10 @@ impl Region {
         if dev < n.min(MAX_DEVICES) {
             Ok(())
         } else {
-            Err(RegionError::InvalidParam {
+            Err(RegionError::NoSuchDevice {
                 path: self.path.clone(),
-                what: "device",
-                why: format!("device {dev} is not in this region ({n} devices)"),
+                device: dev,
+                devices: n,
             })
         }
     }

@@ -3,7 +3,7 @@
 use crate::counters::{Counter, HistogramId, HistogramSnapshot};
 use crate::error::RegionError;
 use crate::layout::*;
-use crate::ring::{self, Event, EventKind, NO_SLOT};
+use crate::ring::{self, Event, Payload, NO_SLOT};
 use crate::slot::SlotHandle;
 use crate::sys::{self, monotonic_ns, realtime_ns, Mapping};
 use std::fs::{File, OpenOptions};
@@ -91,25 +91,15 @@ impl Default for InitParams {
     }
 }
 
-/// How this process got a usable region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum InitPath {
-    /// Won the CAS and initialized a new region.
-    Initializer = 0,
-    /// Found it READY (or waited for it): no lock taken.
-    FastPath = 1,
-    /// Found it stuck in INITIALIZING with a dead initializer, and re-initialized it.
-    Recovered = 2,
-}
-
-impl InitPath {
-    pub fn name(self) -> &'static str {
-        match self {
-            InitPath::Initializer => "initializer",
-            InitPath::FastPath => "fast_path",
-            InitPath::Recovered => "recovered",
-        }
+crate::wire_enum! {
+    /// How this process got a usable region.
+    pub enum InitPath: u8 {
+        /// Won the CAS and initialized a new region.
+        Initializer = 0 => "initializer",
+        /// Found it READY (or waited for it): no lock taken.
+        FastPath = 1 => "fast_path",
+        /// Found it stuck in INITIALIZING with a dead initializer, and re-initialized it.
+        Recovered = 2 => "recovered",
     }
 }
 
@@ -432,13 +422,12 @@ impl Region {
         };
         region.count(None, c, 1);
         region.observe(HistogramId::InitDuration, duration.as_nanos() as u64);
-        region.emit(&Event::new(
-            EventKind::Init,
+        region.emit(&Event::from_payload(
             NO_SLOT,
-            init_path as u32,
-            duration.as_nanos() as u64,
-            0,
-            0,
+            Payload::Init {
+                path: Some(init_path),
+                duration_ns: duration.as_nanos() as u64,
+            },
         ));
         Ok((
             region,
@@ -931,11 +920,10 @@ fn open_region_file(path: &Path, mode: u32) -> Result<File, RegionError> {
     let meta = file.metadata().map_err(io_err(path, "stat"))?;
     use std::os::unix::fs::MetadataExt;
     if !meta.file_type().is_file() || meta.nlink() != 1 {
-        return Err(RegionError::InvalidParam {
+        return Err(RegionError::NotRegularFile {
             path: path.to_path_buf(),
-            what: "file",
-            why: format!(
-                "not a regular file with a single name (links: {}); refusing to write to it",
+            what: format!(
+                "not a regular file with a single name (links: {})",
                 meta.nlink()
             ),
         });
@@ -1146,10 +1134,9 @@ impl RegionReader {
             .map_err(io_err(path, "open read-only"))?;
         let meta = file.metadata().map_err(io_err(path, "stat"))?;
         if !meta.file_type().is_file() {
-            return Err(RegionError::InvalidParam {
+            return Err(RegionError::NotRegularFile {
                 path: path.to_path_buf(),
-                what: "file",
-                why: "not a regular file".into(),
+                what: "not a regular file".into(),
             });
         }
         let len = meta.len();

@@ -22,56 +22,96 @@ const MASK: u64 = RING_CAPACITY as u64 - 1;
 /// `Event::slot` when the event belongs to no process slot.
 pub const NO_SLOT: u16 = u16::MAX;
 
-/// What an event records. Payload meaning per kind is documented on each variant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u16)]
-pub enum EventKind {
-    /// arg: `InitPath`; a: duration ns.
-    Init = 1,
-    /// arg: lock; a: wait ns; b: retries (timed-out wait slices).
-    LockWait = 2,
-    /// arg: lock | reason << 8; a: victim slot; b: victim generation; c: ns the
-    /// taker saw the victim hold the lock.
-    ForcePost = 3,
-    /// arg: lock; no payload (the force-post event that evicted the holder has the details).
-    FencedRelease = 4,
-    /// arg: outcome; a: latency ns (from the start of context creation); b: polls;
-    /// c: host pid (0 if none); d: ns the context creation itself took.
-    Detection = 5,
-    /// a: victim slot; b: bytes credited back.
-    SlotReclaimed = 6,
-    /// arg: device; a: requested bytes; b: used bytes; c: limit bytes.
-    AllocationDenied = 7,
-    /// Free-form, for tools and tests: a..d as given.
-    Marker = 8,
+crate::wire_enum! {
+    /// What an event records. Its words are decoded by [`Event::payload`]; the raw
+    /// layout per kind is noted on each variant.
+    pub enum EventKind: u16 {
+        /// arg: `InitPath`; a: duration ns.
+        Init = 1 => "init",
+        /// arg: lock; a: wait ns; b: retries (timed-out wait slices).
+        LockWait = 2 => "lock_wait",
+        /// arg: lock | reason << 8; a: victim slot; b: victim generation; c: ns the
+        /// taker saw the victim hold the lock.
+        ForcePost = 3 => "force_post",
+        /// arg: lock; no payload (the force-post event that evicted the holder has the details).
+        FencedRelease = 4 => "fenced_release",
+        /// arg: outcome; a: latency ns (from the start of context creation); b: polls;
+        /// c: host pid (0 if none); d: ns the context creation itself took.
+        Detection = 5 => "detection",
+        /// a: victim slot; b: bytes credited back.
+        SlotReclaimed = 6 => "slot_reclaimed",
+        /// arg: device; a: requested bytes; b: used bytes; c: limit bytes.
+        AllocationDenied = 7 => "allocation_denied",
+        /// Free-form, for tools and tests: a..d as given.
+        Marker = 8 => "marker",
+    }
 }
 
-impl EventKind {
-    pub fn from_u16(v: u16) -> Option<EventKind> {
-        use EventKind::*;
-        [
-            Init,
-            LockWait,
-            ForcePost,
-            FencedRelease,
-            Detection,
-            SlotReclaimed,
-            AllocationDenied,
-            Marker,
-        ]
-        .into_iter()
-        .find(|k| *k as u16 == v)
-    }
-    pub fn name(self) -> &'static str {
+/// An event's meaning. Enum fields are `None` when the word read back is not a valid
+/// value (the ring is tenant-writable): consumers say "unknown" instead of guessing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    Init {
+        path: Option<crate::region::InitPath>,
+        duration_ns: u64,
+    },
+    LockWait {
+        lock: Option<crate::lock::LockId>,
+        wait_ns: u64,
+        retries: u64,
+    },
+    ForcePost {
+        lock: Option<crate::lock::LockId>,
+        reason: Option<crate::lock::ForceReason>,
+        victim_slot: u64,
+        victim_generation: u64,
+        /// How long the taker saw the victim hold the lock.
+        held_ns: u64,
+    },
+    FencedRelease {
+        lock: Option<crate::lock::LockId>,
+    },
+    Detection {
+        outcome: Option<crate::slot::DetectOutcome>,
+        /// From the start of context creation.
+        latency_ns: u64,
+        polls: u64,
+        /// 0 if none.
+        host_pid: u64,
+        /// How long the context creation itself took.
+        context_ns: u64,
+    },
+    SlotReclaimed {
+        victim_slot: u64,
+        bytes: u64,
+    },
+    AllocationDenied {
+        device: u32,
+        requested: u64,
+        used: u64,
+        limit: u64,
+    },
+    Marker {
+        arg: u32,
+        a: u64,
+        b: u64,
+        c: u64,
+        d: u64,
+    },
+}
+
+impl Payload {
+    /// The kind of event this payload is written as.
+    pub fn kind(&self) -> EventKind {
         match self {
-            EventKind::Init => "init",
-            EventKind::LockWait => "lock_wait",
-            EventKind::ForcePost => "force_post",
-            EventKind::FencedRelease => "fenced_release",
-            EventKind::Detection => "detection",
-            EventKind::SlotReclaimed => "slot_reclaimed",
-            EventKind::AllocationDenied => "allocation_denied",
-            EventKind::Marker => "marker",
+            Payload::Init { .. } => EventKind::Init,
+            Payload::LockWait { .. } => EventKind::LockWait,
+            Payload::ForcePost { .. } => EventKind::ForcePost,
+            Payload::FencedRelease { .. } => EventKind::FencedRelease,
+            Payload::Detection { .. } => EventKind::Detection,
+            Payload::SlotReclaimed { .. } => EventKind::SlotReclaimed,
+            Payload::AllocationDenied { .. } => EventKind::AllocationDenied,
+            Payload::Marker { .. } => EventKind::Marker,
         }
     }
 }
@@ -105,6 +145,118 @@ impl Event {
         }
     }
 
+    /// The event that records `p` for `slot` (the timestamp is set when it is written).
+    pub fn from_payload(slot: u16, p: Payload) -> Event {
+        let code = |v: Option<u8>| v.map_or(u32::from(u8::MAX), u32::from);
+        let (arg, a, b, c, d) = match p {
+            Payload::Init { path, duration_ns } => {
+                (code(path.map(|x| x as u8)), duration_ns, 0, 0, 0)
+            }
+            Payload::LockWait {
+                lock,
+                wait_ns,
+                retries,
+            } => (code(lock.map(|x| x as u8)), wait_ns, retries, 0, 0),
+            Payload::ForcePost {
+                lock,
+                reason,
+                victim_slot,
+                victim_generation,
+                held_ns,
+            } => (
+                code(lock.map(|x| x as u8)) | code(reason.map(|x| x as u8)) << 8,
+                victim_slot,
+                victim_generation,
+                held_ns,
+                0,
+            ),
+            Payload::FencedRelease { lock } => (code(lock.map(|x| x as u8)), 0, 0, 0, 0),
+            Payload::Detection {
+                outcome,
+                latency_ns,
+                polls,
+                host_pid,
+                context_ns,
+            } => (
+                code(outcome.map(|x| x as u8)),
+                latency_ns,
+                polls,
+                host_pid,
+                context_ns,
+            ),
+            Payload::SlotReclaimed { victim_slot, bytes } => (0, victim_slot, bytes, 0, 0),
+            Payload::AllocationDenied {
+                device,
+                requested,
+                used,
+                limit,
+            } => (device, requested, used, limit, 0),
+            Payload::Marker { arg, a, b, c, d } => (arg, a, b, c, d),
+        };
+        Event {
+            ts_ns: 0,
+            kind: p.kind(),
+            slot,
+            arg,
+            a,
+            b,
+            c,
+            d,
+        }
+    }
+
+    /// What the event says, decoded once here for every consumer.
+    pub fn payload(&self) -> Payload {
+        let lock = |v: u32| crate::lock::LockId::from_wire(u64::from(v));
+        match self.kind {
+            EventKind::Init => Payload::Init {
+                path: crate::region::InitPath::from_wire(u64::from(self.arg)),
+                duration_ns: self.a,
+            },
+            EventKind::LockWait => Payload::LockWait {
+                lock: lock(self.arg),
+                wait_ns: self.a,
+                retries: self.b,
+            },
+            EventKind::ForcePost => Payload::ForcePost {
+                lock: lock(self.arg & 0xff),
+                // Bits past the reason byte are never written: their presence makes
+                // the reason unknown rather than silently dropped.
+                reason: crate::lock::ForceReason::from_wire(u64::from(self.arg >> 8)),
+                victim_slot: self.a,
+                victim_generation: self.b,
+                held_ns: self.c,
+            },
+            EventKind::FencedRelease => Payload::FencedRelease {
+                lock: lock(self.arg),
+            },
+            EventKind::Detection => Payload::Detection {
+                outcome: crate::slot::DetectOutcome::from_wire(u64::from(self.arg)),
+                latency_ns: self.a,
+                polls: self.b,
+                host_pid: self.c,
+                context_ns: self.d,
+            },
+            EventKind::SlotReclaimed => Payload::SlotReclaimed {
+                victim_slot: self.a,
+                bytes: self.b,
+            },
+            EventKind::AllocationDenied => Payload::AllocationDenied {
+                device: self.arg,
+                requested: self.a,
+                used: self.b,
+                limit: self.c,
+            },
+            EventKind::Marker => Payload::Marker {
+                arg: self.arg,
+                a: self.a,
+                b: self.b,
+                c: self.c,
+                d: self.d,
+            },
+        }
+    }
+
     fn encode(&self) -> [u64; 6] {
         [
             self.ts_ns,
@@ -119,7 +271,7 @@ impl Event {
     fn decode(w: &[u64; 6]) -> Option<Event> {
         Some(Event {
             ts_ns: w[0],
-            kind: EventKind::from_u16(w[1] as u16)?,
+            kind: EventKind::from_wire(w[1] & 0xffff)?,
             slot: (w[1] >> 16) as u16,
             arg: (w[1] >> 32) as u32,
             a: w[2],

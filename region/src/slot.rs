@@ -12,9 +12,22 @@ use crate::error::RegionError;
 use crate::layout::*;
 use crate::procfs::ProcessIdentity;
 use crate::region::Region;
-use crate::ring::{Event, EventKind};
+use crate::ring::{Event, Payload};
 use crate::sys;
 use std::sync::atomic::Ordering::*;
+
+crate::wire_enum! {
+    /// Outcome of one host-PID detection, as recorded in the slot and the event ring.
+    pub enum DetectOutcome: u8 {
+        Found = 1 => "found",
+        /// The driver reports container PIDs: our own PID appeared.
+        SameNamespace = 2 => "same_namespace",
+        /// More than one unclaimed new PID: refused to guess.
+        Ambiguous = 3 => "ambiguous",
+        Timeout = 4 => "timeout",
+        NvmlError = 5 => "nvml_error",
+    }
+}
 
 /// This process's claim on a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,13 +152,12 @@ impl Region {
 
     fn note_reclaimed(&self, i: usize, by: SlotHandle, freed: u64) {
         self.count(Some(by.index), Counter::SlotsReclaimedDead, 1);
-        self.emit(&Event::new(
-            EventKind::SlotReclaimed,
+        self.emit(&Event::from_payload(
             by.index,
-            0,
-            i as u64,
-            freed,
-            0,
+            Payload::SlotReclaimed {
+                victim_slot: i as u64,
+                bytes: freed,
+            },
         ));
     }
 
@@ -154,10 +166,10 @@ impl Region {
     pub fn release_slot(&self, h: SlotHandle) -> Result<(), RegionError> {
         let i = h.index as usize;
         if i >= MAX_SLOTS || !self.holds(i) {
-            return Err(RegionError::InvalidParam {
+            return Err(RegionError::SlotNotHeld {
                 path: self.path.clone(),
-                what: "slot",
-                why: format!("slot {} is not held by this process", h.index),
+                slot: h.index,
+                hint: "",
             });
         }
         if let Err(e) = self.check_integrity(h) {
@@ -260,15 +272,16 @@ impl Region {
         self.count(Some(h.index), Counter::detections(outcome), 1);
         self.observe(crate::HistogramId::DetectionLatency, latency_ns);
         self.observe(crate::HistogramId::DetectionPolls, polls as u64);
-        let mut ev = Event::new(
-            EventKind::Detection,
+        let ev = Event::from_payload(
             h.index,
-            outcome as u32,
-            latency_ns,
-            polls as u64,
-            host_pid.unwrap_or(0) as u64,
+            Payload::Detection {
+                outcome: Some(outcome),
+                latency_ns,
+                polls: polls as u64,
+                host_pid: host_pid.unwrap_or(0) as u64,
+                context_ns,
+            },
         );
-        ev.d = context_ns;
         self.emit(&ev);
     }
 

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use vigil_region::{
-    monotonic_ns, Counter, DetectOutcome, Event, EventKind, ForceReason, InitParams, LockId,
-    Region, RegionRead, RegionReader, ReleaseOutcome, Snapshot,
+    monotonic_ns, Counter, DetectOutcome, Event, EventKind, ForceReason, InitParams, InitPath,
+    LockId, Payload, Region, RegionRead, RegionReader, ReleaseOutcome, Snapshot,
 };
 
 #[derive(Parser)]
@@ -570,35 +570,53 @@ fn lock_loop(
 }
 
 fn format_event(e: &Event) -> String {
-    let detail = match e.kind {
-        EventKind::Init => format!("path={} duration_ns={}", e.arg, e.a),
-        EventKind::LockWait => format!("lock={} wait_ns={} retries={}", lock_name(e.arg), e.a, e.b),
-        EventKind::ForcePost => format!(
-            "lock={} reason={} victim_slot={} victim_gen={} held_ns={}",
-            lock_name(e.arg & 0xff),
-            ForceReason::from_u8((e.arg >> 8) as u8)
-                .map(|r| r.name())
-                .unwrap_or("?"),
-            e.a,
-            e.b,
-            e.c
+    fn name<T>(v: Option<T>, f: fn(T) -> &'static str) -> &'static str {
+        v.map_or("?", f)
+    }
+    let detail = match e.payload() {
+        Payload::Init { path, duration_ns } => {
+            format!("path={} duration_ns={duration_ns}", name(path, InitPath::name))
+        }
+        Payload::LockWait {
+            lock,
+            wait_ns,
+            retries,
+        } => format!(
+            "lock={} wait_ns={wait_ns} retries={retries}",
+            name(lock, LockId::name)
         ),
-        EventKind::FencedRelease => format!("lock={}", lock_name(e.arg)),
-        EventKind::Detection => format!(
-            "outcome={} latency_ns={} polls={} host_pid={}",
-            DetectOutcome::from_u8(e.arg as u8)
-                .map(|o| o.name())
-                .unwrap_or("?"),
-            e.a,
-            e.b,
-            e.c
+        Payload::ForcePost {
+            lock,
+            reason,
+            victim_slot,
+            victim_generation,
+            held_ns,
+        } => format!(
+            "lock={} reason={} victim_slot={victim_slot} victim_gen={victim_generation} held_ns={held_ns}",
+            name(lock, LockId::name),
+            name(reason, ForceReason::name)
         ),
-        EventKind::SlotReclaimed => format!("victim_slot={} bytes={}", e.a, e.b),
-        EventKind::AllocationDenied => format!(
-            "device={} requested={} used={} limit={}",
-            e.arg, e.a, e.b, e.c
+        Payload::FencedRelease { lock } => format!("lock={}", name(lock, LockId::name)),
+        Payload::Detection {
+            outcome,
+            latency_ns,
+            polls,
+            host_pid,
+            ..
+        } => format!(
+            "outcome={} latency_ns={latency_ns} polls={polls} host_pid={host_pid}",
+            name(outcome, DetectOutcome::name)
         ),
-        EventKind::Marker => format!("arg={} a={} b={} c={} d={}", e.arg, e.a, e.b, e.c, e.d),
+        Payload::SlotReclaimed { victim_slot, bytes } => {
+            format!("victim_slot={victim_slot} bytes={bytes}")
+        }
+        Payload::AllocationDenied {
+            device,
+            requested,
+            used,
+            limit,
+        } => format!("device={device} requested={requested} used={used} limit={limit}"),
+        Payload::Marker { arg, a, b, c, d } => format!("arg={arg} a={a} b={b} c={c} d={d}"),
     };
     format!(
         "ts_ns={} kind={} slot={} {detail}",
@@ -606,10 +624,6 @@ fn format_event(e: &Event) -> String {
         e.kind.name(),
         e.slot
     )
-}
-
-fn lock_name(v: u32) -> &'static str {
-    LockId::from_u8(v as u8).map(|l| l.name()).unwrap_or("?")
 }
 
 fn print_snapshot(path: &Path, s: &Snapshot) {
