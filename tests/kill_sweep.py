@@ -21,19 +21,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Every point where a process can die with shared state in flux, what it means, and
-# the detection modes that have it.
 BOTH = ("parallel", "serial")
-POINTS = [
-    ("region.init.mid", "initializing the region (header half written)", BOTH),
-    ("slot.claim.mid", "claiming a process slot (token held, slot not yet active)", BOTH),
-    ("ring.mid_write", "writing an event (sequence word odd)", BOTH),
-    ("detect.before_ctx", "before the context exists (serial: holding the detection lock)", BOTH),
-    ("detect.after_ctx", "after the context exists (serial: holding the detection lock)", BOTH),
-    ("detect.marker_held", "holding a charged detection marker allocation (no lock)", ("parallel",)),
-    ("region_lock.held", "holding the region lock (serial: and the detection lock)", BOTH),
-    ("mem.reserve.mid", "in the middle of a memory reservation (slot charged, device not)", BOTH),
-]
+
+
+def fault_points():
+    """Every fault point, from the region crate's one list (vigil-region fault-points):
+    (name, what dying there means, the detection modes that reach it)."""
+    out = subprocess.run([str(ROOT / "target/debug/vigil-region"), "fault-points", "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    return [(p["name"], p["means"], tuple(p["modes"])) for p in json.loads(out)]
 
 
 def run(point, n, limit, mode):
@@ -69,7 +65,7 @@ def main():
                        cwd=ROOT, check=True)
     os.environ["VIGIL_SKIP_BUILD"] = "1"
     rows, failed = [], 0
-    points = [p for p, _, modes in POINTS if a.mode in modes]
+    points = [p for p, _, modes in fault_points() if a.mode in modes]
     for point in points:
         ok_runs, waits, forces, mem_zero, reclaimed = 0, [], [], 0, []
         for r in range(a.runs):

@@ -43,6 +43,12 @@ enum Cmd {
     /// Drive a region from this process; used by the crash tests and benchmarks.
     #[command(subcommand)]
     Exercise(Exercise),
+    /// List the crash-test fault points (armed with VIGIL_FAULT in fault-injection
+    /// builds): one per line as NAME<TAB>MODES<TAB>MEANING, or JSON with --json.
+    FaultPoints {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -230,6 +236,32 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn run(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
+        Cmd::FaultPoints { json } => {
+            let points = vigil_region::fault::POINTS;
+            if json {
+                // Hand-written JSON: the names and texts are ours, plain ASCII.
+                let rows: Vec<String> = points
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{{\"name\":\"{}\",\"means\":\"{}\",\"modes\":[{}]}}",
+                            p.name,
+                            p.means,
+                            p.modes
+                                .iter()
+                                .map(|m| format!("\"{m}\""))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        )
+                    })
+                    .collect();
+                println!("[{}]", rows.join(","));
+            } else {
+                for p in points {
+                    println!("{}\t{}\t{}", p.name, p.modes.join(","), p.means);
+                }
+            }
+        }
         Cmd::Inspect { path } => {
             let r = RegionReader::open(&path)?;
             print_snapshot(&path, &r.snapshot());
