@@ -87,21 +87,8 @@ impl<'a> Bytes<'a> {
     }
 }
 
-/// The interposer's pure parsers, compiled from its own source files. The interposer
-/// is a cdylib whose modules are private, and linking it as an rlib would pull its
-/// exported hooks (`dlsym`, `cuInit`, ...) into the fuzzer; these two files depend
-/// on nothing but std and each other, so including them is exact and needs no change
-/// to the interposer. They sit at this crate's root, as in the interposer, so their
-/// `crate::limits` / `crate::config` paths resolve. (Paths: fuzz/src/ -> interposer/src/.)
+/// The interposer's pure parsers, from its core crate (an ordinary rlib: linking it
+/// pulls in none of libvigil.so's exported hooks).
 pub mod interposer {
-    pub use crate::config;
-    pub use crate::limits;
+    pub use vigil_core::{config, limits};
 }
-#[doc(hidden)]
-#[allow(dead_code)]
-#[path = "../../interposer/src/config.rs"]
-pub mod config;
-#[doc(hidden)]
-#[allow(dead_code)]
-#[path = "../../interposer/src/limits.rs"]
-pub mod limits;

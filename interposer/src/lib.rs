@@ -3,30 +3,24 @@
 //! by polling NVML around primary-context creation, recovers from dead or stalled lock
 //! owners, and records every step in exact counters and the event ring.
 //!
-//! Pure logic (`config`, `detect`) is separate from FFI (`real`, `nvml`, `hooks`).
+//! This crate is only the exports and the FFI: `hooks` (the exported CUDA, NVML and
+//! `dlsym` entry points), `dl` (the loader trampolines), `real` (the real functions),
+//! `nvml` and `cuda` (the driver calls start-up makes). Everything else is in
+//! `vigil-interposer-core`, an ordinary crate.
 
 // Unit-test builds leave out the exported hooks (a test binary must not export
 // `dlsym` or `cuInit`), so what only the hooks call is unused there.
 #![cfg_attr(test, allow(dead_code))]
 
-mod config;
-mod detect;
+mod cuda;
 mod dl;
 #[cfg(not(test))]
 mod hooks;
-mod init;
-mod limits;
-mod log;
-mod mem;
 mod nvml;
 mod real;
-mod signature;
-mod testpoint;
 
-use std::sync::OnceLock;
-
-/// The process's settings, read once from the environment.
-pub(crate) fn config() -> &'static config::Config {
-    static C: OnceLock<config::Config> = OnceLock::new();
-    C.get_or_init(config::Config::from_env)
-}
+// The core's modules under their old names, for the hooks (which unit-test builds
+// leave out).
+pub(crate) use vigil_core::{config, log};
+#[cfg(not(test))]
+pub(crate) use vigil_core::{limits, mem, process as init, testpoint};

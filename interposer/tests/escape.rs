@@ -383,8 +383,8 @@ fn a_panic_in_the_dlopen_hook_passes_the_call_through() {
         &env,
         true,
     ));
-    assert_eq!(printed(&out, "granted"), TRIED);
     let err = stderr(&out);
+    assert_eq!(printed(&out, "granted"), TRIED, "{err}");
     assert!(
         err.contains("dlopen: internal error (panic caught)"),
         "{err}"

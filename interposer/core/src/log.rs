@@ -100,6 +100,9 @@ fn setting_words(s: vigil_region::UnenforcedSetting) -> &'static str {
     }
 }
 
+/// Logs a formatted line at `level` if the level is enabled (the formatting is skipped
+/// otherwise).
+#[macro_export]
 macro_rules! vlog {
     ($level:expr, $($arg:tt)*) => {
         if $crate::log::enabled($level) {
@@ -107,4 +110,4 @@ macro_rules! vlog {
         }
     };
 }
-pub(crate) use vlog;
+pub use crate::vlog;

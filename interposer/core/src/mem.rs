@@ -86,7 +86,7 @@ pub fn admit(what: &str, dev: Option<usize>, bytes: u64) -> Admit {
     if bytes == 0 {
         return Admit::Pass;
     }
-    let r = crate::init::with_region(|region, slot| {
+    let r = crate::process::with_region(|region, slot| {
         let (cap, invalid) = own_limit(dev);
         if invalid {
             return Ok(Err(format!(
@@ -128,9 +128,9 @@ pub fn admit(what: &str, dev: Option<usize>, bytes: u64) -> Admit {
             if closed() {
                 return unchecked();
             }
-            match crate::init::with_region(|region, slot| region.charge(slot, dev, bytes)) {
+            match crate::process::with_region(|region, slot| region.charge(slot, dev, bytes)) {
                 Some(Ok(())) => {
-                    crate::init::DAMAGE
+                    crate::process::DAMAGE
                         .passed
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     Admit::Charged(Ticket { dev, bytes })
@@ -152,10 +152,10 @@ pub fn admit(what: &str, dev: Option<usize>, bytes: u64) -> Admit {
 fn unchecked() -> Admit {
     use std::sync::atomic::Ordering::Relaxed;
     if closed() {
-        crate::init::DAMAGE.refused.fetch_add(1, Relaxed);
+        crate::process::DAMAGE.refused.fetch_add(1, Relaxed);
         Admit::Deny
     } else {
-        crate::init::DAMAGE.passed.fetch_add(1, Relaxed);
+        crate::process::DAMAGE.passed.fetch_add(1, Relaxed);
         Admit::Pass
     }
 }
@@ -163,7 +163,7 @@ fn unchecked() -> Admit {
 /// Says once per recovery (not per allocation) that the region waits for others.
 fn note_recovering(e: &RegionError) {
     static SAID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
-    let episode = crate::init::DAMAGE
+    let episode = crate::process::DAMAGE
         .reattached
         .load(std::sync::atomic::Ordering::Relaxed);
     if SAID.swap(episode, std::sync::atomic::Ordering::Relaxed) != episode {
@@ -217,7 +217,7 @@ pub fn context_created(dev: usize) {
     if CTX_CHARGED.fetch_or(bit, std::sync::atomic::Ordering::AcqRel) & bit != 0 {
         return;
     }
-    let r = crate::init::with_region(|region, slot| {
+    let r = crate::process::with_region(|region, slot| {
         let bytes = match FOOTPRINT.load(std::sync::atomic::Ordering::Relaxed) {
             0 => region.ctx_footprint().min(8 << 30),
             b => b,
@@ -260,7 +260,7 @@ pub fn commit(t: Ticket, key: Key, actual: u64) {
     // Only a pitched allocation can differ: do not take the region lock for nothing.
     let adjust = (actual != t.bytes)
         .then(|| {
-            crate::init::with_region(|region, slot| {
+            crate::process::with_region(|region, slot| {
                 if actual > t.bytes {
                     region.charge(slot, t.dev, actual - t.bytes)
                 } else {
@@ -301,7 +301,9 @@ pub fn restore(key: Key, entry: (usize, u64)) {
 }
 
 fn credit(dev: usize, bytes: u64) {
-    if let Some(Err(e)) = crate::init::with_region(|region, slot| region.credit(slot, dev, bytes)) {
+    if let Some(Err(e)) =
+        crate::process::with_region(|region, slot| region.credit(slot, dev, bytes))
+    {
         note_error("free", &e);
     }
 }

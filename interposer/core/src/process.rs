@@ -1,12 +1,12 @@
 //! Per-process start-up: attach the region (CAS-elected initializer or fast path),
 //! claim a slot, and detect the host PID under the detection lock. Runs once per
-//! process (and again in a forked child), from the first successful `cuInit`.
+//! process (and again in a forked child), from the first successful `cuInit`. The
+//! driver calls go through the registered [`crate::driver::Driver`].
 
 use crate::config::{Config, DetectMode};
 use crate::detect::{self, Detection, Policy, Probe};
+use crate::driver::{Context, Driver, Nvml};
 use crate::log::{vlog, DEBUG, ERROR, INFO, WARN};
-use crate::nvml::Nvml;
-use crate::real;
 use std::collections::BTreeSet;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::Ordering::Relaxed;
@@ -295,7 +295,11 @@ fn start(existing: Option<Region>) -> State {
     let pid = std::process::id();
     let cfg = crate::config();
     crate::log::config_warnings(cfg);
-    let params = init_params();
+    let Some(driver) = crate::driver::get() else {
+        vlog!(ERROR, "no CUDA driver registered; continuing without Vigil");
+        return State::Failed(pid);
+    };
+    let params = init_params(driver);
     // Before the region is mapped: a process of the container that truncates the
     // file under us must not kill us with SIGBUS (see vigil_region::sigbus).
     vigil_region::install_sigbus_guard();
@@ -342,7 +346,7 @@ fn start(existing: Option<Region>) -> State {
     for (setting, _) in &cfg.unenforced {
         region.count(Some(slot.index), setting.counter(), 1);
     }
-    detect_host_pid(&region, slot, cfg);
+    detect_host_pid(driver, &region, slot, cfg);
     static AT_EXIT: std::sync::Once = std::sync::Once::new();
     AT_EXIT.call_once(|| {
         // SAFETY: registers a plain extern "C" fn with no arguments.
@@ -364,23 +368,10 @@ fn start(existing: Option<Region>) -> State {
     }))
 }
 
-/// The CUDA device count, as the driver reports it (0 if it cannot say).
-fn device_count() -> usize {
-    let Some(count) = real::cu_device_get_count() else {
-        return 0;
-    };
-    let mut n = 0i32;
-    // SAFETY: valid out-pointer; cuInit has succeeded.
-    if unsafe { count(&mut n) } != 0 {
-        return 0;
-    }
-    n.clamp(0, vigil_region::layout::MAX_DEVICES as i32) as usize
-}
-
 /// What this process would write into a new region: its devices' limits.
-fn init_params() -> InitParams {
+fn init_params(driver: &dyn Driver) -> InitParams {
     let cfg = crate::config();
-    let parsed = crate::limits::from_lookup(device_count(), |k| std::env::var(k).ok());
+    let parsed = crate::limits::from_lookup(driver.device_count(), |k| std::env::var(k).ok());
     let consequence = match cfg.limit_policy {
         crate::config::LimitPolicy::Closed => {
             "VIGIL_LIMIT_POLICY=closed: every allocation on the devices it governs is refused"
@@ -418,11 +409,11 @@ fn check_limits(region: &Region, ours: &[u64]) {
 
 /// Live inputs for `detect`.
 struct Live<'a> {
-    nvml: &'a Nvml,
+    nvml: &'a dyn Nvml,
     region: &'a Region,
     slot: SlotHandle,
     start: Instant,
-    ctx: Context,
+    ctx: &'a dyn Context,
     /// Markers held, newest last: (device pointer, bytes).
     markers: Vec<(u64, u64)>,
     rng: u64,
@@ -446,23 +437,13 @@ impl Probe for Live<'_> {
         if !crate::mem::reserve_marker(self.region, self.slot, 0, bytes)? {
             return Err(format!("{bytes} bytes refused by the memory limit"));
         }
-        let r = self.ctx.with_current(|| {
-            let alloc = real::cu_mem_alloc().ok_or("cuMemAlloc_v2 missing")?;
-            let mut p = 0u64;
-            // SAFETY: valid out-pointer; our context is current.
-            let r = unsafe { alloc(&mut p, bytes as usize) };
-            if r == 0 {
-                Ok(p)
-            } else {
-                Err(format!("cuMemAlloc_v2 returned {r}"))
-            }
-        });
+        let r = self.ctx.alloc(bytes);
         match r {
-            Ok(Ok(p)) => {
+            Ok(p) => {
                 self.markers.push((p, bytes));
                 Ok(())
             }
-            Ok(Err(e)) | Err(e) => {
+            Err(e) => {
                 let _ = self.region.credit(self.slot, 0, bytes);
                 Err(e)
             }
@@ -472,12 +453,7 @@ impl Probe for Live<'_> {
         let Some((p, bytes)) = self.markers.pop() else {
             return;
         };
-        let freed = self.ctx.with_current(|| match real::cu_mem_free() {
-            // SAFETY: freeing a marker we allocated, once.
-            Some(free) => (unsafe { free(p) }) == 0,
-            None => false,
-        });
-        if freed == Ok(true) {
+        if self.ctx.free(p) {
             let _ = self.region.credit(self.slot, 0, bytes);
         } else {
             // Still on the device: it stays charged (the slot's release credits it).
@@ -510,44 +486,17 @@ impl Probe for Live<'_> {
 }
 
 /// A seed that differs between processes started at the same instant in different
-/// containers (which can share namespace PID and slot index).
+/// containers (which can share namespace PID and slot index): std's per-process
+/// random hash keys, mixed with the slot.
 fn seed(slot: SlotHandle) -> u64 {
-    let mut s = 0u64;
-    // SAFETY: writes at most 8 bytes into `s`.
-    let n = unsafe { libc::getrandom((&mut s as *mut u64).cast(), 8, libc::GRND_NONBLOCK) };
-    if n != 8 {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        s = t ^ ((std::process::id() as u64) << 32) ^ (&s as *const u64 as u64);
-    }
-    (s ^ ((slot.index as u64) << 48) ^ slot.generation as u64).max(1)
-}
-
-/// Our retained primary context.
-#[derive(Clone, Copy)]
-struct Context(*mut std::ffi::c_void);
-
-impl Context {
-    /// Runs `f` with this context current on the calling thread, then restores it.
-    fn with_current<T>(&self, f: impl FnOnce() -> T) -> Result<T, String> {
-        let push = real::cu_ctx_push().ok_or("cuCtxPushCurrent_v2 missing")?;
-        let pop = real::cu_ctx_pop().ok_or("cuCtxPopCurrent_v2 missing")?;
-        // SAFETY: a context we retained; push/pop are balanced below.
-        let r = unsafe { push(self.0) };
-        if r != 0 {
-            return Err(format!("cuCtxPushCurrent_v2 returned {r}"));
-        }
-        let v = f();
-        let mut old = std::ptr::null_mut();
-        // SAFETY: pops the context pushed above.
-        unsafe { pop(&mut old) };
-        Ok(v)
-    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id() as u64);
+    (h.finish() ^ ((slot.index as u64) << 48) ^ slot.generation as u64).max(1)
 }
 
 /// Serializes detection node-wide through `VIGIL_NODE_LOCK_DIR`, when set.
-fn node_lock(cfg: &Config) -> Option<std::fs::File> {
+fn node_lock(driver: &dyn Driver, cfg: &Config) -> Option<std::fs::File> {
     let dir = cfg.node_lock_dir.as_ref()?;
     let path = dir.join("vigil-detect.lock");
     let f = match std::fs::OpenOptions::new()
@@ -565,7 +514,7 @@ fn node_lock(cfg: &Config) -> Option<std::fs::File> {
     };
     let started = Instant::now();
     let deadline = started + cfg.deadline;
-    while !real::try_flock(&f) {
+    while !driver.try_flock(&f) {
         if Instant::now() >= deadline {
             vlog!(
                 WARN,
@@ -588,7 +537,7 @@ fn node_lock(cfg: &Config) -> Option<std::fs::File> {
     Some(f)
 }
 
-fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
+fn detect_host_pid(driver: &dyn Driver, region: &Region, slot: SlotHandle, cfg: &Config) {
     if cfg.detect_mode == DetectMode::Parallel {
         if cfg.node_lock_dir.is_some() {
             vlog!(
@@ -597,7 +546,7 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
             );
         }
         crate::testpoint::hold_region_lock(region, slot);
-        detect(region, slot, cfg, &|| true);
+        detect(driver, region, slot, cfg, &|| true);
         return;
     }
     let guard = match region.lock(LockId::Detect, slot) {
@@ -623,9 +572,9 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
             o.retries
         );
     }
-    let node = node_lock(cfg);
+    let node = node_lock(driver, cfg);
     crate::testpoint::hold_detect();
-    detect(region, slot, cfg, &|| guard.is_current());
+    detect(driver, region, slot, cfg, &|| guard.is_current());
     drop(node);
     if guard.release() == ReleaseOutcome::Fenced {
         vlog!(
@@ -638,10 +587,16 @@ fn detect_host_pid(region: &Region, slot: SlotHandle, cfg: &Config) {
 /// Creates our primary context and learns the host PID, in either mode; records the
 /// outcome and charges the context. `still_ours` says whether a serial detector
 /// still holds its lock (one evicted must not publish).
-fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn() -> bool) {
+fn detect(
+    driver: &dyn Driver,
+    region: &Region,
+    slot: SlotHandle,
+    cfg: &Config,
+    still_ours: &dyn Fn() -> bool,
+) {
     let me = std::process::id();
     let device = cfg.physical_device(0);
-    let nvml = Nvml::open(device);
+    let nvml = driver.nvml(device);
     let before = nvml.as_ref().map_err(Clone::clone).and_then(|n| n.procs());
     // A region's first processes: nobody has measured a context yet. Under a limit,
     // in parallel mode, they create their contexts one at a time until one has (a
@@ -670,16 +625,16 @@ fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn()
         }
     };
     vigil_region::fault::point("detect.before_ctx");
-    let device_before = nvml.as_ref().ok().and_then(Nvml::device_used);
+    let device_before = nvml.as_ref().ok().and_then(|n| n.device_used());
     let start = Instant::now();
-    let ctx_ok = retain_primary_context();
+    let ctx_ok = driver.retain_primary_context();
     let ctx_ns = start.elapsed().as_nanos() as u64;
     // A region that has no estimate yet (its first processes) charges the context
     // as soon as it exists, so that nobody fills the limit around uncharged contexts
     // while detection runs (see `provisional_footprint`; an over-charge, corrected
     // when detection measures ours, beats an uncounted context).
     let estimate = if estimate == 0 && ctx_ok.is_ok() {
-        provisional_footprint(nvml.as_ref().ok(), device_before)
+        provisional_footprint(nvml.as_ref().ok().map(|n| &**n), device_before)
             .map(|b| b.min(MAX_CTX_FOOTPRINT))
             .filter(|b| *b > 0 && region.charge(slot, 0, *b).is_ok())
             .unwrap_or(0)
@@ -709,6 +664,7 @@ fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn()
             failed(DetectOutcome::Timeout)
         }
         (Ok(n), Ok(b), Ok(ctx)) => {
+            let (n, ctx) = (&**n, &*ctx);
             let policy = Policy {
                 poll_start: cfg.poll_start,
                 poll_max: cfg.poll_max,
@@ -765,7 +721,14 @@ fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn()
         det.polls,
         ctx_ns,
     );
-    charge_context(region, slot, nvml.as_ref().ok(), &det, me, estimate);
+    charge_context(
+        region,
+        slot,
+        nvml.as_ref().ok().map(|n| &**n),
+        &det,
+        me,
+        estimate,
+    );
     let ms = latency_ns as f64 / 1e6;
     if !det.foreign.is_empty() {
         vlog!(DEBUG, "ruled out PIDs {:?}: their memory did not move with our markers (other processes starting at the same time)", det.foreign);
@@ -797,7 +760,7 @@ fn detect(region: &Region, slot: SlotHandle, cfg: &Config, still_ours: &dyn Fn()
 /// whole device gained while ours was born, but never more than the smallest process
 /// NVML lists (a context like ours, plus whatever it allocated): on a node where other
 /// containers start at the same moment, the device's gain counts their contexts too.
-fn provisional_footprint(nvml: Option<&Nvml>, device_before: Option<u64>) -> Option<u64> {
+fn provisional_footprint(nvml: Option<&dyn Nvml>, device_before: Option<u64>) -> Option<u64> {
     let nvml = nvml?;
     let listed_min = nvml.procs().ok().and_then(|ps| {
         ps.into_iter()
@@ -827,7 +790,7 @@ const MAX_CTX_FOOTPRINT: u64 = 8 << 30;
 fn charge_context(
     region: &Region,
     slot: SlotHandle,
-    nvml: Option<&Nvml>,
+    nvml: Option<&dyn Nvml>,
     det: &Detection,
     me: u32,
     estimate: u64,
@@ -879,23 +842,4 @@ fn charge_context(
         }
         Err(e) => vlog!(WARN, "context footprint: {e}"),
     }
-}
-
-/// Retains the primary context on CUDA device 0 (kept: the workload will use it).
-fn retain_primary_context() -> Result<Context, String> {
-    let get = real::cu_device_get().ok_or("cuDeviceGet missing")?;
-    let retain = real::cu_primary_retain().ok_or("cuDevicePrimaryCtxRetain missing")?;
-    let mut dev = 0i32;
-    // SAFETY: valid out-pointer; cuInit has succeeded.
-    let r = unsafe { get(&mut dev, 0) };
-    if r != 0 {
-        return Err(format!("cuDeviceGet(0) returned {r}"));
-    }
-    let mut ctx: *mut std::ffi::c_void = std::ptr::null_mut();
-    // SAFETY: valid out-pointer and device.
-    let r = unsafe { retain(&mut ctx, dev) };
-    if r != 0 {
-        return Err(format!("cuDevicePrimaryCtxRetain returned {r}"));
-    }
-    Ok(Context(ctx))
 }
