@@ -52,7 +52,11 @@ fn first_time(seen: &Mutex<Vec<String>>, key: &str) -> bool {
     true
 }
 
-fn shown(file: *const c_char) -> String {
+/// `file` for the log.
+///
+/// # Safety
+/// `file` is null or a NUL-terminated string (`dlopen`'s contract).
+unsafe fn shown(file: *const c_char) -> String {
     if file.is_null() {
         return "NULL".into();
     }
@@ -61,7 +65,10 @@ fn shown(file: *const c_char) -> String {
 }
 
 /// Vigil's part of a `dlopen`/`dlmopen` (into the base namespace): the mode to pass on.
-fn base_mode(what: &str, file: *const c_char, mode: c_int) -> c_int {
+///
+/// # Safety
+/// As [`shown`].
+unsafe fn base_mode(what: &str, file: *const c_char, mode: c_int) -> c_int {
     let cfg = crate::config();
     if cfg.secure {
         return mode;
@@ -69,7 +76,8 @@ fn base_mode(what: &str, file: *const c_char, mode: c_int) -> c_int {
     let new = dlopen_mode(mode, cfg.limit_requested);
     if new != mode {
         static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
-        let f = shown(file);
+        // SAFETY: our caller's contract.
+        let f = unsafe { shown(file) };
         if first_time(&SEEN, &f) {
             vlog!(
                 WARN,
@@ -81,13 +89,17 @@ fn base_mode(what: &str, file: *const c_char, mode: c_int) -> c_int {
 }
 
 /// A `dlmopen` into a namespace other than the base one: LD_PRELOAD does not reach it.
-fn other_namespace(file: *const c_char) {
+///
+/// # Safety
+/// As [`shown`].
+unsafe fn other_namespace(file: *const c_char) {
     let cfg = crate::config();
     if cfg.secure {
         return;
     }
     static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let f = shown(file);
+    // SAFETY: our caller's contract.
+    let f = unsafe { shown(file) };
     if first_time(&SEEN, &f) {
         let level = if cfg.limit_requested { WARN } else { INFO };
         vlog!(
@@ -100,18 +112,25 @@ fn other_namespace(file: *const c_char) {
 /// Called by the `dlopen` trampoline: stores the real dlopen in `*real` (0 if it
 /// cannot be found) and returns the mode to call it with.
 #[cfg(all(not(test), target_arch = "x86_64"))]
-extern "C" fn dlopen_prepare(file: *const c_char, mode: c_int, real: *mut usize) -> c_int {
+/// # Safety
+/// Called only by the `dlopen` trampoline, with `dlopen`'s own arguments and a valid
+/// out-pointer.
+unsafe extern "C" fn dlopen_prepare(file: *const c_char, mode: c_int, real: *mut usize) -> c_int {
     // SAFETY: `real` is the trampoline's own stack slot.
     unsafe { *real = crate::real::dlopen_addr() };
     if mode & libc::RTLD_DEEPBIND == 0 {
         return mode; // The common case: nothing to do, nothing read.
     }
-    crate::hooks::guarded("dlopen", || base_mode("dlopen", file, mode)).unwrap_or(mode)
+    // SAFETY: `file` is dlopen's argument.
+    crate::hooks::guarded("dlopen", || unsafe { base_mode("dlopen", file, mode) }).unwrap_or(mode)
 }
 
 /// Called by the `dlmopen` trampoline, as `dlopen_prepare`.
 #[cfg(all(not(test), target_arch = "x86_64"))]
-extern "C" fn dlmopen_prepare(
+/// # Safety
+/// Called only by the `dlmopen` trampoline, with `dlmopen`'s own arguments and a valid
+/// out-pointer.
+unsafe extern "C" fn dlmopen_prepare(
     lmid: std::ffi::c_long,
     file: *const c_char,
     mode: c_int,
@@ -120,13 +139,15 @@ extern "C" fn dlmopen_prepare(
     // SAFETY: `real` is the trampoline's own stack slot.
     unsafe { *real = crate::real::dlmopen_addr() };
     if lmid != libc::LM_ID_BASE {
-        crate::hooks::guarded("dlmopen", || other_namespace(file));
+        // SAFETY: `file` is dlmopen's argument.
+        crate::hooks::guarded("dlmopen", || unsafe { other_namespace(file) });
         return mode;
     }
     if mode & libc::RTLD_DEEPBIND == 0 {
         return mode;
     }
-    crate::hooks::guarded("dlmopen", || base_mode("dlmopen", file, mode)).unwrap_or(mode)
+    // SAFETY: `file` is dlmopen's argument.
+    crate::hooks::guarded("dlmopen", || unsafe { base_mode("dlmopen", file, mode) }).unwrap_or(mode)
 }
 
 /// `dlopen`: `dlopen_prepare`, then a tail jump to the real dlopen with the caller's

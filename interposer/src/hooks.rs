@@ -87,7 +87,10 @@ fn explain_limits() {
 /// A primary context on any device takes memory the workload never asked for: it is
 /// charged like an allocation (device 0's by detection, the others' here).
 #[no_mangle]
-pub extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut *mut c_void, dev: i32) -> u32 {
+/// # Safety
+/// The caller keeps `cuDevicePrimaryCtxRetain`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut *mut c_void, dev: i32) -> u32 {
     let f = missing!(real::cu_primary_retain());
     // SAFETY: the real function, with the caller's arguments.
     let r = unsafe { f(pctx, dev) };
@@ -164,7 +167,11 @@ fn replacement(name: &[u8], got: usize, by_base: bool) -> Option<usize> {
 
 /// After the real cuGetProcAddress answered `symbol` with `*pfn`: if that is the real
 /// variant of a function we hook, hand out our hook instead.
-fn swap_resolved(symbol: *const c_char, pfn: *mut *mut c_void) {
+///
+/// # Safety
+/// `symbol` is null or a NUL-terminated string, and `pfn` is null or valid for reads
+/// and writes (what `cuGetProcAddress`'s caller passed, after a successful call).
+unsafe fn swap_resolved(symbol: *const c_char, pfn: *mut *mut c_void) {
     if symbol.is_null() || pfn.is_null() {
         return;
     }
@@ -186,7 +193,10 @@ fn swap_resolved(symbol: *const c_char, pfn: *mut *mut c_void) {
 }
 
 #[no_mangle]
-pub extern "C" fn cuGetProcAddress(
+/// # Safety
+/// The caller keeps `cuGetProcAddress`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuGetProcAddress(
     symbol: *const c_char,
     pfn: *mut *mut c_void,
     version: i32,
@@ -198,13 +208,17 @@ pub extern "C" fn cuGetProcAddress(
     // SAFETY: the real function, with the caller's arguments.
     let r = unsafe { real_gpa(symbol, pfn, version, flags) };
     if r == 0 {
-        guard("cuGetProcAddress", || swap_resolved(symbol, pfn));
+        // SAFETY: the caller's arguments, after the real call succeeded.
+        guard("cuGetProcAddress", || unsafe { swap_resolved(symbol, pfn) });
     }
     r
 }
 
 #[no_mangle]
-pub extern "C" fn cuGetProcAddress_v2(
+/// # Safety
+/// The caller keeps `cuGetProcAddress_v2`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuGetProcAddress_v2(
     symbol: *const c_char,
     pfn: *mut *mut c_void,
     version: i32,
@@ -217,7 +231,10 @@ pub extern "C" fn cuGetProcAddress_v2(
     // SAFETY: the real function, with the caller's arguments.
     let r = unsafe { real_gpa(symbol, pfn, version, flags, status) };
     if r == 0 {
-        guard("cuGetProcAddress_v2", || swap_resolved(symbol, pfn));
+        // SAFETY: the caller's arguments, after the real call succeeded.
+        guard("cuGetProcAddress_v2", || unsafe {
+            swap_resolved(symbol, pfn)
+        });
     }
     r
 }
@@ -294,7 +311,9 @@ unsafe fn lookup(handle: *mut c_void, name: *const c_char) -> Lookup {
 /// the real dlsym is to answer (the return value is then unused), else 0 and returns
 /// Vigil's answer. Internal failure (a caught panic) means the real dlsym answers.
 #[cfg(target_arch = "x86_64")]
-extern "C" fn dlsym_prepare(
+/// # Safety
+/// Called only by the `dlsym` trampoline, with `dlsym`'s own arguments.
+unsafe extern "C" fn dlsym_prepare(
     handle: *mut c_void,
     name: *const c_char,
     tail: *mut usize,
@@ -417,7 +436,10 @@ fn current_device() -> Option<usize> {
 }
 
 /// Reads `*p` if `p` is non-null.
-fn read_out<T: Copy>(p: *const T) -> Option<T> {
+///
+/// # Safety
+/// `p` is null or valid for reads: an out-pointer the driver just wrote on success.
+unsafe fn read_out<T: Copy>(p: *const T) -> Option<T> {
     // SAFETY: non-null out-pointer the driver just wrote on success.
     (!p.is_null()).then(|| unsafe { p.read() })
 }
@@ -466,7 +488,10 @@ fn release(what: &'static str, key: Key, real: impl FnOnce() -> u32) -> u32 {
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> u32 {
+/// # Safety
+/// The caller keeps `cuMemAlloc_v2`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> u32 {
     let f = missing!(real::cu_mem_alloc());
     allocate(
         "cuMemAlloc_v2",
@@ -474,7 +499,8 @@ pub extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> u32 {
         current_device,
         // SAFETY: the real function, with the caller's arguments.
         || unsafe { f(dptr, bytes) },
-        || read_out(dptr).map(|p| (Key::Ptr(p), bytes as u64)),
+        // SAFETY: the caller's out-pointer, written by the successful real call.
+        || unsafe { read_out(dptr) }.map(|p| (Key::Ptr(p), bytes as u64)),
     )
 }
 
@@ -489,7 +515,10 @@ fn pitch_estimate(width: usize, height: usize) -> u64 {
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemAllocPitch_v2(
+/// # Safety
+/// The caller keeps `cuMemAllocPitch_v2`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuMemAllocPitch_v2(
     dptr: *mut u64,
     pitch: *mut usize,
     width: usize,
@@ -504,15 +533,20 @@ pub extern "C" fn cuMemAllocPitch_v2(
         // SAFETY: the real function, with the caller's arguments.
         || unsafe { f(dptr, pitch, width, height, elem) },
         || {
-            let p = read_out(dptr)?;
-            let real = (read_out(pitch)? as u64).saturating_mul(height as u64);
+            // SAFETY: the caller's out-pointers, written by the successful real call.
+            let p = unsafe { read_out(dptr) }?;
+            // SAFETY: as above.
+            let real = (unsafe { read_out(pitch) }? as u64).saturating_mul(height as u64);
             Some((Key::Ptr(p), real))
         },
     )
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemAllocManaged(dptr: *mut u64, bytes: usize, flags: u32) -> u32 {
+/// # Safety
+/// The caller keeps `cuMemAllocManaged`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuMemAllocManaged(dptr: *mut u64, bytes: usize, flags: u32) -> u32 {
     let f = missing!(real::cu_mem_alloc_managed());
     allocate(
         "cuMemAllocManaged",
@@ -520,7 +554,8 @@ pub extern "C" fn cuMemAllocManaged(dptr: *mut u64, bytes: usize, flags: u32) ->
         current_device,
         // SAFETY: the real function, with the caller's arguments.
         || unsafe { f(dptr, bytes, flags) },
-        || read_out(dptr).map(|p| (Key::Ptr(p), bytes as u64)),
+        // SAFETY: the caller's out-pointer, written by the successful real call.
+        || unsafe { read_out(dptr) }.map(|p| (Key::Ptr(p), bytes as u64)),
     )
 }
 
@@ -537,18 +572,29 @@ fn alloc_async(
         current_device,
         // SAFETY: the real function, with the caller's arguments.
         || unsafe { f(dptr, bytes, stream) },
-        || read_out(dptr).map(|p| (Key::Ptr(p), bytes as u64)),
+        // SAFETY: the caller's out-pointer, written by the successful real call.
+        || unsafe { read_out(dptr) }.map(|p| (Key::Ptr(p), bytes as u64)),
     )
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemAllocAsync(dptr: *mut u64, bytes: usize, stream: *mut c_void) -> u32 {
+/// # Safety
+/// The caller keeps `cuMemAllocAsync`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut u64, bytes: usize, stream: *mut c_void) -> u32 {
     let f = missing!(real::cu_mem_alloc_async());
     alloc_async("cuMemAllocAsync", f, dptr, bytes, stream)
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemAllocAsync_ptsz(dptr: *mut u64, bytes: usize, stream: *mut c_void) -> u32 {
+/// # Safety
+/// The caller keeps `cuMemAllocAsync_ptsz`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
+    dptr: *mut u64,
+    bytes: usize,
+    stream: *mut c_void,
+) -> u32 {
     let f = missing!(real::cu_mem_alloc_async_ptsz());
     alloc_async("cuMemAllocAsync_ptsz", f, dptr, bytes, stream)
 }
@@ -567,12 +613,16 @@ fn alloc_from_pool(
         current_device,
         // SAFETY: the real function, with the caller's arguments.
         || unsafe { f(dptr, bytes, pool, stream) },
-        || read_out(dptr).map(|p| (Key::Ptr(p), bytes as u64)),
+        // SAFETY: the caller's out-pointer, written by the successful real call.
+        || unsafe { read_out(dptr) }.map(|p| (Key::Ptr(p), bytes as u64)),
     )
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemAllocFromPoolAsync(
+/// # Safety
+/// The caller keeps `cuMemAllocFromPoolAsync`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
     dptr: *mut u64,
     bytes: usize,
     pool: *mut c_void,
@@ -583,7 +633,10 @@ pub extern "C" fn cuMemAllocFromPoolAsync(
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemAllocFromPoolAsync_ptsz(
+/// # Safety
+/// The caller keeps `cuMemAllocFromPoolAsync_ptsz`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
     dptr: *mut u64,
     bytes: usize,
     pool: *mut c_void,
@@ -601,7 +654,10 @@ pub extern "C" fn cuMemFree_v2(dptr: u64) -> u32 {
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemFreeAsync(dptr: u64, stream: *mut c_void) -> u32 {
+/// # Safety
+/// The caller keeps `cuMemFreeAsync`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuMemFreeAsync(dptr: u64, stream: *mut c_void) -> u32 {
     let f = missing!(real::cu_mem_free_async());
     // SAFETY: the real function, with the caller's arguments.
     release("cuMemFreeAsync", Key::Ptr(dptr), || unsafe {
@@ -610,7 +666,10 @@ pub extern "C" fn cuMemFreeAsync(dptr: u64, stream: *mut c_void) -> u32 {
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemFreeAsync_ptsz(dptr: u64, stream: *mut c_void) -> u32 {
+/// # Safety
+/// The caller keeps `cuMemFreeAsync_ptsz`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: u64, stream: *mut c_void) -> u32 {
     let f = missing!(real::cu_mem_free_async_ptsz());
     // SAFETY: the real function, with the caller's arguments.
     release("cuMemFreeAsync_ptsz", Key::Ptr(dptr), || unsafe {
@@ -625,7 +684,10 @@ const CU_MEM_LOCATION_TYPE_DEVICE: i32 = 1;
 
 /// The device a VMM allocation is placed on; `None` for host placements (not device
 /// memory, not counted) or a null property struct.
-fn vmm_device(prop: *const c_void) -> Option<usize> {
+///
+/// # Safety
+/// `prop` is null or points to a `CUmemAllocationProp` (`cuMemCreate`'s contract).
+unsafe fn vmm_device(prop: *const c_void) -> Option<usize> {
     if prop.is_null() {
         return None;
     }
@@ -642,7 +704,10 @@ fn vmm_device(prop: *const c_void) -> Option<usize> {
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemCreate(
+/// # Safety
+/// The caller keeps `cuMemCreate`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuMemCreate(
     handle: *mut u64,
     bytes: usize,
     prop: *const c_void,
@@ -652,10 +717,12 @@ pub extern "C" fn cuMemCreate(
     allocate(
         "cuMemCreate",
         bytes as u64,
-        || vmm_device(prop),
+        // SAFETY: `prop` is cuMemCreate's argument.
+        || unsafe { vmm_device(prop) },
         // SAFETY: the real function, with the caller's arguments.
         || unsafe { f(handle, bytes, prop, flags) },
-        || read_out(handle).map(|h| (Key::Handle(h), bytes as u64)),
+        // SAFETY: the caller's out-pointer, written by the successful real call.
+        || unsafe { read_out(handle) }.map(|h| (Key::Handle(h), bytes as u64)),
     )
 }
 
@@ -673,13 +740,18 @@ fn virtualized(dev: Option<usize>, real_free: u64, real_total: u64) -> Option<(u
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> u32 {
+/// # Safety
+/// The caller keeps `cuMemGetInfo_v2`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> u32 {
     let f = missing!(real::cu_mem_get_info());
     // SAFETY: the real function, with the caller's arguments.
     let r = unsafe { f(free, total) };
     if r == 0 {
         guard("cuMemGetInfo_v2", || {
-            let (Some(rf), Some(rt)) = (read_out(free), read_out(total)) else {
+            // SAFETY: the caller's out-pointers, written by the successful real call.
+            let (Some(rf), Some(rt)) = (unsafe { read_out(free) }, unsafe { read_out(total) })
+            else {
                 return;
             };
             if let Some((t, fr)) = virtualized(current_device(), rf as u64, rt as u64) {
@@ -695,13 +767,19 @@ pub extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> u32 {
 }
 
 #[no_mangle]
-pub extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: i32) -> u32 {
+/// # Safety
+/// The caller keeps `cuDeviceTotalMem_v2`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: i32) -> u32 {
     let f = missing!(real::cu_device_total_mem());
     // SAFETY: the real function, with the caller's arguments.
     let r = unsafe { f(bytes, dev) };
     if r == 0 {
         guard("cuDeviceTotalMem_v2", || {
-            let Some(rt) = read_out(bytes) else { return };
+            // SAFETY: the caller's out-pointer, written by the successful real call.
+            let Some(rt) = (unsafe { read_out(bytes) }) else {
+                return;
+            };
             let dev = usize::try_from(dev).ok();
             if let Some((t, _)) = virtualized(dev, rt as u64, rt as u64) {
                 // SAFETY: non-null (read above), the caller's to write.
@@ -811,7 +889,10 @@ fn memory_info<T: MemoryInfo>(
 }
 
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetMemoryInfo(device: *mut c_void, memory: *mut c_void) -> u32 {
+/// # Safety
+/// The caller keeps `nvmlDeviceGetMemoryInfo`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: *mut c_void, memory: *mut c_void) -> u32 {
     memory_info::<NvmlMemory>(
         "nvmlDeviceGetMemoryInfo",
         real::nvml_memory_info(),
@@ -821,7 +902,13 @@ pub extern "C" fn nvmlDeviceGetMemoryInfo(device: *mut c_void, memory: *mut c_vo
 }
 
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: *mut c_void, memory: *mut c_void) -> u32 {
+/// # Safety
+/// The caller keeps `nvmlDeviceGetMemoryInfo_v2`'s contract in the CUDA/NVML documentation: every
+/// pointer argument is null or valid for what the real function does with it.
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    device: *mut c_void,
+    memory: *mut c_void,
+) -> u32 {
     memory_info::<NvmlMemoryV2>(
         "nvmlDeviceGetMemoryInfo_v2",
         real::nvml_memory_info_v2(),
