@@ -353,26 +353,26 @@ impl Attachments {
     /// [`Attachments::refresh`]) when it covered them all, else a scan now (a region
     /// admitted since). Scrapes call this; they never wait for a scan in progress.
     pub fn get(&self, files: &HashSet<(u64, u64)>) -> AttachScan {
-        if let Some((_, f, scan)) = crate::regions::lock(&self.last).as_ref() {
+        if let Some((_, f, scan)) = crate::util::lock(&self.last).as_ref() {
             if files.is_subset(f) {
                 return scan.clone();
             }
         }
         let scan = scan_attachments(&self.root, files);
-        *crate::regions::lock(&self.last) = Some((Instant::now(), files.clone(), scan.clone()));
+        *crate::util::lock(&self.last) = Some((Instant::now(), files.clone(), scan.clone()));
         scan
     }
 
     /// Scans again if the last scan is older than the interval or covered other files.
     /// The background task calls this, so that scrapes find a fresh scan ready.
     pub fn refresh(&self, files: &HashSet<(u64, u64)>) {
-        let due = match crate::regions::lock(&self.last).as_ref() {
+        let due = match crate::util::lock(&self.last).as_ref() {
             Some((at, f, _)) => at.elapsed() >= self.min_interval || f != files,
             None => true,
         };
         if due && !files.is_empty() {
             let scan = scan_attachments(&self.root, files);
-            *crate::regions::lock(&self.last) = Some((Instant::now(), files.clone(), scan));
+            *crate::util::lock(&self.last) = Some((Instant::now(), files.clone(), scan));
         }
     }
 }

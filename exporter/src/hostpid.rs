@@ -464,7 +464,7 @@ impl HostPidChecker {
             return None;
         }
         {
-            let mut last = crate::regions::lock(&self.last_scan);
+            let mut last = crate::util::lock(&self.last_scan);
             if last.is_some_and(|t| t.elapsed() < self.min_interval) {
                 return None;
             }

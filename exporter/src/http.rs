@@ -263,7 +263,7 @@ impl Metrics {
             Err(p) => {
                 error!(
                     "encoding /metrics panicked ({}); rendering again with each region isolated",
-                    crate::regions::panic_text(&*p)
+                    crate::util::panic_text(&*p)
                 );
                 self.isolate.store(true, Relaxed);
                 let r = catch_unwind(AssertUnwindSafe(|| self.encode(openmetrics)));
@@ -305,7 +305,7 @@ impl Metrics {
     pub async fn render_shared(self: &Arc<Self>, v: Variant) -> Rendered {
         let idx = v.index();
         let mut rx = {
-            let mut st = crate::regions::lock(&self.state);
+            let mut st = crate::util::lock(&self.state);
             if let Some(rx) = &st.flights[idx] {
                 rx.clone()
             } else if let (true, Some(b)) =
@@ -327,7 +327,7 @@ impl Metrics {
                     drop(permit);
                     let body = res.unwrap_or(Err(()));
                     // Requests from now on get a fresh render.
-                    let mut st = crate::regions::lock(&me.state);
+                    let mut st = crate::util::lock(&me.state);
                     st.flights[idx] = None;
                     if let Ok(b) = &body {
                         st.newest[idx] = Some(b.clone());
@@ -797,7 +797,7 @@ struct Gate {
 
 impl Gate {
     fn evict_one(&self) -> bool {
-        let evicted = crate::regions::lock(&self.table).evict_one();
+        let evicted = crate::util::lock(&self.table).evict_one();
         if evicted {
             self.stats.count(EVICTED);
         }
@@ -813,7 +813,7 @@ impl Gate {
         watcher: hyper_util::server::graceful::Watcher,
     ) {
         let (id, c, epoch) = {
-            let mut t = crate::regions::lock(&self.table);
+            let mut t = crate::util::lock(&self.table);
             let c = Arc::new(ConnState {
                 last_progress: AtomicU64::new(t.now_ms()),
                 in_handler: AtomicU32::new(0),
@@ -858,7 +858,7 @@ impl Gate {
                     }
                 }
             }
-            let mut t = crate::regions::lock(&me.table);
+            let mut t = crate::util::lock(&me.table);
             t.open.remove(&id);
             me.stats.open.store(t.open.len(), Relaxed);
             drop(t);
@@ -943,7 +943,7 @@ pub async fn serve(
                 // regions and the exporter itself.
                 let nofile = nofile_limit();
                 let room = connection_cap(usize::MAX, nofile, gate.metrics.set.tracked_count());
-                let open = crate::regions::lock(&gate.table).open.len();
+                let open = crate::util::lock(&gate.table).open.len();
                 let held = open + gate.waiting.load(Relaxed);
                 if held >= room.min(2 * opts.max_connections) {
                     if held >= room && !low_fds {

@@ -105,7 +105,7 @@ impl NvmlSource {
                 warn!("NVML: cannot start its thread ({e}); NVML series are left out");
             }
         });
-        let s = crate::regions::lock(&self.shared);
+        let s = crate::util::lock(&self.shared);
         NvmlState {
             snapshot: s.latest.clone(),
             up: s.up,
@@ -130,7 +130,7 @@ fn run(lib: OsString, every: Duration, shared: Arc<Mutex<Shared>>) {
                     nvml = Some(n);
                 }
                 Err(e) => {
-                    let mut s = crate::regions::lock(&shared);
+                    let mut s = crate::util::lock(&shared);
                     s.errors += 1;
                     s.up = false;
                     drop(s);
@@ -147,7 +147,7 @@ fn run(lib: OsString, every: Duration, shared: Arc<Mutex<Shared>>) {
         if let Some(n) = &nvml {
             let t0 = Instant::now();
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| collect(n)));
-            let mut s = crate::regions::lock(&shared);
+            let mut s = crate::util::lock(&shared);
             match res {
                 Ok(Ok(mut snap)) => {
                     snap.duration = t0.elapsed();

@@ -1,5 +1,6 @@
 //! Small helpers shared by the binary and the library.
 
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Parses `250ms`, `1s`, `2m`, or a bare number of milliseconds.
@@ -58,6 +59,20 @@ pub fn rss_bytes(pid: u32) -> u64 {
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
+}
+
+/// Poisoning only means another thread panicked mid-update of plain data; the data
+/// is still usable, and the exporter must keep serving.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The text of a caught panic, for the log.
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 #[cfg(test)]
