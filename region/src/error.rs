@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// Everything that can go wrong with a region. Every message names the file.
@@ -157,5 +157,17 @@ impl RegionError {
             RegionError::AlreadyHeld { .. } => "already_held",
             RegionError::NoSuchDevice { .. } => "no_such_device",
         }
+    }
+}
+
+/// Wraps an I/O failure of `op` on the region at `path`.
+pub(crate) fn io_err<'a>(
+    path: &'a Path,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> RegionError + 'a {
+    move |source| RegionError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
     }
 }

@@ -52,7 +52,7 @@ crate::wire_enum! {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Payload {
     Init {
-        path: Option<crate::region::InitPath>,
+        path: Option<crate::init::InitPath>,
         duration_ns: u64,
     },
     LockWait {
@@ -210,7 +210,7 @@ impl Event {
         let lock = |v: u32| crate::lock::LockId::from_wire(u64::from(v));
         match self.kind {
             EventKind::Init => Payload::Init {
-                path: crate::region::InitPath::from_wire(u64::from(self.arg)),
+                path: crate::init::InitPath::from_wire(u64::from(self.arg)),
                 duration_ns: self.a,
             },
             EventKind::LockWait => Payload::LockWait {

@@ -110,7 +110,7 @@ impl Region {
         crate::fault::point("slot.claim.mid");
         // No detection yet, then the new owner's identity (Release), then the new
         // generation. A reader loads in the opposite order (generation, identity, then
-        // outcome, all Acquire; see `region::snapshot`): whatever new identity field it
+        // outcome, all Acquire; see `Snapshot::read`): whatever new identity field it
         // sees, it also sees the cleared outcome, so it never pairs the new owner's
         // identity with the dead owner's host PID and outcome. With the new generation
         // it sees the whole new identity.
