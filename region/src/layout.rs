@@ -126,7 +126,7 @@ pub struct Slot {
     /// Host PID, once detected; 0 = unknown.
     pub host_pid: AtomicU32,
     pub claimed_realtime_ns: AtomicU64,
-    /// Last host-PID detection outcome (see `counters::DetectOutcome`), 0 = none yet.
+    /// Last host-PID detection outcome (see `slot::DetectOutcome`), 0 = none yet.
     pub detect_outcome: AtomicU32,
     pub flags: AtomicU32,
     /// Inode of the owner's PID namespace (`stat /proc/self/ns/pid`); 0 = unknown.

@@ -349,6 +349,17 @@ mod tests {
     }
 
     #[test]
+    fn wire_enums_round_trip() {
+        for l in LockId::ALL {
+            assert_eq!(LockId::from_wire(l as u64), Some(l));
+        }
+        for r in ForceReason::ALL {
+            assert_eq!(ForceReason::from_wire(r as u64), Some(r));
+        }
+        assert_eq!(LockId::from_wire(9), None);
+    }
+
+    #[test]
     fn every_transition_changes_the_futex_half() {
         let me = SlotHandle {
             index: 0,

@@ -306,3 +306,18 @@ impl Region {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detect_outcome_round_trips() {
+        for o in DetectOutcome::ALL {
+            assert_eq!(DetectOutcome::from_wire(o as u64), Some(o));
+        }
+        assert_eq!(DetectOutcome::from_wire(0), None, "0 means no detection yet");
+        // What a truncating conversion would have accepted.
+        assert_eq!(DetectOutcome::from_wire(256 + 1), None);
+    }
+}
