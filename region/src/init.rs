@@ -70,9 +70,12 @@ crate::wire_enum! {
     }
 }
 
+/// How [`Region::open`] went, for the caller's logs and metrics.
 #[derive(Debug, Clone, Copy)]
 pub struct InitReport {
+    /// How this process got the region.
     pub path: InitPath,
+    /// Time the whole open took (waiting for another initializer included).
     pub duration: Duration,
 }
 

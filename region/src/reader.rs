@@ -98,6 +98,10 @@ impl Drop for RegionReader {
 }
 
 impl RegionReader {
+    /// Opens and validates the region at `path` read-only. Never creates, follows a
+    /// symlink, blocks on a FIFO, or maps a file shorter than the layout. Install the
+    /// SIGBUS guard first ([`install_sigbus_guard`](crate::install_sigbus_guard)) so
+    /// that a file truncated later cannot kill the reader.
     pub fn open(path: impl AsRef<Path>) -> Result<RegionReader, RegionError> {
         let path = path.as_ref();
         // Never follow a symlink, never block on a FIFO: the path is in a directory
@@ -181,6 +185,7 @@ impl RegionReader {
         Ok(())
     }
 
+    /// The path this reader was opened with.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -205,6 +210,9 @@ impl RegionReader {
         layout_of(&self.map)
     }
 
+    /// A plain copy of everything the region holds, for export (see [`Snapshot`]).
+    /// Check [`revalidate`](Self::revalidate) first: a copy of a damaged region is
+    /// garbage, if harmless garbage.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot::read(self.layout(), &self._file)
     }

@@ -170,6 +170,7 @@ impl Region {
         layout_of(&self.map)
     }
 
+    /// The path this handle was opened with.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -259,8 +260,9 @@ impl Region {
     }
 
     /// Checks that the region is still the one this process attached to, with slot
-    /// `me` ours (see [`find_damage`](Self::find_damage)); once it was found damaged it
-    /// stays damaged for this handle. Every accounting call checks it: a damaged
+    /// `me` ours: the mapping never faulted, and the magic, init nonce, layout version,
+    /// state and device count are unchanged (`find_damage`); once it was found damaged
+    /// it stays damaged for this handle. Every accounting call checks it: a damaged
     /// region is never written again through this handle.
     #[inline]
     pub fn check_integrity(&self, me: SlotHandle) -> Result<(), RegionError> {
@@ -471,6 +473,7 @@ impl Region {
         }
     }
 
+    /// Records `value` in histogram `h` (ns for durations, see [`HistogramId::unit`]).
     pub fn observe(&self, h: HistogramId, value: u64) {
         self.layout().histograms[h as usize].observe(value, h.unit());
     }

@@ -19,12 +19,15 @@ use std::sync::atomic::Ordering::*;
 crate::wire_enum! {
     /// Outcome of one host-PID detection, as recorded in the slot and the event ring.
     pub enum DetectOutcome: u8 {
+        /// The host PID was found (and recorded in the slot).
         Found = 1 => "found",
         /// The driver reports container PIDs: our own PID appeared.
         SameNamespace = 2 => "same_namespace",
         /// More than one unclaimed new PID: refused to guess.
         Ambiguous = 3 => "ambiguous",
+        /// No answer before the detection deadline.
         Timeout = 4 => "timeout",
+        /// NVML kept failing.
         NvmlError = 5 => "nvml_error",
     }
 }
@@ -32,7 +35,10 @@ crate::wire_enum! {
 /// This process's claim on a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotHandle {
+    /// Position in the region's slot array.
     pub index: u16,
+    /// The slot's generation when claimed: a later owner of the same index has
+    /// another one, so a stale handle is told apart.
     pub generation: u32,
 }
 
@@ -316,7 +322,11 @@ mod tests {
         for o in DetectOutcome::ALL {
             assert_eq!(DetectOutcome::from_wire(o as u64), Some(o));
         }
-        assert_eq!(DetectOutcome::from_wire(0), None, "0 means no detection yet");
+        assert_eq!(
+            DetectOutcome::from_wire(0),
+            None,
+            "0 means no detection yet"
+        );
         // What a truncating conversion would have accepted.
         assert_eq!(DetectOutcome::from_wire(256 + 1), None);
     }

@@ -11,8 +11,11 @@ use std::sync::atomic::Ordering::*;
 /// The region's owner as Kubernetes names it. Empty = unknown.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RegionIdentity {
+    /// The pod's namespace.
     pub namespace: String,
+    /// The pod's name.
     pub pod: String,
+    /// The container's name.
     pub container: String,
 }
 
@@ -42,10 +45,12 @@ fn load_str(src: &[std::sync::atomic::AtomicU8; IDENTITY_FIELD_LEN]) -> String {
     }
 }
 
-/// One live process slot, as read.
+/// One active process slot, as read (its owner may have died since: see `alive`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotInfo {
+    /// Position in the region's slot array.
     pub index: u16,
+    /// Bumped on every claim: tells one owner of the slot from the next.
     pub generation: u32,
     /// The owner's PID in its own namespace.
     pub pid: u32,
@@ -56,7 +61,10 @@ pub struct SlotInfo {
     /// Host PID as recorded by detection; 0 = none. Tenant-written: check it against
     /// the kernel with [`SlotInfo::identity`] before trusting it.
     pub host_pid: u32,
+    /// The last detection's outcome as stored (`DetectOutcome::from_wire` decodes
+    /// it; 0 = no detection yet).
     pub detect_outcome: u32,
+    /// Bytes the owner holds, per device of the region.
     pub mem_used: Vec<u64>,
     /// Its liveness token is held: the owner is running (or is this process).
     pub alive: bool,
@@ -75,11 +83,16 @@ impl SlotInfo {
     }
 }
 
+/// One device's limit and usage, as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
+    /// Bytes the region's processes may hold together; 0 = no limit.
     pub limit: u64,
+    /// Bytes held by every slot (dead ones not yet reclaimed included).
     pub used: u64,
+    /// Reservations refused on this device.
     pub denials: u64,
+    /// Highest `used` seen since initialization, bytes.
     pub peak: u64,
 }
 
@@ -87,34 +100,48 @@ pub struct DeviceInfo {
 /// bounds, so garbage in the region yields garbage numbers, never a crash.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
+    /// Whose region it is ("" where unknown or not clean text).
     pub identity: RegionIdentity,
+    /// Times the region was initialized: 1, plus one per recovery.
     pub init_count: u32,
+    /// Changes with every initialization: a reader seeing another one knows the
+    /// region was re-created.
     pub init_nonce: u64,
+    /// Wall-clock time of the last initialization, ns since the Unix epoch.
     pub created_realtime_ns: u64,
+    /// One per device of the region.
     pub devices: Vec<DeviceInfo>,
+    /// Region-wide totals, indexed by [`Counter`] (use [`Snapshot::counter`]).
     pub counters: Vec<u64>,
+    /// Indexed by [`HistogramId`] (use [`Snapshot::histogram`]).
     pub histograms: Vec<HistogramSnapshot>,
     /// Slots marked active, each with its owner's liveness.
     pub slots: Vec<SlotInfo>,
     /// Per lock (indexed by `LockId`).
     pub locks: Vec<LockInfo>,
+    /// Events ever started in the ring (its head position).
     pub ring_head: u64,
 }
 
+/// One cross-process lock's state, as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockInfo {
     /// Slot index of the owner, if held.
     pub owner: Option<u16>,
+    /// Bumped on every acquire and release: a changing epoch means the lock moves.
     pub epoch: u32,
     /// Processes asleep on the lock (may over-count waiters that were killed asleep).
     pub waiters: u32,
+    /// How long an owner may hold it before a waiter evicts it, ns.
     pub lease_ns: u64,
 }
 
 impl Snapshot {
+    /// The region-wide total of `c` (0 if the snapshot has no such counter).
     pub fn counter(&self, c: Counter) -> u64 {
         self.counters.get(c as usize).copied().unwrap_or(0)
     }
+    /// The histogram `h`.
     pub fn histogram(&self, h: HistogramId) -> &HistogramSnapshot {
         &self.histograms[h as usize]
     }
