@@ -1,4 +1,6 @@
 //! Hot-path costs of the region: `cargo bench -p vigil-region --bench region`.
+// Not public surface: `criterion_group!` declares an undocumented `pub fn`.
+#![allow(missing_docs)]
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::io::{BufRead, BufReader};

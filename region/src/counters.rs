@@ -47,28 +47,52 @@ impl UnenforcedSetting {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(usize)]
 pub enum Counter {
+    /// Times the region was initialized: 1, plus one per recovery.
     RegionInitializations = 0,
+    /// Times a region left half-initialized by a dead initializer was re-initialized.
     RegionRecoveries,
+    /// Processes that attached by initializing the region (recoveries included).
     ProcessInitsInitializer,
+    /// Processes that attached to a region already READY (no lock taken).
     ProcessInitsFastPath,
+    /// Slots claimed (free or reclaimed).
     SlotsClaimed,
+    /// Slots released by their own process at exit.
     SlotsReleased,
+    /// Slots of dead processes reclaimed (their memory credited back).
     SlotsReclaimedDead,
+    /// Acquisitions of the region lock.
     LockAcquisitionsRegion,
+    /// Acquisitions of the detection lock.
     LockAcquisitionsDetect,
+    /// Timed-out wait slices while waiting for the region lock.
     LockRetriesRegion,
+    /// Timed-out wait slices while waiting for the detection lock.
     LockRetriesDetect,
+    /// Region lock taken from an owner that died holding it.
     ForcePostsRegionOwnerDead,
+    /// Region lock taken from a live owner past its lease.
     ForcePostsRegionLeaseExpired,
+    /// Detection lock taken from an owner that died holding it.
     ForcePostsDetectOwnerDead,
+    /// Detection lock taken from a live owner past its lease.
     ForcePostsDetectLeaseExpired,
+    /// Region lock releases that found the lock already taken over.
     FencedReleasesRegion,
+    /// Detection lock releases that found the lock already taken over.
     FencedReleasesDetect,
+    /// Detections that found the host PID.
     DetectFound,
+    /// Detections that found the driver reports container PIDs.
     DetectSameNamespace,
+    /// Detections that refused to guess between several new PIDs.
     DetectAmbiguous,
+    /// Detections that gave up at their deadline.
     DetectTimeout,
+    /// Detections that failed on NVML errors.
     DetectNvmlError,
+    /// Reservations refused because they would pass a device's limit (the workload's
+    /// own; detection markers refused are not counted).
     AllocationDenials,
     /// A process found the region it had attached damaged under it (truncated,
     /// overwritten, zero-filled) and re-attached to the file's current region,
@@ -80,11 +104,15 @@ pub enum Counter {
     /// Processes that started with a HAMi-core setting Vigil does not enforce (see
     /// [`UnenforcedSetting`]); each process's share says which it had.
     UnenforcedSmLimit,
+    /// Processes that started with `CUDA_OVERSUBSCRIBE` set.
     UnenforcedOversubscribe,
+    /// Processes that started with `GPU_CORE_UTILIZATION_POLICY` set.
     UnenforcedCoreUtilizationPolicy,
+    /// Processes that started with `CUDA_TASK_PRIORITY` set.
     UnenforcedTaskPriority,
+    /// Processes that started with `ACTIVE_OOM_KILLER` set.
     UnenforcedActiveOomKiller,
-    /// Must stay last.
+    /// The number of counters, not a counter. Must stay last.
     _Count,
 }
 
@@ -92,6 +120,7 @@ const _: () = assert!((Counter::_Count as usize) <= NUM_COUNTERS);
 const _: () = assert!(Counter::ALL.len() == Counter::_Count as usize);
 
 impl Counter {
+    /// Every counter, in index order (without `_Count`).
     pub const ALL: [Counter; 30] = [
         Counter::RegionInitializations,
         Counter::RegionRecoveries,
@@ -125,18 +154,21 @@ impl Counter {
         Counter::UnenforcedActiveOomKiller,
     ];
 
+    /// The acquisitions counter of `lock`.
     pub fn lock_acquisitions(lock: LockId) -> Counter {
         match lock {
             LockId::Region => Counter::LockAcquisitionsRegion,
             LockId::Detect => Counter::LockAcquisitionsDetect,
         }
     }
+    /// The timed-out wait slices counter of `lock`.
     pub fn lock_retries(lock: LockId) -> Counter {
         match lock {
             LockId::Region => Counter::LockRetriesRegion,
             LockId::Detect => Counter::LockRetriesDetect,
         }
     }
+    /// The counter of `lock` taken from its owner for `reason`.
     pub fn force_posts(lock: LockId, reason: ForceReason) -> Counter {
         match (lock, reason) {
             (LockId::Region, ForceReason::OwnerDead) => Counter::ForcePostsRegionOwnerDead,
@@ -145,12 +177,14 @@ impl Counter {
             (LockId::Detect, ForceReason::LeaseExpired) => Counter::ForcePostsDetectLeaseExpired,
         }
     }
+    /// The fenced releases counter of `lock`.
     pub fn fenced_releases(lock: LockId) -> Counter {
         match lock {
             LockId::Region => Counter::FencedReleasesRegion,
             LockId::Detect => Counter::FencedReleasesDetect,
         }
     }
+    /// The counter of detections that ended in `outcome`.
     pub fn detections(outcome: DetectOutcome) -> Counter {
         match outcome {
             DetectOutcome::Found => Counter::DetectFound,
@@ -166,15 +200,21 @@ impl Counter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(usize)]
 pub enum HistogramId {
-    /// Contended waits only; uncontended acquisitions are `acquisitions - count`.
+    /// Region lock waits, ns. Contended waits only; uncontended acquisitions are
+    /// `acquisitions - count`.
     LockWaitRegion = 0,
+    /// Detection lock waits, ns (contended waits only, as above).
     LockWaitDetect = 1,
+    /// Host-PID detection latency from the start of context creation, ns.
     DetectionLatency = 2,
+    /// NVML polls per host-PID detection (a count, not a duration).
     DetectionPolls = 3,
+    /// Time `Region::open` took, ns.
     InitDuration = 4,
 }
 
 impl HistogramId {
+    /// The wait-time histogram of `lock`.
     pub fn lock_wait(lock: LockId) -> HistogramId {
         match lock {
             LockId::Region => HistogramId::LockWaitRegion,
@@ -211,6 +251,7 @@ pub fn bucket_upper_bound(i: usize, unit: u64) -> Option<u64> {
 }
 
 impl Histogram {
+    /// Records one observation of `value` (in units where bucket 0's bound is `unit`).
     pub fn observe(&self, value: u64, unit: u64) {
         self.buckets[bucket_index(value, unit)].fetch_add(1, Relaxed);
         self.sum.fetch_add(value, Relaxed);
@@ -221,10 +262,13 @@ impl Histogram {
 /// A plain copy of a histogram.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HistogramSnapshot {
+    /// Bucket 0's upper bound (see [`HistogramId::unit`]); bucket `i`'s is `unit << i`.
     pub unit: u64,
     /// Non-cumulative bucket counts; the last is +Inf.
     pub buckets: Vec<u64>,
+    /// Observations in all.
     pub count: u64,
+    /// Sum of the observed values (ns for durations).
     pub sum: u64,
 }
 
@@ -256,20 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn enums_round_trip() {
-        for l in LockId::ALL {
-            assert_eq!(LockId::from_wire(l as u64), Some(l));
-        }
-        for r in ForceReason::ALL {
-            assert_eq!(ForceReason::from_wire(r as u64), Some(r));
-        }
-        for o in DetectOutcome::ALL {
-            assert_eq!(DetectOutcome::from_wire(o as u64), Some(o));
-        }
-        assert_eq!(DetectOutcome::from_wire(0), None);
-        assert_eq!(LockId::from_wire(9), None);
-        // What a truncating conversion would have accepted.
-        assert_eq!(DetectOutcome::from_wire(256 + 1), None);
+    fn unenforced_settings_round_trip() {
         for u in UnenforcedSetting::ALL {
             assert_eq!(UnenforcedSetting::from_wire(u as u64), Some(u));
         }

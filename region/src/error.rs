@@ -1,89 +1,174 @@
-use std::path::PathBuf;
+//! What can go wrong with a region, and what a reader counts it as.
+
+use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// Everything that can go wrong with a region. Every message names the file.
 #[derive(Debug, Error)]
 pub enum RegionError {
+    /// A system call on the file failed.
     #[error("region {}: cannot {op}: {source}", path.display())]
     Io {
+        /// The region file.
         path: PathBuf,
+        /// What was being done ("open", "mmap", "lock slot token", ...).
         op: &'static str,
+        /// The kernel's answer.
         #[source]
         source: std::io::Error,
     },
+    /// The file is shorter than the layout: being created, cut short, or not a region.
     #[error("region {}: file is {len} bytes but a layout v{} region needs {expected} (truncated, or not a Vigil region)", path.display(), crate::layout::LAYOUT_VERSION)]
     Truncated {
+        /// The region file.
         path: PathBuf,
+        /// Its length, bytes (0: probably still being created).
         len: u64,
+        /// The layout's size, bytes.
         expected: u64,
     },
+    /// The file does not start with the region magic (0: still all zero).
     // The bytes found are kept for tools but never printed: the file may be anything
     // a tenant pointed us at.
     #[error("region {}: bad magic (expected \"VIGILRGN\"): not a Vigil region", path.display())]
-    WrongMagic { path: PathBuf, found: u64 },
+    WrongMagic {
+        /// The region file.
+        path: PathBuf,
+        /// The first eight bytes, little-endian.
+        found: u64,
+    },
+    /// A region of another layout version: this build cannot read it safely.
     #[error("region {}: layout version {found} is not supported (this build reads v{supported}); upgrade the reader or remove the file once no process uses it", path.display())]
     UnsupportedVersion {
+        /// The region file.
         path: PathBuf,
+        /// The version in the file.
         found: u32,
+        /// The version this build reads ([`crate::layout::LAYOUT_VERSION`]).
         supported: u32,
     },
+    /// The region is still being initialized; a reader retries later.
     #[error("region {}: not initialized yet (state {state})", path.display())]
-    NotReady { path: PathBuf, state: u32 },
+    NotReady {
+        /// The region file.
+        path: PathBuf,
+        /// The header's state word (`layout::STATE_*`).
+        state: u32,
+    },
+    /// A header field holds a value no writer produces.
     #[error("region {}: impossible value {value} in {field}: {why}", path.display())]
     Corrupt {
+        /// The region file.
         path: PathBuf,
+        /// Which field, as `struct.field`.
         field: &'static str,
+        /// The value read.
         value: u64,
+        /// Why it is impossible.
         why: &'static str,
     },
+    /// Another process holds the init token and has not finished initializing.
     #[error("region {}: initialization did not finish within {waited_ms} ms (initializer alive but stalled?)", path.display())]
-    InitTimeout { path: PathBuf, waited_ms: u64 },
-    #[error("region {}: all {max} process slots are held by live processes", path.display())]
-    SlotsExhausted { path: PathBuf, max: usize },
-    #[error("region {}: gave up on the {lock} lock after {waited_ms} ms: its word kept changing hands without any owner holding it past the lease (a hostile or broken writer?)", path.display())]
-    LockTimeout {
+    InitTimeout {
+        /// The region file.
         path: PathBuf,
-        lock: &'static str,
+        /// How long this process waited, ms.
         waited_ms: u64,
     },
+    /// Every slot is held by a live process: this one cannot join.
+    #[error("region {}: all {max} process slots are held by live processes", path.display())]
+    SlotsExhausted {
+        /// The region file.
+        path: PathBuf,
+        /// Slots in the region ([`crate::layout::MAX_SLOTS`]).
+        max: usize,
+    },
+    /// A lock could not be had within two leases plus a second (a backstop only a
+    /// hostile or broken writer reaches).
+    #[error("region {}: gave up on the {lock} lock after {waited_ms} ms: its word kept changing hands without any owner holding it past the lease (a hostile or broken writer?)", path.display())]
+    LockTimeout {
+        /// The region file.
+        path: PathBuf,
+        /// Which lock ([`crate::LockId::name`]).
+        lock: &'static str,
+        /// How long this process waited, ms.
+        waited_ms: u64,
+    },
+    /// The file's filesystem cannot hold the whole region (ENOSPC, EDQUOT).
     #[error("region {}: no space left on its filesystem for the region's {needed} bytes (ENOSPC); free some space or put CUDA_DEVICE_MEMORY_SHARED_CACHE elsewhere", path.display())]
-    NoSpace { path: PathBuf, needed: u64 },
+    NoSpace {
+        /// The region file.
+        path: PathBuf,
+        /// The region's size, bytes.
+        needed: u64,
+    },
     /// The region changed under this process in a way no Vigil writer makes: the file
     /// was truncated, overwritten, zero-filled or re-initialized while mapped. Nothing
     /// in it can be trusted any more, and this process no longer writes to it.
     #[error("region {}: damaged under this process ({what}); it is no longer used", path.display())]
-    Damaged { path: PathBuf, what: &'static str },
+    Damaged {
+        /// The region file.
+        path: PathBuf,
+        /// What the integrity check found (the first damage found, latched).
+        what: &'static str,
+    },
     /// The region was damaged under live processes and has not yet been told what
     /// they hold: `orphans` of them have not re-attached. Until they have, its totals
     /// understate the device's use and a reservation cannot be checked.
     #[error("region {}: recovering from damage; {orphans} process(es) that were using it have not re-attached, so its totals are incomplete", path.display())]
-    Recovering { path: PathBuf, orphans: usize },
+    Recovering {
+        /// The region file.
+        path: PathBuf,
+        /// Live processes that used the damaged region and have not re-attached.
+        orphans: usize,
+    },
     /// The path names something other than one regular file (a FIFO, a device, a
     /// directory, a file with several names): never mapped or written.
     #[error("region {}: {what}; refusing to use it", path.display())]
-    NotRegularFile { path: PathBuf, what: String },
+    NotRegularFile {
+        /// The path as given.
+        path: PathBuf,
+        /// What it is instead.
+        what: String,
+    },
     /// A slot operation by a process that does not hold that slot (a forked child
     /// that did not re-attach, or a stale handle).
     #[error("region {}: slot {slot} is not held by this process{hint}", path.display())]
     SlotNotHeld {
+        /// The region file.
         path: PathBuf,
+        /// The slot index named.
         slot: u16,
+        /// A likely cause, appended to the message ("" if none).
         hint: &'static str,
     },
     /// A lock asked for again by the slot that holds it.
     #[error("region {}: the {lock} lock is already held by this slot", path.display())]
-    AlreadyHeld { path: PathBuf, lock: &'static str },
+    AlreadyHeld {
+        /// The region file.
+        path: PathBuf,
+        /// Which lock ([`crate::LockId::name`]).
+        lock: &'static str,
+    },
     /// A device index past the region's device count.
     #[error("region {}: device {device} is not in this region ({devices} devices)", path.display())]
     NoSuchDevice {
+        /// The region file.
         path: PathBuf,
+        /// The device index asked for.
         device: usize,
+        /// Devices in the region.
         devices: usize,
     },
+    /// An [`InitParams`](crate::InitParams) value this crate refuses (too many
+    /// devices, a zero lease).
     #[error("region {}: invalid parameter {what}: {why}", path.display())]
     InvalidParam {
+        /// The region file.
         path: PathBuf,
+        /// The parameter's field name.
         what: &'static str,
+        /// What is wrong with it.
         why: String,
     },
 }
@@ -95,6 +180,7 @@ crate::wire_enum! {
     pub enum ErrorReason: u8 {
         /// Cannot open, or a named file is missing.
         OpenFailed = 0 => "open_failed",
+        /// Shorter than its layout (and not empty: an empty file is being created).
         Truncated = 1 => "truncated",
         /// Not a region of a known kind.
         BadMagic = 2 => "bad_magic",
@@ -157,5 +243,17 @@ impl RegionError {
             RegionError::AlreadyHeld { .. } => "already_held",
             RegionError::NoSuchDevice { .. } => "no_such_device",
         }
+    }
+}
+
+/// Wraps an I/O failure of `op` on the region at `path`.
+pub(crate) fn io_err<'a>(
+    path: &'a Path,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> RegionError + 'a {
+    move |source| RegionError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
     }
 }

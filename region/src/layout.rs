@@ -12,18 +12,26 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"VIGILRGN");
 /// namespace inode and start time (`Slot::pidns_inode`, `Slot::start_time_ticks`).
 pub const LAYOUT_VERSION: u32 = 3;
 
+/// Devices a region can describe; `Header::device_count` is at most this.
 pub const MAX_DEVICES: usize = 16;
+/// Process slots: at most this many processes use one region at once.
 pub const MAX_SLOTS: usize = 1024;
 /// Events in the ring; a power of two.
 pub const RING_CAPACITY: usize = 16384;
+/// Room for counters (`counters::Counter` uses the first ones; the rest is spare).
 pub const NUM_COUNTERS: usize = 64;
+/// Cross-process locks, indexed by `lock::LockId`.
 pub const NUM_LOCKS: usize = 2;
+/// Buckets per histogram, the last one +Inf.
 pub const HIST_BUCKETS: usize = 30;
+/// Room for histograms (`counters::HistogramId` uses the first ones; the rest is spare).
 pub const NUM_HISTOGRAMS: usize = 8;
 
-/// Region states, in `Header::state`.
+/// `Header::state` of a new (all-zero) file: nobody has started initializing it.
 pub const STATE_UNINIT: u32 = 0;
+/// `Header::state` while the holder of the init token writes the header.
 pub const STATE_INITIALIZING: u32 = 1;
+/// `Header::state` once the header is complete: the only state anyone uses.
 pub const STATE_READY: u32 = 2;
 
 /// `Header::flags`: some process of this region saw the driver report namespace PIDs.
@@ -34,14 +42,19 @@ pub const FLAG_NAMESPACE_PIDS: u32 = 1;
 /// until then no reservation is checked against the limit (see `mem`).
 pub const FLAG_RECOVERING: u32 = 2;
 
-/// Slot states, in `Slot::state`.
+/// `Slot::state` of a slot nobody owns (never claimed, released, or reclaimed).
 pub const SLOT_FREE: u32 = 0;
+/// `Slot::state` of a claimed slot; its owner may since have died (see its token).
 pub const SLOT_ACTIVE: u32 = 1;
 
+/// The region's first 128 bytes: what it is, whether it is ready, and its shape.
 #[repr(C)]
 pub struct Header {
+    /// [`MAGIC`] once initialization has started; anything else is not a region.
     pub magic: AtomicU64,
+    /// [`LAYOUT_VERSION`] of the writer that initialized it.
     pub version: AtomicU32,
+    /// `STATE_UNINIT`, `STATE_INITIALIZING` or `STATE_READY`.
     pub state: AtomicU32,
     /// Total size the writer expects; readers check it against the file.
     pub region_size: AtomicU64,
@@ -52,11 +65,17 @@ pub struct Header {
     /// Identity of the initialization (random per init), so readers can tell a
     /// re-created region from the one they knew.
     pub init_nonce: AtomicU64,
+    /// Wall-clock time of the last initialization, ns since the Unix epoch.
     pub created_realtime_ns: AtomicU64,
+    /// CLOCK_MONOTONIC time of the last initialization, ns.
     pub created_monotonic_ns: AtomicU64,
+    /// Devices in `RegionLayout::devices` that are in use (at most [`MAX_DEVICES`]).
     pub device_count: AtomicU32,
+    /// [`MAX_SLOTS`], written for readers to check against their own layout.
     pub slot_count: AtomicU32,
+    /// [`RING_CAPACITY`], written for readers to check against their own layout.
     pub ring_capacity: AtomicU32,
+    /// `FLAG_*` bits.
     pub flags: AtomicU32,
     /// Bytes a primary context took, as last measured through NVML; later processes
     /// charge this before creating theirs, so the limit covers contexts being born.
@@ -65,7 +84,9 @@ pub struct Header {
     /// reapers scan only `slots[..slot_high_water]` (a few KiB instead of 720 KiB).
     /// Raised before a slot becomes active; readers clamp it to MAX_SLOTS.
     pub slot_high_water: AtomicU32,
+    /// Padding; always 0.
     pub _pad: AtomicU32,
+    /// Reserved for later versions; always 0.
     pub _reserved: [AtomicU64; 5],
 }
 
@@ -77,19 +98,26 @@ pub const IDENTITY_FIELD_LEN: usize = 128;
 /// label series even where the directory name says nothing. NUL-padded UTF-8.
 #[repr(C)]
 pub struct Identity {
+    /// The pod's namespace (`POD_NAMESPACE`).
     pub namespace: [AtomicU8; IDENTITY_FIELD_LEN],
+    /// The pod's name (`POD_NAME`).
     pub pod: [AtomicU8; IDENTITY_FIELD_LEN],
+    /// The container's name (`CONTAINER_NAME`).
     pub container: [AtomicU8; IDENTITY_FIELD_LEN],
+    /// Reserved for later versions; always 0.
     pub _reserved: [AtomicU8; IDENTITY_FIELD_LEN],
 }
 
 /// Per-device memory limit and accounting. `used` is the sum of all slots' `mem_used`.
 #[repr(C)]
 pub struct DeviceEntry {
-    /// 0 = no limit.
+    /// Bytes the device's processes may hold together; 0 = no limit.
     pub limit: AtomicU64,
+    /// Bytes held by every slot, live or not yet reclaimed.
     pub used: AtomicU64,
+    /// Reservations refused on this device.
     pub denials: AtomicU64,
+    /// Highest `used` seen since initialization, bytes.
     pub peak: AtomicU64,
 }
 
@@ -97,8 +125,11 @@ pub struct DeviceEntry {
 /// +Inf. Exact, because it is only ever incremented.
 #[repr(C)]
 pub struct Histogram {
+    /// Observations per bucket (not cumulative).
     pub buckets: [AtomicU64; HIST_BUCKETS],
+    /// Observations in all.
     pub count: AtomicU64,
+    /// Sum of the observed values as observed (ns for durations).
     pub sum: AtomicU64,
 }
 
@@ -109,15 +140,18 @@ pub struct LockState {
     pub word: AtomicU64,
     /// Processes currently sleeping on the word's futex.
     pub waiters: AtomicU32,
+    /// Padding; always 0.
     pub _pad: AtomicU32,
     /// Lease: a live owner holding longer than this is evicted (fenced).
     pub lease_ns: AtomicU64,
+    /// Reserved for later versions; always 0.
     pub _reserved: [AtomicU64; 5],
 }
 
 /// One process slot.
 #[repr(C, align(64))]
 pub struct Slot {
+    /// `SLOT_FREE` or `SLOT_ACTIVE`.
     pub state: AtomicU32,
     /// Bumped on every claim, so a lock word naming an old incarnation is stale.
     pub generation: AtomicU32,
@@ -125,9 +159,11 @@ pub struct Slot {
     pub pid: AtomicU32,
     /// Host PID, once detected; 0 = unknown.
     pub host_pid: AtomicU32,
+    /// Wall-clock time the current owner claimed the slot, ns since the Unix epoch.
     pub claimed_realtime_ns: AtomicU64,
-    /// Last host-PID detection outcome (see `counters::DetectOutcome`), 0 = none yet.
+    /// Last host-PID detection outcome (see `slot::DetectOutcome`), 0 = none yet.
     pub detect_outcome: AtomicU32,
+    /// Per-slot flags; none is defined yet (never written).
     pub flags: AtomicU32,
     /// Inode of the owner's PID namespace (`stat /proc/self/ns/pid`); 0 = unknown.
     /// With `pid` and `start_time_ticks` it names the owner to any reader that can
@@ -136,6 +172,7 @@ pub struct Slot {
     /// Owner's start time, clock ticks after boot (`/proc/self/stat` field 22); 0 =
     /// unknown. Tells the owner apart from a later process that reuses its PID.
     pub start_time_ticks: AtomicU64,
+    /// Reserved for later versions; always 0.
     pub _reserved: [AtomicU64; 2],
     /// Bytes this process holds on each device.
     pub mem_used: [AtomicU64; MAX_DEVICES],
@@ -149,13 +186,16 @@ pub struct Slot {
 pub struct EventSlot {
     /// 0 = never written; ((pos + 1) << 1) = committed event `pos`; | 1 = being written.
     pub seq: AtomicU64,
+    /// The encoded event (six words) and its checksum (the seventh); see `ring`.
     pub words: [AtomicU64; 7],
 }
 
+/// The event ring's shared state: only the producers' position.
 #[repr(C, align(64))]
 pub struct RingHeader {
     /// Next position to hand out; also the total number of events ever started.
     pub head: AtomicU64,
+    /// Reserved for later versions; always 0.
     pub _reserved: [AtomicU64; 7],
 }
 
@@ -163,24 +203,38 @@ pub struct RingHeader {
 /// never read; only the locks on them matter.
 #[repr(C)]
 pub struct Tokens {
+    /// Byte 0 is the init token ([`INIT_TOKEN_OFFSET`]); the rest pads to 64 bytes.
     pub init: [AtomicU8; 64],
+    /// Byte `i` is slot `i`'s liveness token ([`slot_token_offset`]).
     pub slots: [AtomicU8; MAX_SLOTS],
 }
 
+/// The whole region file, as every handle maps it.
 #[repr(C)]
 pub struct RegionLayout {
+    /// What the file is and whether it is ready.
     pub header: Header,
+    /// Whose region it is, for readers' labels.
     pub identity: Identity,
+    /// Limit and usage per device; the first `Header::device_count` are in use.
     pub devices: [DeviceEntry; MAX_DEVICES],
+    /// Region-wide totals, indexed by `counters::Counter`.
     pub counters: [AtomicU64; NUM_COUNTERS],
+    /// Indexed by `counters::HistogramId`.
     pub histograms: [Histogram; NUM_HISTOGRAMS],
+    /// Indexed by `lock::LockId`.
     pub locks: [LockState; NUM_LOCKS],
+    /// The event ring's head.
     pub ring: RingHeader,
+    /// The bytes whose OFD locks are liveness tokens.
     pub tokens: Tokens,
+    /// One per process; only `slots[..Header::slot_high_water]` were ever claimed.
     pub slots: [Slot; MAX_SLOTS],
+    /// The event ring; position `p` lives at `events[p % RING_CAPACITY]`.
     pub events: [EventSlot; RING_CAPACITY],
 }
 
+/// Bytes of a region file (the layout's size); a shorter file is never mapped.
 pub const REGION_SIZE: usize = size_of::<RegionLayout>();
 
 /// File offset of the initializer's liveness token.

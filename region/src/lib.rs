@@ -12,27 +12,32 @@
 pub mod counters;
 pub mod error;
 pub mod fault;
+mod file;
+pub mod init;
 pub mod layout;
 pub mod lock;
 pub mod mem;
 pub mod procfs;
+pub mod reader;
 pub mod region;
 pub mod ring;
 pub mod slot;
+pub mod snapshot;
 mod sys;
+mod validate;
 pub mod wire;
 
 pub use counters::{Counter, HistogramId, HistogramSnapshot, UnenforcedSetting};
 pub use error::{ErrorReason, RegionError};
+pub use init::{InitParams, InitPath, InitReport};
 pub use lock::{ForceReason, LockId};
 pub use lock::{LockGuard, LockOutcome, ReleaseOutcome};
 pub use mem::Reservation;
 pub use procfs::ProcessIdentity;
-pub use region::{
-    install_sigbus_guard, DeviceInfo, InitParams, InitPath, InitReport, LockInfo, Region,
-    RegionIdentity, RegionRead, RegionReader, SlotInfo, Snapshot,
-};
+pub use reader::{RegionRead, RegionReader};
+pub use region::{install_sigbus_guard, Region};
 pub use ring::{DrainStats, Event, EventKind, LostCounts, Payload, RingConsumer, NO_SLOT};
 pub use slot::DetectOutcome;
 pub use slot::SlotHandle;
+pub use snapshot::{DeviceInfo, LockInfo, RegionIdentity, SlotInfo, Snapshot};
 pub use sys::{getpid, monotonic_ns, realtime_ns};

@@ -63,6 +63,8 @@ pub fn owner_of(word: u64) -> Option<(u16, u16)> {
     (o != 0).then(|| (o - 1, (word >> 32) as u16))
 }
 
+/// The word's epoch: bumped by every acquire and release, so a waiter's futex wait
+/// on it returns as soon as the lock moves.
 pub fn epoch_of(word: u64) -> u32 {
     word as u32
 }
@@ -84,17 +86,20 @@ fn free_word(held: u64) -> u64 {
 /// What happened while acquiring, for telemetry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LockOutcome {
+    /// Time from asking to holding, ns (0 on the uncontended fast path).
     pub wait_ns: u64,
     /// Timed-out wait slices.
     pub retries: u32,
     /// Set if the lock was taken from its owner: why, and the victim's slot.
     pub forced: Option<(ForceReason, u16)>,
+    /// The epoch this holder installed (see [`epoch_of`]).
     pub epoch: u32,
 }
 
 /// How a release went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReleaseOutcome {
+    /// We still owned the lock, and freed it.
     Released,
     /// The lock had been taken over (lease expiry) before we released it; the new
     /// owner was left alone.
@@ -271,6 +276,7 @@ impl Region {
 }
 
 impl LockGuard<'_> {
+    /// What happened while acquiring (wait, retries, a force-post).
     pub fn outcome(&self) -> LockOutcome {
         self.outcome
     }
@@ -346,6 +352,17 @@ mod tests {
         let w = take_word(pack(0, 0, u32::MAX), me);
         assert_eq!(epoch_of(w), 0);
         assert_eq!(owner_of(w), Some((5, 3)));
+    }
+
+    #[test]
+    fn wire_enums_round_trip() {
+        for l in LockId::ALL {
+            assert_eq!(LockId::from_wire(l as u64), Some(l));
+        }
+        for r in ForceReason::ALL {
+            assert_eq!(ForceReason::from_wire(r as u64), Some(r));
+        }
+        assert_eq!(LockId::from_wire(9), None);
     }
 
     #[test]

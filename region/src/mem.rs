@@ -43,7 +43,13 @@ pub enum Reservation {
     /// Charged to the caller's slot and the device.
     Granted,
     /// It would pass the limit; nothing was charged. `used` is the device total seen.
-    Denied { used: u64, limit: u64 },
+    Denied {
+        /// The device total seen, bytes.
+        used: u64,
+        /// The limit checked against (the strictest this process enforces, with the
+        /// caller's cap), bytes.
+        limit: u64,
+    },
 }
 
 impl Region {
@@ -383,6 +389,8 @@ impl Region {
         self.layout().header.ctx_footprint.load(Relaxed)
     }
 
+    /// Records a primary context's measured size, so later processes charge it
+    /// before creating theirs (see `Header::ctx_footprint`).
     pub fn set_ctx_footprint(&self, bytes: u64) {
         self.layout().header.ctx_footprint.store(bytes, Relaxed);
     }

@@ -51,51 +51,83 @@ crate::wire_enum! {
 /// value (the ring is tenant-writable): consumers say "unknown" instead of guessing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Payload {
+    /// A process attached to the region (written once per process, at open).
     Init {
-        path: Option<crate::region::InitPath>,
+        /// How it got the region: initialized it, found it ready, or recovered it.
+        path: Option<crate::init::InitPath>,
+        /// Time `Region::open` took, ns.
         duration_ns: u64,
     },
+    /// A lock acquisition that took the slow path (the lock was held, or the first
+    /// CAS lost a race); fast-path acquisitions are only counted.
     LockWait {
+        /// The lock waited for.
         lock: Option<crate::lock::LockId>,
+        /// Time from the first attempt to holding the lock, ns.
         wait_ns: u64,
+        /// Wait slices that timed out (each one re-checked the owner).
         retries: u64,
     },
+    /// A lock was taken from its owner (dead, or past its lease).
     ForcePost {
+        /// The lock taken over.
         lock: Option<crate::lock::LockId>,
+        /// Why the owner lost it.
         reason: Option<crate::lock::ForceReason>,
+        /// The evicted owner's slot index.
         victim_slot: u64,
+        /// The evicted owner's slot generation (low 16 bits, as in the lock word).
         victim_generation: u64,
         /// How long the taker saw the victim hold the lock.
         held_ns: u64,
     },
+    /// A holder released a lock it had already lost to a force-post.
     FencedRelease {
+        /// The lock whose release was fenced.
         lock: Option<crate::lock::LockId>,
     },
+    /// One host-PID detection finished.
     Detection {
+        /// What the detection concluded.
         outcome: Option<crate::slot::DetectOutcome>,
         /// From the start of context creation.
         latency_ns: u64,
+        /// NVML process-list polls it made.
         polls: u64,
         /// 0 if none.
         host_pid: u64,
         /// How long the context creation itself took.
         context_ns: u64,
     },
+    /// A dead process's slot was reclaimed and its memory credited back.
     SlotReclaimed {
+        /// The reclaimed slot's index.
         victim_slot: u64,
+        /// Bytes credited back to the devices.
         bytes: u64,
     },
+    /// A reservation was refused: it would have passed the device's limit.
     AllocationDenied {
+        /// Device index in the region.
         device: u32,
+        /// Bytes asked for.
         requested: u64,
+        /// The device total seen when refusing, bytes.
         used: u64,
+        /// The limit checked against, bytes.
         limit: u64,
     },
+    /// Free-form, for tools and tests: the raw words as written.
     Marker {
+        /// The raw 32-bit argument.
         arg: u32,
+        /// Raw word a.
         a: u64,
+        /// Raw word b.
         b: u64,
+        /// Raw word c.
         c: u64,
+        /// Raw word d.
         d: u64,
     },
 }
@@ -121,17 +153,25 @@ impl Payload {
 pub struct Event {
     /// CLOCK_MONOTONIC ns at write.
     pub ts_ns: u64,
+    /// What the event records; it says how to read `arg` and `a`..`d`.
     pub kind: EventKind,
     /// Writer's slot, or [`NO_SLOT`].
     pub slot: u16,
+    /// Kind-specific small argument (see [`EventKind`]); prefer [`Event::payload`].
     pub arg: u32,
+    /// First kind-specific word (see [`EventKind`]).
     pub a: u64,
+    /// Second kind-specific word.
     pub b: u64,
+    /// Third kind-specific word.
     pub c: u64,
+    /// Fourth kind-specific word.
     pub d: u64,
 }
 
 impl Event {
+    /// A raw event with `d` = 0 and the timestamp set when written. Writers of known
+    /// kinds use [`Event::from_payload`], which cannot get the encoding wrong.
     pub fn new(kind: EventKind, slot: u16, arg: u32, a: u64, b: u64, c: u64) -> Event {
         Event {
             ts_ns: 0,
@@ -210,7 +250,7 @@ impl Event {
         let lock = |v: u32| crate::lock::LockId::from_wire(u64::from(v));
         match self.kind {
             EventKind::Init => Payload::Init {
-                path: crate::region::InitPath::from_wire(u64::from(self.arg)),
+                path: crate::init::InitPath::from_wire(u64::from(self.arg)),
                 duration_ns: self.a,
             },
             EventKind::LockWait => Payload::LockWait {
@@ -350,6 +390,7 @@ pub struct LostCounts {
 }
 
 impl LostCounts {
+    /// Every lost event, whatever the reason (saturating).
     pub fn total(&self) -> u64 {
         self.overwritten
             .saturating_add(self.torn)
@@ -371,7 +412,9 @@ pub struct RingConsumer {
 /// What one `drain` call did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DrainStats {
+    /// Events handed to the callback.
     pub delivered: u64,
+    /// Positions passed over without delivery, by reason (this call only).
     pub lost: LostCounts,
     /// True if the drain stopped at an event still being written.
     pub waiting: bool,
@@ -404,12 +447,15 @@ impl RingConsumer {
         self
     }
 
+    /// The next ring position this consumer will look at.
     pub fn position(&self) -> u64 {
         self.tail
     }
+    /// Events lost since this consumer started, by reason.
     pub fn lost(&self) -> LostCounts {
         self.lost
     }
+    /// Events delivered since this consumer started.
     pub fn delivered(&self) -> u64 {
         self.delivered
     }

@@ -19,12 +19,15 @@ use std::sync::atomic::Ordering::*;
 crate::wire_enum! {
     /// Outcome of one host-PID detection, as recorded in the slot and the event ring.
     pub enum DetectOutcome: u8 {
+        /// The host PID was found (and recorded in the slot).
         Found = 1 => "found",
         /// The driver reports container PIDs: our own PID appeared.
         SameNamespace = 2 => "same_namespace",
         /// More than one unclaimed new PID: refused to guess.
         Ambiguous = 3 => "ambiguous",
+        /// No answer before the detection deadline.
         Timeout = 4 => "timeout",
+        /// NVML kept failing.
         NvmlError = 5 => "nvml_error",
     }
 }
@@ -32,7 +35,10 @@ crate::wire_enum! {
 /// This process's claim on a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotHandle {
+    /// Position in the region's slot array.
     pub index: u16,
+    /// The slot's generation when claimed: a later owner of the same index has
+    /// another one, so a stale handle is told apart.
     pub generation: u32,
 }
 
@@ -110,7 +116,7 @@ impl Region {
         crate::fault::point("slot.claim.mid");
         // No detection yet, then the new owner's identity (Release), then the new
         // generation. A reader loads in the opposite order (generation, identity, then
-        // outcome, all Acquire; see `region::snapshot`): whatever new identity field it
+        // outcome, all Acquire; see `Snapshot::read`): whatever new identity field it
         // sees, it also sees the cleared outcome, so it never pairs the new owner's
         // identity with the dead owner's host PID and outcome. With the new generation
         // it sees the whole new identity.
@@ -304,5 +310,24 @@ impl Region {
             .map(|(_, s)| s.host_pid.load(Acquire))
             .filter(|&p| p != 0)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detect_outcome_round_trips() {
+        for o in DetectOutcome::ALL {
+            assert_eq!(DetectOutcome::from_wire(o as u64), Some(o));
+        }
+        assert_eq!(
+            DetectOutcome::from_wire(0),
+            None,
+            "0 means no detection yet"
+        );
+        // What a truncating conversion would have accepted.
+        assert_eq!(DetectOutcome::from_wire(256 + 1), None);
     }
 }
