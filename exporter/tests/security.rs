@@ -38,11 +38,8 @@ fn prompt_scrape(ex: &Exporter, limit: Duration) -> Exposition {
 fn mkfifo(p: &Path) {
     let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
-    assert_eq!(
-        unsafe { libc::mkfifo(c.as_ptr(), 0o644) },
-        0,
-        "mkfifo {p:?}"
-    );
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
+    assert_eq!(rc, 0, "mkfifo {p:?}");
 }
 
 /// A valid region file, no process attached (the writer is dropped).

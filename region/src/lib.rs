@@ -9,6 +9,8 @@
 //! Unsafe code lives only in `sys` (syscalls, and the SIGBUS guard for mappings) and in
 //! the one cast from mapping to layout in `region`.
 
+#![warn(missing_docs)]
+
 pub mod counters;
 pub mod error;
 pub mod fault;
