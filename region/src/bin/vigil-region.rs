@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use vigil_region::{
-    monotonic_ns, Counter, DetectOutcome, Event, EventKind, ForceReason, InitParams, InitPath,
-    LockId, Payload, Region, RegionRead, RegionReader, ReleaseOutcome, Snapshot,
+    monotonic_ns, Counter, DetectOutcome, Event, EventKind, ForceReason, InitParams, LockId,
+    Payload, Region, RegionRead, RegionReader, ReleaseOutcome, Snapshot,
 };
 
 #[derive(Parser)]
@@ -606,9 +606,11 @@ fn format_event(e: &Event) -> String {
         v.map_or("?", f)
     }
     let detail = match e.payload() {
-        Payload::Init { path, duration_ns } => {
-            format!("path={} duration_ns={duration_ns}", name(path, InitPath::name))
-        }
+        // The path's number, as this tool has always printed it (scripts read it).
+        Payload::Init { path, duration_ns } => format!(
+            "path={} duration_ns={duration_ns}",
+            path.map_or("?".to_string(), |p| (p as u8).to_string())
+        ),
         Payload::LockWait {
             lock,
             wait_ns,
