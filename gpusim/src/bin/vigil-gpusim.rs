@@ -4,10 +4,11 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vigil_gpusim::config::{parse_duration, parse_rate, parse_size, Lag, ParseError};
+use vigil_gpusim::config::{parse_rate, Lag};
 use vigil_gpusim::daemon::Daemon;
 use vigil_gpusim::protocol::{Conn, DEFAULT_SOCKET};
 use vigil_gpusim::state::{PidMode, SimConfig};
+use vigil_units::{parse_duration, parse_size, ParseError};
 
 #[derive(Parser)]
 #[command(

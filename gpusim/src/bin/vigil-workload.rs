@@ -15,8 +15,8 @@ use libloading::Library;
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use std::process::ExitCode;
 use std::time::Duration;
-use vigil_gpusim::config::{parse_duration, parse_size};
 use vigil_gpusim::sys::monotonic_ns;
+use vigil_units::{parse_duration, parse_size};
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Api {
