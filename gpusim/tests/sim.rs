@@ -7,7 +7,8 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
-use vigil_gpusim::protocol::{num, Conn};
+use vigil_gpusim::protocol::{Conn, Reply, Request};
+use vigil_gpusim::state::Stats;
 use vigil_gpusim::sys::monotonic_ns;
 
 /// target/<profile>/, where cargo put the driver library.
@@ -121,16 +122,11 @@ impl Sim {
         Conn::connect(&self.socket(), std::process::id()).unwrap()
     }
 
-    fn stats(&self) -> HashMap<String, u64> {
-        self.conn()
-            .call("stats")
-            .unwrap()
-            .iter()
-            .filter_map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
-            })
-            .collect()
+    fn stats(&self) -> Stats {
+        match self.conn().call(&Request::Stats).unwrap() {
+            Reply::Stats(st) => st,
+            r => panic!("stats: {r:?}"),
+        }
     }
 }
 
@@ -380,11 +376,17 @@ impl WaitOutput for Child {
 fn a_sigkilled_workload_leaves_nvml_and_meminfo_within_100ms() {
     let sim = Sim::start(&["--nvml-lag", "0", "--memory", "4GiB"]);
     let mut conn = sim.conn();
-    let total = num(&conn.call("meminfo 0").unwrap(), 1).unwrap();
+    let meminfo = |c: &mut Conn| match c.call(&Request::MemInfo { device: 0 }).unwrap() {
+        Reply::MemInfo { free, total } => (free, total),
+        r => panic!("meminfo: {r:?}"),
+    };
+    let total = meminfo(&mut conn).1;
     let mut w = sim.workload(&["--alloc", "1GiB", "--exit", "wait"]);
     w.expect("ready");
-    let listed = |c: &mut Conn| c.call("nvml_procs 0").unwrap()[0] != "0";
-    let free = |c: &mut Conn| num(&c.call("meminfo 0").unwrap(), 0).unwrap();
+    let listed = |c: &mut Conn| {
+        c.call(&Request::NvmlProcs { device: 0 }).unwrap() != Reply::NvmlProcs(vec![])
+    };
+    let free = |c: &mut Conn| meminfo(c).0;
     assert!(listed(&mut conn));
     assert!(free(&mut conn) < total);
     let killed = Instant::now();
@@ -401,7 +403,7 @@ fn a_sigkilled_workload_leaves_nvml_and_meminfo_within_100ms() {
     }
     eprintln!("gone {} us after SIGKILL", killed.elapsed().as_micros());
     assert!(nvml_pids(&sim, 0).is_empty(), "and through NVML itself");
-    assert_eq!(sim.stats()["used"], 0);
+    assert_eq!(sim.stats().used, 0);
 }
 
 #[test]
@@ -443,10 +445,10 @@ fn thirty_two_concurrent_workloads_are_all_tracked_and_accounting_returns_to_zer
         .collect();
     pids.sort_unstable();
     let st = sim.stats();
-    assert_eq!(st["processes"], 32);
-    assert_eq!(st["contexts"], 32);
-    assert_eq!(st["allocations"], 64);
-    assert_eq!(st["used"], 32 * ((100 + 64 + 32) << 20));
+    assert_eq!(st.processes, 32);
+    assert_eq!(st.contexts, 32);
+    assert_eq!(st.allocations, 64);
+    assert_eq!(st.used, 32 * ((100 + 64 + 32) << 20));
     let mut listed: Vec<u64> = nvml_pids(&sim, 0).iter().map(|p| p.0).collect();
     listed.sort_unstable();
     assert_eq!(listed, pids, "NVML lists every workload");
@@ -460,7 +462,7 @@ fn thirty_two_concurrent_workloads_are_all_tracked_and_accounting_returns_to_zer
         w.child.wait().unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(2);
-    while sim.stats()["processes"] != 0 {
+    while sim.stats().processes != 0 {
         assert!(
             Instant::now() < deadline,
             "daemon still tracks {:?}",
@@ -469,7 +471,7 @@ fn thirty_two_concurrent_workloads_are_all_tracked_and_accounting_returns_to_zer
         std::thread::sleep(Duration::from_millis(5));
     }
     let st = sim.stats();
-    assert_eq!((st["contexts"], st["allocations"], st["used"]), (0, 0, 0));
+    assert_eq!((st.contexts, st.allocations, st.used), (0, 0, 0));
 }
 
 #[test]
@@ -524,7 +526,7 @@ fn nvml_faults_hang_and_fail_as_configured() {
     ]);
     let mut c = sim.conn();
     let t = Instant::now();
-    let r = c.call("nvml_procs 0");
+    let r = c.call(&Request::NvmlProcs { device: 0 });
     assert!(
         t.elapsed() >= Duration::from_millis(200),
         "the NVML call must hang"
@@ -536,7 +538,7 @@ fn nvml_faults_hang_and_fail_as_configured() {
         ))
     ));
     // CUDA calls are unaffected.
-    assert!(c.call("meminfo 0").is_ok());
+    assert!(c.call(&Request::MemInfo { device: 0 }).is_ok());
 }
 
 #[test]
@@ -668,12 +670,12 @@ fn a_malformed_request_is_refused_not_misread() {
     let mut c = sim.conn();
     // "x" must not be dropped, which would make 5 the device.
     assert!(matches!(
-        c.call("alloc x 5"),
+        c.call_raw("alloc x 5"),
         Err(vigil_gpusim::protocol::CallError::Sim(
             vigil_gpusim::state::SimError::InvalidValue
         ))
     ));
-    assert_eq!(sim.stats()["used"], 0);
+    assert_eq!(sim.stats().used, 0);
 }
 
 /// Runs gpusim/calibrate/probe_driver.py's memory probe against the simulator: it

@@ -3,7 +3,7 @@
 use crate::client::{self, call, current_ctx, log_warn, sim_error, state, Alloc, CHUNK};
 use crate::ffi::{self, guard, out};
 use std::ffi::{c_char, c_int, c_uint, c_void};
-use vigil_gpusim::protocol::num;
+use vigil_gpusim::protocol::{Reply, Request};
 
 pub type CUresult = c_uint;
 pub type CUdevice = c_int;
@@ -250,8 +250,10 @@ pub extern "C" fn cuDeviceGetAttribute(pi: *mut c_int, attrib: c_int, dev: CUdev
 }
 
 fn create_context(d: u32) -> Result<u64, CUresult> {
-    let v = call(&format!("ctx_create {d}")).map_err(|e| cuda_err(&e))?;
-    let ctx = num(&v, 0).map_err(|_| CUDA_ERROR_UNKNOWN)?;
+    let Reply::Context(ctx) = call(Request::CtxCreate { device: d }).map_err(|e| cuda_err(&e))?
+    else {
+        return Err(CUDA_ERROR_UNKNOWN);
+    };
     if let Some(s) = state().as_mut() {
         s.contexts.insert(ctx, d);
     }
@@ -267,7 +269,7 @@ fn destroy_context(ctx: u64) -> Result<(), CUresult> {
         return Err(CUDA_ERROR_INVALID_CONTEXT);
     }
     client::forget_ctx(ctx);
-    call(&format!("ctx_destroy {ctx}"))
+    call(Request::CtxDestroy { ctx })
         .map(|_| ())
         .map_err(|e| cuda_err(&e))
 }
@@ -520,8 +522,13 @@ fn alloc(dptr: *mut CUdeviceptr, size: usize) -> CUresult {
         if dptr.is_null() || size == 0 {
             return Err(CUDA_ERROR_INVALID_VALUE);
         }
-        let v = call(&format!("alloc {d} {size}")).map_err(|e| cuda_err(&e))?;
-        let addr = num(&v, 0).map_err(|_| CUDA_ERROR_UNKNOWN)?;
+        let req = Request::Alloc {
+            device: d,
+            bytes: size as u64,
+        };
+        let Reply::Allocated(addr) = call(req).map_err(|e| cuda_err(&e))? else {
+            return Err(CUDA_ERROR_UNKNOWN);
+        };
         if let Some(s) = state().as_mut() {
             s.allocs.insert(
                 addr,
@@ -548,7 +555,7 @@ fn free(dptr: CUdeviceptr) -> CUresult {
         if !known {
             return Err(CUDA_ERROR_INVALID_VALUE);
         }
-        call(&format!("free {dptr}"))
+        call(Request::Free { id: dptr })
             .map(|_| ())
             .map_err(|e| cuda_err(&e))
     }))
@@ -653,9 +660,9 @@ pub extern "C" fn cuMemFreeAsync_ptsz(dptr: CUdeviceptr, stream: CUstream) -> CU
 pub extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
     guard("cuMemGetInfo_v2", CUDA_ERROR_UNKNOWN, || {
         code(current_device().and_then(|d| {
-            let v = call(&format!("meminfo {d}")).map_err(|e| cuda_err(&e))?;
-            let (f, t) = (num(&v, 0), num(&v, 1));
-            let (Ok(f), Ok(t)) = (f, t) else {
+            let Reply::MemInfo { free: f, total: t } =
+                call(Request::MemInfo { device: d }).map_err(|e| cuda_err(&e))?
+            else {
                 return Err(CUDA_ERROR_UNKNOWN);
             };
             if !(out(free, f as usize) && out(total, t as usize)) {
@@ -777,8 +784,13 @@ pub extern "C" fn cuMemCreate(
             if handle.is_null() || size == 0 {
                 return Err(CUDA_ERROR_INVALID_VALUE);
             }
-            let v = call(&format!("mem_create {d} {size}")).map_err(|e| cuda_err(&e))?;
-            let h = num(&v, 0).map_err(|_| CUDA_ERROR_UNKNOWN)?;
+            let req = Request::MemCreate {
+                device: d,
+                bytes: size as u64,
+            };
+            let Reply::MemHandle(h) = call(req).map_err(|e| cuda_err(&e))? else {
+                return Err(CUDA_ERROR_UNKNOWN);
+            };
             if let Some(s) = state().as_mut() {
                 s.vmm.insert(h, size as u64);
             }
@@ -799,7 +811,7 @@ pub extern "C" fn cuMemRelease(handle: u64) -> CUresult {
             if !known {
                 return Err(CUDA_ERROR_INVALID_VALUE);
             }
-            call(&format!("free {handle}"))
+            call(Request::Free { id: handle })
                 .map(|_| ())
                 .map_err(|e| cuda_err(&e))
         }))

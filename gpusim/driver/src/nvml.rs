@@ -4,7 +4,7 @@
 use crate::client::{self, call, sim_error, state};
 use crate::ffi::{self, guard, out};
 use std::ffi::{c_char, c_int, c_uint};
-use vigil_gpusim::protocol::num;
+use vigil_gpusim::protocol::{Reply, Request};
 
 pub type NvmlReturn = c_uint;
 pub type NvmlDevice = *mut u8;
@@ -296,9 +296,8 @@ pub extern "C" fn nvmlDeviceGetName(h: NvmlDevice, buf: *mut c_char, len: c_uint
 
 fn memory(h: NvmlDevice) -> Result<(u64, u64, u64), NvmlReturn> {
     let d = index_of(h)?;
-    let v = call(&format!("nvml_meminfo {d}")).map_err(|e| nvml_err(&e))?;
-    match (num(&v, 0), num(&v, 1), num(&v, 2)) {
-        (Ok(t), Ok(f), Ok(u)) => Ok((t, f, u)),
+    match call(Request::NvmlMemInfo { device: d }).map_err(|e| nvml_err(&e))? {
+        Reply::NvmlMemInfo { total, free, used } => Ok((total, free, used)),
         _ => Err(NVML_ERROR_UNKNOWN),
     }
 }
@@ -353,18 +352,11 @@ fn running_processes<T>(
     let Some(cap) = ffi::read(count) else {
         return NVML_ERROR_INVALID_ARGUMENT;
     };
-    let v = match call(&format!("nvml_procs {d}")) {
-        Ok(v) => v,
+    let procs = match call(Request::NvmlProcs { device: d }) {
+        Ok(Reply::NvmlProcs(procs)) => procs,
+        Ok(_) => return NVML_ERROR_UNKNOWN,
         Err(e) => return nvml_err(&e),
     };
-    let procs: Vec<(u32, u64)> = v
-        .iter()
-        .skip(1)
-        .filter_map(|p| {
-            let (pid, used) = p.split_once(':')?;
-            Some((pid.parse().ok()?, used.parse().ok()?))
-        })
-        .collect();
     out(count, procs.len() as c_uint);
     if procs.is_empty() {
         return NVML_SUCCESS;
