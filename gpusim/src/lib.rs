@@ -11,3 +11,5 @@ pub mod daemon;
 pub mod protocol;
 pub mod state;
 pub mod sys;
+#[cfg(feature = "test-support")]
+pub mod testing;

@@ -4,89 +4,31 @@
 use serde_json::Value;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 use vigil_gpusim::protocol::{Conn, Reply, Request};
-use vigil_gpusim::state::Stats;
 use vigil_gpusim::sys::monotonic_ns;
-
-/// target/<profile>/, where cargo put the driver library.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn driver_lib() -> PathBuf {
-    let p = target_dir().join("libvigil_gpusim_driver.so");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first with `cargo build -p vigil-gpusim-driver` (scripts/test.sh does)",
-        p.display()
-    );
-    p
-}
+use vigil_gpusim::testing::{self, install_libs};
 
 fn python() -> String {
     std::env::var("VIGIL_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-struct Sim {
-    dir: tempfile::TempDir,
-    daemon: Child,
-}
+/// The shared simulator (`vigil_gpusim::testing`), plus this file's workloads and
+/// NVML probes.
+struct Sim(testing::Sim);
 
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
+impl std::ops::Deref for Sim {
+    type Target = testing::Sim;
+    fn deref(&self) -> &testing::Sim {
+        &self.0
     }
-}
-
-/// Links the driver library into DIR/lib under the real libraries' names.
-fn install_libs(dir: &Path) -> PathBuf {
-    let lib = dir.join("lib");
-    let st = Command::new(env!("CARGO_BIN_EXE_vigil-gpusim"))
-        .arg("install-libs")
-        .arg(&lib)
-        .arg("--driver")
-        .arg(driver_lib())
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    lib
 }
 
 impl Sim {
     fn start(args: &[&str]) -> Sim {
-        let dir = tempfile::tempdir().unwrap();
-        install_libs(dir.path());
-        let mut daemon = Command::new(env!("CARGO_BIN_EXE_vigil-gpusim"))
-            .arg("--socket")
-            .arg(dir.path().join("gpu.sock"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(daemon.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("listening"),
-            "daemon did not start: {line:?}"
-        );
-        Sim { dir, daemon }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("gpu.sock")
-    }
-
-    fn env(&self, c: &mut Command) {
-        c.env("VIGIL_GPUSIM_SOCKET", self.socket())
-            .env("LD_LIBRARY_PATH", self.dir.path().join("lib"));
+        Sim(testing::Sim::start(args))
     }
 
     fn workload(&self, args: &[&str]) -> Workload {
@@ -115,18 +57,6 @@ impl Sim {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// A direct protocol connection, for fast polling in timing tests.
-    fn conn(&self) -> Conn {
-        Conn::connect(&self.socket(), std::process::id()).unwrap()
-    }
-
-    fn stats(&self) -> Stats {
-        match self.conn().call(&Request::Stats).unwrap() {
-            Reply::Stats(st) => st,
-            r => panic!("stats: {r:?}"),
-        }
     }
 }
 
