@@ -3,26 +3,24 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-/// Parses `250ms`, `1s`, `2m`, or a bare number of milliseconds.
+/// Parses a flag's duration in `vigil_units`' grammar (`250ms`, `1s`, `2m`, ...), with
+/// two rules of the exporter's own: a bare number is milliseconds, and the duration
+/// must be positive.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, mult_ms) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60_000.0)
+    let t = s.trim();
+    let bare_ms;
+    let t = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        bare_ms = format!("{t}ms");
+        &bare_ms
     } else {
-        (s, 1.0)
+        t
     };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (try 100ms, 1s, 2m)"))?;
-    if !v.is_finite() || v <= 0.0 {
-        return Err(format!("{s:?}: a duration must be positive"));
+    let d = vigil_units::parse_duration("duration", t)
+        .map_err(|_| format!("{:?} is not a duration (try 100ms, 1s, 2m)", s.trim()))?;
+    if d.is_zero() {
+        return Err(format!("{:?}: a duration must be positive", s.trim()));
     }
-    Ok(Duration::from_secs_f64(v * mult_ms / 1000.0))
+    Ok(d)
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit: `(soft before, soft now)`.
@@ -85,7 +83,11 @@ mod tests {
         assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("250"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration(" 500us "), Ok(Duration::from_micros(500)));
+        for bad in ["0s", "0", "0ms", "soon", "-1s", "", "ms"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains(&format!("{:?}", bad.trim())), "{e}");
+        }
     }
 }

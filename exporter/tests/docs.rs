@@ -65,7 +65,7 @@ fn docs_metrics_md_matches_metrics_endpoint() {
     // NVML from the simulator's stand-in, for the NVML families.
     let sim = common::sim::Sim::start();
     let nvml = sim.lib().join("libnvidia-ml.so.1");
-    let sock = sim.dir.path().join("sim.sock");
+    let sock = sim.socket();
     // The identity block supplies namespace/pod/container only when trusted.
     let ex = Exporter::start_with(
         &[

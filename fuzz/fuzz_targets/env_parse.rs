@@ -3,8 +3,10 @@
 //! Input: [sub-target byte] then the sub-target's input. Sub-targets:
 //!   0 interposer `parse_limit` on a string       4 interposer `parse_duration`, `parse_visible`,
 //!                                                  `parse_mode`
-//!   1 interposer `parse_limit` on a built value  5 gpusim `parse_size` (string and built value)
-//!   2 interposer `limits::from_lookup`           6 gpusim `parse_duration`, `parse_rate`
+//!   1 interposer `parse_limit` on a built value  5 vigil_units `parse_size` (string and
+//!                                                  built value)
+//!   2 interposer `limits::from_lookup`           6 vigil_units `parse_duration`, gpusim
+//!                                                  `parse_rate`
 //!   3 interposer `Config::from_lookup`           7 gpusim `Lag::parse` and `Lag::sample`
 //! An environment is a list of records [key byte][value bytes][NUL]; the key byte
 //! picks a name from ENV_KEYS. Strings are taken as UTF-8 (lossily), as
@@ -19,6 +21,7 @@ use std::time::Duration;
 use vigil_fuzz::interposer::{config, limits};
 use vigil_fuzz::{check, Bytes};
 use vigil_gpusim::config as gsim;
+use vigil_units as units;
 
 const LIMIT: &str = "CUDA_DEVICE_MEMORY_LIMIT";
 const CONFIG_KEYS: [&str; 10] = [
@@ -395,7 +398,7 @@ fn gsim_size_model(s: &str) -> Option<u128> {
 }
 
 fn check_gsim_size(s: &str) {
-    let got = gsim::parse_size("VIGIL_GPUSIM_MEMORY", s);
+    let got = units::parse_size("VIGIL_GPUSIM_MEMORY", s);
     match (gsim_size_model(s), &got) {
         (Some(w), Ok(n)) => assert_eq!(*n as u128, w, "parse_size({s:?})"),
         (Some(w), Err(_)) => assert!(w > u64::MAX as u128, "parse_size({s:?}) refused {w}"),
@@ -404,11 +407,11 @@ fn check_gsim_size(s: &str) {
     }
     match got {
         Ok(n) => {
-            assert_eq!(gsim::parse_size("x", &n.to_string()), Ok(n));
+            assert_eq!(units::parse_size("x", &n.to_string()), Ok(n));
             for (suf, shift) in [("KiB", 10), ("m", 20), ("GB", 30), ("t", 40)] {
                 if n % (1u64 << shift) == 0 {
                     assert_eq!(
-                        gsim::parse_size("x", &format!("{}{suf}", n >> shift)),
+                        units::parse_size("x", &format!("{}{suf}", n >> shift)),
                         Ok(n)
                     );
                 }
@@ -426,8 +429,8 @@ fn check_gsim_size(s: &str) {
 }
 
 fn check_gsim_duration(s: &str) {
-    let Ok(d) = gsim::parse_duration("--nvml-lag", s) else {
-        let e = gsim::parse_duration("--nvml-lag", s)
+    let Ok(d) = units::parse_duration("--nvml-lag", s) else {
+        let e = units::parse_duration("--nvml-lag", s)
             .unwrap_err()
             .to_string();
         check!(
@@ -449,6 +452,7 @@ fn check_gsim_duration(s: &str) {
             "us" | "µs" => n.checked_mul(1000).map(Duration::from_nanos),
             "ms" => Some(Duration::from_millis(n)),
             "s" => Some(Duration::from_secs(n)),
+            "m" => n.checked_mul(60).map(Duration::from_secs),
             u => panic!("accepted unit {u:?}"),
         };
         if let Some(w) = want {

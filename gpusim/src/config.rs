@@ -1,75 +1,12 @@
-//! Parsing of sizes, durations and lag distributions, shared by flags and environment
-//! variables. Every error names the setting and the value.
+//! Parsing of rates and lag distributions, shared by flags and environment variables.
+//! Every error names the setting and the value. Sizes and durations are `vigil_units`'
+//! grammar.
 
 use std::time::Duration;
-use thiserror::Error;
-
-#[derive(Debug, Error, PartialEq, Eq)]
-#[error("{setting}: {value:?} is not {expected}")]
-pub struct ParseError {
-    pub setting: String,
-    pub value: String,
-    pub expected: &'static str,
-}
+use vigil_units::{parse_duration, ParseError};
 
 fn err(setting: &str, value: &str, expected: &'static str) -> ParseError {
-    ParseError {
-        setting: setting.to_string(),
-        value: value.to_string(),
-        expected,
-    }
-}
-
-/// Bytes: a plain number, or with a suffix: k/m/g/t (powers of 1024, any case, an
-/// optional "b" or "ib"): `512`, `64k`, `512MiB`, `16g`, `16GiB`.
-pub fn parse_size(setting: &str, s: &str) -> Result<u64, ParseError> {
-    const EXPECTED: &str = "a size in bytes (e.g. 1048576, 512MiB, 16g)";
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    let digits_end = lower
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(lower.len());
-    let (num, suffix) = lower.split_at(digits_end);
-    if num.is_empty() {
-        return Err(err(setting, s, EXPECTED));
-    }
-    let n: u64 = num.parse().map_err(|_| err(setting, s, EXPECTED))?;
-    let shift = match suffix.trim() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(err(setting, s, EXPECTED)),
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| err(setting, s, "a size that fits in 64 bits"))
-}
-
-/// A duration: a number with a unit, `ns`, `us`, `ms`, `s` (`0` alone is allowed).
-pub fn parse_duration(setting: &str, s: &str) -> Result<Duration, ParseError> {
-    const EXPECTED: &str = "a duration (e.g. 0, 500us, 20ms, 2s)";
-    let t = s.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| err(setting, s, EXPECTED))?;
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num.parse().map_err(|_| err(setting, s, EXPECTED))?;
-    let scale = match unit {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        _ => return Err(err(setting, s, EXPECTED)),
-    };
-    let secs = v * scale;
-    if !secs.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&secs) {
-        return Err(err(setting, s, EXPECTED));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    ParseError::new(setting, value, expected)
 }
 
 /// A probability in [0, 1].
@@ -177,34 +114,6 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("x", "1024"), Ok(1024));
-        assert_eq!(parse_size("x", "64k"), Ok(64 << 10));
-        assert_eq!(parse_size("x", "512MiB"), Ok(512 << 20));
-        assert_eq!(parse_size("x", "16G"), Ok(16 << 30));
-        assert_eq!(parse_size("x", "2gb"), Ok(2 << 30));
-        for bad in ["-5", "", "abc", "5 parsecs", "1.5g", "99999999999999999999"] {
-            let e = parse_size("VIGIL_GPUSIM_MEMORY", bad).unwrap_err();
-            assert!(e.to_string().contains("VIGIL_GPUSIM_MEMORY"), "{e}");
-        }
-        assert!(
-            parse_size("x", "16777216t").is_err(),
-            "overflow is an error"
-        );
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("x", "0"), Ok(Duration::ZERO));
-        assert_eq!(parse_duration("x", "20ms"), Ok(Duration::from_millis(20)));
-        assert_eq!(parse_duration("x", "1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("x", "500us"), Ok(Duration::from_micros(500)));
-        for bad in ["banana", "-1ms", "10", "ms", "1e400s"] {
-            assert!(parse_duration("x", bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn lags() {

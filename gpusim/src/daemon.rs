@@ -2,6 +2,7 @@
 //! PID comes from SO_PEERCRED, which the kernel reports in the daemon's PID namespace
 //! (the host's), exactly how the real driver sees container processes.
 
+use crate::protocol::{encode_reply, Reply, Request};
 use crate::state::{PidMode, Sim, SimConfig, SimError};
 use crate::sys::peer_pid;
 use std::io::{BufRead, BufReader, Write};
@@ -88,108 +89,79 @@ fn serve(sim: Arc<Mutex<Sim>>, conn: u64, stream: UnixStream) {
     lock(&sim).disconnect(conn, Instant::now());
 }
 
-fn reply(r: Result<String, SimError>) -> String {
-    match r {
-        Ok(v) if v.is_empty() => "ok\n".to_string(),
-        Ok(v) => format!("ok {v}\n"),
-        Err(e) => format!("err {}\n", e.code()),
-    }
+fn handle(sim: &Mutex<Sim>, conn: u64, host_pid: u32, registered: &mut bool, line: &str) -> String {
+    // A malformed request fails; dropping an argument would shift the others.
+    let r = match Request::decode(line) {
+        Ok(req) => answer(sim, conn, host_pid, registered, req),
+        Err(_) => Err(SimError::InvalidValue),
+    };
+    encode_reply(&r)
 }
 
-fn handle(sim: &Mutex<Sim>, conn: u64, host_pid: u32, registered: &mut bool, line: &str) -> String {
-    let mut it = line.split_whitespace();
-    let op = it.next().unwrap_or("");
-    // A malformed argument fails the request; dropping it would shift the others.
-    let args: Option<Vec<u64>> = it.map(|a| a.parse().ok()).collect();
-    let args = args.unwrap_or_default();
-    let arg = |i: usize| args.get(i).copied().ok_or(SimError::InvalidValue);
-    if op == "hello" {
-        let mut s = lock(sim);
-        s.connect(conn, host_pid, arg(0).unwrap_or(0) as u32);
-        *registered = true;
-        let c = &s.cfg;
-        return reply(Ok(format!(
-            "{host_pid} {} {} {}",
-            c.devices, c.cuda_version, c.driver_version
-        )));
+fn answer(
+    sim: &Mutex<Sim>,
+    conn: u64,
+    host_pid: u32,
+    registered: &mut bool,
+    req: Request,
+) -> Result<Reply, SimError> {
+    if !*registered && !matches!(req, Request::Hello { .. }) {
+        return Err(SimError::InvalidValue);
     }
-    if !*registered {
-        return reply(Err(SimError::InvalidValue));
-    }
-    let r = match op {
-        "dev" => {
-            let s = lock(sim);
-            let d = arg(0);
-            d.and_then(|d| {
-                s.mem_info(d as u32, Instant::now())?;
-                Ok(format!(
-                    "{} {} {}",
-                    s.cfg.memory,
-                    Sim::uuid_string(d as u32),
-                    s.cfg.device_name
-                ))
+    match req {
+        Request::Hello { ns_pid } => {
+            let mut s = lock(sim);
+            s.connect(conn, host_pid, ns_pid);
+            *registered = true;
+            let c = &s.cfg;
+            Ok(Reply::Hello {
+                host_pid,
+                devices: c.devices,
+                cuda_version: c.cuda_version,
+                driver_version: c.driver_version.clone(),
             })
         }
-        "ctx_create" => {
+        Request::Dev { device } => {
+            let s = lock(sim);
+            s.mem_info(device, Instant::now())?;
+            Ok(Reply::Device {
+                memory: s.cfg.memory,
+                uuid: Sim::uuid_string(device),
+                name: s.cfg.device_name.clone(),
+            })
+        }
+        Request::CtxCreate { device } => {
             // Creating a context takes time on a real GPU; wait outside the lock. NVML's
             // lag counts from the start of creation.
             let started = Instant::now();
             let delay = lock(sim).cfg.ctx_create_time;
             std::thread::sleep(delay);
-            arg(0).and_then(|d| {
-                lock(sim)
-                    .create_context(conn, d as u32, started, Instant::now())
-                    .map(|c| c.to_string())
-            })
+            lock(sim)
+                .create_context(conn, device, started, Instant::now())
+                .map(Reply::Context)
         }
-        "ctx_destroy" => arg(0).and_then(|c| {
-            lock(sim)
-                .destroy_context(conn, c, Instant::now())
-                .map(|_| String::new())
-        }),
-        "alloc" => arg(0).and_then(|d| {
-            let n = arg(1)?;
-            lock(sim)
-                .alloc(conn, d as u32, n, Instant::now())
-                .map(|a| a.to_string())
-        }),
-        "mem_create" => arg(0).and_then(|d| {
-            let n = arg(1)?;
-            lock(sim)
-                .mem_create(conn, d as u32, n, Instant::now())
-                .map(|a| a.to_string())
-        }),
-        "free" => arg(0).and_then(|a| {
-            lock(sim)
-                .free(conn, a, Instant::now())
-                .map(|n| n.to_string())
-        }),
-        "meminfo" => arg(0).and_then(|d| {
-            lock(sim)
-                .mem_info(d as u32, Instant::now())
-                .map(|(f, t)| format!("{f} {t}"))
-        }),
-        "nvml_meminfo" | "nvml_procs" => nvml(sim, op, arg(0), host_pid),
-        "stats" => {
-            let st = lock(sim).stats(Some(conn));
-            Ok(format!(
-                "processes={} contexts={} allocations={} used={} peak={}",
-                st.processes, st.contexts, st.allocations, st.used, st.peak
-            ))
-        }
-        _ => Err(SimError::InvalidValue),
-    };
-    reply(r)
+        Request::CtxDestroy { ctx } => lock(sim)
+            .destroy_context(conn, ctx, Instant::now())
+            .map(|_| Reply::Destroyed),
+        Request::Alloc { device, bytes } => lock(sim)
+            .alloc(conn, device, bytes, Instant::now())
+            .map(Reply::Allocated),
+        Request::MemCreate { device, bytes } => lock(sim)
+            .mem_create(conn, device, bytes, Instant::now())
+            .map(Reply::MemHandle),
+        Request::Free { id } => lock(sim).free(conn, id, Instant::now()).map(Reply::Freed),
+        Request::MemInfo { device } => lock(sim)
+            .mem_info(device, Instant::now())
+            .map(|(free, total)| Reply::MemInfo { free, total }),
+        Request::NvmlMemInfo { device } => nvml(sim, device, host_pid, false),
+        Request::NvmlProcs { device } => nvml(sim, device, host_pid, true),
+        Request::Stats => Ok(Reply::Stats(lock(sim).stats(Some(conn)))),
+    }
 }
 
-/// NVML queries, with the configured faults: a hang, then maybe an error.
-fn nvml(
-    sim: &Mutex<Sim>,
-    op: &str,
-    dev: Result<u64, SimError>,
-    caller: u32,
-) -> Result<String, SimError> {
-    let dev = dev? as u32;
+/// NVML queries (the memory info, or the process list if `procs`), with the
+/// configured faults: a hang, then maybe an error.
+fn nvml(sim: &Mutex<Sim>, dev: u32, caller: u32, procs: bool) -> Result<Reply, SimError> {
     let (hang, fail) = {
         let mut s = lock(sim);
         let (hang, hang_rate, err_rate) =
@@ -206,19 +178,19 @@ fn nvml(
         return Err(SimError::NvmlUnknown);
     }
     let s = lock(sim);
-    if op == "nvml_meminfo" {
+    if !procs {
         let (free, total) = s.mem_info(dev, Instant::now())?;
-        return Ok(format!("{total} {free} {}", total - free));
+        return Ok(Reply::NvmlMemInfo {
+            total,
+            free,
+            used: total - free,
+        });
     }
     let mut procs = s.nvml_processes(dev, Instant::now())?;
     if s.cfg.pid_mode == PidMode::Caller {
         procs = in_callers_namespace(caller, procs);
     }
-    let mut out = procs.len().to_string();
-    for (pid, used) in procs {
-        out.push_str(&format!(" {pid}:{used}"));
-    }
-    Ok(out)
+    Ok(Reply::NvmlProcs(procs))
 }
 
 /// Translates host PIDs into the caller's PID namespace, dropping processes it cannot

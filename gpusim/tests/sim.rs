@@ -4,88 +4,31 @@
 use serde_json::Value;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
-use vigil_gpusim::protocol::{num, Conn};
+use vigil_gpusim::protocol::{Conn, Reply, Request};
 use vigil_gpusim::sys::monotonic_ns;
-
-/// target/<profile>/, where cargo put the driver library.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-fn driver_lib() -> PathBuf {
-    let p = target_dir().join("libvigil_gpusim_driver.so");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first with `cargo build -p vigil-gpusim-driver` (scripts/test.sh does)",
-        p.display()
-    );
-    p
-}
+use vigil_gpusim::testing::{self, install_libs};
 
 fn python() -> String {
     std::env::var("VIGIL_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-struct Sim {
-    dir: tempfile::TempDir,
-    daemon: Child,
-}
+/// The shared simulator (`vigil_gpusim::testing`), plus this file's workloads and
+/// NVML probes.
+struct Sim(testing::Sim);
 
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
+impl std::ops::Deref for Sim {
+    type Target = testing::Sim;
+    fn deref(&self) -> &testing::Sim {
+        &self.0
     }
-}
-
-/// Links the driver library into DIR/lib under the real libraries' names.
-fn install_libs(dir: &Path) -> PathBuf {
-    let lib = dir.join("lib");
-    let st = Command::new(env!("CARGO_BIN_EXE_vigil-gpusim"))
-        .arg("install-libs")
-        .arg(&lib)
-        .arg("--driver")
-        .arg(driver_lib())
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    lib
 }
 
 impl Sim {
     fn start(args: &[&str]) -> Sim {
-        let dir = tempfile::tempdir().unwrap();
-        install_libs(dir.path());
-        let mut daemon = Command::new(env!("CARGO_BIN_EXE_vigil-gpusim"))
-            .arg("--socket")
-            .arg(dir.path().join("gpu.sock"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(daemon.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("listening"),
-            "daemon did not start: {line:?}"
-        );
-        Sim { dir, daemon }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("gpu.sock")
-    }
-
-    fn env(&self, c: &mut Command) {
-        c.env("VIGIL_GPUSIM_SOCKET", self.socket())
-            .env("LD_LIBRARY_PATH", self.dir.path().join("lib"));
+        Sim(testing::Sim::start(args))
     }
 
     fn workload(&self, args: &[&str]) -> Workload {
@@ -114,23 +57,6 @@ impl Sim {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// A direct protocol connection, for fast polling in timing tests.
-    fn conn(&self) -> Conn {
-        Conn::connect(&self.socket(), std::process::id()).unwrap()
-    }
-
-    fn stats(&self) -> HashMap<String, u64> {
-        self.conn()
-            .call("stats")
-            .unwrap()
-            .iter()
-            .filter_map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
-            })
-            .collect()
     }
 }
 
@@ -380,11 +306,17 @@ impl WaitOutput for Child {
 fn a_sigkilled_workload_leaves_nvml_and_meminfo_within_100ms() {
     let sim = Sim::start(&["--nvml-lag", "0", "--memory", "4GiB"]);
     let mut conn = sim.conn();
-    let total = num(&conn.call("meminfo 0").unwrap(), 1).unwrap();
+    let meminfo = |c: &mut Conn| match c.call(&Request::MemInfo { device: 0 }).unwrap() {
+        Reply::MemInfo { free, total } => (free, total),
+        r => panic!("meminfo: {r:?}"),
+    };
+    let total = meminfo(&mut conn).1;
     let mut w = sim.workload(&["--alloc", "1GiB", "--exit", "wait"]);
     w.expect("ready");
-    let listed = |c: &mut Conn| c.call("nvml_procs 0").unwrap()[0] != "0";
-    let free = |c: &mut Conn| num(&c.call("meminfo 0").unwrap(), 0).unwrap();
+    let listed = |c: &mut Conn| {
+        c.call(&Request::NvmlProcs { device: 0 }).unwrap() != Reply::NvmlProcs(vec![])
+    };
+    let free = |c: &mut Conn| meminfo(c).0;
     assert!(listed(&mut conn));
     assert!(free(&mut conn) < total);
     let killed = Instant::now();
@@ -401,7 +333,7 @@ fn a_sigkilled_workload_leaves_nvml_and_meminfo_within_100ms() {
     }
     eprintln!("gone {} us after SIGKILL", killed.elapsed().as_micros());
     assert!(nvml_pids(&sim, 0).is_empty(), "and through NVML itself");
-    assert_eq!(sim.stats()["used"], 0);
+    assert_eq!(sim.stats().used, 0);
 }
 
 #[test]
@@ -443,10 +375,10 @@ fn thirty_two_concurrent_workloads_are_all_tracked_and_accounting_returns_to_zer
         .collect();
     pids.sort_unstable();
     let st = sim.stats();
-    assert_eq!(st["processes"], 32);
-    assert_eq!(st["contexts"], 32);
-    assert_eq!(st["allocations"], 64);
-    assert_eq!(st["used"], 32 * ((100 + 64 + 32) << 20));
+    assert_eq!(st.processes, 32);
+    assert_eq!(st.contexts, 32);
+    assert_eq!(st.allocations, 64);
+    assert_eq!(st.used, 32 * ((100 + 64 + 32) << 20));
     let mut listed: Vec<u64> = nvml_pids(&sim, 0).iter().map(|p| p.0).collect();
     listed.sort_unstable();
     assert_eq!(listed, pids, "NVML lists every workload");
@@ -460,7 +392,7 @@ fn thirty_two_concurrent_workloads_are_all_tracked_and_accounting_returns_to_zer
         w.child.wait().unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(2);
-    while sim.stats()["processes"] != 0 {
+    while sim.stats().processes != 0 {
         assert!(
             Instant::now() < deadline,
             "daemon still tracks {:?}",
@@ -469,7 +401,7 @@ fn thirty_two_concurrent_workloads_are_all_tracked_and_accounting_returns_to_zer
         std::thread::sleep(Duration::from_millis(5));
     }
     let st = sim.stats();
-    assert_eq!((st["contexts"], st["allocations"], st["used"]), (0, 0, 0));
+    assert_eq!((st.contexts, st.allocations, st.used), (0, 0, 0));
 }
 
 #[test]
@@ -524,7 +456,7 @@ fn nvml_faults_hang_and_fail_as_configured() {
     ]);
     let mut c = sim.conn();
     let t = Instant::now();
-    let r = c.call("nvml_procs 0");
+    let r = c.call(&Request::NvmlProcs { device: 0 });
     assert!(
         t.elapsed() >= Duration::from_millis(200),
         "the NVML call must hang"
@@ -536,7 +468,7 @@ fn nvml_faults_hang_and_fail_as_configured() {
         ))
     ));
     // CUDA calls are unaffected.
-    assert!(c.call("meminfo 0").is_ok());
+    assert!(c.call(&Request::MemInfo { device: 0 }).is_ok());
 }
 
 #[test]
@@ -668,12 +600,12 @@ fn a_malformed_request_is_refused_not_misread() {
     let mut c = sim.conn();
     // "x" must not be dropped, which would make 5 the device.
     assert!(matches!(
-        c.call("alloc x 5"),
+        c.call_raw("alloc x 5"),
         Err(vigil_gpusim::protocol::CallError::Sim(
             vigil_gpusim::state::SimError::InvalidValue
         ))
     ));
-    assert_eq!(sim.stats()["used"], 0);
+    assert_eq!(sim.stats().used, 0);
 }
 
 /// Runs gpusim/calibrate/probe_driver.py's memory probe against the simulator: it

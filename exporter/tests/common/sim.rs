@@ -4,7 +4,6 @@
 use super::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 pub const CTX_MIB: u64 = 64;
 
@@ -16,10 +15,15 @@ pub fn need(name: &str) -> PathBuf {
     })
 }
 
-/// The simulator daemon and its stand-in libraries; killed on drop.
-pub struct Sim {
-    pub dir: tempfile::TempDir,
-    daemon: Child,
+/// The shared simulator (`vigil_gpusim::testing`) with this crate's defaults and
+/// one container's regions directory; killed on drop.
+pub struct Sim(vigil_gpusim::testing::Sim);
+
+impl std::ops::Deref for Sim {
+    type Target = vigil_gpusim::testing::Sim;
+    fn deref(&self) -> &vigil_gpusim::testing::Sim {
+        &self.0
+    }
 }
 
 impl Sim {
@@ -29,42 +33,23 @@ impl Sim {
 
     /// `start` with extra simulator flags.
     pub fn start_with(extra: &[&str]) -> Sim {
-        let dir = tempfile::tempdir().unwrap();
-        let sim = need("vigil-gpusim");
-        let st = Command::new(&sim)
-            .arg("install-libs")
-            .arg(dir.path().join("lib"))
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let sock = dir.path().join("sim.sock");
-        let daemon = Command::new(&sim)
-            .arg("--socket")
-            .arg(&sock)
-            .args([
-                "--nvml-lag",
-                "5ms",
-                "--ctx-create-time",
-                "5ms",
-                "--nvml-mem-lag",
-                "0",
-            ])
-            .args(["--ctx-memory", &format!("{CTX_MIB}MiB")])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_until("the simulator's socket", Duration::from_secs(10), || {
-            sock.exists()
+        let ctx_memory = format!("{CTX_MIB}MiB");
+        let mut args = vec![
+            "--nvml-lag",
+            "5ms",
+            "--ctx-create-time",
+            "5ms",
+            "--nvml-mem-lag",
+            "0",
+            "--ctx-memory",
+            &ctx_memory,
+        ];
+        args.extend_from_slice(extra);
+        let sim = vigil_gpusim::testing::Sim::start_with(&args, |c| {
+            c.stderr(Stdio::null());
         });
-        std::fs::create_dir_all(dir.path().join("regions/u1_main")).unwrap();
-        Sim { dir, daemon }
-    }
-
-    pub fn lib(&self) -> PathBuf {
-        self.dir.path().join("lib")
+        std::fs::create_dir_all(sim.path().join("regions/u1_main")).unwrap();
+        Sim(sim)
     }
 
     pub fn regions(&self) -> PathBuf {
@@ -79,10 +64,8 @@ impl Sim {
     /// `workload` with extra environment variables.
     pub fn workload_env(&self, prog: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
         let mut c = Command::new(prog);
-        c.args(args)
-            .envs(env.iter().copied())
-            .env("VIGIL_GPUSIM_SOCKET", self.dir.path().join("sim.sock"))
-            .env("LD_LIBRARY_PATH", self.lib())
+        c.args(args).envs(env.iter().copied());
+        self.env(&mut c)
             .env("LD_PRELOAD", need("libvigil.so"))
             .env(
                 "CUDA_DEVICE_MEMORY_SHARED_CACHE",
@@ -113,7 +96,7 @@ impl Sim {
             "100ms",
         ];
         args.extend_from_slice(extra);
-        let sock = self.dir.path().join("sim.sock");
+        let sock = self.socket();
         Exporter::start_with(&args, |c| {
             c.env("VIGIL_GPUSIM_SOCKET", sock);
         })
@@ -142,13 +125,6 @@ impl Sim {
             String::from_utf8_lossy(&res.stderr)
         );
         out
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
     }
 }
 

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use vigil_gpusim::protocol::{num, socket_path, CallError, Conn};
+use vigil_gpusim::protocol::{socket_path, CallError, Conn, Reply, Request};
 use vigil_gpusim::state::SimError;
 
 /// Device memory contents are kept in chunks of this size, created on first write,
@@ -88,7 +88,7 @@ pub fn state() -> MutexGuard<'static, Option<State>> {
 
 /// Sends a request on this process's connection, connecting (or reconnecting after a
 /// fork) first.
-pub fn call(req: &str) -> Result<Vec<String>, CallError> {
+pub fn call(req: Request) -> Result<Reply, CallError> {
     let pid = std::process::id();
     let mut g = lock(&CONN);
     if g.as_ref().is_none_or(|(p, _)| *p != pid) {
@@ -99,7 +99,7 @@ pub fn call(req: &str) -> Result<Vec<String>, CallError> {
     let (_, c) = g
         .as_mut()
         .ok_or_else(|| CallError::Io("no connection".into()))?;
-    let r = c.call(req);
+    let r = c.call(&req);
     if matches!(r, Err(CallError::Io(_))) {
         *g = None;
     }
@@ -125,11 +125,13 @@ pub fn ensure_loaded() -> Result<(), CallError> {
     };
     let mut devices = Vec::new();
     for d in 0..hello.0 {
-        let v = call(&format!("dev {d}"))?;
+        let Reply::Device { memory, uuid, name } = call(Request::Dev { device: d })? else {
+            return Err(unexpected("dev"));
+        };
         devices.push(DeviceInfo {
-            total: num(&v, 0)?,
-            uuid: v.get(1).cloned().unwrap_or_default(),
-            name: v.get(2..).map(|s| s.join(" ")).unwrap_or_default(),
+            total: memory,
+            uuid,
+            name,
         });
     }
     let mut g = state();
@@ -144,6 +146,11 @@ pub fn ensure_loaded() -> Result<(), CallError> {
         });
     }
     Ok(())
+}
+
+/// The error for a reply of the wrong kind (which `Conn::call` never returns).
+pub fn unexpected(op: &str) -> CallError {
+    CallError::Io(format!("{op}: unexpected reply"))
 }
 
 pub fn current_ctx() -> Option<u64> {

@@ -3,7 +3,7 @@
 use crate::client::{self, call, current_ctx, log_warn, sim_error, state, Alloc, CHUNK};
 use crate::ffi::{self, guard, out};
 use std::ffi::{c_char, c_int, c_uint, c_void};
-use vigil_gpusim::protocol::num;
+use vigil_gpusim::protocol::{Reply, Request};
 
 pub type CUresult = c_uint;
 pub type CUdevice = c_int;
@@ -112,19 +112,24 @@ pub extern "C" fn cuInit(flags: c_uint) -> CUresult {
     })
 }
 
+/// # Safety
+/// `v`: null or valid as the CUDA driver API specifies for `cuDriverGetVersion`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuDriverGetVersion(v: *mut c_int) -> CUresult {
+pub unsafe extern "C" fn cuDriverGetVersion(v: *mut c_int) -> CUresult {
     guard("cuDriverGetVersion", CUDA_ERROR_UNKNOWN, || {
         // Works before cuInit, as the real one does.
         if client::ensure_loaded().is_err() {
-            return if out(v, 12060) {
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            return if unsafe { out(v, 12060) } {
                 CUDA_SUCCESS
             } else {
                 CUDA_ERROR_INVALID_VALUE
             };
         }
         let ver = state().as_ref().map(|s| s.cuda_version).unwrap_or(12060);
-        if out(v, ver as c_int) {
+        // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+        if unsafe { out(v, ver as c_int) } {
             CUDA_SUCCESS
         } else {
             CUDA_ERROR_INVALID_VALUE
@@ -132,31 +137,42 @@ pub extern "C" fn cuDriverGetVersion(v: *mut c_int) -> CUresult {
     })
 }
 
+/// # Safety
+/// `dev`: null or valid as the CUDA driver API specifies for `cuDeviceGet`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuDeviceGet(dev: *mut CUdevice, ordinal: c_int) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGet(dev: *mut CUdevice, ordinal: c_int) -> CUresult {
     guard("cuDeviceGet", CUDA_ERROR_UNKNOWN, || {
         code(device_ok(ordinal).and_then(|d| {
-            out(dev, d as c_int)
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(dev, d as c_int) }
                 .then_some(())
                 .ok_or(CUDA_ERROR_INVALID_VALUE)
         }))
     })
 }
 
+/// # Safety
+/// `n`: null or valid as the CUDA driver API specifies for `cuDeviceGetCount`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuDeviceGetCount(n: *mut c_int) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGetCount(n: *mut c_int) -> CUresult {
     guard("cuDeviceGetCount", CUDA_ERROR_UNKNOWN, || {
         code(initialized().and_then(|_| {
             let c = state().as_ref().map(|s| s.devices.len()).unwrap_or(0);
-            out(n, c as c_int)
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(n, c as c_int) }
                 .then_some(())
                 .ok_or(CUDA_ERROR_INVALID_VALUE)
         }))
     })
 }
 
+/// # Safety
+/// `name`: null or valid as the CUDA driver API specifies for `cuDeviceGetName`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: CUdevice) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: CUdevice) -> CUresult {
     guard("cuDeviceGetName", CUDA_ERROR_UNKNOWN, || {
         code(device_ok(dev).and_then(|d| {
             let n = state()
@@ -166,7 +182,8 @@ pub extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: CUdevice) 
             if len <= 0 || name.is_null() {
                 return Err(CUDA_ERROR_INVALID_VALUE);
             }
-            ffi::write_str(name, len as usize, &n);
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { ffi::write_str(name, len as usize, &n) };
             Ok(())
         }))
     })
@@ -188,43 +205,62 @@ fn uuid_bytes(uuid: &str) -> [u8; 16] {
     b
 }
 
+/// # Safety
+/// `uuid`: null or valid as the CUDA driver API specifies for `cuDeviceGetUuid`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: CUdevice) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: CUdevice) -> CUresult {
     guard("cuDeviceGetUuid", CUDA_ERROR_UNKNOWN, || {
         code(device_ok(dev).and_then(|d| {
             let u = state()
                 .as_ref()
                 .map(|s| s.devices[d as usize].uuid.clone())
                 .unwrap_or_default();
-            out(uuid, uuid_bytes(&u))
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(uuid, uuid_bytes(&u)) }
                 .then_some(())
                 .ok_or(CUDA_ERROR_INVALID_VALUE)
         }))
     })
 }
 
+/// # Safety
+/// `uuid`: null or valid as the CUDA driver API specifies for `cuDeviceGetUuid_v2`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: CUdevice) -> CUresult {
-    cuDeviceGetUuid(uuid, dev)
+pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: CUdevice) -> CUresult {
+    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+    unsafe { cuDeviceGetUuid(uuid, dev) }
 }
 
+/// # Safety
+/// `bytes`: null or valid as the CUDA driver API specifies for `cuDeviceTotalMem_v2`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -> CUresult {
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -> CUresult {
     guard("cuDeviceTotalMem_v2", CUDA_ERROR_UNKNOWN, || {
         code(device_ok(dev).and_then(|d| {
             let t = state()
                 .as_ref()
                 .map(|s| s.devices[d as usize].total)
                 .unwrap_or(0);
-            out(bytes, t as usize)
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(bytes, t as usize) }
                 .then_some(())
                 .ok_or(CUDA_ERROR_INVALID_VALUE)
         }))
     })
 }
 
+/// # Safety
+/// `pi`: null or valid as the CUDA driver API specifies for `cuDeviceGetAttribute`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuDeviceGetAttribute(pi: *mut c_int, attrib: c_int, dev: CUdevice) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGetAttribute(
+    pi: *mut c_int,
+    attrib: c_int,
+    dev: CUdevice,
+) -> CUresult {
     guard("cuDeviceGetAttribute", CUDA_ERROR_UNKNOWN, || {
         code(device_ok(dev).and_then(|d| {
             let v = match attrib {
@@ -244,14 +280,19 @@ pub extern "C" fn cuDeviceGetAttribute(pi: *mut c_int, attrib: c_int, dev: CUdev
                 115 => 1,             // MEMORY_POOLS_SUPPORTED
                 _ => return Err(CUDA_ERROR_INVALID_VALUE),
             };
-            out(pi, v).then_some(()).ok_or(CUDA_ERROR_INVALID_VALUE)
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(pi, v) }
+                .then_some(())
+                .ok_or(CUDA_ERROR_INVALID_VALUE)
         }))
     })
 }
 
 fn create_context(d: u32) -> Result<u64, CUresult> {
-    let v = call(&format!("ctx_create {d}")).map_err(|e| cuda_err(&e))?;
-    let ctx = num(&v, 0).map_err(|_| CUDA_ERROR_UNKNOWN)?;
+    let Reply::Context(ctx) = call(Request::CtxCreate { device: d }).map_err(|e| cuda_err(&e))?
+    else {
+        return Err(CUDA_ERROR_UNKNOWN);
+    };
     if let Some(s) = state().as_mut() {
         s.contexts.insert(ctx, d);
     }
@@ -267,13 +308,17 @@ fn destroy_context(ctx: u64) -> Result<(), CUresult> {
         return Err(CUDA_ERROR_INVALID_CONTEXT);
     }
     client::forget_ctx(ctx);
-    call(&format!("ctx_destroy {ctx}"))
+    call(Request::CtxDestroy { ctx })
         .map(|_| ())
         .map_err(|e| cuda_err(&e))
 }
 
+/// # Safety
+/// `pctx`: null or valid as the CUDA driver API specifies for
+/// `cuDevicePrimaryCtxRetain` (out-parameters writable, inputs readable, buffers as
+/// long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, dev: CUdevice) -> CUresult {
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, dev: CUdevice) -> CUresult {
     guard("cuDevicePrimaryCtxRetain", CUDA_ERROR_UNKNOWN, || {
         code(device_ok(dev).and_then(|d| {
             if pctx.is_null() {
@@ -295,7 +340,8 @@ pub extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, dev: CUdevice) 
                     c
                 }
             };
-            out(pctx, ctx as CUcontext);
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(pctx, ctx as CUcontext) };
             Ok(())
         }))
     })
@@ -352,8 +398,12 @@ pub extern "C" fn cuDevicePrimaryCtxReset(dev: CUdevice) -> CUresult {
     cuDevicePrimaryCtxReset_v2(dev)
 }
 
+/// # Safety
+/// `flags`, `active`: null or valid as the CUDA driver API specifies for
+/// `cuDevicePrimaryCtxGetState` (out-parameters writable, inputs readable, buffers as
+/// long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuDevicePrimaryCtxGetState(
+pub unsafe extern "C" fn cuDevicePrimaryCtxGetState(
     dev: CUdevice,
     flags: *mut c_uint,
     active: *mut c_int,
@@ -361,7 +411,8 @@ pub extern "C" fn cuDevicePrimaryCtxGetState(
     guard("cuDevicePrimaryCtxGetState", CUDA_ERROR_UNKNOWN, || {
         code(device_ok(dev).and_then(|d| {
             let on = state().as_ref().is_some_and(|s| s.primary.contains_key(&d));
-            if !(out(flags, 0) && out(active, on as c_int)) {
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            if !(unsafe { out(flags, 0) } && unsafe { out(active, on as c_int) }) {
                 return Err(CUDA_ERROR_INVALID_VALUE);
             }
             Ok(())
@@ -369,27 +420,43 @@ pub extern "C" fn cuDevicePrimaryCtxGetState(
     })
 }
 
-fn ctx_create(pctx: *mut CUcontext, dev: CUdevice) -> CUresult {
+/// # Safety
+/// `pctx`: null or valid as the calling export's contract requires (out-parameters
+/// writable, inputs readable, buffers as long as the sizes passed).
+unsafe fn ctx_create(pctx: *mut CUcontext, dev: CUdevice) -> CUresult {
     code(device_ok(dev).and_then(|d| {
         if pctx.is_null() {
             return Err(CUDA_ERROR_INVALID_VALUE);
         }
         let c = create_context(d)?;
         client::push_ctx(c);
-        out(pctx, c as CUcontext);
+        // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+        unsafe { out(pctx, c as CUcontext) };
         Ok(())
     }))
 }
 
+/// # Safety
+/// `pctx`: null or valid as the CUDA driver API specifies for `cuCtxCreate_v2`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuCtxCreate_v2(pctx: *mut CUcontext, _flags: c_uint, dev: CUdevice) -> CUresult {
+pub unsafe extern "C" fn cuCtxCreate_v2(
+    pctx: *mut CUcontext,
+    _flags: c_uint,
+    dev: CUdevice,
+) -> CUresult {
     guard("cuCtxCreate_v2", CUDA_ERROR_UNKNOWN, || {
-        ctx_create(pctx, dev)
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        unsafe { ctx_create(pctx, dev) }
     })
 }
 
+/// # Safety
+/// `pctx`, `_params`: null or valid as the CUDA driver API specifies for
+/// `cuCtxCreate_v3` (out-parameters writable, inputs readable, buffers as long as the
+/// sizes passed).
 #[no_mangle]
-pub extern "C" fn cuCtxCreate_v3(
+pub unsafe extern "C" fn cuCtxCreate_v3(
     pctx: *mut CUcontext,
     _params: *mut c_void,
     _num: c_int,
@@ -397,19 +464,25 @@ pub extern "C" fn cuCtxCreate_v3(
     dev: CUdevice,
 ) -> CUresult {
     guard("cuCtxCreate_v3", CUDA_ERROR_UNKNOWN, || {
-        ctx_create(pctx, dev)
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        unsafe { ctx_create(pctx, dev) }
     })
 }
 
+/// # Safety
+/// `pctx`, `_params`: null or valid as the CUDA driver API specifies for
+/// `cuCtxCreate_v4` (out-parameters writable, inputs readable, buffers as long as the
+/// sizes passed).
 #[no_mangle]
-pub extern "C" fn cuCtxCreate_v4(
+pub unsafe extern "C" fn cuCtxCreate_v4(
     pctx: *mut CUcontext,
     _params: *mut c_void,
     _flags: c_uint,
     dev: CUdevice,
 ) -> CUresult {
     guard("cuCtxCreate_v4", CUDA_ERROR_UNKNOWN, || {
-        ctx_create(pctx, dev)
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        unsafe { ctx_create(pctx, dev) }
     })
 }
 
@@ -440,12 +513,16 @@ fn known_ctx(ctx: CUcontext) -> Result<u64, CUresult> {
     }
 }
 
+/// # Safety
+/// `pctx`: null or valid as the CUDA driver API specifies for `cuCtxGetCurrent`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuCtxGetCurrent(pctx: *mut CUcontext) -> CUresult {
+pub unsafe extern "C" fn cuCtxGetCurrent(pctx: *mut CUcontext) -> CUresult {
     guard("cuCtxGetCurrent", CUDA_ERROR_UNKNOWN, || {
         code(initialized().and_then(|_| {
             let c = current_ctx().unwrap_or(0);
-            out(pctx, c as CUcontext)
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(pctx, c as CUcontext) }
                 .then_some(())
                 .ok_or(CUDA_ERROR_INVALID_VALUE)
         }))
@@ -476,24 +553,32 @@ pub extern "C" fn cuCtxPushCurrent_v2(ctx: CUcontext) -> CUresult {
     })
 }
 
+/// # Safety
+/// `pctx`: null or valid as the CUDA driver API specifies for `cuCtxPopCurrent_v2`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuCtxPopCurrent_v2(pctx: *mut CUcontext) -> CUresult {
+pub unsafe extern "C" fn cuCtxPopCurrent_v2(pctx: *mut CUcontext) -> CUresult {
     guard("cuCtxPopCurrent_v2", CUDA_ERROR_UNKNOWN, || {
         code(initialized().and_then(|_| {
             let c = client::pop_ctx().ok_or(CUDA_ERROR_INVALID_CONTEXT)?;
             if !pctx.is_null() {
-                out(pctx, c as CUcontext);
+                // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+                unsafe { out(pctx, c as CUcontext) };
             }
             Ok(())
         }))
     })
 }
 
+/// # Safety
+/// `dev`: null or valid as the CUDA driver API specifies for `cuCtxGetDevice`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuCtxGetDevice(dev: *mut CUdevice) -> CUresult {
+pub unsafe extern "C" fn cuCtxGetDevice(dev: *mut CUdevice) -> CUresult {
     guard("cuCtxGetDevice", CUDA_ERROR_UNKNOWN, || {
         code(current_device().and_then(|d| {
-            out(dev, d as c_int)
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(dev, d as c_int) }
                 .then_some(())
                 .ok_or(CUDA_ERROR_INVALID_VALUE)
         }))
@@ -515,13 +600,22 @@ pub extern "C" fn cuStreamSynchronize(_stream: CUstream) -> CUresult {
 }
 
 /// Allocates on the current context's device and records it.
-fn alloc(dptr: *mut CUdeviceptr, size: usize) -> CUresult {
+///
+/// # Safety
+/// `dptr`: null or valid as the calling export's contract requires (out-parameters
+/// writable, inputs readable, buffers as long as the sizes passed).
+unsafe fn alloc(dptr: *mut CUdeviceptr, size: usize) -> CUresult {
     code(current_device().and_then(|d| {
         if dptr.is_null() || size == 0 {
             return Err(CUDA_ERROR_INVALID_VALUE);
         }
-        let v = call(&format!("alloc {d} {size}")).map_err(|e| cuda_err(&e))?;
-        let addr = num(&v, 0).map_err(|_| CUDA_ERROR_UNKNOWN)?;
+        let req = Request::Alloc {
+            device: d,
+            bytes: size as u64,
+        };
+        let Reply::Allocated(addr) = call(req).map_err(|e| cuda_err(&e))? else {
+            return Err(CUDA_ERROR_UNKNOWN);
+        };
         if let Some(s) = state().as_mut() {
             s.allocs.insert(
                 addr,
@@ -531,7 +625,8 @@ fn alloc(dptr: *mut CUdeviceptr, size: usize) -> CUresult {
                 },
             );
         }
-        out(dptr, addr);
+        // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+        unsafe { out(dptr, addr) };
         Ok(())
     }))
 }
@@ -548,19 +643,29 @@ fn free(dptr: CUdeviceptr) -> CUresult {
         if !known {
             return Err(CUDA_ERROR_INVALID_VALUE);
         }
-        call(&format!("free {dptr}"))
+        call(Request::Free { id: dptr })
             .map(|_| ())
             .map_err(|e| cuda_err(&e))
     }))
 }
 
+/// # Safety
+/// `dptr`: null or valid as the CUDA driver API specifies for `cuMemAlloc_v2`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, size: usize) -> CUresult {
-    guard("cuMemAlloc_v2", CUDA_ERROR_UNKNOWN, || alloc(dptr, size))
+pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, size: usize) -> CUresult {
+    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+    guard("cuMemAlloc_v2", CUDA_ERROR_UNKNOWN, || unsafe {
+        alloc(dptr, size)
+    })
 }
 
+/// # Safety
+/// `dptr`, `pitch`: null or valid as the CUDA driver API specifies for
+/// `cuMemAllocPitch_v2` (out-parameters writable, inputs readable, buffers as long as
+/// the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemAllocPitch_v2(
+pub unsafe extern "C" fn cuMemAllocPitch_v2(
     dptr: *mut CUdeviceptr,
     pitch: *mut usize,
     width: usize,
@@ -575,63 +680,89 @@ pub extern "C" fn cuMemAllocPitch_v2(
         let Some(bytes) = p.checked_mul(height) else {
             return CUDA_ERROR_INVALID_VALUE;
         };
-        let r = alloc(dptr, bytes);
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        let r = unsafe { alloc(dptr, bytes) };
         if r == CUDA_SUCCESS {
-            out(pitch, p);
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(pitch, p) };
         }
         r
     })
 }
 
+/// # Safety
+/// `dptr`: null or valid as the CUDA driver API specifies for `cuMemAllocManaged`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemAllocManaged(
+pub unsafe extern "C" fn cuMemAllocManaged(
     dptr: *mut CUdeviceptr,
     size: usize,
     _flags: c_uint,
 ) -> CUresult {
     guard("cuMemAllocManaged", CUDA_ERROR_UNKNOWN, || {
-        alloc(dptr, size)
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        unsafe { alloc(dptr, size) }
     })
 }
 
+/// # Safety
+/// `dptr`: null or valid as the CUDA driver API specifies for `cuMemAllocAsync`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemAllocAsync(
+pub unsafe extern "C" fn cuMemAllocAsync(
     dptr: *mut CUdeviceptr,
     size: usize,
     _stream: CUstream,
 ) -> CUresult {
-    guard("cuMemAllocAsync", CUDA_ERROR_UNKNOWN, || alloc(dptr, size))
+    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+    guard("cuMemAllocAsync", CUDA_ERROR_UNKNOWN, || unsafe {
+        alloc(dptr, size)
+    })
 }
 
+/// # Safety
+/// `dptr`: null or valid as the CUDA driver API specifies for `cuMemAllocAsync_ptsz`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemAllocAsync_ptsz(
+pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
     dptr: *mut CUdeviceptr,
     size: usize,
     stream: CUstream,
 ) -> CUresult {
-    cuMemAllocAsync(dptr, size, stream)
+    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+    unsafe { cuMemAllocAsync(dptr, size, stream) }
 }
 
+/// # Safety
+/// `dptr`, `_pool`: null or valid as the CUDA driver API specifies for
+/// `cuMemAllocFromPoolAsync` (out-parameters writable, inputs readable, buffers as long
+/// as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemAllocFromPoolAsync(
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
     dptr: *mut CUdeviceptr,
     size: usize,
     _pool: *mut c_void,
     _stream: CUstream,
 ) -> CUresult {
     guard("cuMemAllocFromPoolAsync", CUDA_ERROR_UNKNOWN, || {
-        alloc(dptr, size)
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        unsafe { alloc(dptr, size) }
     })
 }
 
+/// # Safety
+/// `dptr`, `pool`: null or valid as the CUDA driver API specifies for
+/// `cuMemAllocFromPoolAsync_ptsz` (out-parameters writable, inputs readable, buffers as
+/// long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemAllocFromPoolAsync_ptsz(
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
     dptr: *mut CUdeviceptr,
     size: usize,
     pool: *mut c_void,
     stream: CUstream,
 ) -> CUresult {
-    cuMemAllocFromPoolAsync(dptr, size, pool, stream)
+    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+    unsafe { cuMemAllocFromPoolAsync(dptr, size, pool, stream) }
 }
 
 #[no_mangle]
@@ -649,16 +780,21 @@ pub extern "C" fn cuMemFreeAsync_ptsz(dptr: CUdeviceptr, stream: CUstream) -> CU
     cuMemFreeAsync(dptr, stream)
 }
 
+/// # Safety
+/// `free`, `total`: null or valid as the CUDA driver API specifies for
+/// `cuMemGetInfo_v2` (out-parameters writable, inputs readable, buffers as long as the
+/// sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
     guard("cuMemGetInfo_v2", CUDA_ERROR_UNKNOWN, || {
         code(current_device().and_then(|d| {
-            let v = call(&format!("meminfo {d}")).map_err(|e| cuda_err(&e))?;
-            let (f, t) = (num(&v, 0), num(&v, 1));
-            let (Ok(f), Ok(t)) = (f, t) else {
+            let Reply::MemInfo { free: f, total: t } =
+                call(Request::MemInfo { device: d }).map_err(|e| cuda_err(&e))?
+            else {
                 return Err(CUDA_ERROR_UNKNOWN);
             };
-            if !(out(free, f as usize) && out(total, t as usize)) {
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            if !(unsafe { out(free, f as usize) } && unsafe { out(total, t as usize) }) {
                 return Err(CUDA_ERROR_INVALID_VALUE);
             }
             Ok(())
@@ -676,7 +812,11 @@ enum Access {
 
 /// Applies `op` to [dptr, dptr + n), which must lie inside one allocation, chunk by
 /// chunk (see `CHUNK`).
-fn access(dptr: CUdeviceptr, n: usize, op: Access) -> CUresult {
+///
+/// # Safety
+/// A host pointer in `op` is null or valid for `n` bytes: readable for `FromHost`,
+/// writable for `ToHost`.
+unsafe fn access(dptr: CUdeviceptr, n: usize, op: Access) -> CUresult {
     code(current_device().and_then(|_| {
         let mut g = state();
         let s = g.as_mut().ok_or(CUDA_ERROR_NOT_INITIALIZED)?;
@@ -696,15 +836,22 @@ fn access(dptr: CUdeviceptr, n: usize, op: Access) -> CUresult {
             let len = (CHUNK as usize - co).min(n - done);
             let ok = match op {
                 Access::ToHost(dst) => match a.chunks.get(&ci) {
-                    Some(c) => ffi::copy_to_host(&c[co..co + len], dst.wrapping_add(done)),
-                    None => ffi::fill_host(dst.wrapping_add(done), len, 0),
+                    // SAFETY: dst holds n bytes (this function's contract) and
+                    // done + len <= n.
+                    Some(c) => unsafe {
+                        ffi::copy_to_host(&c[co..co + len], dst.wrapping_add(done))
+                    },
+                    // SAFETY: as above.
+                    None => unsafe { ffi::fill_host(dst.wrapping_add(done), len, 0) },
                 },
                 Access::FromHost(src) => {
                     let c = a
                         .chunks
                         .entry(ci)
                         .or_insert_with(|| vec![0; CHUNK as usize]);
-                    ffi::copy_from_host(src.wrapping_add(done), &mut c[co..co + len])
+                    // SAFETY: src holds n bytes (this function's contract) and
+                    // done + len <= n.
+                    unsafe { ffi::copy_from_host(src.wrapping_add(done), &mut c[co..co + len]) }
                 }
                 Access::Fill(v) => {
                     a.chunks
@@ -723,34 +870,63 @@ fn access(dptr: CUdeviceptr, n: usize, op: Access) -> CUresult {
     }))
 }
 
+/// # Safety
+/// `src`: null or valid as the CUDA driver API specifies for `cuMemcpyHtoD_v2`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, n: usize) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyHtoD_v2(
+    dst: CUdeviceptr,
+    src: *const c_void,
+    n: usize,
+) -> CUresult {
     guard("cuMemcpyHtoD_v2", CUDA_ERROR_UNKNOWN, || {
-        access(dst, n, Access::FromHost(src.cast()))
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        unsafe { access(dst, n, Access::FromHost(src.cast())) }
     })
 }
 
+/// # Safety
+/// `src`: null or valid as the CUDA driver API specifies for `cuMemcpyHtoD_v2_ptds`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemcpyHtoD_v2_ptds(dst: CUdeviceptr, src: *const c_void, n: usize) -> CUresult {
-    cuMemcpyHtoD_v2(dst, src, n)
+pub unsafe extern "C" fn cuMemcpyHtoD_v2_ptds(
+    dst: CUdeviceptr,
+    src: *const c_void,
+    n: usize,
+) -> CUresult {
+    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+    unsafe { cuMemcpyHtoD_v2(dst, src, n) }
 }
 
+/// # Safety
+/// `dst`: null or valid as the CUDA driver API specifies for `cuMemcpyDtoH_v2`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, n: usize) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, n: usize) -> CUresult {
     guard("cuMemcpyDtoH_v2", CUDA_ERROR_UNKNOWN, || {
-        access(src, n, Access::ToHost(dst.cast()))
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        unsafe { access(src, n, Access::ToHost(dst.cast())) }
     })
 }
 
+/// # Safety
+/// `dst`: null or valid as the CUDA driver API specifies for `cuMemcpyDtoH_v2_ptds`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemcpyDtoH_v2_ptds(dst: *mut c_void, src: CUdeviceptr, n: usize) -> CUresult {
-    cuMemcpyDtoH_v2(dst, src, n)
+pub unsafe extern "C" fn cuMemcpyDtoH_v2_ptds(
+    dst: *mut c_void,
+    src: CUdeviceptr,
+    n: usize,
+) -> CUresult {
+    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+    unsafe { cuMemcpyDtoH_v2(dst, src, n) }
 }
 
 #[no_mangle]
 pub extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, v: u8, n: usize) -> CUresult {
     guard("cuMemsetD8_v2", CUDA_ERROR_UNKNOWN, || {
-        access(dst, n, Access::Fill(v))
+        // SAFETY: a fill carries no host pointer.
+        unsafe { access(dst, n, Access::Fill(v)) }
     })
 }
 
@@ -762,8 +938,11 @@ pub extern "C" fn cuMemsetD8_v2_ptds(dst: CUdeviceptr, v: u8, n: usize) -> CUres
 /// CUmemAllocationProp: { type u32, requestedHandleTypes u32, location { type u32, id i32 }, ... }
 const PROP_LOCATION_ID_OFFSET: usize = 12;
 
+/// # Safety
+/// `handle`, `prop`: null or valid as the CUDA driver API specifies for `cuMemCreate`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemCreate(
+pub unsafe extern "C" fn cuMemCreate(
     handle: *mut u64,
     size: usize,
     prop: *const c_void,
@@ -771,18 +950,25 @@ pub extern "C" fn cuMemCreate(
 ) -> CUresult {
     guard("cuMemCreate", CUDA_ERROR_UNKNOWN, || {
         code(initialized().and_then(|_| {
-            let dev: i32 = ffi::read_field(prop.cast(), PROP_LOCATION_ID_OFFSET)
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            let dev: i32 = unsafe { ffi::read_field(prop.cast(), PROP_LOCATION_ID_OFFSET) }
                 .ok_or(CUDA_ERROR_INVALID_VALUE)?;
             let d = device_ok(dev).map_err(|_| CUDA_ERROR_INVALID_DEVICE)?;
             if handle.is_null() || size == 0 {
                 return Err(CUDA_ERROR_INVALID_VALUE);
             }
-            let v = call(&format!("mem_create {d} {size}")).map_err(|e| cuda_err(&e))?;
-            let h = num(&v, 0).map_err(|_| CUDA_ERROR_UNKNOWN)?;
+            let req = Request::MemCreate {
+                device: d,
+                bytes: size as u64,
+            };
+            let Reply::MemHandle(h) = call(req).map_err(|e| cuda_err(&e))? else {
+                return Err(CUDA_ERROR_UNKNOWN);
+            };
             if let Some(s) = state().as_mut() {
                 s.vmm.insert(h, size as u64);
             }
-            out(handle, h);
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(handle, h) };
             Ok(())
         }))
     })
@@ -799,15 +985,18 @@ pub extern "C" fn cuMemRelease(handle: u64) -> CUresult {
             if !known {
                 return Err(CUDA_ERROR_INVALID_VALUE);
             }
-            call(&format!("free {handle}"))
+            call(Request::Free { id: handle })
                 .map(|_| ())
                 .map_err(|e| cuda_err(&e))
         }))
     })
 }
 
+/// # Safety
+/// `ptr`: null or valid as the CUDA driver API specifies for `cuMemAddressReserve`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemAddressReserve(
+pub unsafe extern "C" fn cuMemAddressReserve(
     ptr: *mut CUdeviceptr,
     size: usize,
     align: usize,
@@ -824,7 +1013,8 @@ pub extern "C" fn cuMemAddressReserve(
             let s = g.as_mut().ok_or(CUDA_ERROR_NOT_INITIALIZED)?;
             let va = s.next_va.div_ceil(align) * align;
             s.next_va = va + size as u64;
-            out(ptr, va);
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(ptr, va) };
             Ok(())
         }))
     })
@@ -871,15 +1061,20 @@ pub extern "C" fn cuMemSetAccess(
     guard("cuMemSetAccess", CUDA_ERROR_UNKNOWN, || code(initialized()))
 }
 
+/// # Safety
+/// `gran`, `_prop`: null or valid as the CUDA driver API specifies for
+/// `cuMemGetAllocationGranularity` (out-parameters writable, inputs readable, buffers
+/// as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuMemGetAllocationGranularity(
+pub unsafe extern "C" fn cuMemGetAllocationGranularity(
     gran: *mut usize,
     _prop: *const c_void,
     _option: c_int,
 ) -> CUresult {
     guard("cuMemGetAllocationGranularity", CUDA_ERROR_UNKNOWN, || {
         code(initialized().and_then(|_| {
-            out(gran, 2 << 20)
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(gran, 2 << 20) }
                 .then_some(())
                 .ok_or(CUDA_ERROR_INVALID_VALUE)
         }))
@@ -890,50 +1085,69 @@ fn error_entry(e: CUresult) -> Option<&'static (CUresult, &'static str, &'static
     ERRORS.iter().find(|x| x.0 == e)
 }
 
+/// # Safety
+/// `p`: null or valid as the CUDA driver API specifies for `cuGetErrorString`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuGetErrorString(e: CUresult, p: *mut *const c_char) -> CUresult {
+pub unsafe extern "C" fn cuGetErrorString(e: CUresult, p: *mut *const c_char) -> CUresult {
     guard(
         "cuGetErrorString",
         CUDA_ERROR_UNKNOWN,
         || match error_entry(e) {
-            Some(x) if out(p, x.2.as_ptr().cast()) => CUDA_SUCCESS,
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            Some(x) if unsafe { out(p, x.2.as_ptr().cast()) } => CUDA_SUCCESS,
             Some(_) => CUDA_ERROR_INVALID_VALUE,
             None => {
-                out(p, std::ptr::null());
+                // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+                unsafe { out(p, std::ptr::null()) };
                 CUDA_ERROR_INVALID_VALUE
             }
         },
     )
 }
 
+/// # Safety
+/// `p`: null or valid as the CUDA driver API specifies for `cuGetErrorName`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuGetErrorName(e: CUresult, p: *mut *const c_char) -> CUresult {
+pub unsafe extern "C" fn cuGetErrorName(e: CUresult, p: *mut *const c_char) -> CUresult {
     guard("cuGetErrorName", CUDA_ERROR_UNKNOWN, || {
         match error_entry(e) {
-            Some(x) if out(p, x.1.as_ptr().cast()) => CUDA_SUCCESS,
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            Some(x) if unsafe { out(p, x.1.as_ptr().cast()) } => CUDA_SUCCESS,
             Some(_) => CUDA_ERROR_INVALID_VALUE,
             None => {
-                out(p, std::ptr::null());
+                // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+                unsafe { out(p, std::ptr::null()) };
                 CUDA_ERROR_INVALID_VALUE
             }
         }
     })
 }
 
+/// # Safety
+/// `symbol`, `pfn`: null or valid as the CUDA driver API specifies for
+/// `cuGetProcAddress` (out-parameters writable, inputs readable, buffers as long as the
+/// sizes passed).
 #[no_mangle]
-pub extern "C" fn cuGetProcAddress(
+pub unsafe extern "C" fn cuGetProcAddress(
     symbol: *const c_char,
     pfn: *mut *mut c_void,
     version: c_int,
     flags: u64,
 ) -> CUresult {
     guard("cuGetProcAddress", CUDA_ERROR_UNKNOWN, || {
-        crate::procaddress::lookup(symbol, pfn, version, flags, std::ptr::null_mut())
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        unsafe { crate::procaddress::lookup(symbol, pfn, version, flags, std::ptr::null_mut()) }
     })
 }
 
+/// # Safety
+/// `symbol`, `pfn`, `status`: null or valid as the CUDA driver API specifies for
+/// `cuGetProcAddress_v2` (out-parameters writable, inputs readable, buffers as long as
+/// the sizes passed).
 #[no_mangle]
-pub extern "C" fn cuGetProcAddress_v2(
+pub unsafe extern "C" fn cuGetProcAddress_v2(
     symbol: *const c_char,
     pfn: *mut *mut c_void,
     version: c_int,
@@ -941,7 +1155,8 @@ pub extern "C" fn cuGetProcAddress_v2(
     status: *mut c_int,
 ) -> CUresult {
     guard("cuGetProcAddress_v2", CUDA_ERROR_UNKNOWN, || {
-        crate::procaddress::lookup(symbol, pfn, version, flags, status)
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        unsafe { crate::procaddress::lookup(symbol, pfn, version, flags, status) }
     })
 }
 

@@ -1,5 +1,7 @@
 //! Raw-pointer helpers for the exported functions. Each checks for null first; the
-//! caller's pointer must otherwise be valid as the CUDA/NVML contract requires.
+//! caller's pointer must otherwise be valid as the CUDA/NVML contract requires, which
+//! is why every helper that touches one is an `unsafe fn`: the export calling it
+//! passes the contract on (in its own `# Safety` section).
 
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -18,53 +20,70 @@ pub fn guard(name: &str, on_panic: u32, f: impl FnOnce() -> u32) -> u32 {
 }
 
 /// Writes `v` through `p`; false if `p` is null.
-pub fn out<T>(p: *mut T, v: T) -> bool {
+///
+/// # Safety
+/// `p` is null or valid for a write of one aligned `T`.
+pub unsafe fn out<T>(p: *mut T, v: T) -> bool {
     if p.is_null() {
         return false;
     }
-    // SAFETY: non-null, and the API contract makes it a valid, aligned out-parameter.
+    // SAFETY: non-null, and our caller guarantees a valid, aligned out-parameter.
     unsafe { p.write(v) };
     true
 }
 
 /// Reads through `p`; None if null.
-pub fn read<T: Copy>(p: *const T) -> Option<T> {
+///
+/// # Safety
+/// `p` is null or valid for a read of one aligned, initialized `T`.
+pub unsafe fn read<T: Copy>(p: *const T) -> Option<T> {
     if p.is_null() {
         return None;
     }
-    // SAFETY: non-null, and the API contract makes it valid and aligned.
+    // SAFETY: non-null, and our caller guarantees it is valid and aligned.
     Some(unsafe { p.read() })
 }
 
 /// Reads `T` at a byte offset inside a caller's struct (for fields we need from
 /// structs we do not otherwise model, e.g. CUmemAllocationProp.location.id).
-pub fn read_field<T: Copy>(base: *const u8, offset: usize) -> Option<T> {
+///
+/// # Safety
+/// `base` is null or valid for reads of `offset + size_of::<T>()` bytes, and those
+/// bytes at `offset` hold an initialized `T` (at any alignment).
+pub unsafe fn read_field<T: Copy>(base: *const u8, offset: usize) -> Option<T> {
     if base.is_null() {
         return None;
     }
-    // SAFETY: the caller passes a struct at least `offset + size_of::<T>()` long per
-    // the API's definition; read_unaligned avoids assuming alignment.
+    // SAFETY: our caller guarantees a struct at least `offset + size_of::<T>()` long
+    // (the API's definition); read_unaligned avoids assuming alignment.
     Some(unsafe { (base.add(offset) as *const T).read_unaligned() })
 }
 
 /// A C string argument, if non-null and UTF-8.
-pub fn cstr<'a>(p: *const c_char) -> Option<&'a str> {
+///
+/// # Safety
+/// `p` is null or points to a NUL-terminated string that stays valid and unchanged
+/// for `'a` (which the caller picks: keep it within the export's call).
+pub unsafe fn cstr<'a>(p: *const c_char) -> Option<&'a str> {
     if p.is_null() {
         return None;
     }
-    // SAFETY: non-null; the API contract makes it a NUL-terminated string that
-    // outlives the call.
+    // SAFETY: non-null; our caller guarantees a NUL-terminated string that outlives
+    // 'a.
     unsafe { CStr::from_ptr(p) }.to_str().ok()
 }
 
 /// Copies `s` plus NUL into a caller buffer of `len` bytes, truncating if needed.
 /// Returns false if the buffer is null or too small for the whole string.
-pub fn write_str(buf: *mut c_char, len: usize, s: &str) -> bool {
+///
+/// # Safety
+/// `buf` is null or valid for writes of `len` bytes.
+pub unsafe fn write_str(buf: *mut c_char, len: usize, s: &str) -> bool {
     if buf.is_null() || len == 0 {
         return false;
     }
     let n = s.len().min(len - 1);
-    // SAFETY: buf is non-null and the caller promises `len` writable bytes; we write
+    // SAFETY: buf is non-null and our caller guarantees `len` writable bytes; we write
     // n + 1 <= len bytes.
     unsafe {
         std::ptr::copy_nonoverlapping(s.as_ptr(), buf.cast::<u8>(), n);
@@ -73,32 +92,42 @@ pub fn write_str(buf: *mut c_char, len: usize, s: &str) -> bool {
     n == s.len()
 }
 
-/// Copies between a caller's host buffer and our shadow bytes.
-pub fn copy_from_host(src: *const u8, dst: &mut [u8]) -> bool {
+/// Copies a caller's host buffer into our shadow bytes.
+///
+/// # Safety
+/// `src` is null or valid for reads of `dst.len()` bytes.
+pub unsafe fn copy_from_host(src: *const u8, dst: &mut [u8]) -> bool {
     if src.is_null() {
         return false;
     }
-    // SAFETY: the caller promises `dst.len()` readable bytes at src (the byte count it
+    // SAFETY: our caller guarantees `dst.len()` readable bytes at src (the byte count it
     // passed); the regions cannot overlap (ours is a private Vec).
     unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
     true
 }
 
-pub fn copy_to_host(src: &[u8], dst: *mut u8) -> bool {
+/// Copies our shadow bytes into a caller's host buffer.
+///
+/// # Safety
+/// `dst` is null or valid for writes of `src.len()` bytes.
+pub unsafe fn copy_to_host(src: &[u8], dst: *mut u8) -> bool {
     if dst.is_null() {
         return false;
     }
-    // SAFETY: the caller promises `src.len()` writable bytes at dst.
+    // SAFETY: our caller guarantees `src.len()` writable bytes at dst.
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
     true
 }
 
 /// Fills `n` bytes at a caller's host pointer (used for zeroing DtoH copies).
-pub fn fill_host(dst: *mut u8, n: usize, v: u8) -> bool {
+///
+/// # Safety
+/// `dst` is null or valid for writes of `n` bytes.
+pub unsafe fn fill_host(dst: *mut u8, n: usize, v: u8) -> bool {
     if dst.is_null() {
         return false;
     }
-    // SAFETY: the caller promises `n` writable bytes at dst.
+    // SAFETY: our caller guarantees `n` writable bytes at dst.
     unsafe { std::ptr::write_bytes(dst, v, n) };
     true
 }

@@ -3,7 +3,12 @@
 //! through `LD_LIBRARY_PATH` exactly as they find the real driver.
 //!
 //! Every export catches panics and returns an error code instead: nothing may unwind
-//! into C. Pointer handling is confined to `ffi`.
+//! into C. Pointer handling is confined to `ffi`, whose helpers are `unsafe fn`s; every
+//! export that dereferences a caller pointer is an `unsafe extern "C" fn` whose
+//! `# Safety` section states what the caller (the CUDA or NVML contract) guarantees.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks, clippy::not_unsafe_ptr_arg_deref)]
 
 mod client;
 mod cuda;

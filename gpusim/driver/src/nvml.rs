@@ -4,7 +4,7 @@
 use crate::client::{self, call, sim_error, state};
 use crate::ffi::{self, guard, out};
 use std::ffi::{c_char, c_int, c_uint};
-use vigil_gpusim::protocol::num;
+use vigil_gpusim::protocol::{Reply, Request};
 
 pub type NvmlReturn = c_uint;
 pub type NvmlDevice = *mut u8;
@@ -176,19 +176,26 @@ pub extern "C" fn nvmlErrorString(r: NvmlReturn) -> *const c_char {
     s.as_ptr().cast()
 }
 
-fn write_string(buf: *mut c_char, len: c_uint, s: &str) -> NvmlReturn {
+/// # Safety
+/// `buf`: null or valid as the calling export's contract requires (out-parameters
+/// writable, inputs readable, buffers as long as the sizes passed).
+unsafe fn write_string(buf: *mut c_char, len: c_uint, s: &str) -> NvmlReturn {
     if buf.is_null() {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
     if (len as usize) < s.len() + 1 {
         return NVML_ERROR_INSUFFICIENT_SIZE;
     }
-    ffi::write_str(buf, len as usize, s);
+    // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+    unsafe { ffi::write_str(buf, len as usize, s) };
     NVML_SUCCESS
 }
 
+/// # Safety
+/// `buf`: null or valid as NVML specifies for `nvmlSystemGetDriverVersion`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlSystemGetDriverVersion(buf: *mut c_char, len: c_uint) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlSystemGetDriverVersion(buf: *mut c_char, len: c_uint) -> NvmlReturn {
     guard("nvmlSystemGetDriverVersion", NVML_ERROR_UNKNOWN, || {
         if let Err(e) = nvml_initialized() {
             return e;
@@ -197,73 +204,116 @@ pub extern "C" fn nvmlSystemGetDriverVersion(buf: *mut c_char, len: c_uint) -> N
             .as_ref()
             .map(|s| s.driver_version.clone())
             .unwrap_or_default();
-        write_string(buf, len, &v)
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        unsafe { write_string(buf, len, &v) }
     })
 }
 
+/// # Safety
+/// `v`: null or valid as NVML specifies for `nvmlSystemGetCudaDriverVersion`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlSystemGetCudaDriverVersion(v: *mut c_int) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion(v: *mut c_int) -> NvmlReturn {
     guard("nvmlSystemGetCudaDriverVersion", NVML_ERROR_UNKNOWN, || {
         code(nvml_initialized().and_then(|_| {
             let ver = state().as_ref().map(|s| s.cuda_version).unwrap_or(0);
-            out(v, ver as c_int)
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(v, ver as c_int) }
                 .then_some(())
                 .ok_or(NVML_ERROR_INVALID_ARGUMENT)
         }))
     })
 }
 
+/// # Safety
+/// `v`: null or valid as NVML specifies for `nvmlSystemGetCudaDriverVersion_v2`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlSystemGetCudaDriverVersion_v2(v: *mut c_int) -> NvmlReturn {
-    nvmlSystemGetCudaDriverVersion(v)
+pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion_v2(v: *mut c_int) -> NvmlReturn {
+    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+    unsafe { nvmlSystemGetCudaDriverVersion(v) }
 }
 
+/// # Safety
+/// `n`: null or valid as NVML specifies for `nvmlDeviceGetCount_v2` (out-parameters
+/// writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetCount_v2(n: *mut c_uint) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetCount_v2(n: *mut c_uint) -> NvmlReturn {
     guard("nvmlDeviceGetCount_v2", NVML_ERROR_UNKNOWN, || {
         code(nvml_initialized().and_then(|_| {
             let c = state().as_ref().map(|s| s.devices.len()).unwrap_or(0);
-            out(n, c as c_uint)
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(n, c as c_uint) }
                 .then_some(())
                 .ok_or(NVML_ERROR_INVALID_ARGUMENT)
         }))
     })
 }
 
+/// # Safety
+/// `n`: null or valid as NVML specifies for `nvmlDeviceGetCount` (out-parameters
+/// writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetCount(n: *mut c_uint) -> NvmlReturn {
-    nvmlDeviceGetCount_v2(n)
+pub unsafe extern "C" fn nvmlDeviceGetCount(n: *mut c_uint) -> NvmlReturn {
+    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+    unsafe { nvmlDeviceGetCount_v2(n) }
 }
 
+/// # Safety
+/// `h`: null or valid as NVML specifies for `nvmlDeviceGetHandleByIndex_v2`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetHandleByIndex_v2(i: c_uint, h: *mut NvmlDevice) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
+    i: c_uint,
+    h: *mut NvmlDevice,
+) -> NvmlReturn {
     guard("nvmlDeviceGetHandleByIndex_v2", NVML_ERROR_UNKNOWN, || {
         code(nvml_initialized().and_then(|_| {
             let n = state().as_ref().map(|s| s.devices.len()).unwrap_or(0);
             if i as usize >= n {
                 return Err(NVML_ERROR_INVALID_ARGUMENT);
             }
-            out(h, handle_of(i))
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(h, handle_of(i)) }
                 .then_some(())
                 .ok_or(NVML_ERROR_INVALID_ARGUMENT)
         }))
     })
 }
 
+/// # Safety
+/// `h`: null or valid as NVML specifies for `nvmlDeviceGetHandleByIndex`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetHandleByIndex(i: c_uint, h: *mut NvmlDevice) -> NvmlReturn {
-    nvmlDeviceGetHandleByIndex_v2(i, h)
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(i: c_uint, h: *mut NvmlDevice) -> NvmlReturn {
+    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+    unsafe { nvmlDeviceGetHandleByIndex_v2(i, h) }
 }
 
+/// # Safety
+/// `i`: null or valid as NVML specifies for `nvmlDeviceGetIndex` (out-parameters
+/// writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetIndex(h: NvmlDevice, i: *mut c_uint) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetIndex(h: NvmlDevice, i: *mut c_uint) -> NvmlReturn {
     guard("nvmlDeviceGetIndex", NVML_ERROR_UNKNOWN, || {
-        code(index_of(h).and_then(|d| out(i, d).then_some(()).ok_or(NVML_ERROR_INVALID_ARGUMENT)))
+        code(index_of(h).and_then(|d| {
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(i, d) }
+                .then_some(())
+                .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+        }))
     })
 }
 
+/// # Safety
+/// `buf`: null or valid as NVML specifies for `nvmlDeviceGetUUID` (out-parameters
+/// writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetUUID(h: NvmlDevice, buf: *mut c_char, len: c_uint) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetUUID(
+    h: NvmlDevice,
+    buf: *mut c_char,
+    len: c_uint,
+) -> NvmlReturn {
     guard("nvmlDeviceGetUUID", NVML_ERROR_UNKNOWN, || {
         match index_of(h) {
             Ok(d) => {
@@ -271,15 +321,23 @@ pub extern "C" fn nvmlDeviceGetUUID(h: NvmlDevice, buf: *mut c_char, len: c_uint
                     .as_ref()
                     .map(|s| s.devices[d as usize].uuid.clone())
                     .unwrap_or_default();
-                write_string(buf, len, &u)
+                // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+                unsafe { write_string(buf, len, &u) }
             }
             Err(e) => e,
         }
     })
 }
 
+/// # Safety
+/// `buf`: null or valid as NVML specifies for `nvmlDeviceGetName` (out-parameters
+/// writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetName(h: NvmlDevice, buf: *mut c_char, len: c_uint) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetName(
+    h: NvmlDevice,
+    buf: *mut c_char,
+    len: c_uint,
+) -> NvmlReturn {
     guard("nvmlDeviceGetName", NVML_ERROR_UNKNOWN, || {
         match index_of(h) {
             Ok(d) => {
@@ -287,7 +345,8 @@ pub extern "C" fn nvmlDeviceGetName(h: NvmlDevice, buf: *mut c_char, len: c_uint
                     .as_ref()
                     .map(|s| s.devices[d as usize].name.clone())
                     .unwrap_or_default();
-                write_string(buf, len, &n)
+                // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+                unsafe { write_string(buf, len, &n) }
             }
             Err(e) => e,
         }
@@ -296,51 +355,68 @@ pub extern "C" fn nvmlDeviceGetName(h: NvmlDevice, buf: *mut c_char, len: c_uint
 
 fn memory(h: NvmlDevice) -> Result<(u64, u64, u64), NvmlReturn> {
     let d = index_of(h)?;
-    let v = call(&format!("nvml_meminfo {d}")).map_err(|e| nvml_err(&e))?;
-    match (num(&v, 0), num(&v, 1), num(&v, 2)) {
-        (Ok(t), Ok(f), Ok(u)) => Ok((t, f, u)),
+    match call(Request::NvmlMemInfo { device: d }).map_err(|e| nvml_err(&e))? {
+        Reply::NvmlMemInfo { total, free, used } => Ok((total, free, used)),
         _ => Err(NVML_ERROR_UNKNOWN),
     }
 }
 
+/// # Safety
+/// `m`: null or valid as NVML specifies for `nvmlDeviceGetMemoryInfo` (out-parameters
+/// writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetMemoryInfo(h: NvmlDevice, m: *mut NvmlMemory) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(h: NvmlDevice, m: *mut NvmlMemory) -> NvmlReturn {
     guard("nvmlDeviceGetMemoryInfo", NVML_ERROR_UNKNOWN, || {
         code(memory(h).and_then(|(total, free, used)| {
-            out(m, NvmlMemory { total, free, used })
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(m, NvmlMemory { total, free, used }) }
                 .then_some(())
                 .ok_or(NVML_ERROR_INVALID_ARGUMENT)
         }))
     })
 }
 
+/// # Safety
+/// `m`: null or valid as NVML specifies for `nvmlDeviceGetMemoryInfo_v2`
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetMemoryInfo_v2(h: NvmlDevice, m: *mut NvmlMemoryV2) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    h: NvmlDevice,
+    m: *mut NvmlMemoryV2,
+) -> NvmlReturn {
     guard("nvmlDeviceGetMemoryInfo_v2", NVML_ERROR_UNKNOWN, || {
-        let Some(given) = ffi::read(m) else {
+        // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+        let Some(given) = (unsafe { ffi::read(m) }) else {
             return NVML_ERROR_INVALID_ARGUMENT;
         };
         if given.version != NVML_MEMORY_V2 {
             return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
         }
         code(memory(h).map(|(total, free, used)| {
-            out(
-                m,
-                NvmlMemoryV2 {
-                    version: NVML_MEMORY_V2,
-                    total,
-                    reserved: 0,
-                    free,
-                    used,
-                },
-            );
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe {
+                out(
+                    m,
+                    NvmlMemoryV2 {
+                        version: NVML_MEMORY_V2,
+                        total,
+                        reserved: 0,
+                        free,
+                        used,
+                    },
+                )
+            };
         }))
     })
 }
 
 /// The shared body of the three process-list calls, with NVML's two-call protocol:
 /// too small a buffer gets `INSUFFICIENT_SIZE` and the needed count.
-fn running_processes<T>(
+///
+/// # Safety
+/// `count`, `infos`: null or valid as the calling export's contract requires
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+unsafe fn running_processes<T>(
     h: NvmlDevice,
     count: *mut c_uint,
     infos: *mut T,
@@ -350,22 +426,17 @@ fn running_processes<T>(
         Ok(d) => d,
         Err(e) => return e,
     };
-    let Some(cap) = ffi::read(count) else {
+    // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+    let Some(cap) = (unsafe { ffi::read(count) }) else {
         return NVML_ERROR_INVALID_ARGUMENT;
     };
-    let v = match call(&format!("nvml_procs {d}")) {
-        Ok(v) => v,
+    let procs = match call(Request::NvmlProcs { device: d }) {
+        Ok(Reply::NvmlProcs(procs)) => procs,
+        Ok(_) => return NVML_ERROR_UNKNOWN,
         Err(e) => return nvml_err(&e),
     };
-    let procs: Vec<(u32, u64)> = v
-        .iter()
-        .skip(1)
-        .filter_map(|p| {
-            let (pid, used) = p.split_once(':')?;
-            Some((pid.parse().ok()?, used.parse().ok()?))
-        })
-        .collect();
-    out(count, procs.len() as c_uint);
+    // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+    unsafe { out(count, procs.len() as c_uint) };
     if procs.is_empty() {
         return NVML_SUCCESS;
     }
@@ -373,13 +444,18 @@ fn running_processes<T>(
         return NVML_ERROR_INSUFFICIENT_SIZE;
     }
     for (i, (pid, used)) in procs.into_iter().enumerate() {
-        out(infos.wrapping_add(i), make(pid, used));
+        // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+        unsafe { out(infos.wrapping_add(i), make(pid, used)) };
     }
     NVML_SUCCESS
 }
 
+/// # Safety
+/// `count`, `infos`: null or valid as NVML specifies for
+/// `nvmlDeviceGetComputeRunningProcesses` (out-parameters writable, inputs readable,
+/// buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetComputeRunningProcesses(
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
     h: NvmlDevice,
     count: *mut c_uint,
     infos: *mut NvmlProcessInfoV1,
@@ -388,10 +464,13 @@ pub extern "C" fn nvmlDeviceGetComputeRunningProcesses(
         "nvmlDeviceGetComputeRunningProcesses",
         NVML_ERROR_UNKNOWN,
         || {
-            running_processes(h, count, infos, |pid, used_gpu_memory| NvmlProcessInfoV1 {
-                pid,
-                used_gpu_memory,
-            })
+            // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+            unsafe {
+                running_processes(h, count, infos, |pid, used_gpu_memory| NvmlProcessInfoV1 {
+                    pid,
+                    used_gpu_memory,
+                })
+            }
         },
     )
 }
@@ -406,8 +485,12 @@ fn v2_info(pid: u32, used_gpu_memory: u64) -> NvmlProcessInfo {
     }
 }
 
+/// # Safety
+/// `count`, `infos`: null or valid as NVML specifies for
+/// `nvmlDeviceGetComputeRunningProcesses_v2` (out-parameters writable, inputs readable,
+/// buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
     h: NvmlDevice,
     count: *mut c_uint,
     infos: *mut NvmlProcessInfo,
@@ -415,12 +498,17 @@ pub extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
     guard(
         "nvmlDeviceGetComputeRunningProcesses_v2",
         NVML_ERROR_UNKNOWN,
-        || running_processes(h, count, infos, v2_info),
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        || unsafe { running_processes(h, count, infos, v2_info) },
     )
 }
 
+/// # Safety
+/// `count`, `infos`: null or valid as NVML specifies for
+/// `nvmlDeviceGetComputeRunningProcesses_v3` (out-parameters writable, inputs readable,
+/// buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     h: NvmlDevice,
     count: *mut c_uint,
     infos: *mut NvmlProcessInfo,
@@ -428,13 +516,19 @@ pub extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     guard(
         "nvmlDeviceGetComputeRunningProcesses_v3",
         NVML_ERROR_UNKNOWN,
-        || running_processes(h, count, infos, v2_info),
+        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+        || unsafe { running_processes(h, count, infos, v2_info) },
     )
 }
 
 /// No graphics workloads on a simulated GPU.
+///
+/// # Safety
+/// `count`, `_infos`: null or valid as NVML specifies for
+/// `nvmlDeviceGetGraphicsRunningProcesses_v3` (out-parameters writable, inputs
+/// readable, buffers as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
     h: NvmlDevice,
     count: *mut c_uint,
     _infos: *mut NvmlProcessInfo,
@@ -444,7 +538,8 @@ pub extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
         NVML_ERROR_UNKNOWN,
         || {
             code(index_of(h).and_then(|_| {
-                out(count, 0)
+                // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+                unsafe { out(count, 0) }
                     .then_some(())
                     .ok_or(NVML_ERROR_INVALID_ARGUMENT)
             }))
@@ -459,8 +554,13 @@ pub extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
 /// is not documented; 0 is the safe value). A null count is
 /// `NVML_ERROR_INVALID_ARGUMENT`. HAMi-core's libvgpu.so calls this from its
 /// utilization watcher shortly after start-up and crashes if it is missing.
+///
+/// # Safety
+/// `_utilization`, `count`: null or valid as NVML specifies for
+/// `nvmlDeviceGetProcessUtilization` (out-parameters writable, inputs readable, buffers
+/// as long as the sizes passed).
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetProcessUtilization(
+pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
     h: NvmlDevice,
     _utilization: *mut NvmlProcessUtilizationSample,
     count: *mut c_uint,
@@ -473,7 +573,8 @@ pub extern "C" fn nvmlDeviceGetProcessUtilization(
             if let Err(e) = index_of(h) {
                 return e;
             }
-            if !out(count, 0) {
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            if !unsafe { out(count, 0) } {
                 return NVML_ERROR_INVALID_ARGUMENT;
             }
             NVML_ERROR_NOT_FOUND

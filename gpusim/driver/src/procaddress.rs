@@ -132,7 +132,11 @@ fn table() -> &'static [Entry] {
 /// `_v2` reports "not found" and "version not sufficient" through `symbolStatus` with
 /// CUDA_SUCCESS and a null pointer, while `_v1` (no status) returns
 /// CUDA_ERROR_NOT_FOUND; only base names are accepted, never suffixed ones.
-pub fn lookup(
+///
+/// # Safety
+/// `symbol`, `pfn`, `status`: null or valid as the calling export's contract requires
+/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+pub unsafe fn lookup(
     symbol: *const c_char,
     pfn: *mut *mut c_void,
     version: c_int,
@@ -142,19 +146,22 @@ pub fn lookup(
     let has_status = !status.is_null();
     let miss = |s: c_int| {
         if has_status {
-            out(status, s);
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(status, s) };
             CUDA_SUCCESS
         } else {
             CUDA_ERROR_NOT_FOUND
         }
     };
-    let Some(name) = cstr(symbol) else {
+    // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+    let Some(name) = (unsafe { cstr(symbol) }) else {
         return CUDA_ERROR_INVALID_VALUE;
     };
     if pfn.is_null() {
         return CUDA_ERROR_INVALID_VALUE;
     }
-    out(pfn, std::ptr::null_mut());
+    // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+    unsafe { out(pfn, std::ptr::null_mut()) };
     let candidates: Vec<&Entry> = table().iter().filter(|e| e.base == name).collect();
     if candidates.is_empty() {
         crate::client::log_debug(&format!("cuGetProcAddress: unknown symbol {name}"));
@@ -176,9 +183,11 @@ pub fn lookup(
         });
     match best {
         Some(e) => {
-            out(pfn, e.ptr as *mut c_void);
+            // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+            unsafe { out(pfn, e.ptr as *mut c_void) };
             if has_status {
-                out(status, STATUS_SUCCESS);
+                // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
+                unsafe { out(status, STATUS_SUCCESS) };
             }
             CUDA_SUCCESS
         }
@@ -200,7 +209,9 @@ mod tests {
         } else {
             std::ptr::null_mut()
         };
-        let r = lookup(n.as_ptr(), &mut p, version, flags, status);
+        // SAFETY: a NUL-terminated string and out-parameters that are live locals (or
+        // null for the status).
+        let r = unsafe { lookup(n.as_ptr(), &mut p, version, flags, status) };
         (r, st, p as usize)
     }
 
@@ -269,18 +280,22 @@ mod tests {
     fn bad_arguments_are_invalid_value_not_a_crash() {
         let mut p: *mut c_void = std::ptr::null_mut();
         assert_eq!(
-            lookup(std::ptr::null(), &mut p, 12000, 0, std::ptr::null_mut()),
+            // SAFETY: a null symbol (which is the case under test) and a live out-parameter.
+            unsafe { lookup(std::ptr::null(), &mut p, 12000, 0, std::ptr::null_mut()) },
             CUDA_ERROR_INVALID_VALUE
         );
         let n = CString::new("cuInit").unwrap();
         assert_eq!(
-            lookup(
-                n.as_ptr(),
-                std::ptr::null_mut(),
-                12000,
-                0,
-                std::ptr::null_mut()
-            ),
+            // SAFETY: a NUL-terminated string and null out-parameters.
+            unsafe {
+                lookup(
+                    n.as_ptr(),
+                    std::ptr::null_mut(),
+                    12000,
+                    0,
+                    std::ptr::null_mut(),
+                )
+            },
             CUDA_ERROR_INVALID_VALUE
         );
     }
@@ -288,8 +303,12 @@ mod tests {
     #[test]
     fn calls_before_cuinit_report_not_initialized() {
         let mut n = 0;
-        assert_eq!(cuDeviceGetCount(&mut n), CUDA_ERROR_NOT_INITIALIZED);
+        // SAFETY: the out-parameter is a live local.
+        let r = unsafe { cuDeviceGetCount(&mut n) };
+        assert_eq!(r, CUDA_ERROR_NOT_INITIALIZED);
         let mut d = 0u64;
-        assert_eq!(cuMemAlloc_v2(&mut d, 16), CUDA_ERROR_NOT_INITIALIZED);
+        // SAFETY: the out-parameter is a live local.
+        let r = unsafe { cuMemAlloc_v2(&mut d, 16) };
+        assert_eq!(r, CUDA_ERROR_NOT_INITIALIZED);
     }
 }

@@ -4,10 +4,11 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vigil_gpusim::config::{parse_duration, parse_rate, parse_size, Lag, ParseError};
+use vigil_gpusim::config::{parse_rate, Lag};
 use vigil_gpusim::daemon::Daemon;
-use vigil_gpusim::protocol::{Conn, DEFAULT_SOCKET};
+use vigil_gpusim::protocol::{Conn, Request, DEFAULT_SOCKET};
 use vigil_gpusim::state::{PidMode, SimConfig};
+use vigil_units::{parse_duration, parse_size, ParseError};
 
 #[derive(Parser)]
 #[command(
@@ -247,8 +248,8 @@ fn serve(args: &ServeArgs) -> Result<(), String> {
 
 fn stats(socket: &std::path::Path) -> Result<(), String> {
     let mut c = Conn::connect(socket, std::process::id()).map_err(|e| format!("{e:?}"))?;
-    let v = c.call("stats").map_err(|e| format!("{e:?}"))?;
-    println!("{}", v.join(" "));
+    let st = c.call(&Request::Stats).map_err(|e| format!("{e:?}"))?;
+    println!("{}", st.encode_values());
     Ok(())
 }
 

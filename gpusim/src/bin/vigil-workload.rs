@@ -15,8 +15,8 @@ use libloading::Library;
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use std::process::ExitCode;
 use std::time::Duration;
-use vigil_gpusim::config::{parse_duration, parse_size};
 use vigil_gpusim::sys::monotonic_ns;
+use vigil_units::{parse_duration, parse_size};
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Api {
@@ -379,7 +379,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         .collect();
     let mut dev: c_int = 0;
     let mut ctx: *mut c_void = std::ptr::null_mut();
-    // SAFETY (for every call below): entry points resolved above, called with valid
+    // SAFETY: for every call below, entry points resolved above, called with valid
     // out-pointers and arguments per the CUDA driver API.
     unsafe {
         check("cuInit", (cu.init)(0))?;
@@ -509,7 +509,7 @@ impl Held {
 fn alloc_via(cu: &Cuda, which: u64, size: u64, dev: c_int) -> (Res, Option<Held>) {
     let mut p = 0u64;
     let n = size as usize;
-    // SAFETY (every call): entry points resolved in `Cuda::load`, valid out-pointers;
+    // SAFETY: for every call, entry points resolved in `Cuda::load`, valid out-pointers;
     // a null stream is the legacy default stream and a null pool the simulator's
     // default pool; the property struct is laid out as CUmemAllocationProp.
     unsafe {

@@ -2,62 +2,27 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use vigil_region::{Counter, RegionReader};
 
-pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
+pub use vigil_gpusim::testing::artifact;
 
-pub fn artifact(name: &str) -> PathBuf {
-    let p = bin_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace --features vigil-interposer/fault-injection` (scripts/test.sh does)",
-        p.display()
-    );
-    p
-}
+/// The shared simulator (`vigil_gpusim::testing`) with this crate's defaults (fast
+/// context creation, a short NVML lag), plus workloads under the interposer.
+pub struct Sim(vigil_gpusim::testing::Sim);
 
-pub struct Sim {
-    pub dir: tempfile::TempDir,
-    pub daemon: Child,
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
+impl std::ops::Deref for Sim {
+    type Target = vigil_gpusim::testing::Sim;
+    fn deref(&self) -> &vigil_gpusim::testing::Sim {
+        &self.0
     }
 }
 
 impl Sim {
     pub fn start(args: &[&str]) -> Sim {
-        let dir = tempfile::tempdir().unwrap();
-        let st = Command::new(artifact("vigil-gpusim"))
-            .arg("install-libs")
-            .arg(dir.path().join("lib"))
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let mut daemon = Command::new(artifact("vigil-gpusim"))
-            .arg("--socket")
-            .arg(dir.path().join("gpu.sock"))
-            .args(["--ctx-create-time", "20ms", "--nvml-lag", "40ms"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(daemon.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert!(line.starts_with("listening"), "{line}");
-        Sim { dir, daemon }
+        let mut all = vec!["--ctx-create-time", "20ms", "--nvml-lag", "40ms"];
+        all.extend_from_slice(args);
+        Sim(vigil_gpusim::testing::Sim::start(&all))
     }
 
     pub fn region(&self) -> PathBuf {
@@ -67,9 +32,8 @@ impl Sim {
     /// A workload with libvigil.so preloaded (unless `preload` is false).
     pub fn workload(&self, args: &[&str], env: &[(&str, &str)], preload: bool) -> Command {
         let mut c = Command::new(artifact("vigil-workload"));
-        c.args(args)
-            .env("VIGIL_GPUSIM_SOCKET", self.dir.path().join("gpu.sock"))
-            .env("LD_LIBRARY_PATH", self.dir.path().join("lib"))
+        c.args(args);
+        self.env(&mut c)
             .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", self.region())
             .env("LIBCUDA_LOG_LEVEL", "4");
         if preload {
@@ -101,19 +65,9 @@ pub fn counter(region: &Path, c: Counter) -> u64 {
     RegionReader::open(region).unwrap().snapshot().counter(c)
 }
 
-/// The simulator's own totals: (used now, peak ever) across devices, from
-/// `vigil-gpusim stats` (the truth the limit tests compare with).
+/// The simulator's own totals: (used now, peak ever) across devices (the truth the
+/// limit tests compare with).
 pub fn sim_stats(sim: &Sim) -> (u64, u64) {
-    let out = Command::new(artifact("vigil-gpusim"))
-        .arg("--socket")
-        .arg(sim.dir.path().join("gpu.sock"))
-        .arg("stats")
-        .output()
-        .unwrap();
-    let kv: std::collections::HashMap<String, u64> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|t| t.split_once('='))
-        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        .collect();
-    (kv["used"], kv["peak"])
+    let st = sim.stats();
+    (st.used, st.peak)
 }
