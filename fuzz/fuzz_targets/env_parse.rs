@@ -221,12 +221,21 @@ fn check_duration(s: &str) {
         d < HOUR,
         "parse_duration({s:?}) = {d:?} is not under an hour"
     );
+    if s.trim() == "0" {
+        assert_eq!(d, Duration::ZERO, "parse_duration({s:?})");
+        return;
+    }
     let (num, unit) = split_duration(s).expect("accepted without a unit");
-    assert!(["us", "ms", "s"].contains(&unit), "accepted unit {unit:?}");
+    assert!(
+        ["ns", "us", "µs", "ms", "s", "m"].contains(&unit),
+        "accepted unit {unit:?}"
+    );
     if let Ok(n) = num.parse::<u64>() {
         let want = match unit {
-            "us" => Duration::from_micros(n),
+            "ns" => Duration::from_nanos(n),
+            "us" | "µs" => Duration::from_micros(n),
             "ms" => Duration::from_millis(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
             _ => Duration::from_secs(n),
         };
         check!(

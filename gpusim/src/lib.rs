@@ -3,9 +3,6 @@
 //! (crate `vigil-gpusim-driver`, installed as `libcuda.so.1` and `libnvidia-ml.so.1`)
 //! talks to it. See `gpusim/README.md`.
 
-#![deny(unsafe_op_in_unsafe_fn)]
-#![warn(clippy::undocumented_unsafe_blocks, clippy::not_unsafe_ptr_arg_deref)]
-
 pub mod config;
 pub mod daemon;
 pub mod protocol;

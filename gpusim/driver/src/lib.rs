@@ -7,9 +7,6 @@
 //! export that dereferences a caller pointer is an `unsafe extern "C" fn` whose
 //! `# Safety` section states what the caller (the CUDA or NVML contract) guarantees.
 
-#![deny(unsafe_op_in_unsafe_fn)]
-#![warn(clippy::undocumented_unsafe_blocks, clippy::not_unsafe_ptr_arg_deref)]
-
 mod client;
 mod cuda;
 mod ffi;

@@ -132,19 +132,13 @@ pub fn parse_mode(s: &str) -> Option<u32> {
     u32::from_str_radix(t, 8).ok().filter(|m| *m <= 0o777)
 }
 
-/// Parses a duration: a number with `us`, `ms` or `s`.
+/// Parses a duration in the shared grammar (`vigil_units`: `0`, or a number with
+/// `ns`, `us`, `ms`, `s` or `m`), under an hour.
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-    let (n, unit) = s.split_at(split);
-    let v: f64 = n.parse().ok()?;
-    let secs = match unit {
-        "us" => v / 1e6,
-        "ms" => v / 1e3,
-        "s" => v,
-        _ => return None,
-    };
-    (secs.is_finite() && (0.0..3600.0).contains(&secs)).then(|| Duration::from_secs_f64(secs))
+    // The one grammar every Vigil tool reads durations with, and a bound of our own.
+    vigil_units::parse_duration("", s)
+        .ok()
+        .filter(|d| *d < Duration::from_secs(3600))
 }
 
 /// Numeric `CUDA_VISIBLE_DEVICES` ("1,0"). As in CUDA, only the devices listed before
