@@ -36,7 +36,7 @@ grep -q ready "$work/fixture.out" || { echo "bench: fixture did not start" >&2; 
 for mode in default --regions.map-per-read; do
     flag=""
     [ "$mode" = default ] || flag="$mode"
-    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    port="$(python3 tests/harness.py free-port)"
     target/release/vigil-exporter --regions-dir "$work/regions" --web.listen-address "127.0.0.1:$port" \
         --log.level warn $flag >"$work/exporter.log" 2>&1 &
     exporter=$!
@@ -74,7 +74,7 @@ for _ in $(seq 1 100); do [ -S "$work/sim.sock" ] && break; sleep 0.05; done
 for mode in hami hami+nvml; do
     flag="--nvml=off"
     [ "$mode" = hami ] || flag="--nvml.library=$work/lib/libnvidia-ml.so.1 --nvml.interval=1s"
-    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    port="$(python3 tests/harness.py free-port)"
     # shellcheck disable=SC2086
     VIGIL_GPUSIM_SOCKET="$work/sim.sock" target/release/vigil-exporter --regions-dir "$work/regions" \
         --web.listen-address "127.0.0.1:$port" --log.level warn $flag >"$work/exporter.log" 2>&1 &

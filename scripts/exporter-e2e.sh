@@ -17,7 +17,7 @@
 #
 # Usage: scripts/exporter-e2e.sh [N]
 #   VIGIL_SKIP_BUILD=1   use the binaries already in target/debug
-#   VIGIL_E2E_KEEP=1     keep the work directory (logs, TSDB) for inspection
+#   VIGIL_E2E_KEEP=1     keep the work directory (logs, TSDB) for inspection (VIGIL_KEEP=1 too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-8}"
@@ -39,13 +39,12 @@ cleanup() {
         kill "$p" 2>/dev/null || true
         wait "$p" 2>/dev/null || true
     done
-    if [ "${VIGIL_E2E_KEEP:-}" = 1 ]; then echo "e2e: kept $work"; else rm -rf "$work"; fi
+    if [ "${VIGIL_E2E_KEEP:-}" = 1 ] || [ "${VIGIL_KEEP:-}" = 1 ]; then echo "e2e: kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-exp_port="$(free_port)"
-prom_port="$(free_port)"
+exp_port="$(python3 tests/harness.py free-port)"
+prom_port="$(python3 tests/harness.py free-port)"
 mkdir -p "$work/regions/plain" "$work/regions/kill" "$work/regions/signals"
 
 # HAMi-core's own region files, in HAMi's layout <pod-uid>_<container>/.

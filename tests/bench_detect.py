@@ -28,7 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import ROOT  # noqa: E402
 MODES = ("parallel", "serial")
 RUN_TIMEOUT_S = 900
 
@@ -70,19 +72,8 @@ def run_one(name, mode, rnd, n, extra):
     if name in ("d", "e"):
         env["VIGIL_SCENARIO_SEED"] = str(1000 + rnd)
     t = time.monotonic()
-    try:
-        p = subprocess.run([sys.executable, str(ROOT / "tests" / "comprehensive.py"), str(n)], env=env,
-                           capture_output=True, text=True, cwd=ROOT, timeout=RUN_TIMEOUT_S)
-        rc, out, err = p.returncode, p.stdout, p.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, out, err = 124, (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (
-            e.stdout or ""), f"timed out after {RUN_TIMEOUT_S} s"
-    lines = out.strip().splitlines()
-    try:
-        summary = json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        summary = None
-    fails = [line for line in lines if "FAIL" in line]
+    r = harness.run_scenario(n, env, timeout=RUN_TIMEOUT_S)
+    rc, err, summary, fails = r["rc"], r["err"], r["summary"], r["fails"]
     return {"scenario": name, "mode": mode, "round": rnd, "procs": n,
             "env": {k: v for k, v in env.items() if k.startswith("VIGIL_SCENARIO_") or k == "VIGIL_DETECT_MODE"},
             "rc": rc, "wall_seconds": round(time.monotonic() - t, 2), "fails": fails,
@@ -155,9 +146,8 @@ def main():
         sys.exit("--rounds must be >= 1")
     modes = MODES if a.mode == "both" else (a.mode,)
     only = [s for s in SCENARIOS if s in a.only.replace(",", "")]
-    if os.environ.get("VIGIL_SKIP_BUILD") != "1":
-        subprocess.run(["cargo", "build", "--quiet", "--workspace", "--features", "vigil-interposer/fault-injection"],
-                       cwd=ROOT, check=True)
+    harness.build()
+    harness.exit_on_sigterm()
     code = code_version()
     out = open(a.json, "w") if a.json else None
     results = {}

@@ -60,34 +60,32 @@ Environment:
                             SIGKILLed there (see tests/kill_sweep.py for the points); the
                             run then checks recovery, counters and accounting
   VIGIL_SKIP_BUILD          if 1: use the binaries already in target/debug
+  VIGIL_KEEP                1: keep the temp dir (logs, regions, workloads.json); failed:
+                            keep it only when the run fails (see tests/harness.py)
 
 Prints one PASS/FAIL line per check and, last, a JSON summary; exits non-zero on any
-FAIL. Logs stay in the temp dir on failure; it is removed on success.
+FAIL. The temp dir (logs) is removed at the end unless VIGIL_KEEP asks to keep it.
 """
 import json
 import math
 import os
 import random
 import re
-import select
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "debug"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import BIN, UNSHARE, can_unshare, children, events, reap  # noqa: E402
 
 # How long the workloads may take, from their release to their exit, before the run is
 # declared hung and everything is killed.
 RUN_LIMIT_S = 180.0
-# Any one helper command (vigil-region, vigil-gpusim stats, ...).
-CMD_LIMIT_S = 30.0
 
 
 def detect_mode():
@@ -148,56 +146,6 @@ def lag_model(ctx_ms, sim_spec, name):
     r = random.Random(1)
     xs = sorted(max(ctx_ms, draw(r)) for _ in range(20000))
     return statistics.fmean(xs), xs[int(len(xs) * 0.999)]
-
-
-def can_unshare():
-    try:
-        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
-                              capture_output=True, timeout=CMD_LIMIT_S).returncode == 0
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return False
-
-
-def children(pid, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
-            if kids:
-                return int(kids[0])
-        except OSError:
-            pass
-        time.sleep(0.001)
-    return None
-
-
-def run_tool(args):
-    """Runs a helper command under a timeout; (returncode, stdout, stderr)."""
-    try:
-        p = subprocess.run(args, capture_output=True, text=True, timeout=CMD_LIMIT_S)
-        return p.returncode, p.stdout, p.stderr
-    except subprocess.TimeoutExpired:
-        return 124, "", f"{args[0]}: timed out after {CMD_LIMIT_S} s"
-
-
-def events(region, lost=None, status=None):
-    """The region's event ring as dicts; `lost` gets the `# lost:` counts, `status` the
-    reader's exit status and stderr (a region it cannot read has no events)."""
-    rc, out, err = run_tool([str(BIN / "vigil-region"), "events", str(region)])
-    if status is not None:
-        status.update(rc=rc, err=err.strip())
-    evs = []
-    for line in out.splitlines():
-        if line.startswith("# lost:") and lost is not None:
-            lost.update({k: int(v) for k, v in (kv.split("=", 1) for kv in line[len("# lost:"):].split())})
-        if line.startswith("#"):
-            continue
-        evs.append(dict(kv.split("=", 1) for kv in line.split() if "=" in kv))
-    return evs
-
-
-def inspect(region):
-    return run_tool([str(BIN / "vigil-region"), "inspect", str(region)])
 
 
 # Fault points whose victim dies holding locks: each must be force-posted exactly this
@@ -317,83 +265,32 @@ def main():
     if fault and kill_hold:
         sys.exit("VIGIL_SCENARIO_FAULT and VIGIL_SCENARIO_KILL_HOLDER_MS do not combine")
 
-    if env("VIGIL_SKIP_BUILD") != "1":
-        subprocess.run(["cargo", "build", "--quiet", "--workspace", "--features", "vigil-interposer/fault-injection"],
-                       cwd=ROOT, check=True)
+    harness.build()
+    harness.exit_on_sigterm()
 
-    tmp = Path(tempfile.mkdtemp(prefix="vigil-scenario-"))
-    # Every Popen we started (workloads, victim, foreign, reaper), and the simulator.
-    state = {"procs": [], "daemon": None}
     ok = False
-    try:
-        ok = scenario(n, mode, k, ctx_ms, lag_spec, lag_desc, per_ms, per_max_ms, sim_args, pid_mode, kill_hold,
-                      foreign, use_ns, min_found, alloc, hold_ms, limit, expect_refusals, fault, tmp, state)
-    finally:
-        reap(state["procs"])
-        daemon = state["daemon"]
-        if daemon is not None and daemon.poll() is None:
-            daemon.terminate()
-            try:
-                daemon.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
-        if ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-    sys.exit(0 if ok else 1)
-
-
-def reap(procs):
-    """SIGKILLs whatever is still running (the unshare parent and, through --kill-child
-    and directly, its child) and waits for all of it."""
-    for p in procs:
-        if p.poll() is None:
-            kid = getattr(p, "vigil_child", None)
-            if kid:
-                try:
-                    # Only while it is still ours: its parent is the unshare we started.
-                    ppid = int(re.search(r"^PPid:\s+(\d+)", open(f"/proc/{kid}/status").read(), re.M).group(1))
-                    if ppid == p.pid:
-                        os.kill(kid, signal.SIGKILL)
-                except (OSError, AttributeError, ValueError):
-                    pass
-            try:
-                p.kill()
-            except OSError:
-                pass
-    for p in procs:
+    with harness.TempDir("vigil-scenario-") as work:
+        tmp = work.path
+        # Every Popen we started (workloads, victim, foreign, reaper), and the simulator.
+        state = {"procs": [], "sim": None}
         try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            print(f"process {p.pid} did not die after SIGKILL", file=sys.stderr)
-
-
-def start_daemon(sock, sim_args, pid_mode, tmp):
-    log = open(tmp / "gpusim.log", "w")
-    daemon = subprocess.Popen([str(BIN / "vigil-gpusim"), "--socket", str(sock), "--devices", "1", "--memory", "80GiB",
-                               "--pid-mode", pid_mode, *sim_args],
-                              stdout=subprocess.PIPE, stderr=log, text=True)
-    ready, _, _ = select.select([daemon.stdout], [], [], 20)
-    line = daemon.stdout.readline() if ready else ""
-    if not line.startswith("listening"):
-        return daemon, f"the simulator did not start (rc={daemon.poll()}): {open(tmp / 'gpusim.log').read().strip()}"
-    # Keep draining its stdout, so it can never block on a full pipe.
-    threading.Thread(target=lambda: [None for _ in daemon.stdout], daemon=True).start()
-    return daemon, None
+            ok = scenario(n, mode, k, ctx_ms, lag_spec, lag_desc, per_ms, per_max_ms, sim_args, pid_mode, kill_hold,
+                          foreign, use_ns, min_found, alloc, hold_ms, limit, expect_refusals, fault, tmp, state)
+        finally:
+            reap(state["procs"])
+            if state["sim"] is not None:
+                state["sim"].stop()
+            work.failed = not ok
+            if not ok and not work.keep():
+                print(f"logs removed with {tmp} ({harness.KEEP_ENV}=failed keeps them)", file=sys.stderr)
+    sys.exit(0 if ok else 1)
 
 
 def scenario(n, mode, k, ctx_ms, lag_spec, lag_desc, per_ms, per_max_ms, sim_args, pid_mode, kill_hold, foreign,
              use_ns, min_found, alloc, hold_ms, limit, expect_refusals, fault, tmp, state):
     procs = state["procs"]
-    lib = tmp / "lib"
-    rc, _, err = run_tool([str(BIN / "vigil-gpusim"), "install-libs", str(lib)])
-    if rc != 0:
-        print(f"✗ FAIL: install the simulator's libraries ({err.strip()})")
-        print(json.dumps({"procs": n, "error": "install-libs failed"}))
-        return False
-    sock = tmp / "gpu.sock"
+    sim = harness.Simulator(tmp, ["--devices", "1", "--memory", "80GiB", "--pid-mode", pid_mode, *sim_args])
+    state["sim"] = sim
     base = os.environ.get("VIGIL_SCENARIO_REGION")
     if base:
         base = Path(base)
@@ -402,14 +299,16 @@ def scenario(n, mode, k, ctx_ms, lag_spec, lag_desc, per_ms, per_max_ms, sim_arg
         regions = [tmp / "region.cache"] if k == 1 else [tmp / f"c{c}" / "region.cache" for c in range(k)]
     for r in regions:
         r.parent.mkdir(parents=True, exist_ok=True)
-    daemon, err = start_daemon(sock, sim_args, pid_mode, tmp)
-    state["daemon"] = daemon
-    if err:
-        print(f"✗ FAIL: {err}")
-        print(json.dumps({"procs": n, "error": "the simulator did not start"}))
+    step = "install-libs failed"
+    try:
+        sim.install_libs()
+        step = "the simulator did not start"
+        sim.start()
+    except harness.HarnessError as e:
+        print(f"✗ FAIL: {e}" if sim.proc else f"✗ FAIL: install the simulator's libraries ({e})")
+        print(json.dumps({"procs": n, "error": step}))
         return False
-    base_env = dict(os.environ, VIGIL_GPUSIM_SOCKET=str(sock), LD_LIBRARY_PATH=str(lib), LIBCUDA_LOG_LEVEL="3",
-                    VIGIL_DETECT_MODE=mode)
+    base_env = dict(os.environ, **sim.env(), LIBCUDA_LOG_LEVEL="3", VIGIL_DETECT_MODE=mode)
     if limit:
         base_env["CUDA_DEVICE_MEMORY_LIMIT"] = limit
     print(f"scenario: N={n} containers={k} detect_mode={mode} ctx={ctx_ms}ms lag={lag_desc} "
@@ -428,7 +327,7 @@ def scenario(n, mode, k, ctx_ms, lag_spec, lag_desc, per_ms, per_max_ms, sim_arg
         if wait:
             cmd += ["--wait-for", str(wait)]
         if use_ns and own_ns:
-            cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", *cmd]
+            cmd = [*UNSHARE, *cmd]
         log = open(tmp / f"w{i}.log", "w")
         p = subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -471,15 +370,14 @@ def scenario(n, mode, k, ctx_ms, lag_spec, lag_desc, per_ms, per_max_ms, sim_arg
     if kill_hold:
         workers[0], truths[0] = spawn(0, {"VIGIL_TEST_HOLD_DETECT_MS": kill_hold}, wait=None)
         # Wait until the victim holds the lock its mode holds at the test hold point:
-        # the detection lock (serial) or the region lock (parallel); `vigil-region
-        # inspect` prints `lock detect: owner=N ...` / `lock region: owner=N ...`.
+        # the detection lock (serial) or the region lock (parallel), as the region's
+        # state (vigil-exporter inspect --json) names its owner slot.
         lock_name = "detect" if mode == "serial" else "region"
-        pat = re.compile(rf"^\s*lock {lock_name}: owner=\d+", re.M)
         end = time.monotonic() + 10
         t0 = time.monotonic()
         hold_seen = False
         while time.monotonic() < end and workers[0].poll() is None:
-            held = pat.search(inspect(regions[0])[1])
+            held = harness.lock_owner(harness.inspect(regions[0])[0], lock_name) is not None
             said = "test hold point" in (tmp / "w0.log").read_text(errors="replace")
             # The log line confirms it is the hold and not a short bookkeeping hold;
             # if its wording changes, the lock alone is accepted after a second.
@@ -517,11 +415,8 @@ def scenario(n, mode, k, ctx_ms, lag_spec, lag_desc, per_ms, per_max_ms, sim_arg
         except subprocess.TimeoutExpired:
             hung.append(reaper.pid)
             reap(procs)
-    rc, stats_out, stats_err = run_tool([str(BIN / "vigil-gpusim"), "--socket", str(sock), "stats"])
-    m = re.search(r"\bpeak=(\d+)", stats_out)
-    device_peak = int(m.group(1)) if m else None
-    daemon.terminate()
-    daemon.wait(timeout=10)
+    device_peak = sim.stats().get("peak")
+    sim.stop()
 
     return report(locals())
 
@@ -581,8 +476,8 @@ def report(v):
             dets = dets[:-1]
         members = [i for i in range(n) if container[i] == c]
         n_c = len(members)
-        initializers = sum(1 for e in inits if e.get("path") in ("0", "2"))
-        fast_path = sum(1 for e in inits if e.get("path") == "1")
+        initializers = sum(1 for e in inits if e.get("path") in ("initializer", "recovered"))
+        fast_path = sum(1 for e in inits if e.get("path") == "fast_path")
         fast_expected = n_c - 1
         if fault and c == 0:
             # A victim killed in the middle of initializing emits no init event.
@@ -684,9 +579,9 @@ def report(v):
     mems, infos = [], []
     if v["limit"]:
         for c, region in enumerate(regions):
-            out = inspect(region)[1]
-            m = re.search(r"device 0: limit=(\d+) used=(\d+) peak=(\d+) denials=(\d+)", out)
-            mem = {kk: int(x) for kk, x in zip(("limit", "used", "peak", "denials"), m.groups())} if m else None
+            dev = harness.device(harness.inspect(region)[0])
+            mem = {kk: dev[f] for kk, f in (("limit", "limit_bytes"), ("used", "used_bytes"), ("peak", "peak_bytes"),
+                                             ("denials", "allocation_denials"))} if dev else None
             mems.append(mem)
             tag = f"[{c}] " if k > 1 else ""
             checks.append((f"{tag}memory limit recorded", mem is not None and mem["limit"] > 0, f"{mem}"))
@@ -720,11 +615,11 @@ def report(v):
                        f"{force_delay_ms} ms"))
     fault_report = None
     if fault:
-        rc, snap_out, snap_err = inspect(regions[0])
-        valid = rc == 0
-        counters = dict(re.findall(r"^\s+(\w+)=(\d+)$", snap_out, re.M))
-        used = re.search(r"device 0: limit=\d+ used=(\d+)", snap_out)
-        used = int(used.group(1)) if used else None
+        snap, snap_err = harness.inspect(regions[0])
+        valid = snap is not None
+        counters = harness.counters(snap)
+        dev0 = harness.device(snap)
+        used = dev0["used_bytes"] if dev0 else None
         want_force = LOCK_FAULTS.get(fault, 0)
         force = [e for e in events(regions[0]) if e.get("kind") == "force_post"]
         inits0 = [e for e in events(regions[0]) if e.get("kind") == "init"][:-1]
@@ -735,7 +630,7 @@ def report(v):
             # it was already waiting) or from when it started waiting, whichever is later.
             extra_ms = max(max(0.0, min(int(e["ts_ns"]) - death["ns"], int(e["held_ns"])) / 1e6) for e in force)
         elif fault == "region.init.mid":
-            rec = [int(e["duration_ns"]) / 1e6 for e in inits0 if e.get("path") == "2"]
+            rec = [int(e["duration_ns"]) / 1e6 for e in inits0 if e.get("path") == "recovered"]
             extra_ms = max(rec) if rec else float("inf")
         inits_counted = int(counters.get("ProcessInitsInitializer", 0)) + int(counters.get("ProcessInitsFastPath", 0))
         reclaimed = int(counters.get("SlotsReclaimedDead", 0))
@@ -747,7 +642,7 @@ def report(v):
             ("exactly one initializer (counter)", init_ctr == 1, f"{init_ctr}"),
             ("the victim died at the fault point", victim.returncode != 0 and "freed" not in logs[0],
              f"rc={victim.returncode}"),
-            ("the region still validates", valid, snap_err.strip()),
+            ("the region still validates", valid, snap_err),
             (f"{want_force} force-post(s) ({mode} mode)", len(force) == want_force, f"{len(force)}"),
             ("no survivor waited more than 100 ms after the death", extra_ms <= 100, f"{extra_ms:.1f} ms"),
             ("init counters match init events (+ reaper, + events lost)",
@@ -759,10 +654,7 @@ def report(v):
         fault_report = {"fault_point": fault, "extra_wait_ms": round(extra_ms, 2), "slots_reclaimed": reclaimed,
                         "mem_used_after": used, "lost_events": lost0}
 
-    ok = True
-    for name, passed, det in checks:
-        ok &= bool(passed)
-        print(f"{'✓ PASS' if passed else '✗ FAIL'}: {name} ({det})")
+    ok = harness.print_checks(checks)
     for line in infos:
         print(f"· INFO: {line}")
     initializers = sum(r["initializers"] for r in per)

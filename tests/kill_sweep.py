@@ -19,7 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import BIN  # noqa: E402
 
 BOTH = ("parallel", "serial")
 
@@ -27,26 +29,17 @@ BOTH = ("parallel", "serial")
 def fault_points():
     """Every fault point, from the region crate's one list (vigil-region fault-points):
     (name, what dying there means, the detection modes that reach it)."""
-    out = subprocess.run([str(ROOT / "target/debug/vigil-region"), "fault-points", "--json"],
+    out = subprocess.run([str(BIN / "vigil-region"), "fault-points", "--json"],
                          check=True, capture_output=True, text=True).stdout
     return [(p["name"], p["means"], tuple(p["modes"])) for p in json.loads(out)]
 
 
 def run(point, n, limit, mode):
     env = dict(os.environ, VIGIL_SCENARIO_FAULT=point, VIGIL_SCENARIO_LIMIT=limit, VIGIL_DETECT_MODE=mode)
-    try:
-        p = subprocess.run([sys.executable, str(ROOT / "tests" / "comprehensive.py"), str(n)],
-                           env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return False, {}, ["the scenario did not finish within 600 s"], out
-    last = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else "{}"
-    try:
-        summary = json.loads(last)
-    except json.JSONDecodeError:
-        summary = {}
-    fails = [l for l in p.stdout.splitlines() if "FAIL" in l]
-    return p.returncode == 0, summary, fails, p.stdout
+    r = harness.run_scenario(n, env, timeout=600)
+    if r["timed_out"]:
+        return False, {}, ["the scenario did not finish within 600 s"], r["out"]
+    return r["rc"] == 0, r["summary"] or {}, r["fails"], r["out"]
 
 
 def main():
@@ -60,9 +53,8 @@ def main():
     a = ap.parse_args()
     if a.runs < 1 or a.n < 2:
         sys.exit("--runs must be >= 1 and --n >= 2")
-    if os.environ.get("VIGIL_SKIP_BUILD") != "1":
-        subprocess.run(["cargo", "build", "--quiet", "--workspace", "--features", "vigil-interposer/fault-injection"],
-                       cwd=ROOT, check=True)
+    harness.build()
+    harness.exit_on_sigterm()
     os.environ["VIGIL_SKIP_BUILD"] = "1"
     rows, failed = [], 0
     points = [p for p, _, modes in fault_points() if a.mode in modes]

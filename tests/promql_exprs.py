@@ -52,7 +52,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -496,12 +498,6 @@ class Synthetic:
                  {"reason": reason}, round(rate * t))
         hist("vigil_exporter_scrape_duration_seconds", {}, [(0.0008, 1), (0.004, 0.1)], self.SECONDS_BUCKETS)
         return "\n".join(lines) + "\n"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def self_test(args):

@@ -22,31 +22,32 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comprehensive import BIN, ROOT, can_unshare, children, events  # noqa: E402
+import harness  # noqa: E402
+from harness import BIN, UNSHARE, can_unshare, children, events  # noqa: E402
 
 CTX_MS, LAG_MS = 20, 40
 LIMIT = 4 << 30
 
 
 def inspect(region):
-    p = subprocess.run([str(BIN / "vigil-region"), "inspect", str(region)], capture_output=True, text=True)
-    counters = {k: int(v) for k, v in re.findall(r"^\s+(\w+)=(\d+)$", p.stdout, re.M)}
-    dev = re.search(r"device 0: limit=(\d+) used=(\d+) peak=(\d+)", p.stdout)
-    return p.returncode == 0, p.stderr.strip(), counters, dev and tuple(int(x) for x in dev.groups())
+    """(valid, error, counters, (limit, used, peak) of device 0 or None)."""
+    state, err = harness.inspect(region)
+    dev = harness.device(state)
+    return (state is not None, err, harness.counters(state),
+            dev and (dev["limit_bytes"], dev["used_bytes"], dev["peak_bytes"]))
 
 
 def lock_holder(region, tmp, running):
     """The running workload that holds the detection (else the region) lock, found by
     the slot and generation its debug log names."""
-    out = subprocess.run([str(BIN / "vigil-region"), "inspect", str(region)], capture_output=True, text=True).stdout
+    state, _ = harness.inspect(region)
     for lock in ("detect", "region"):
-        m = re.search(rf"lock {lock}: owner=(\d+)", out)
-        if not m:
+        owner = harness.lock_owner(state, lock)
+        if owner is None:
             continue
         best = None
         for i in running:
@@ -54,7 +55,7 @@ def lock_holder(region, tmp, running):
                 log = open(tmp / f"w{i}.log").read()
             except OSError:
                 continue
-            for g in re.findall(rf"slot {m.group(1)} generation (\d+)", log):
+            for g in re.findall(rf"slot {owner} generation (\d+)", log):
                 if best is None or int(g) > best[0]:
                     best = (int(g), i)
         if best:
@@ -63,65 +64,74 @@ def lock_holder(region, tmp, running):
 
 
 def one_round(rnd, n, rng, use_ns):
-    tmp = Path(tempfile.mkdtemp(prefix=f"vigil-rk{rnd}-"))
-    lib, sock, region = tmp / "lib", tmp / "gpu.sock", tmp / "region.cache"
-    subprocess.run([str(BIN / "vigil-gpusim"), "install-libs", str(lib)], check=True, stdout=subprocess.DEVNULL)
-    daemon = subprocess.Popen([str(BIN / "vigil-gpusim"), "--socket", str(sock), "--memory", "80GiB",
-                               "--ctx-create-time", f"{CTX_MS}ms", "--nvml-lag", f"{CTX_MS + LAG_MS}ms",
-                               "--ctx-memory", "2MiB", "--seed", str(rng.randrange(1 << 30))],
-                              stdout=subprocess.PIPE, text=True)
-    daemon.stdout.readline()
-    env = dict(os.environ, VIGIL_GPUSIM_SOCKET=str(sock), LD_LIBRARY_PATH=str(lib), LIBCUDA_LOG_LEVEL="4",
-               CUDA_DEVICE_MEMORY_SHARED_CACHE=str(region), CUDA_DEVICE_MEMORY_LIMIT=str(LIMIT),
-               LD_PRELOAD=str(BIN / "libvigil.so"))
-    procs, truths = [], []
-    try:
-        for i in range(n):
-            cmd = [str(BIN / "vigil-workload"), "--alloc", "16MiB", "--alloc", "16MiB", "--hold", "30ms"]
-            if use_ns:
-                cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", *cmd]
-            p = subprocess.Popen(cmd, env=env, stdout=open(tmp / f"w{i}.log", "w"), stderr=subprocess.STDOUT)
-            procs.append(p)
-            truths.append(children(p.pid) if use_ns else p.pid)
-        # Kill 2-10 of them, each a random still-running one at a random time within the
-        # expected run (whoever holds a lock at that moment is as likely as any other).
-        # Serial detection runs one process at a time; parallel, everyone at once (the
-        # whole start-up lasts about a context, the lag and a signature).
-        if os.environ.get("VIGIL_DETECT_MODE", "parallel") == "serial":
-            span = n * (CTX_MS + LAG_MS) / 1000
+    with harness.TempDir(f"vigil-rk{rnd}-") as work:
+        ok, summary, fails = check_round(rnd, n, rng, use_ns, work.path)
+        work.failed = not ok
+        if ok:
+            print(f"round {rnd}: ok {summary}")
         else:
-            span = (CTX_MS + LAG_MS) / 1000 + 0.4
-        plan = sorted(rng.uniform(0, span) for _ in range(rng.randint(2, 10)))
-        t0 = time.monotonic()
-        kills = {}
-        for at in plan:
-            time.sleep(max(0.0, at - (time.monotonic() - t0)))
-            running = [i for i in range(n) if i not in kills and truths[i] and procs[i].poll() is None]
-            if not running:
-                break
-            i = rng.choice(running)
-            # Half the time, aim at whoever holds a lock right now: that is the case
-            # that hangs other interposers for minutes.
-            if rng.random() < 0.5:
-                i = lock_holder(region, tmp, running) or i
-            try:
-                # Taken before the signal: a waiter may take over before os.kill returns.
-                t_kill = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-                os.kill(truths[i], signal.SIGKILL)
-                kills[i] = t_kill
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            p.wait(timeout=120)
-        # A later process reaps the dead, as in production; its exit releases its own slot.
-        r = subprocess.run([str(BIN / "vigil-workload"), "--alloc", "1MiB"], env=env, capture_output=True)
-        reaper_ok = r.returncode == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        daemon.terminate()
-        daemon.wait()
+            print(f"round {rnd}: FAIL {summary}" + (f"; logs in {work.path}" if work.keep() else
+                                                     f" ({harness.KEEP_ENV}=failed keeps the logs)"))
+            for f in fails:
+                print(f"  ✗ {f}")
+    return ok
+
+
+def check_round(rnd, n, rng, use_ns, tmp):
+    """One round in TMP; (ok, summary, failed checks)."""
+    region = tmp / "region.cache"
+    sim_args = ["--memory", "80GiB", "--ctx-create-time", f"{CTX_MS}ms", "--nvml-lag", f"{CTX_MS + LAG_MS}ms",
+                "--ctx-memory", "2MiB", "--seed", str(rng.randrange(1 << 30))]
+    procs, truths = [], []
+    with harness.Simulator(tmp, sim_args) as sim:
+        env = dict(os.environ, **sim.env(), LIBCUDA_LOG_LEVEL="4",
+                   CUDA_DEVICE_MEMORY_SHARED_CACHE=str(region), CUDA_DEVICE_MEMORY_LIMIT=str(LIMIT),
+                   LD_PRELOAD=str(BIN / "libvigil.so"))
+        try:
+            for i in range(n):
+                cmd = [str(BIN / "vigil-workload"), "--alloc", "16MiB", "--alloc", "16MiB", "--hold", "30ms"]
+                if use_ns:
+                    cmd = [*UNSHARE, *cmd]
+                with open(tmp / f"w{i}.log", "w") as log:
+                    p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                procs.append(p)
+                truths.append(children(p.pid) if use_ns else p.pid)
+                p.vigil_child = truths[-1] if use_ns else None
+            # Kill 2-10 of them, each a random still-running one at a random time within the
+            # expected run (whoever holds a lock at that moment is as likely as any other).
+            # Serial detection runs one process at a time; parallel, everyone at once (the
+            # whole start-up lasts about a context, the lag and a signature).
+            if os.environ.get("VIGIL_DETECT_MODE", "parallel") == "serial":
+                span = n * (CTX_MS + LAG_MS) / 1000
+            else:
+                span = (CTX_MS + LAG_MS) / 1000 + 0.4
+            plan = sorted(rng.uniform(0, span) for _ in range(rng.randint(2, 10)))
+            t0 = time.monotonic()
+            kills = {}
+            for at in plan:
+                time.sleep(max(0.0, at - (time.monotonic() - t0)))
+                running = [i for i in range(n) if i not in kills and truths[i] and procs[i].poll() is None]
+                if not running:
+                    break
+                i = rng.choice(running)
+                # Half the time, aim at whoever holds a lock right now: that is the case
+                # that hangs other interposers for minutes.
+                if rng.random() < 0.5:
+                    i = lock_holder(region, tmp, running) or i
+                try:
+                    # Taken before the signal: a waiter may take over before os.kill returns.
+                    t_kill = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+                    os.kill(truths[i], signal.SIGKILL)
+                    kills[i] = t_kill
+                except ProcessLookupError:
+                    pass
+            for p in procs:
+                p.wait(timeout=120)
+            # A later process reaps the dead, as in production; its exit releases its own slot.
+            r = subprocess.run([str(BIN / "vigil-workload"), "--alloc", "1MiB"], env=env, capture_output=True)
+            reaper_ok = r.returncode == 0
+        finally:
+            harness.reap(procs)
 
     lost = {}
     evs = events(region, lost)
@@ -191,14 +201,7 @@ def one_round(rnd, n, rng, use_ns):
         print("  force-posts (ms):", [round(int(e["ts_ns"]) / 1e6, 1) for e in evs if e.get("kind") == "force_post"])
     summary = {"round": rnd, "killed": len(kills), "force_posts": pairs["force_post"],
                "reclaimed": pairs["slot_reclaimed"], "lost": total_lost}
-    if fails:
-        print(f"round {rnd}: FAIL {summary}; logs in {tmp}")
-        for f in fails:
-            print(f"  ✗ {f}")
-        return False
-    subprocess.run(["rm", "-rf", str(tmp)])
-    print(f"round {rnd}: ok {summary}")
-    return True
+    return not fails, summary, fails
 
 
 def main():
@@ -212,9 +215,8 @@ def main():
     seed = a.seed if a.seed is not None else random.randrange(1 << 31)
     if rounds < 1 or a.n < 2:
         sys.exit("--rounds must be >= 1 and --n >= 2")
-    if os.environ.get("VIGIL_SKIP_BUILD") != "1":
-        subprocess.run(["cargo", "build", "--quiet", "--workspace", "--features", "vigil-interposer/fault-injection"],
-                       cwd=ROOT, check=True)
+    harness.build()
+    harness.exit_on_sigterm()
     use_ns = can_unshare()
     print(f"random kills: {rounds} rounds of {a.n} processes, seed {seed}, pid namespaces={use_ns}")
     rng = random.Random(seed)

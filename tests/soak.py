@@ -14,16 +14,14 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comprehensive import BIN, ROOT  # noqa: E402
+import harness  # noqa: E402
+from harness import BIN  # noqa: E402
 
 LIMIT = 2 << 30
 
@@ -37,14 +35,6 @@ def rss_kib(pid):
 
 def fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def metric_sum(text, name, **labels):
@@ -70,111 +60,33 @@ def main():
     a = ap.parse_args()
     if a.seconds < 10:
         sys.exit("--seconds must be >= 10")
-    if os.environ.get("VIGIL_SKIP_BUILD") != "1":
-        subprocess.run(["cargo", "build", "--quiet", "--workspace", "--features", "vigil-interposer/fault-injection"],
-                       cwd=ROOT, check=True)
+    harness.build()
+    harness.exit_on_sigterm()
     seed = a.seed if a.seed is not None else random.randrange(1 << 31)
+    with harness.TempDir("vigil-soak-") as work:
+        ok = soak(a, seed, work.path)
+        work.failed = not ok
+        if not ok and not work.keep():
+            print(f"logs removed with {work.path} ({harness.KEEP_ENV}=failed keeps them)")
+    sys.exit(0 if ok else 1)
+
+
+def soak(a, seed, tmp):
+    """The soak in TMP; prints the checks and the figures; True if every check passed."""
     rng = random.Random(seed)
-    tmp = Path(tempfile.mkdtemp(prefix="vigil-soak-"))
     regions = tmp / "regions" / "soak-pod_main"
     regions.mkdir(parents=True)
     region = regions / "vigil.cache"
-    lib, sock = tmp / "lib", tmp / "gpu.sock"
-    subprocess.run([str(BIN / "vigil-gpusim"), "install-libs", str(lib)], check=True, stdout=subprocess.DEVNULL)
-    sim = subprocess.Popen([str(BIN / "vigil-gpusim"), "--socket", str(sock), "--ctx-create-time", "10ms",
-                            "--nvml-lag", "25ms", "--ctx-memory", "64MiB", "--seed", str(seed)],
-                           stdout=subprocess.PIPE, text=True)
-    sim.stdout.readline()
-    port = free_port()
-    exporter = subprocess.Popen([str(BIN / "vigil-exporter"), "--regions-dir", str(tmp / "regions"),
-                                 "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warn"],
-                                stderr=open(tmp / "exporter.log", "w"))
-    url = f"http://127.0.0.1:{port}/metrics"
-    for _ in range(100):
+    sim_args = ["--ctx-create-time", "10ms", "--nvml-lag", "25ms", "--ctx-memory", "64MiB", "--seed", str(seed)]
+    with harness.Simulator(tmp, sim_args) as sim, \
+            harness.Exporter(tmp / "regions", tmp, ["--log.level", "warn"]) as exporter:
+        live = []
         try:
-            urllib.request.urlopen(url, timeout=1).read()
-            break
-        except OSError:
-            time.sleep(0.1)
-    env = dict(os.environ, VIGIL_GPUSIM_SOCKET=str(sock), LD_LIBRARY_PATH=str(lib), LIBCUDA_LOG_LEVEL="1",
-               CUDA_DEVICE_MEMORY_SHARED_CACHE=str(region), CUDA_DEVICE_MEMORY_LIMIT=str(LIMIT),
-               LD_PRELOAD=str(BIN / "libvigil.so"))
-    live = []
-    counts = {"started": 0, "killed": 0, "exited": 0, "refused": 0, "failed": 0, "scrapes": 0,
-              "scrape_errors": 0}
-
-    def finished(p):
-        if p.returncode == 0:
-            counts["exited"] += 1
-        elif p.returncode == -signal.SIGKILL:
-            counts["killed"] += 1
-        elif p.returncode == 3 and p.refusal_expected:
-            counts["refused"] += 1
-        else:
-            counts["failed"] += 1
-    samples = []
-    start = time.monotonic()
-    next_scrape = next_sample = start
-    print(f"soak: {a.seconds} s, {a.concurrency} workloads at a time, seed {seed}")
-    try:
-        while time.monotonic() - start < a.seconds:
-            now = time.monotonic()
-            # Reap finished workloads; kill some of the living at random.
-            for p in list(live):
-                if p.poll() is not None:
-                    live.remove(p)
-                    finished(p)
-            if live and rng.random() < 0.05:
-                victim = rng.choice(live)
-                victim.kill()
-            while len(live) < a.concurrency:
-                # Live holders never pass the 2 GiB limit (6 x (64 MiB context + 256 MiB)),
-                # so only the 3 GiB asks may be refused; anything else is a false OOM.
-                size = rng.choice(["16MiB", "64MiB", "128MiB", "256MiB", "3GiB"])
-                hold = f"{rng.randint(20, 400)}ms"
-                p = subprocess.Popen([str(BIN / "vigil-workload"), "--alloc", size, "--hold", hold], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                # A refused allocation exits 3 by design: count it apart.
-                p.refusal_expected = size == "3GiB"
-                live.append(p)
-                counts["started"] += 1
-            if now >= next_scrape:
-                next_scrape += 1
-                try:
-                    urllib.request.urlopen(url, timeout=5).read()
-                    counts["scrapes"] += 1
-                except OSError:
-                    counts["scrape_errors"] += 1
-            if now >= next_sample:
-                next_sample += max(1.0, a.seconds / 60)
-                samples.append({"t": round(now - start, 1), "exporter_rss_kib": rss_kib(exporter.pid),
-                                "sim_rss_kib": rss_kib(sim.pid), "exporter_fds": fds(exporter.pid),
-                                "sim_fds": fds(sim.pid)})
-            time.sleep(0.02)
-        for p in live:
-            p.wait(timeout=60)
-            finished(p)
-        # One last process reaps the killed ones (as any later start would); then give
-        # the simulator its teardown time and the exporter a scrape.
-        subprocess.run([str(BIN / "vigil-workload"), "--alloc", "1MiB"], env=env, capture_output=True)
-        time.sleep(1.5)
-        final = urllib.request.urlopen(url, timeout=5).read().decode()
-        samples.append({"t": round(time.monotonic() - start, 1), "exporter_rss_kib": rss_kib(exporter.pid),
-                        "sim_rss_kib": rss_kib(sim.pid), "exporter_fds": fds(exporter.pid), "sim_fds": fds(sim.pid)})
-        stats = subprocess.run([str(BIN / "vigil-gpusim"), "--socket", str(sock), "stats"],
-                               capture_output=True, text=True).stdout
-    finally:
-        for p in live:
-            if p.poll() is None:
-                p.kill()
-        exporter.terminate()
-        exporter.wait()
-        sim.terminate()
-        sim.wait()
-    snap = subprocess.run([str(BIN / "vigil-region"), "inspect", str(region)], capture_output=True, text=True).stdout
-    active = re.search(r"active slots: (\d+)", snap)
-    used = re.search(r"device 0: limit=\d+ used=(\d+)", snap)
-    sim_kv = dict(kv.split("=") for kv in stats.split())
+            final, samples, counts, stats = run(a, seed, rng, sim, exporter, region, live)
+        finally:
+            harness.reap(live)
+    state, _ = harness.inspect(region)
+    dev = harness.device(state)
     # Flat: compare the last sample with the one a fifth of the way in (after warm-up).
     base = samples[max(1, len(samples) // 5)]
     last = samples[-1]
@@ -184,9 +96,9 @@ def main():
         "sim_rss_kib": [base["sim_rss_kib"], last["sim_rss_kib"]],
         "exporter_fds": [base["exporter_fds"], last["exporter_fds"]],
         "sim_fds": [base["sim_fds"], last["sim_fds"]],
-        "slots_active_after": int(active.group(1)) if active else None,
-        "region_used_after": int(used.group(1)) if used else None,
-        "sim_used_after": int(sim_kv.get("used", -1)),
+        "slots_active_after": harness.active_slots(state) if state else None,
+        "region_used_after": dev["used_bytes"] if dev else None,
+        "sim_used_after": stats.get("used", -1),
         "exported_processes_after": metric_sum(final, "vigil_processes"),
         "exported_used_after": metric_sum(final, "vigil_device_memory_used_bytes"),
         "exported_inits": metric_sum(final, "vigil_process_inits_total"),
@@ -213,18 +125,84 @@ def main():
         ("every process start counted", figures["exported_inits"] == counts["started"] + 1,
          f"{figures['exported_inits']:.0f} vs {counts['started']} + 1"),
     ]
-    ok = True
-    for name, passed, detail in checks:
-        ok &= passed
-        print(f"{'✓ PASS' if passed else '✗ FAIL'}: {name} ({detail})")
+    ok = harness.print_checks(checks)
     print(json.dumps(figures))
     if a.json:
         Path(a.json).write_text(json.dumps({"figures": figures, "samples": samples}, indent=1))
-    if ok:
-        subprocess.run(["rm", "-rf", str(tmp)])
-    else:
-        print(f"kept {tmp}")
-    sys.exit(0 if ok else 1)
+    return ok
+
+
+def run(a, seed, rng, sim, exporter, region, live):
+    """Starts and kills workloads for a.seconds while scraping the exporter; `live`
+    holds the workloads still running. Returns (the last /metrics page, the RSS and fd
+    samples, the counts, the simulator's stats)."""
+    env = dict(os.environ, **sim.env(), LIBCUDA_LOG_LEVEL="1",
+               CUDA_DEVICE_MEMORY_SHARED_CACHE=str(region), CUDA_DEVICE_MEMORY_LIMIT=str(LIMIT),
+               LD_PRELOAD=str(BIN / "libvigil.so"))
+    counts = {"started": 0, "killed": 0, "exited": 0, "refused": 0, "failed": 0, "scrapes": 0,
+              "scrape_errors": 0}
+
+    def finished(p):
+        if p.returncode == 0:
+            counts["exited"] += 1
+        elif p.returncode == -signal.SIGKILL:
+            counts["killed"] += 1
+        elif p.returncode == 3 and p.refusal_expected:
+            counts["refused"] += 1
+        else:
+            counts["failed"] += 1
+
+    def sample(t):
+        return {"t": round(t, 1), "exporter_rss_kib": rss_kib(exporter.proc.pid),
+                "sim_rss_kib": rss_kib(sim.proc.pid), "exporter_fds": fds(exporter.proc.pid),
+                "sim_fds": fds(sim.proc.pid)}
+    samples = []
+    start = time.monotonic()
+    next_scrape = next_sample = start
+    print(f"soak: {a.seconds} s, {a.concurrency} workloads at a time, seed {seed}")
+    while time.monotonic() - start < a.seconds:
+        now = time.monotonic()
+        # Reap finished workloads; kill some of the living at random.
+        for p in list(live):
+            if p.poll() is not None:
+                live.remove(p)
+                finished(p)
+        if live and rng.random() < 0.05:
+            victim = rng.choice(live)
+            victim.kill()
+        while len(live) < a.concurrency:
+            # Live holders never pass the 2 GiB limit (6 x (64 MiB context + 256 MiB)),
+            # so only the 3 GiB asks may be refused; anything else is a false OOM.
+            size = rng.choice(["16MiB", "64MiB", "128MiB", "256MiB", "3GiB"])
+            hold = f"{rng.randint(20, 400)}ms"
+            p = subprocess.Popen([str(BIN / "vigil-workload"), "--alloc", size, "--hold", hold], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # A refused allocation exits 3 by design: count it apart.
+            p.refusal_expected = size == "3GiB"
+            live.append(p)
+            counts["started"] += 1
+        if now >= next_scrape:
+            next_scrape += 1
+            try:
+                exporter.scrape()
+                counts["scrapes"] += 1
+            except OSError:
+                counts["scrape_errors"] += 1
+        if now >= next_sample:
+            next_sample += max(1.0, a.seconds / 60)
+            samples.append(sample(now - start))
+        time.sleep(0.02)
+    for p in list(live):
+        p.wait(timeout=60)
+        finished(p)
+        live.remove(p)
+    # One last process reaps the killed ones (as any later start would); then give
+    # the simulator its teardown time and the exporter a scrape.
+    subprocess.run([str(BIN / "vigil-workload"), "--alloc", "1MiB"], env=env, capture_output=True)
+    time.sleep(1.5)
+    final = exporter.scrape()
+    samples.append(sample(time.monotonic() - start))
+    return final, samples, counts, sim.stats()
 
 
 if __name__ == "__main__":
