@@ -304,27 +304,23 @@ def active_slots(state):
 
 
 # InitPath's wire values (region/src/region.rs) and names.
-INIT_PATHS = {"0": "initializer", "1": "fast_path", "2": "recovered"}
-
-
 def events(region, lost=None, status=None):
-    """The region's event ring as dicts of strings (`vigil-region events`, one event a
-    line of key=value pairs; there is no JSON form yet); `lost` gets the `# lost:` counts, `status` the reader's
-    exit status and stderr (a region it cannot read has no events)."""
-    rc, out, err = run_tool([BIN / "vigil-region", "events", region])
+    """The region's event ring as dicts (`vigil-region events --json`, one JSON object a
+    line: numbers as numbers, enums by name); `lost` gets the lost counts, `status` the
+    reader's exit status and stderr (a region it cannot read has no events)."""
+    rc, out, err = run_tool([BIN / "vigil-region", "events", "--json", region])
     if status is not None:
         status.update(rc=rc, err=err.strip())
     evs = []
     for line in out.splitlines():
-        if line.startswith("# lost:") and lost is not None:
-            lost.update({k: int(v) for k, v in (kv.split("=", 1) for kv in line[len("# lost:"):].split())})
-        if line.startswith("#"):
+        if not line.strip():
             continue
-        ev = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
-        # An init event's path by name, also from a vigil-region that printed its number.
-        if ev.get("kind") == "init":
-            ev["path"] = INIT_PATHS.get(ev.get("path"), ev.get("path"))
-        evs.append(ev)
+        obj = json.loads(line)
+        if "lost" in obj:
+            if lost is not None:
+                lost.update(obj["lost"])
+            continue
+        evs.append(obj)
     return evs
 
 

@@ -33,6 +33,10 @@ enum Cmd {
         /// Keep printing new events until interrupted.
         #[arg(long)]
         follow: bool,
+        /// One JSON object per line (JSON Lines): each event, then
+        /// {"lost":{"overwritten":N,"torn":N,"abandoned":N}}.
+        #[arg(long)]
+        json: bool,
     },
     /// Create (or open) a region with the given parameters and print how it went.
     Create {
@@ -266,7 +270,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             let r = RegionReader::open(&path)?;
             print_snapshot(&path, &r.snapshot());
         }
-        Cmd::Events { path, follow } => {
+        Cmd::Events { path, follow, json } => {
             let r = RegionReader::open(&path)?;
             let mut c = r.ring_consumer();
             // A position still being written is either a live writer (wait) or one
@@ -274,7 +278,16 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             // one-shot read waits that long at most a few times.
             let mut tries = 0;
             loop {
-                let st = r.drain(&mut c, usize::MAX, |e| println!("{}", format_event(&e)));
+                let st = r.drain(&mut c, usize::MAX, |e| {
+                    println!(
+                        "{}",
+                        if json {
+                            json_event(&e)
+                        } else {
+                            format_event(&e)
+                        }
+                    )
+                });
                 if follow {
                     std::thread::sleep(Duration::from_millis(100));
                 } else if st.waiting && tries < 5 {
@@ -285,10 +298,17 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 }
             }
             let lost = c.lost();
-            println!(
-                "# lost: overwritten={} torn={} abandoned={}",
-                lost.overwritten, lost.torn, lost.abandoned
-            );
+            if json {
+                println!(
+                    "{{\"lost\":{{\"overwritten\":{},\"torn\":{},\"abandoned\":{}}}}}",
+                    lost.overwritten, lost.torn, lost.abandoned
+                );
+            } else {
+                println!(
+                    "# lost: overwritten={} torn={} abandoned={}",
+                    lost.overwritten, lost.torn, lost.abandoned
+                );
+            }
         }
         Cmd::Create { path, init } => {
             let (r, rep) = Region::open(&path, &init.params())?;
@@ -601,63 +621,110 @@ fn lock_loop(
     })
 }
 
-fn format_event(e: &Event) -> String {
-    fn name<T>(v: Option<T>, f: fn(T) -> &'static str) -> &'static str {
-        v.map_or("?", f)
+/// A field of an event, for the text and JSON forms alike.
+enum Val {
+    Num(u64),
+    Name(&'static str),
+}
+
+/// Every field of an event, in print order, decoded once through [`Event::payload`].
+fn event_fields(e: &Event) -> Vec<(&'static str, Val)> {
+    use Val::{Name, Num};
+    fn name<T>(v: Option<T>, f: fn(T) -> &'static str) -> Val {
+        Name(v.map_or("?", f))
     }
-    let detail = match e.payload() {
-        // The path's number, as this tool has always printed it (scripts read it).
-        Payload::Init { path, duration_ns } => format!(
-            "path={} duration_ns={duration_ns}",
-            path.map_or("?".to_string(), |p| (p as u8).to_string())
-        ),
+    let mut v = vec![
+        ("ts_ns", Num(e.ts_ns)),
+        ("kind", Name(e.kind.name())),
+        ("slot", Num(u64::from(e.slot))),
+    ];
+    v.extend(match e.payload() {
+        Payload::Init { path, duration_ns } => vec![
+            ("path", name(path, vigil_region::InitPath::name)),
+            ("duration_ns", Num(duration_ns)),
+        ],
         Payload::LockWait {
             lock,
             wait_ns,
             retries,
-        } => format!(
-            "lock={} wait_ns={wait_ns} retries={retries}",
-            name(lock, LockId::name)
-        ),
+        } => vec![
+            ("lock", name(lock, LockId::name)),
+            ("wait_ns", Num(wait_ns)),
+            ("retries", Num(retries)),
+        ],
         Payload::ForcePost {
             lock,
             reason,
             victim_slot,
             victim_generation,
             held_ns,
-        } => format!(
-            "lock={} reason={} victim_slot={victim_slot} victim_gen={victim_generation} held_ns={held_ns}",
-            name(lock, LockId::name),
-            name(reason, ForceReason::name)
-        ),
-        Payload::FencedRelease { lock } => format!("lock={}", name(lock, LockId::name)),
+        } => vec![
+            ("lock", name(lock, LockId::name)),
+            ("reason", name(reason, ForceReason::name)),
+            ("victim_slot", Num(victim_slot)),
+            ("victim_gen", Num(victim_generation)),
+            ("held_ns", Num(held_ns)),
+        ],
+        Payload::FencedRelease { lock } => vec![("lock", name(lock, LockId::name))],
         Payload::Detection {
             outcome,
             latency_ns,
             polls,
             host_pid,
             ..
-        } => format!(
-            "outcome={} latency_ns={latency_ns} polls={polls} host_pid={host_pid}",
-            name(outcome, DetectOutcome::name)
-        ),
+        } => vec![
+            ("outcome", name(outcome, DetectOutcome::name)),
+            ("latency_ns", Num(latency_ns)),
+            ("polls", Num(polls)),
+            ("host_pid", Num(host_pid)),
+        ],
         Payload::SlotReclaimed { victim_slot, bytes } => {
-            format!("victim_slot={victim_slot} bytes={bytes}")
+            vec![("victim_slot", Num(victim_slot)), ("bytes", Num(bytes))]
         }
         Payload::AllocationDenied {
             device,
             requested,
             used,
             limit,
-        } => format!("device={device} requested={requested} used={used} limit={limit}"),
-        Payload::Marker { arg, a, b, c, d } => format!("arg={arg} a={a} b={b} c={c} d={d}"),
-    };
-    format!(
-        "ts_ns={} kind={} slot={} {detail}",
-        e.ts_ns,
-        e.kind.name(),
-        e.slot
-    )
+        } => vec![
+            ("device", Num(u64::from(device))),
+            ("requested", Num(requested)),
+            ("used", Num(used)),
+            ("limit", Num(limit)),
+        ],
+        Payload::Marker { arg, a, b, c, d } => vec![
+            ("arg", Num(u64::from(arg))),
+            ("a", Num(a)),
+            ("b", Num(b)),
+            ("c", Num(c)),
+            ("d", Num(d)),
+        ],
+    });
+    v
+}
+
+/// One event as `key=value` pairs.
+fn format_event(e: &Event) -> String {
+    let fields: Vec<String> = event_fields(e)
+        .into_iter()
+        .map(|(k, v)| match v {
+            Val::Num(n) => format!("{k}={n}"),
+            Val::Name(s) => format!("{k}={s}"),
+        })
+        .collect();
+    fields.join(" ")
+}
+
+/// One event as a JSON object (names are our own ASCII labels: nothing to escape).
+fn json_event(e: &Event) -> String {
+    let fields: Vec<String> = event_fields(e)
+        .into_iter()
+        .map(|(k, v)| match v {
+            Val::Num(n) => format!("\"{k}\":{n}"),
+            Val::Name(s) => format!("\"{k}\":\"{s}\""),
+        })
+        .collect();
+    format!("{{{}}}", fields.join(","))
 }
 
 fn print_snapshot(path: &Path, s: &Snapshot) {
