@@ -720,9 +720,17 @@ fn encode_views(
         gauges(
             enc,
             "vigil_exporter_build_info",
-            "Always 1; the version label says which exporter build this is",
-            [(vec![("version", crate::VERSION)], 1)],
+            "Always 1; the labels say which exporter build this is: version, git revision, compiler",
+            [(
+                vec![
+                    ("version", crate::VERSION),
+                    ("revision", crate::REVISION),
+                    ("rustc", crate::RUSTC),
+                ],
+                1,
+            )],
         )?;
+        encode_process(enc, &crate::process::read())?;
         gauges(
             enc,
             "vigil_exporter_regions",
@@ -953,5 +961,61 @@ fn encode_nvml(
         "NVML's usage of the region's live processes minus what the interposer accounted to them: positive means allocations Vigil did not count",
         rows.iter().map(|(l, _, d)| (l.clone(), *d)),
     )?;
+    Ok(())
+}
+
+/// The standard `process_*` families, for the exporter itself.
+fn encode_process(enc: &mut DescriptorEncoder, p: &crate::process::ProcessStats) -> fmt::Result {
+    let none: Vec<(&str, &str)> = Vec::new();
+    {
+        let mut m = enc.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            MetricType::Counter,
+        )?;
+        if let Some(v) = p.cpu_seconds {
+            m.encode_family(&none)?
+                .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+        }
+    }
+    for (name, help, v) in [
+        (
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            p.resident_bytes,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes",
+            p.virtual_bytes,
+        ),
+        (
+            "process_open_fds",
+            "Number of open file descriptors",
+            p.open_fds,
+        ),
+        (
+            "process_max_fds",
+            "Maximum number of open file descriptors",
+            p.max_fds,
+        ),
+    ] {
+        gauges(
+            enc,
+            name,
+            help,
+            v.map(|v| (none.clone(), v.min(i64::MAX as u64) as i64)),
+        )?;
+    }
+    let mut m = enc.encode_descriptor(
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds",
+        None,
+        MetricType::Gauge,
+    )?;
+    if let Some(v) = p.start_time_seconds {
+        m.encode_family(&none)?.encode_gauge(&v)?;
+    }
     Ok(())
 }

@@ -16,15 +16,21 @@ pub mod hostpid;
 pub mod http;
 pub mod inspect;
 pub mod labels;
+pub mod logfmt;
 pub mod negotiate;
 pub mod nvml;
 pub mod otlp;
+pub mod process;
 pub mod regions;
 pub mod trace;
 pub mod util;
 
 /// The exporter's version, as exported by `vigil_exporter_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit the exporter was built from (`unknown` outside a checkout).
+pub const REVISION: &str = env!("VIGIL_BUILD_REVISION");
+/// The version of the compiler that built it.
+pub const RUSTC: &str = env!("VIGIL_BUILD_RUSTC");
 
 /// Default port; 9477 is not taken in the Prometheus default-port allocation list's
 /// neighbourhood by any GPU exporter we know of (dcgm-exporter uses 9400).

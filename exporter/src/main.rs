@@ -17,96 +17,141 @@ use vigil_exporter::util::parse_duration;
     name = "vigil-exporter",
     version,
     about = "Prometheus exporter for Vigil shared regions (exact counters, histograms, lost events; OTLP start-up traces)",
+    after_help = "Every flag can also be set from the environment: --web.listen-address as VIGIL_EXPORTER_WEB_LISTEN_ADDRESS, and so on (upper case, dots and dashes as underscores); a flag on the command line wins. A switch takes true or false. --region from the environment is one path.",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
     /// A region file to watch (repeatable). Its `region` label is the path as given.
-    #[arg(long = "region", value_name = "PATH")]
+    #[arg(long = "region", env = "VIGIL_EXPORTER_REGION", value_name = "PATH")]
     regions: Vec<PathBuf>,
     /// A directory of regions, rescanned: DIR/*.cache or HAMi's
     /// DIR/<pod-uid>_<container>/*.cache (regular, non-hidden files named *.cache one
     /// or two levels down; symlinks are never followed).
-    #[arg(long = "regions-dir", value_name = "DIR")]
+    #[arg(
+        long = "regions-dir",
+        env = "VIGIL_EXPORTER_REGIONS_DIR",
+        value_name = "DIR"
+    )]
     regions_dir: Option<PathBuf>,
     /// At most this many regions are watched in all; the rest are counted as
     /// region errors (reason="limit_exceeded").
-    #[arg(long = "regions.max", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long = "regions.max", env = "VIGIL_EXPORTER_REGIONS_MAX", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_regions: u32,
     /// At most this many regions are watched per directory (HAMi has one per container).
-    #[arg(long = "regions.max-per-dir", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long = "regions.max-per-dir", env = "VIGIL_EXPORTER_REGIONS_MAX_PER_DIR", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_per_dir: u32,
     /// Take namespace/pod/container labels from the identity block inside each region.
     /// Any process that can write a region can forge it: only for trusted workloads.
-    #[arg(long = "labels.from-region-identity")]
+    #[arg(
+        long = "labels.from-region-identity",
+        env = "VIGIL_EXPORTER_LABELS_FROM_REGION_IDENTITY"
+    )]
     labels_from_identity: bool,
     /// A fixed `namespace` label for every region (the sidecar passes its own
     /// downward-API POD_NAMESPACE). Never set it on a node-wide exporter.
-    #[arg(long = "labels.namespace", value_name = "NS")]
+    #[arg(
+        long = "labels.namespace",
+        env = "VIGIL_EXPORTER_LABELS_NAMESPACE",
+        value_name = "NS"
+    )]
     label_namespace: Option<String>,
     /// A fixed `pod` label for every region (the sidecar passes its own POD_NAME).
-    #[arg(long = "labels.pod", value_name = "POD")]
+    #[arg(
+        long = "labels.pod",
+        env = "VIGIL_EXPORTER_LABELS_POD",
+        value_name = "POD"
+    )]
     label_pod: Option<String>,
     /// A fixed `container` label for every region (the sidecar's workload container).
-    #[arg(long = "labels.container", value_name = "NAME")]
+    #[arg(
+        long = "labels.container",
+        env = "VIGIL_EXPORTER_LABELS_CONTAINER",
+        value_name = "NAME"
+    )]
     label_container: Option<String>,
     /// How often --regions-dir is rescanned for new and deleted files.
-    #[arg(long = "regions-dir.scan-interval", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long = "regions-dir.scan-interval", env = "VIGIL_EXPORTER_REGIONS_DIR_SCAN_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     scan_interval: Duration,
     /// How often each region's event ring is drained.
-    #[arg(long = "drain.interval", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long = "drain.interval", env = "VIGIL_EXPORTER_DRAIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     drain_interval: Duration,
     /// Address to listen on: HOST:PORT, or :PORT for every interface.
-    #[arg(long = "web.listen-address", default_value = vigil_exporter::DEFAULT_LISTEN)]
+    #[arg(long = "web.listen-address", env = "VIGIL_EXPORTER_WEB_LISTEN_ADDRESS", default_value = vigil_exporter::DEFAULT_LISTEN)]
     listen_address: String,
     /// At most this many client connections at once (fewer if the descriptor limit
     /// leaves less room). At the cap, the connection idle longest (1 s at least) is
     /// closed for a new one; if none is, the new one gets a 503.
-    #[arg(long = "web.max-connections", default_value_t = vigil_exporter::http::DEFAULT_MAX_CONNECTIONS as u32,
+    #[arg(long = "web.max-connections", env = "VIGIL_EXPORTER_WEB_MAX_CONNECTIONS", default_value_t = vigil_exporter::http::DEFAULT_MAX_CONNECTIONS as u32,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_connections: u32,
     /// A reply the client has not taken within this long after it stopped reading is
     /// abandoned and the connection closed.
-    #[arg(long = "web.write-timeout", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long = "web.write-timeout", env = "VIGIL_EXPORTER_WEB_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     write_timeout: Duration,
     /// Path under which metrics are served.
-    #[arg(long = "web.telemetry-path", default_value = "/metrics")]
+    #[arg(
+        long = "web.telemetry-path",
+        env = "VIGIL_EXPORTER_WEB_TELEMETRY_PATH",
+        default_value = "/metrics"
+    )]
     telemetry_path: String,
     /// Map each region only while reading it, instead of keeping it mapped: RSS no
     /// longer counts the regions' touched pages (shared page cache), but every read
     /// pays the mapping and its page faults.
-    #[arg(long = "regions.map-per-read")]
+    #[arg(
+        long = "regions.map-per-read",
+        env = "VIGIL_EXPORTER_REGIONS_MAP_PER_READ"
+    )]
     map_per_read: bool,
     /// The /proc to find the slots' processes in, to check their recorded host PIDs
     /// (vigil_host_pid_checks_total). Node-wide: the host's, i.e. run with hostPID.
-    #[arg(long = "proc.path", value_name = "DIR", default_value = vigil_exporter::regions::DEFAULT_PROC_PATH)]
+    #[arg(long = "proc.path", env = "VIGIL_EXPORTER_PROC_PATH", value_name = "DIR", default_value = vigil_exporter::regions::DEFAULT_PROC_PATH)]
     proc_path: PathBuf,
     /// At most one /proc scan per this interval (only when new slots await a check).
-    #[arg(long = "proc.scan-interval", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long = "proc.scan-interval", env = "VIGIL_EXPORTER_PROC_SCAN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     proc_scan_interval: Duration,
     /// NVML (the driver's view: device UUID and model, physical memory, and each
     /// region's processes' usage to compute accounting drift). auto: used if the
     /// library loads, otherwise its series are left out; off: never loaded.
-    #[arg(long = "nvml", value_enum, default_value = "auto")]
+    #[arg(
+        long = "nvml",
+        env = "VIGIL_EXPORTER_NVML",
+        value_enum,
+        default_value = "auto"
+    )]
     nvml: vigil_exporter::nvml::Mode,
     /// The NVML library to load.
     #[arg(
         long = "nvml.library",
+        env = "VIGIL_EXPORTER_NVML_LIBRARY",
         value_name = "PATH",
         default_value = "libnvidia-ml.so.1"
     )]
     nvml_library: std::ffi::OsString,
     /// How often NVML is read (in the background; scrapes serve the latest reading).
-    #[arg(long = "nvml.interval", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long = "nvml.interval", env = "VIGIL_EXPORTER_NVML_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     nvml_interval: Duration,
+    /// Log line format: logfmt (key=value pairs) or json (one object a line).
+    #[arg(
+        long = "log.format",
+        env = "VIGIL_EXPORTER_LOG_FORMAT",
+        value_enum,
+        default_value = "logfmt"
+    )]
+    log_format: vigil_exporter::logfmt::LogFormat,
     /// Log level: error, warn, info, debug or trace.
-    #[arg(long = "log.level", default_value = "info",
+    #[arg(long = "log.level", env = "VIGIL_EXPORTER_LOG_LEVEL", default_value = "info",
           value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
     /// OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces): export one
     /// trace per process start-up, built from ring events.
-    #[arg(long = "otlp-endpoint", value_name = "URL")]
+    #[arg(
+        long = "otlp-endpoint",
+        env = "VIGIL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "URL"
+    )]
     otlp_endpoint: Option<String>,
 }
 
@@ -141,17 +186,19 @@ fn main() -> ExitCode {
             }
         };
     }
-    tracing_subscriber::fmt()
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(format!("warn,vigil_exporter={}", cli.log_level))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(format!(
-                "warn,vigil_exporter={}",
-                cli.log_level
-            ))
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_ansi(false)
+        .with_env_filter(filter);
+    match cli.log_format {
+        vigil_exporter::logfmt::LogFormat::Logfmt => {
+            fmt.event_format(vigil_exporter::logfmt::Logfmt).init()
+        }
+        vigil_exporter::logfmt::LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

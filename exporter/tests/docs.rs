@@ -13,7 +13,9 @@ fn documented() -> BTreeMap<String, (String, BTreeSet<String>)> {
     let mut out = BTreeMap::new();
     for line in md.lines() {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-        if cells.len() < 5 || !cells[1].starts_with("`vigil_") {
+        if cells.len() < 5
+            || !(cells[1].starts_with("`vigil_") || cells[1].starts_with("`process_"))
+        {
             continue;
         }
         let name = cells[1].trim_matches('`').to_string();
