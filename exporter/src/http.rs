@@ -607,8 +607,10 @@ pub struct WebConfig {
 
 /// `:9477` means every interface; otherwise `host:port` as usual.
 pub fn parse_listen_address(s: &str) -> Result<SocketAddr, String> {
+    // `:PORT` is every interface of both families: `[::]` with IPv4-mapped addresses
+    // accepted (see `listen`).
     let full = if s.starts_with(':') {
-        format!("0.0.0.0{s}")
+        format!("[::]{s}")
     } else {
         s.to_string()
     };
@@ -976,6 +978,31 @@ pub async fn serve(
         _ = tokio::time::sleep(Duration::from_secs(5)) => {
             warn!("connections still open after 5 s; closing them");
         }
+    }
+}
+
+/// Binds `addr` for serving. The IPv6 wildcard (`:PORT`) is bound dual-stack (IPv4 too,
+/// whatever `net.ipv6.bindv6only` says); on a host without IPv6 it falls back to
+/// `0.0.0.0` with the same port.
+pub fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let bind = |a: SocketAddr, dual: bool| -> std::io::Result<std::net::TcpListener> {
+        let sock = Socket::new(Domain::for_address(a), Type::STREAM, None)?;
+        if dual {
+            sock.set_only_v6(false)?;
+        }
+        sock.set_reuse_address(true)?;
+        sock.bind(&a.into())?;
+        sock.listen(1024)?;
+        sock.set_nonblocking(true)?;
+        Ok(sock.into())
+    };
+    match addr {
+        SocketAddr::V6(v6) if v6.ip().is_unspecified() => bind(addr, true).or_else(|e| {
+            tracing::warn!("cannot listen on [::]:{} ({e}); IPv4 only", v6.port());
+            bind(SocketAddr::from(([0, 0, 0, 0], v6.port())), false)
+        }),
+        _ => bind(addr, false),
     }
 }
 

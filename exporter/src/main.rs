@@ -317,8 +317,8 @@ fn run(cli: Cli) -> Result<(), String> {
         // Watch the signals before anyone can learn we listen: a SIGTERM that arrives
         // right after start-up must shut down gracefully, not kill.
         let stop = shutdown_signal();
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = vigil_exporter::http::listen(addr)
+            .and_then(tokio::net::TcpListener::from_std)
             .map_err(|e| format!("--web.listen-address {}: cannot listen: {e}", addr))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
         info!(

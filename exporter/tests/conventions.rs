@@ -124,3 +124,36 @@ fn build_info_and_process_metrics_follow_the_conventions() {
         "started {started}, now {now}"
     );
 }
+
+#[test]
+fn a_bare_port_listens_on_ipv4_and_ipv6() {
+    // A free port, then `:PORT` (every interface of both families).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!(":{port}");
+    let child = Command::new(BIN)
+        .args([
+            "--regions-dir",
+            dir.path().to_str().unwrap(),
+            "--nvml",
+            "off",
+        ])
+        .args(["--web.listen-address", &listen])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = common::sim::Kill(child);
+    let v4addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let v4 = get_until_ok(v4addr, "/healthz", Duration::from_secs(10));
+    assert_eq!(v4.status, 200);
+    // Where the host has IPv6 loopback (this one does; a host without IPv6 falls back
+    // to IPv4 only, and says so in the log).
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        let v6 = http_get(format!("[::1]:{port}").parse().unwrap(), "/healthz", None);
+        assert_eq!(v6.status, 200);
+    }
+}
