@@ -26,6 +26,9 @@ stages=("$@")
 need_apt=()
 command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+# The exporter's TLS test makes certificates with openssl and talks to it with curl.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
 prometheus_new=0
 if want e2e || want monitoring; then

@@ -603,6 +603,18 @@ fn set_send_buffer(stream: &TcpStream) {
 #[derive(Debug, Clone)]
 pub struct WebConfig {
     pub telemetry_path: String,
+    /// `--web.config.file`: TLS and basic authentication (none by default).
+    pub security: Arc<crate::webconfig::WebSecurity>,
+}
+
+impl WebConfig {
+    /// Plain HTTP, no authentication.
+    pub fn plain(telemetry_path: impl Into<String>) -> WebConfig {
+        WebConfig {
+            telemetry_path: telemetry_path.into(),
+            security: Default::default(),
+        }
+    }
 }
 
 /// `:9477` means every interface; otherwise `host:port` as usual.
@@ -666,6 +678,22 @@ async fn handle(
     conn: Option<Arc<ConnState>>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let _busy = InHandler::new(conn);
+    // /healthz answers without credentials (it says nothing but "ok"), so that
+    // liveness probes need no secret.
+    if req.uri().path() != "/healthz"
+        && !cfg.security.authorized(
+            req.headers()
+                .get(hyper::header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+        )
+    {
+        let mut r = plain(StatusCode::UNAUTHORIZED, "authentication required\n");
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"vigil-exporter\""),
+        );
+        return Ok(r);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(plain(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -838,12 +866,27 @@ impl Gate {
             stalled: None,
             stats: self.stats.clone(),
         };
-        let conn = watcher.watch(connection(
-            io,
-            self.metrics.clone(),
-            self.cfg.clone(),
-            Some(c.clone()),
-        ));
+        let (metrics, cfg, c2) = (self.metrics.clone(), self.cfg.clone(), c.clone());
+        // With TLS, the handshake happens in the connection's task, under the same
+        // eviction as the rest of its life (a client that stalls it holds a slot).
+        let conn = async move {
+            match cfg.security.tls.clone() {
+                None => watcher.watch(connection(io, metrics, cfg, Some(c2))).await,
+                Some(acc) => {
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, acc.accept(io)).await {
+                        Ok(Ok(tls)) => watcher.watch(connection(tls, metrics, cfg, Some(c2))).await,
+                        Ok(Err(e)) => {
+                            debug!("connection from {peer}: TLS handshake failed: {e}");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            debug!("connection from {peer}: TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            }
+        };
         let me = self.clone();
         tokio::spawn(async move {
             {

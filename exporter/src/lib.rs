@@ -24,6 +24,7 @@ pub mod process;
 pub mod regions;
 pub mod trace;
 pub mod util;
+pub mod webconfig;
 
 /// The exporter's version, as exported by `vigil_exporter_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

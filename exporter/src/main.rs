@@ -90,6 +90,14 @@ struct Cli {
     /// abandoned and the connection closed.
     #[arg(long = "web.write-timeout", env = "VIGIL_EXPORTER_WEB_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     write_timeout: Duration,
+    /// TLS and basic authentication, in the Prometheus exporter toolkit's web
+    /// configuration format (tls_server_config, basic_auth_users); see the README.
+    #[arg(
+        long = "web.config.file",
+        env = "VIGIL_EXPORTER_WEB_CONFIG_FILE",
+        value_name = "FILE"
+    )]
+    web_config_file: Option<PathBuf>,
     /// Path under which metrics are served.
     #[arg(
         long = "web.telemetry-path",
@@ -310,8 +318,29 @@ fn run(cli: Cli) -> Result<(), String> {
     };
 
     let metrics = Arc::new(Metrics::new(set.clone()));
+    let security = match &cli.web_config_file {
+        Some(p) => Arc::new(vigil_exporter::webconfig::load(p)?),
+        None => Default::default(),
+    };
+    if security.tls.is_some() || security.requires_auth() {
+        info!(
+            "--web.config.file: {}{}",
+            if security.tls.is_some() {
+                "TLS"
+            } else {
+                "plain HTTP"
+            },
+            if security.requires_auth() {
+                ", basic authentication required"
+            } else {
+                ""
+            }
+        );
+    }
+    let web_tls = security.tls.is_some();
     let web = WebConfig {
         telemetry_path: cli.telemetry_path.clone(),
+        security,
     };
     let served = rt.block_on(async {
         // Watch the signals before anyone can learn we listen: a SIGTERM that arrives
@@ -322,7 +351,8 @@ fn run(cli: Cli) -> Result<(), String> {
             .map_err(|e| format!("--web.listen-address {}: cannot listen: {e}", addr))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
         info!(
-            "listening on http://{local}{} ({} regions watched)",
+            "listening on {}://{local}{} ({} regions watched)",
+            if web_tls { "https" } else { "http" },
             cli.telemetry_path,
             set.tracked().len()
         );

@@ -150,9 +150,7 @@ fn harness() -> &'static Harness {
             rt,
             metrics: Arc::new(Metrics::new(set)),
             cfgs: PATHS.map(|p| {
-                Arc::new(WebConfig {
-                    telemetry_path: p.to_string(),
-                })
+                Arc::new(WebConfig::plain(p.to_string()))
             }),
         };
         // The harness itself works: a plain scrape in both formats is judged good.

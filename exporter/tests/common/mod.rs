@@ -59,7 +59,11 @@ impl Exporter {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
+                let rest = line
+                    .split("listening on http://")
+                    .nth(1)
+                    .or_else(|| line.split("listening on https://").nth(1));
+                if let Some(rest) = rest {
                     let addr: String = rest.chars().take_while(|c| *c != '/').collect();
                     if let Some(t) = tx.take() {
                         let _ = t.send(addr);
