@@ -77,6 +77,34 @@ VIGIL_GPUSIM_SOCKET="$work/ok.sock" target/debug/vigil-exporter --regions-dir "$
     --web.listen-address "127.0.0.1:$exp_port" >"$work/exporter.log" 2>&1 &
 pids+=($!)
 
+# A second exporter behind TLS and basic authentication (--web.config.file), over an
+# empty directory of its own (its series must not double the regions' figures), that
+# Prometheus scrapes with scheme https, the CA and the password.
+tls_port="$(python3 tests/harness.py free-port)"
+mkdir -p "$work/tls/regions"
+(
+    cd "$work/tls"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=vigil-e2e-ca \
+        -keyout ca.key -out ca.crt 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key \
+        -out server.csr 2>/dev/null
+    echo "subjectAltName=IP:127.0.0.1,DNS:localhost" >ext.cnf
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+        -extfile ext.cnf -out server.crt 2>/dev/null
+)
+tls_hash="$(echo e2e-secret | target/debug/vigil-exporter hash-password --cost 4)"
+cat >"$work/tls/web.yml" <<EOF
+tls_server_config:
+  cert_file: server.crt
+  key_file: server.key
+basic_auth_users:
+  prometheus: '$tls_hash'
+EOF
+target/debug/vigil-exporter --regions-dir "$work/tls/regions" --nvml off \
+    --web.config.file "$work/tls/web.yml" \
+    --web.listen-address "127.0.0.1:$tls_port" >"$work/exporter-tls.log" 2>&1 &
+pids+=($!)
+
 cat >"$work/prometheus.yml" <<EOF
 global:
   scrape_interval: 1s
@@ -89,6 +117,15 @@ scrape_configs:
   - job_name: vigil-exporter
     static_configs:
       - targets: ["127.0.0.1:$exp_port"]
+  - job_name: vigil-exporter-tls
+    scheme: https
+    tls_config:
+      ca_file: $work/tls/ca.crt
+    basic_auth:
+      username: prometheus
+      password: e2e-secret
+    static_configs:
+      - targets: ["127.0.0.1:$tls_port"]
 EOF
 prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
     --web.listen-address="127.0.0.1:$prom_port" >"$work/prometheus.log" 2>&1 &
@@ -275,6 +312,10 @@ check("pod label from HAMi's directory name",
       value('count(vigil_hami_region_info{pod="hami-dead",container="main"})'), 1.0)
 check("vigil_exporter_nvml_up", value("vigil_exporter_nvml_up"), 1.0)
 check("vigil_device_info series (one per simulated device)", value("count(vigil_device_info)"), 2.0)
+check("Prometheus scrapes the TLS exporter with basic authentication (up)",
+      value('up{job="vigil-exporter-tls"}'), 1.0)
+check("the TLS exporter's build info reached Prometheus",
+      value('count(vigil_exporter_build_info{job="vigil-exporter-tls"})'), 1.0)
 check("drift series for the live Vigil region",
       value('count(vigil_device_memory_accounting_drift_bytes{region="signals/region.cache"}) > 0'), 2.0)
 sys.exit(0 if ok else 1)

@@ -176,10 +176,39 @@ enum Cmd {
         #[arg(long = "proc.path", value_name = "DIR", default_value = vigil_exporter::regions::DEFAULT_PROC_PATH)]
         proc_path: PathBuf,
     },
+    /// Print a bcrypt hash of the password read from standard input, for
+    /// basic_auth_users in --web.config.file.
+    HashPassword {
+        /// bcrypt cost (4 to 31; each step doubles the time a check takes).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+        cost: u32,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::HashPassword { cost }) = &cli.cmd {
+        let mut line = String::new();
+        if let Err(e) = std::io::stdin().read_line(&mut line) {
+            eprintln!("vigil-exporter hash-password: cannot read standard input: {e}");
+            return ExitCode::from(2);
+        }
+        let password = line.trim_end_matches(['\n', '\r']);
+        if password.is_empty() {
+            eprintln!("vigil-exporter hash-password: no password on standard input");
+            return ExitCode::from(2);
+        }
+        return match bcrypt::hash(password, *cost) {
+            Ok(h) => {
+                println!("{h}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vigil-exporter hash-password: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Some(Cmd::Inspect {
         path,
         json,
