@@ -106,7 +106,11 @@ mod tests {
     fn the_list_and_the_sources_name_the_same_points() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut used = std::collections::BTreeSet::new();
-        let mut stack = vec![root.join("region/src"), root.join("interposer/src")];
+        let mut stack = vec![
+            root.join("region/src"),
+            root.join("interposer/src"),
+            root.join("interposer/core/src"),
+        ];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d).unwrap().flatten() {
                 let p = e.path();
