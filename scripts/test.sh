@@ -42,7 +42,7 @@ Options:
   -h, --help   this text
 
 Examples:
-  scripts/test.sh                    everything (about 14 minutes on 2 cores)
+  scripts/test.sh                    everything (about 20 minutes on 2 cores, from a clean clone)
   scripts/test.sh lint               formatting and lints only
   scripts/test.sh scenarios e2e      the start-up scenarios and the exporter end to end
 EOF
