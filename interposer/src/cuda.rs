@@ -11,9 +11,14 @@ struct Cuda;
 
 static CUDA: Cuda = Cuda;
 
+/// Hands the core our driver (idempotent: only the first call stores it).
+pub(crate) fn register_driver() {
+    driver::register(&CUDA);
+}
+
 /// Runs when the library is loaded: only stores a reference.
 extern "C" fn register() {
-    driver::register(&CUDA);
+    register_driver();
 }
 
 #[used]

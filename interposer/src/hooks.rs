@@ -26,6 +26,9 @@ fn guard(what: &str, f: impl FnOnce()) {
 /// through.
 pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Option<T> {
     let r = catch_unwind(AssertUnwindSafe(|| {
+        // Normally done at load; again here (one atomic load) in case another
+        // library's constructor reached a hook before ours ran.
+        crate::cuda::register_driver();
         crate::testpoint::panic_point("hook.panic");
         f()
     }));
