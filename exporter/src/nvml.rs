@@ -198,7 +198,8 @@ fn collect(n: &Nvml) -> Result<NvmlSnapshot, nvml_wrapper::error::NvmlError> {
             Ok(ps) => {
                 for p in ps {
                     if let nvml_wrapper::enums::device::UsedGpuMemory::Used(b) = p.used_gpu_memory {
-                        *processes.entry(p.pid).or_insert(0u64) += b;
+                        let e = processes.entry(p.pid).or_insert(0u64);
+                        *e = e.saturating_add(b);
                     }
                 }
             }
