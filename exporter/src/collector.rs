@@ -221,29 +221,55 @@ fn gauges<'a>(
     Ok(())
 }
 
-/// Encodes histograms from the region's exact log2 histograms. `divisor` converts the
-/// region's unit (ns, or 1 for counts) into the exported base unit; dividing (not
-/// multiplying by 1e-9) keeps bounds such as 1e-06 exact.
-/// Which of a region histogram's log2 buckets are exported: `lo..=hi` by index (bucket
-/// `i`'s upper bound is `unit << i`). Buckets below `lo` are folded into `lo` and those
-/// above `hi` into `+Inf`, so every exported count stays exact; the range only drops
-/// boundaries no real value comes near (a detection never takes 1 µs, nor 10^5
-/// polls), which keeps a 64-region scrape a fifth smaller.
+/// Which of a region histogram's log2 buckets are exported: every `step`-th index
+/// from `lo` to `hi` (bucket `i`'s upper bound is `unit << i`). Buckets in between are
+/// folded into the next exported one, those below `lo` into `lo` and those above `hi`
+/// into `+Inf`, so every exported count stays exact. The boundaries are fixed, never
+/// chosen by the data, so the same `le` values line up across regions and
+/// `sum by (le)` stays a valid histogram. Few, wide buckets: the dashboard and alert
+/// quantiles need the order of magnitude and the tail, and each boundary costs a
+/// series per region (issue 15 asked for at most 60 per one-device region).
 #[derive(Clone, Copy)]
 struct Range {
     lo: usize,
     hi: usize,
+    step: usize,
 }
 
-/// Lock waits: 1 µs to 67 s.
-const LOCK_WAIT: Range = Range { lo: 0, hi: 26 };
-/// Detection latency (context creation included): 1.02 ms to 34 s.
-const DETECTION: Range = Range { lo: 10, hi: 25 };
-/// Polls per detection: 1 to 8192.
-const POLLS: Range = Range { lo: 0, hi: 13 };
-/// Attaching to the region: 1 µs to 16.8 s.
-const INIT: Range = Range { lo: 0, hi: 24 };
+impl Range {
+    fn exports(&self, i: usize) -> bool {
+        i >= self.lo && i <= self.hi && (i - self.lo) % self.step == 0
+    }
+}
 
+/// Contended lock waits (uncontended acquisitions record nothing), ×16 apart:
+/// 262 µs, 4.2 ms, 67 ms, 1.07 s, 17.2 s. The alert thresholds (0.5 s region lock,
+/// 10 s detection lock) fall inside the range.
+const LOCK_WAIT: Range = Range {
+    lo: 8,
+    hi: 24,
+    step: 4,
+};
+/// Detection latency (context creation included), ×4 apart: 65.5 ms, 262 ms, 1.05 s,
+/// 4.2 s, 16.8 s. Faster detections all land in the first bucket.
+const DETECTION: Range = Range {
+    lo: 16,
+    hi: 24,
+    step: 2,
+};
+/// Attaching to the region, ×16 apart: 262 µs, 4.2 ms, 67 ms, 1.07 s, 17.2 s (a wait
+/// on a dead initializer is the tail that matters).
+const INIT: Range = Range {
+    lo: 8,
+    hi: 24,
+    step: 4,
+};
+
+/// Encodes histograms from the region's exact log2 histograms. `divisor` converts the
+/// region's unit (ns) into seconds; dividing (not multiplying by 1e-9) keeps bounds
+/// exact. A histogram with no observation is left out: in the default (parallel)
+/// detection mode the detection lock is never taken, and an uncontended region lock
+/// records nothing, so most regions export no lock-wait series at all.
 fn histograms<'a>(
     enc: &mut DescriptorEncoder,
     name: &'static str,
@@ -257,13 +283,16 @@ fn histograms<'a>(
     for (labels, h) in rows {
         buckets.clear();
         let n = h.buckets.len();
-        let hi = range.hi.min(n.saturating_sub(2));
+        let range = Range {
+            hi: range.hi.min(n.saturating_sub(2)),
+            ..range
+        };
         let mut pending = 0u64;
         for (i, &c) in h.buckets.iter().enumerate() {
             pending = pending.saturating_add(c);
             if i + 1 == n {
                 buckets.push((f64::INFINITY, pending));
-            } else if i >= range.lo && i <= hi {
+            } else if range.exports(i) {
                 let le = h.unit.checked_shl(i as u32).unwrap_or(u64::MAX) as f64 / divisor;
                 buckets.push((le, pending));
                 pending = 0;
@@ -274,6 +303,9 @@ fn histograms<'a>(
         // histogram whose +Inf bucket equals its count. Both settle to the same value.
         // (`histogram_is_plausible` has checked that the total does not overflow.)
         let count: u64 = h.buckets.iter().fold(0u64, |a, &b| a.saturating_add(b));
+        if count == 0 {
+            continue;
+        }
         m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
             h.sum as f64 / divisor,
             count,
@@ -403,14 +435,8 @@ fn encode_views(
 
         counters(
             enc,
-            "vigil_region_initializations",
-            "Times the region was initialized (1, plus one per recovery)",
-            each().map(|(v, b)| (b.clone(), c(v, Counter::RegionInitializations))),
-        )?;
-        counters(
-            enc,
             "vigil_region_recoveries",
-            "Times the region was re-initialized because its initializer died half-way",
+            "Times the region was re-initialized because its initializer died half-way (it was initialized 1 + this many times)",
             each().map(|(v, b)| (b.clone(), c(v, Counter::RegionRecoveries))),
         )?;
         counters(
@@ -447,24 +473,19 @@ fn encode_views(
             enc,
             "vigil_unenforced_settings",
             "Live processes that started with a HAMi-core setting Vigil does not enforce (sm_limit: CUDA_DEVICE_SM_LIMIT, i.e. gpucores; see docs/adoption.md)",
+            // Only settings in use: each is a misconfiguration to fix, and five zeros
+            // per region were a tenth of a scrape.
             each().flat_map(|(v, b)| {
-                UnenforcedSetting::ALL.map(|u| {
-                    (
-                        with(b, &[("setting", u.name())]),
-                        v.snap
-                            .slots
-                            .iter()
-                            .filter(|s| s.alive && s.unenforced.contains(&u))
-                            .count() as i64,
-                    )
+                UnenforcedSetting::ALL.into_iter().filter_map(|u| {
+                    let n = v
+                        .snap
+                        .slots
+                        .iter()
+                        .filter(|s| s.alive && s.unenforced.contains(&u))
+                        .count() as i64;
+                    (n > 0).then(|| (with(b, &[("setting", u.name())]), n))
                 })
             }),
-        )?;
-        counters(
-            enc,
-            "vigil_process_slots_claimed",
-            "Process slots claimed",
-            each().map(|(v, b)| (b.clone(), c(v, Counter::SlotsClaimed))),
         )?;
         counters(
             enc,
@@ -570,14 +591,14 @@ fn encode_views(
                 Some((b.clone(), v.histogram(HistogramId::DetectionLatency)?))
             }),
         )?;
-        histograms(
+        counters(
             enc,
             "vigil_host_pid_detection_polls",
-            "NVML polls per host-PID detection",
-            1.0,
-            POLLS,
-            each()
-                .filter_map(|(v, b)| Some((b.clone(), v.histogram(HistogramId::DetectionPolls)?))),
+            "NVML polls made by host-PID detections (per detection: divide by the sum of vigil_host_pid_detections_total)",
+            each().map(|(v, b)| {
+                let polls = v.histogram(HistogramId::DetectionPolls).map_or(0, |h| h.sum);
+                (b.clone(), polls)
+            }),
         )?;
         counters(
             enc,

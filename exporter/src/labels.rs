@@ -1,5 +1,5 @@
 //! The identifying labels of a region's series: `region`, and `namespace`, `pod`,
-//! `container` when known.
+//! `pod_uid`, `container` when known.
 //!
 //! These labels are tenancy keys in Prometheus, so they come only from sources the
 //! exporter's operator controls (docs/security.md, F3). Precedence, per label:
@@ -12,7 +12,10 @@
 //!    of the first process). Any process that can write the region can forge it,
 //!    so it is off by default.
 //! 3. The HAMi directory name `<pod-uid>_<container>` (created by the device
-//!    plugin; a tenant cannot rename it): `pod` (the pod **UID**) and `container`.
+//!    plugin; a tenant cannot rename it): `pod_uid` and `container`. The UID goes in
+//!    its own label, never in `pod`, so that `pod` always means a pod *name* and
+//!    series join kube-state-metrics' `kube_pod_info{uid}` (the recording rules in
+//!    alerts/vigil-alerts.yml add `namespace` and `pod` that way).
 //!
 //! Unknown labels are left out rather than exported empty.
 
@@ -25,6 +28,7 @@ pub struct RegionLabels {
     pub region: String,
     pub namespace: Option<String>,
     pub pod: Option<String>,
+    pub pod_uid: Option<String>,
     pub container: Option<String>,
 }
 
@@ -36,6 +40,7 @@ impl RegionLabels {
         for (k, val) in [
             ("namespace", &self.namespace),
             ("pod", &self.pod),
+            ("pod_uid", &self.pod_uid),
             ("container", &self.container),
         ] {
             if let Some(s) = val {
@@ -85,16 +90,22 @@ pub fn region_labels(
     policy: &LabelPolicy,
 ) -> RegionLabels {
     let (dir_pod, dir_container) = rel.map(from_hami_dir).unwrap_or((None, None));
+    // Under a `<pod-uid>_<container>/` directory, `pod_uid` and `container` already
+    // say which directory: `region` is then the file name alone. (A fifth of every
+    // line of a DaemonSet's scrape was the directory name said twice.)
+    let region = match (&dir_pod, rel.and_then(Path::file_name)) {
+        (Some(_), Some(file)) => file.to_string_lossy().into_owned(),
+        _ => region.to_string(),
+    };
     let nonempty = |s: &Option<String>| s.as_ref().filter(|v| !v.is_empty()).cloned();
     let claimed = |header: &str| {
         (policy.from_region_identity && !header.is_empty()).then(|| header.to_string())
     };
     RegionLabels {
-        region: region.to_string(),
+        region,
         namespace: nonempty(&policy.namespace).or_else(|| claimed(&identity.namespace)),
-        pod: nonempty(&policy.pod)
-            .or_else(|| claimed(&identity.pod))
-            .or(dir_pod),
+        pod: nonempty(&policy.pod).or_else(|| claimed(&identity.pod)),
+        pod_uid: dir_pod,
         container: nonempty(&policy.container)
             .or_else(|| claimed(&identity.container))
             .or(dir_container),
@@ -136,8 +147,17 @@ mod tests {
             &LabelPolicy::default(),
         );
         assert_eq!(l.namespace, None);
-        assert_eq!(l.pod.as_deref(), Some("u1"));
+        assert_eq!(l.pod, None, "a UID is never exported as a pod name");
+        assert_eq!(l.pod_uid.as_deref(), Some("u1"));
         assert_eq!(l.container.as_deref(), Some("main"));
+        assert_eq!(
+            l.pairs(),
+            vec![
+                ("region", "a.cache"),
+                ("pod_uid", "u1"),
+                ("container", "main")
+            ]
+        );
         let none = region_labels("/r.cache", None, &forged(), &LabelPolicy::default());
         assert_eq!(none.pairs(), vec![("region", "/r.cache")]);
     }
@@ -152,6 +172,11 @@ mod tests {
         let l = region_labels("x", Some(rel), &forged(), &trust);
         assert_eq!(l.namespace.as_deref(), Some("kube-system"));
         assert_eq!(l.pod.as_deref(), Some("victim-0"));
+        assert_eq!(
+            l.pod_uid.as_deref(),
+            Some("u1"),
+            "the UID still comes from the directory"
+        );
         assert_eq!(l.container.as_deref(), Some("main"), "empty header field");
         let fixed = LabelPolicy {
             from_region_identity: true,

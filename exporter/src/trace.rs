@@ -373,6 +373,7 @@ impl TraceBuilder {
         for (k, v) in [
             ("k8s.namespace.name", &self.labels.namespace),
             ("k8s.pod.name", &self.labels.pod),
+            ("k8s.pod.uid", &self.labels.pod_uid),
             ("k8s.container.name", &self.labels.container),
         ] {
             if let Some(v) = v {

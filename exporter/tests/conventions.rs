@@ -32,7 +32,7 @@ fn every_flag_can_come_from_the_environment_and_the_command_line_wins() {
         },
     );
     let s = m.find(
-        "vigil_region_initializations_total",
+        "vigil_region_recoveries_total",
         &[("region", "u1_main/r.cache")],
     );
     assert_eq!(s[0].labels["namespace"], "from-env");

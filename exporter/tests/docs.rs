@@ -3,9 +3,9 @@
 mod common;
 use common::*;
 use std::collections::{BTreeMap, BTreeSet};
-use vigil_region::{InitParams, Region, RegionIdentity};
+use vigil_region::{HistogramId, InitParams, LockId, Region, RegionIdentity, UnenforcedSetting};
 
-const REGION_LABELS: [&str; 4] = ["region", "namespace", "pod", "container"];
+const REGION_LABELS: [&str; 5] = ["region", "namespace", "pod", "pod_uid", "container"];
 
 /// Family name -> (type, label names), from the tables in docs/metrics.md.
 fn documented() -> BTreeMap<String, (String, BTreeSet<String>)> {
@@ -50,7 +50,18 @@ fn docs_metrics_md_matches_metrics_endpoint() {
         },
         ..InitParams::default()
     };
-    let (_w, _) = Region::open(sub.join("r.cache"), &params).unwrap();
+    let (w, _) = Region::open(sub.join("r.cache"), &params).unwrap();
+    // Families exported only with data: a histogram with no observation, a setting
+    // nobody uses. Give each some, by the region's own API.
+    let me = w.claim_slot().unwrap();
+    w.count(Some(me.index), UnenforcedSetting::SmLimit.counter(), 1);
+    for id in [
+        HistogramId::lock_wait(LockId::Region),
+        HistogramId::DetectionLatency,
+        HistogramId::DetectionPolls,
+    ] {
+        w.observe(id, 1_000_000);
+    }
     // A HAMi-core region (written by HAMi-core's libvgpu.so), for the families only
     // those have and the `interposer` label.
     let hami = dir.path().join("uid-2_main");
@@ -76,9 +87,12 @@ fn docs_metrics_md_matches_metrics_endpoint() {
             "--regions-dir",
             dir.path().to_str().unwrap(),
             "--labels.from-region-identity",
-            // HAMi-core regions have no identity block: a fixed namespace for all.
+            // HAMi-core regions have no identity block: a fixed namespace and pod for
+            // all (pod_uid comes from the directories).
             "--labels.namespace",
             "ns",
+            "--labels.pod",
+            "p",
             "--nvml.library",
             nvml.to_str().unwrap(),
             "--nvml.interval",

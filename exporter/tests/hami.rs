@@ -150,7 +150,7 @@ fn a_sem_held_by_a_killed_owner_is_a_dead_owner_and_a_live_owner_is_not() {
             (r.0, r.1.as_str()),
             HAMI,
             ("lock", l),
-            ("pod", r.1.split('_').next().unwrap()),
+            ("pod_uid", r.1.split('_').next().unwrap()),
         ]
     }
     assert_eq!(v(&m, "vigil_hami_lock_held", &lock(&rd, "sem")), 1.0);
@@ -180,7 +180,12 @@ fn a_sem_held_by_a_killed_owner_is_a_dead_owner_and_a_live_owner_is_not() {
         "vigil_hami_lock_held",
         &[(rd.0, rd.1.as_str()), ("lock", "sem")],
     );
-    assert_eq!(held[0].labels["pod"], "pod-dead");
+    assert_eq!(held[0].labels["pod_uid"], "pod-dead");
+    assert_eq!(held[0].labels["region"], "vgpu.cache");
+    assert!(
+        !held[0].labels.contains_key("pod"),
+        "a UID is not a pod name"
+    );
     assert_eq!(held[0].labels["container"], "main");
 }
 

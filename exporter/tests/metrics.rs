@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -200,10 +201,12 @@ fn assert_matches(m: &Exposition, region: &str, s: &Snapshot) {
         v
     };
     let c = |n| s.counter(n) as f64;
+    // Initializations are 1 + recoveries: only the recoveries are exported.
     assert_eq!(
-        m.value("vigil_region_initializations_total", &r),
-        c(Counter::RegionInitializations)
+        c(Counter::RegionInitializations),
+        1.0 + c(Counter::RegionRecoveries)
     );
+    assert!(m.find("vigil_region_initializations_total", &r).is_empty());
     assert_eq!(
         m.value("vigil_region_recoveries_total", &r),
         c(Counter::RegionRecoveries)
@@ -284,13 +287,14 @@ fn assert_matches(m: &Exposition, region: &str, s: &Snapshot) {
         s.histogram(HistogramId::DetectionLatency),
         1e9,
     );
-    assert_histogram(
-        m,
-        "vigil_host_pid_detection_polls",
-        &r,
-        s.histogram(HistogramId::DetectionPolls),
-        1.0,
+    // Polls are a counter of their total (the histogram's sum), not a histogram.
+    assert_eq!(
+        m.value("vigil_host_pid_detection_polls_total", &r),
+        s.histogram(HistogramId::DetectionPolls).sum as f64
     );
+    assert!(m
+        .find("vigil_host_pid_detection_polls_bucket", &r)
+        .is_empty());
     assert_histogram(
         m,
         "vigil_init_duration_seconds",
@@ -342,6 +346,17 @@ fn assert_histogram(
     h: &vigil_region::HistogramSnapshot,
     divisor: f64,
 ) {
+    if h.count == 0 {
+        assert!(
+            m.find(&format!("{name}_count"), labels).is_empty(),
+            "{name}"
+        );
+        assert!(
+            m.find(&format!("{name}_bucket"), labels).is_empty(),
+            "{name}"
+        );
+        return;
+    }
     assert_eq!(
         m.value(&format!("{name}_count"), labels),
         h.count as f64,
@@ -357,9 +372,16 @@ fn assert_histogram(
     // first fold into it, above the last into +Inf): every exported cumulative count
     // must equal the region's count of observations at or below that boundary.
     let buckets = m.find(&format!("{name}_bucket"), labels);
+    if h.count == 0 {
+        // A histogram with no observation is not exported at all.
+        assert!(buckets.is_empty(), "{name}: empty histogram exported");
+        assert!(m.find(&format!("{name}_count"), labels).is_empty());
+        return;
+    }
+    // Fixed boundaries (docs/metrics.md): 5 or 6 and +Inf.
     assert!(
-        buckets.len() >= 10,
-        "{name}: only {} buckets",
+        (6..=7).contains(&buckets.len()),
+        "{name}: {} buckets",
         buckets.len()
     );
     assert_eq!(buckets.last().unwrap().labels["le"], "+Inf", "{name}");
@@ -397,17 +419,20 @@ fn series_are_exact_and_present_from_the_start() {
     assert_matches(&m, label, &truth(&path));
     // Labels come from the HAMi directory only: the identity block ("ml",
     // "trainer-0") is tenant-written and ignored without --labels.from-region-identity.
-    let s = m.find("vigil_region_initializations_total", &[("region", label)]);
-    assert_eq!(s[0].labels.get("namespace"), None);
+    let s = m.find("vigil_processes", &[]);
+    assert_eq!(s.len(), 1);
+    let want: BTreeMap<String, String> = [
+        ("region", "vigil.cache"),
+        ("pod_uid", "8d1f-4c2a"),
+        ("container", "trainer"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
     assert_eq!(
-        s[0].labels.get("pod").map(String::as_str),
-        Some("8d1f-4c2a"),
-        "pod is the pod UID from the HAMi directory"
-    );
-    assert_eq!(
-        s[0].labels.get("container").map(String::as_str),
-        Some("trainer"),
-        "container comes from the HAMi directory"
+        s[0].labels, want,
+        "pod_uid and container from the HAMi directory, region the file name, no pod \
+         name or namespace from the tenant-written identity block"
     );
     assert_eq!(m.value("vigil_exporter_regions", &[]), 1.0);
     assert!(m.samples.iter().all(|s| !s.labels.contains_key("pid")));
@@ -506,11 +531,8 @@ fn formats_health_landing_and_deletion() {
     let m = Exposition::parse(&text.body);
     let solo_label = solo.to_str().unwrap();
     assert_eq!(
-        m.value(
-            "vigil_region_initializations_total",
-            &[("region", solo_label)]
-        ),
-        1.0
+        m.value("vigil_region_recoveries_total", &[("region", solo_label)]),
+        0.0
     );
     assert!(m
         .find("vigil_device_memory_limit_bytes", &[("region", solo_label)])

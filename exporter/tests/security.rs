@@ -52,7 +52,7 @@ fn labels_of<'a>(
     m: &'a Exposition,
     region: &str,
 ) -> &'a std::collections::BTreeMap<String, String> {
-    let s = m.find("vigil_region_initializations_total", &[("region", region)]);
+    let s = m.find("vigil_region_recoveries_total", &[("region", region)]);
     assert_eq!(s.len(), 1, "region {region}");
     &s[0].labels
 }
@@ -165,7 +165,8 @@ fn f3_tenant_identity_cannot_choose_tenancy_labels() {
     let m = ex.scrape();
     let l = labels_of(&m, "uid2_main/r.cache");
     assert_eq!(l.get("namespace"), None);
-    assert_eq!(l.get("pod").map(String::as_str), Some("uid2"));
+    assert_eq!(l.get("pod"), None, "a UID is not a pod name");
+    assert_eq!(l.get("pod_uid").map(String::as_str), Some("uid2"));
     assert_eq!(l.get("container").map(String::as_str), Some("main"));
     assert!(m
         .samples
@@ -187,6 +188,7 @@ fn f3_tenant_identity_cannot_choose_tenancy_labels() {
     let l = labels_of(&m, "uid2_main/r.cache");
     assert_eq!(l.get("namespace").map(String::as_str), Some("ml"));
     assert_eq!(l.get("pod").map(String::as_str), Some("trainer-0"));
+    assert_eq!(l.get("pod_uid").map(String::as_str), Some("uid2"));
     assert_eq!(
         l.get("container").map(String::as_str),
         Some("x"),
@@ -333,7 +335,7 @@ fn f5_forged_histograms_and_ring_head_break_nothing() {
         .find("vigil_lock_wait_seconds_count", &bad_region_wait)
         .is_empty());
     assert_eq!(m.value("vigil_init_duration_seconds_count", &badl), 1.0);
-    assert_eq!(m.value("vigil_region_initializations_total", &badl), 1.0);
+    assert_eq!(m.value("vigil_region_recoveries_total", &badl), 0.0);
     assert_eq!(errors(&m, "corrupt"), 1.0);
     for s in m.find("vigil_ring_events_lost_total", &badl) {
         assert!(s.value.is_finite() && s.value >= 0.0);
@@ -433,10 +435,10 @@ fn f1_region_truncated_in_a_loop_while_scraped_never_kills_the_exporter() {
         let m = prompt_scrape(&ex, Duration::from_secs(5));
         assert_eq!(
             m.value(
-                "vigil_region_initializations_total",
+                "vigil_region_recoveries_total",
                 &[("region", "uidG_main/r.cache")]
             ),
-            1.0
+            0.0
         );
         scrapes += 1;
         std::thread::sleep(Duration::from_millis(20));

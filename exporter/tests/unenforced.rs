@@ -33,12 +33,13 @@ fn an_sm_limit_is_warned_counted_and_exported_while_its_process_lives() {
     });
     assert_eq!(gauge(&e, "sm_limit"), Some(1.0));
     assert_eq!(gauge(&e, "task_priority"), Some(1.0));
+    // Settings nobody uses are not exported (a series each per region otherwise).
     for other in [
         "oversubscribe",
         "core_utilization_policy",
         "active_oom_killer",
     ] {
-        assert_eq!(gauge(&e, other), Some(0.0), "{other}");
+        assert_eq!(gauge(&e, other), None, "{other}");
     }
     let mut err = limited.0.stderr.take().unwrap();
     limited.0.kill().unwrap();
@@ -51,10 +52,12 @@ fn an_sm_limit_is_warned_counted_and_exported_while_its_process_lives() {
             && text.contains("sm_limit"),
         "{text}"
     );
-    // Gone with its process.
+    // Gone with its process: the series goes (no live process has it any more),
+    // while the region's other series stay.
     wait_until(
         "the gauge to follow the process",
         Duration::from_secs(10),
-        || gauge(&e, "sm_limit") == Some(0.0),
+        || gauge(&e, "sm_limit").is_none(),
     );
+    assert_eq!(e.scrape().value("vigil_processes", &[REGION]), 1.0);
 }

@@ -250,12 +250,28 @@ impl Exposition {
     }
 
     /// Samples named `name` whose labels include all of `want`.
+    ///
+    /// A `region` wanted as `<pod-uid>_<container>/<file>` (a region in HAMi's layout,
+    /// relative to the regions directory) matches the labels the exporter gives such
+    /// a region: `pod_uid`, and `region` = the file name alone
+    /// (`exporter/src/labels.rs`; `metrics.rs` checks that label set itself).
     pub fn find(&self, name: &str, want: &[(&str, &str)]) -> Vec<&Sample> {
+        let mut expanded: Vec<(&str, &str)> = Vec::with_capacity(want.len() + 2);
+        for &(k, v) in want {
+            match (k, hami_dir_region(v)) {
+                // Not `container`: an operator's --labels.container (or a trusted
+                // identity block) may override the directory's.
+                ("region", Some((uid, _container, file))) => {
+                    expanded.extend([("region", file), ("pod_uid", uid)])
+                }
+                _ => expanded.push((k, v)),
+            }
+        }
         self.samples
             .iter()
             .filter(|s| {
                 s.name == name
-                    && want
+                    && expanded
                         .iter()
                         .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
             })
@@ -395,4 +411,14 @@ pub fn port_send_queued(port: u16) -> u64 {
         }
     }
     bytes
+}
+
+/// `(pod_uid, container, file)` if `rel` is `<pod-uid>_<container>/<file>`.
+pub fn hami_dir_region(rel: &str) -> Option<(&str, &str, &str)> {
+    let (dir, file) = rel.split_once('/')?;
+    if file.contains('/') || dir.starts_with('/') {
+        return None;
+    }
+    let (uid, container) = dir.split_once('_')?;
+    (!uid.is_empty() && !container.is_empty() && !file.is_empty()).then_some((uid, container, file))
 }
