@@ -6,9 +6,10 @@ heatmap, table (and row): no legacy graph/singlestat/table-old; every panel has 
 non-empty description and a unit (fieldConfig.defaults.unit; heatmaps also
 options.yAxis.unit), the ${datasource} data source, at least one target with an expr,
 and a gridPos that overlaps no other panel; unique panel ids; template variables
-`datasource` (type datasource, prometheus) and `namespace`, `pod`, `region` (label_values
-queries); every range selector in a panel is [$__rate_interval] or [$__range]; every
-per-region metric is filtered by $namespace, $pod and $region; every vigil_* name is a
+`datasource` (type datasource, prometheus) and `node`, `namespace`, `pod`, `pod_uid`,
+`region`, `device` (label_values queries); every range selector in a panel is
+[$__rate_interval] or [$__range]; every per-region metric is filtered by $node,
+$namespace, $pod, $pod_uid and $region, and every per-device one also by $device; every vigil_* name is a
 metric of the exporter's contract (docs/metrics.md); the rows the issue asks for exist;
 every panel is described in dashboards/README.md.
 Exit 1 with every problem listed.
@@ -22,9 +23,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALLOWED = {"timeseries", "stat", "heatmap", "table", "row"}
 ROWS = ["Start-up", "Host-PID detection", "Locks", "Memory", "Pipeline health", "HAMi-core and NVML"]
-COUNTERS = ["vigil_region_initializations_total", "vigil_region_recoveries_total", "vigil_process_inits_total",
-            "vigil_process_slots_claimed_total",
-            "vigil_process_slots_reclaimed_total", "vigil_lock_acquisitions_total", "vigil_lock_retries_total",
+COUNTERS = ["vigil_region_recoveries_total", "vigil_process_inits_total",
+            "vigil_process_slots_reclaimed_total", "vigil_host_pid_detection_polls_total", "vigil_lock_acquisitions_total", "vigil_lock_retries_total",
             "vigil_lock_force_posts_total", "vigil_lock_fenced_releases_total", "vigil_host_pid_detections_total",
             "vigil_host_pid_checks_total",
             "vigil_device_memory_allocation_denials_total", "vigil_ring_events_total",
@@ -37,8 +37,19 @@ GAUGES = ["vigil_processes", "vigil_device_memory_limit_bytes", "vigil_device_me
           "vigil_hami_lock_owner_dead", "vigil_hami_lock_waiters", "vigil_exporter_hami_regions", "vigil_device_info",
           "vigil_nvml_device_memory_total_bytes", "vigil_nvml_device_memory_used_bytes", "vigil_exporter_nvml_up",
           "vigil_exporter_nvml_refresh_seconds"]
-HISTOGRAMS = ["vigil_lock_wait_seconds", "vigil_host_pid_detection_seconds", "vigil_host_pid_detection_polls",
+HISTOGRAMS = ["vigil_lock_wait_seconds", "vigil_host_pid_detection_seconds",
               "vigil_init_duration_seconds", "vigil_exporter_scrape_duration_seconds"]
+# Per-region series with a `device` label (the region's CUDA ordinal): filtered by $device.
+DEVICE_METRICS = {"vigil_device_memory_limit_bytes", "vigil_device_memory_used_bytes",
+                  "vigil_device_memory_dead_bytes", "vigil_device_memory_peak_bytes",
+                  "vigil_device_memory_allocation_denials_total", "vigil_nvml_process_memory_bytes",
+                  "vigil_device_memory_accounting_drift_bytes", "vigil_hami_device_sm_limit_ratio",
+                  "vigil_hami_device_info"}
+# The variables every per-region query is filtered by. `node` is a target label (the
+# chart's monitors add it), `pod_uid` comes from HAMi's directories (DaemonSet mode),
+# `namespace`/`pod` from the sidecar's downward API: a variable whose label a mode lacks
+# matches everything there (its All value is .*, which matches an absent label).
+REGION_VARS = ("node", "namespace", "pod", "pod_uid", "region")
 METRICS = set(COUNTERS + GAUGES + [h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")])
 
 
@@ -60,7 +71,7 @@ def lint(path):
     ds = vars_.get("datasource")
     if not ds or ds.get("type") != "datasource" or ds.get("query") != "prometheus":
         errs.append("template variable `datasource` (type datasource, query prometheus) is missing")
-    for name in ("namespace", "pod", "region"):
+    for name in REGION_VARS + ("device",):
         v = vars_.get(name)
         q = v.get("query") if v else None
         q = q.get("query") if isinstance(q, dict) else q
@@ -122,9 +133,13 @@ def lint(path):
                 errs.append(f"{title!r} [{ref}]: {n} is not a metric of the exporter's contract")
             per_region = {n for n in names if not n.startswith("vigil_exporter_")}
             if per_region:
-                for v in ("namespace", "pod", "region"):
+                for v in REGION_VARS:
                     if f'{v}=~"${v}"' not in expr:
                         errs.append(f"{title!r} [{ref}]: per-region metric not filtered by {v}=~\"${v}\"")
+            for n in sorted(names & DEVICE_METRICS):
+                for sel in re.findall(r"\b" + n + r"\{([^}]*)\}", expr) or [""]:
+                    if 'device=~"$device"' not in sel:
+                        errs.append(f"{title!r} [{ref}]: {n} not filtered by device=~\"$device\"")
     for r in ROWS:
         if r not in rows:
             errs.append(f"row {r!r} is missing")

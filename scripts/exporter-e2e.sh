@@ -296,20 +296,20 @@ def check(what, got, want):
 
 f = firing()
 check("VigilHamiLockOwnerDead firing for the dead-owner fixture",
-      sorted((a.get("region"), a.get("lock"), a.get("severity")) for a in f),
-      [("hami-deadowner_main/vgpu.cache", "sem", "critical")])
+      sorted((a.get("pod_uid"), a.get("region"), a.get("lock"), a.get("severity")) for a in f),
+      [("hami-deadowner", "vgpu.cache", "sem", "critical")])
 check("vigil_hami_lock_owner_dead (sem) of the dead-owner fixture",
-      value('vigil_hami_lock_owner_dead{region="hami-deadowner_main/vgpu.cache",lock="sem"}'), 1.0)
+      value('vigil_hami_lock_owner_dead{pod_uid="hami-deadowner",region="vgpu.cache",lock="sem"}'), 1.0)
 zero = sum(1 for s in man["hostpid0.cache.gz"]["region"]["slots"] if s["hostpid"] == 0)
 check("vigil_hami_host_pid_zero_slots of the host-PID-0 fixture",
-      value('vigil_hami_host_pid_zero_slots{region="hami-zero_main/vgpu.cache"}'), float(zero))
+      value('vigil_hami_host_pid_zero_slots{pod_uid="hami-zero",region="vgpu.cache"}'), float(zero))
 dead = sum(d.get("total", 0) for s in man["dead-slots.cache.gz"]["region"]["slots"] for d in s["used"].values())
 check("vigil_device_memory_dead_bytes of the dead-slots fixture (every slot's process is gone)",
-      value('sum(vigil_device_memory_dead_bytes{region="hami-dead_main/vgpu.cache",interposer="hami-core"})'), float(dead))
+      value('sum(vigil_device_memory_dead_bytes{pod_uid="hami-dead",region="vgpu.cache",interposer="hami-core"})'), float(dead))
 check("vigil_hami_region_info of the 1.1 fixture",
-      value('vigil_hami_region_info{region="hami-old_main/vgpu.cache",version="1.1"}'), 1.0)
-check("pod label from HAMi's directory name",
-      value('count(vigil_hami_region_info{pod="hami-dead",container="main"})'), 1.0)
+      value('vigil_hami_region_info{pod_uid="hami-old",region="vgpu.cache",version="1.1"}'), 1.0)
+check("pod_uid label from HAMi's directory name (and no pod name)",
+      value('count(vigil_hami_region_info{pod_uid="hami-dead",pod="",container="main"})'), 1.0)
 check("vigil_exporter_nvml_up", value("vigil_exporter_nvml_up"), 1.0)
 check("vigil_device_info series (one per simulated device)", value("count(vigil_device_info)"), 2.0)
 check("Prometheus scrapes the TLS exporter with basic authentication (up)",

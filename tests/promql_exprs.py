@@ -247,7 +247,13 @@ def discover_variables(url, variables, fixed, args, at):
             if not unknown:
                 r = api(url, "/api/v1/query", {"query": q, **({"time": at} if at else {})})
                 if r.get("status") == "success" and r["data"]["resultType"] == "vector":
-                    found = sorted({s["metric"].get(v["label"], "") for s in r["data"]["result"]} - {""})
+                    seen = {s["metric"].get(v["label"], "") for s in r["data"]["result"]}
+                    found = sorted(seen - {""})
+                    # Series without the label (a sidecar's have no pod_uid, a
+                    # DaemonSet's no pod): the dashboard's default, All (`.*`), matches
+                    # them too, so every discovered value plus the empty one does.
+                    if found and "" in seen and v["multi"]:
+                        found.append("")
         if found:
             values[name] = format_value(found, v["multi"])
             notes[name] = {"from": "discovered", "values": found}
@@ -379,12 +385,13 @@ class Synthetic:
     """A metrics page with every Vigil metric; counters grow with time since start."""
 
     SECONDS_BUCKETS = [1e-6 * 2 ** k for k in range(26)] + [math.inf]
-    POLL_BUCKETS = [float(2 ** k) for k in range(11)] + [math.inf]
     REGIONS = [
-        {"namespace": "ml", "pod": "trainer-0", "container": "cuda", "region": "/vigil/region.cache"},
-        {"namespace": "ml", "pod": "trainer-1", "container": "cuda", "region": "/vigil/region.cache"},
+        {"namespace": "ml", "pod": "trainer-0", "container": "cuda", "region": "/vigil/region.cache", "node": "gpu-node-2"},
+        {"namespace": "ml", "pod": "trainer-1", "container": "cuda", "region": "/vigil/region.cache", "node": "gpu-node-2"},
         {"namespace": "batch", "pod": "infer-7f9c", "container": "server", "region": "/vigil/region.cache"},
-        {"region": "/usr/local/vgpu/containers/0c7e2a/vigil.cache"},  # no identity block
+        # DaemonSet mode: pod_uid and container from HAMi's directory, no names; `node`
+        # as the chart's monitors add it.
+        {"region": "vigil.cache", "pod_uid": "0c7e2a", "container": "main", "node": "gpu-node-1"},
     ]
 
     def __init__(self):
@@ -420,7 +427,6 @@ class Synthetic:
 
         for i, r in enumerate(self.REGIONS):
             k = 1 + i
-            emit("vigil_region_initializations_total", "counter", r, 1)
             emit("vigil_region_recoveries_total", "counter", r, 1 if i == 0 else 0)
             emit("vigil_process_inits_total", "counter", {**r, "path": "initializer"}, 1)
             emit("vigil_process_inits_total", "counter", {**r, "path": "fast_path"}, round(0.5 * k * t))
@@ -454,7 +460,7 @@ class Synthetic:
             hist("vigil_lock_wait_seconds", {**r, "lock": "region"}, [(0.0005, 5), (1.5, 1)], self.SECONDS_BUCKETS)
             hist("vigil_lock_wait_seconds", {**r, "lock": "detect"}, [(0.3, 0.5), (15, 0.5)], self.SECONDS_BUCKETS)
             hist("vigil_host_pid_detection_seconds", r, [(0.28, 0.5), (0.6, 0.2), (5.0, 0.1)], self.SECONDS_BUCKETS)
-            hist("vigil_host_pid_detection_polls", r, [(3, 0.5), (12, 0.2), (400, 0.1)], self.POLL_BUCKETS)
+            emit("vigil_host_pid_detection_polls_total", "counter", r, round((3 * 0.5 + 12 * 0.2 + 400 * 0.1) * t))
             hist("vigil_init_duration_seconds", r, [(0.002, 0.5), (0.3, 0.3)], self.SECONDS_BUCKETS)
         for i, r in enumerate(self.REGIONS[:2]):
             for u in ("sm_limit", "oversubscribe", "core_utilization_policy", "task_priority", "active_oom_killer"):
@@ -465,7 +471,7 @@ class Synthetic:
             emit("vigil_device_memory_accounting_drift_bytes", "gauge", d, 1 << 30)
         # A HAMi-core region whose sem is held by a dead owner, with host PID 0 slots
         # and memory in dead slots: every vigil-hami alert has data.
-        h = {"namespace": "ml", "pod": "0c7e2a", "container": "main", "region": "0c7e2a_main/abc.cache",
+        h = {"pod_uid": "0c7e2a", "container": "main", "region": "abc.cache", "node": "gpu-node-1",
              "interposer": "hami-core"}
         emit("vigil_processes", "gauge", h, 1)
         emit("vigil_hami_region_info", "gauge", {**h, "version": "1.2"}, 1)
@@ -484,6 +490,8 @@ class Synthetic:
             emit("vigil_hami_lock_held", "gauge", {**h, "lock": lock}, held)
             emit("vigil_hami_lock_owner_dead", "gauge", {**h, "lock": lock}, dead)
             emit("vigil_hami_lock_waiters", "gauge", {**h, "lock": lock}, waiters)
+        # kube-state-metrics' pod info for the vigil-identity recording rules.
+        emit("kube_pod_info", "gauge", {"namespace": "ml", "pod": "trainer-2", "uid": "0c7e2a", "node": "gpu-node-1"}, 1)
         emit("vigil_exporter_hami_regions", "gauge", {}, 1)
         emit("vigil_exporter_nvml_up", "gauge", {}, 1)
         emit("vigil_exporter_nvml_errors_total", "counter", {}, 0)
