@@ -108,7 +108,7 @@ pids+=($!)
 cat >"$work/prometheus.yml" <<EOF
 global:
   scrape_interval: 1s
-  # Rules every second too, so that an alert with `for: 1m` fires about a minute after
+  # Rules every second too, so that an alert with for: 1m fires about a minute after
   # its condition holds (the default 1-minute evaluation can take two).
   evaluation_interval: 1s
   scrape_timeout: 1s
