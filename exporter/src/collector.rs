@@ -238,7 +238,7 @@ struct Range {
 
 impl Range {
     fn exports(&self, i: usize) -> bool {
-        i >= self.lo && i <= self.hi && (i - self.lo) % self.step == 0
+        i >= self.lo && i <= self.hi && (i - self.lo).is_multiple_of(self.step)
     }
 }
 
