@@ -143,7 +143,11 @@ def quantile(q, name):
             return prev_le + (le - prev_le) * (rank - prev_c) / max(c - prev_c, 1e-9)
         prev_le, prev_c = le, c
 
-regions = sorted({l["region"] for n, l, v in series if "region" in l})
+# A region is told apart by pod_uid and region together (under HAMi's layout `region`
+# is the file name, the same in every pod's directory).
+def where(l):
+    return f"{l['pod_uid']}/{l['region']}" if "pod_uid" in l else l["region"]
+regions = sorted({where(l) for n, l, v in series if "region" in l})
 print(f"    regions watched:        {len(regions)} ({', '.join(regions)})")
 print(f"    process inits:          {total('vigil_process_inits_total'):.0f} "
       f"(initializer {total('vigil_process_inits_total', path='initializer'):.0f}, "
@@ -161,7 +165,8 @@ print(f"    lock force-posts:       {sum(v for *_, v in fp):.0f} " + " ".join(f"
 print(f"    allocation denials:     {total('vigil_device_memory_allocation_denials_total'):.0f}")
 for n, l, v in series:
     if n == "vigil_device_memory_peak_bytes":
-        lim = total("vigil_device_memory_limit_bytes", region=l["region"], device=l["device"])
+        lim = sum(v2 for n2, l2, v2 in series if n2 == "vigil_device_memory_limit_bytes"
+                  and where(l2) == where(l) and l2.get("device") == l["device"])
         print(f"    memory peak [{l.get('container', l['region'])}, device {l['device']}]: "
               f"{v / 2**20:.0f} MiB of a {lim / 2**30:.0f} GiB limit")
 PY
