@@ -93,6 +93,15 @@ def helm_escape(s):
     return re.sub(r"\{\{|\}\}", lambda m: '{{ "%s" }}' % m.group(0), s)
 
 
+def ystr(v):
+    """v as a one-line YAML scalar (plain where YAML allows, else quoted), Helm-escaped."""
+    text = yaml.safe_dump(v, width=1 << 30, default_flow_style=True, allow_unicode=True)
+    first = text.split("\n", 1)[0]
+    if yaml.safe_load(first) != v:
+        first = json.dumps(v)
+    return helm_escape(first)
+
+
 def go_str(s):
     """A Go template string literal."""
     return json.dumps(s)
@@ -164,10 +173,10 @@ def template(groups, sources, job, base, alerts):
         if rules and all("alert" in r for r in rules):
             guard = "or " + " ".join(f"{var[r['alert']]}.enabled" for r in rules)
             t += f"  {{{{- if {guard} }}}}\n"
-        t += f"  - name: {helm_escape(json.dumps(g['name']))}\n"
+        t += f"  - name: {ystr(g['name'])}\n"
         for k, v in g.items():
             if k not in ("name", "rules"):
-                t += f"    {k}: {helm_escape(json.dumps(v))}\n"
+                t += f"    {k}: {ystr(v)}\n"
         t += "    rules:\n"
         for r in rules:
             expr = str(r["expr"])
@@ -179,12 +188,12 @@ def template(groups, sources, job, base, alerts):
             else:
                 expr_t = helm_escape(expr)
             if "record" in r:
-                t += f"    - record: {helm_escape(json.dumps(r['record']))}\n"
+                t += f"    - record: {ystr(r['record'])}\n"
                 t += block_raw("expr", expr_t, 6)
                 if r.get("labels"):
                     t += "      labels:\n"
                     for k, v in r["labels"].items():
-                        t += f"        {helm_escape(json.dumps(k))}: {helm_escape(json.dumps(str(v)))}\n"
+                        t += f"        {ystr(k)}: {ystr(str(v))}\n"
                 continue
             n = r["alert"]
             a = var[n]
@@ -194,11 +203,11 @@ def template(groups, sources, job, base, alerts):
                     fail(f"alert {n!r}: the threshold was lost in escaping")
                 expr_t = expr_t[:m.start(2)] + f"{{{{ {a}.threshold }}}}" + expr_t[m.end(2):]
             t += f"    {{{{- if {a}.enabled }}}}\n"
-            t += f"    - alert: {helm_escape(json.dumps(n))}\n"
+            t += f"    - alert: {ystr(n)}\n"
             t += block_raw("expr", expr_t, 6)
             t += f"      for: {{{{ {a}.for | quote }}}}\n"
             if "keep_firing_for" in r:
-                t += f"      keep_firing_for: {json.dumps(str(r['keep_firing_for']))}\n"
+                t += f"      keep_firing_for: {ystr(str(r['keep_firing_for']))}\n"
             src_labels = {k: str(v) for k, v in (r.get("labels") or {}).items() if k != "severity"}
             dict_args = " ".join(f"{go_str(k)} {go_str(v)}" for k, v in src_labels.items())
             t += ("      labels:\n"
@@ -214,7 +223,7 @@ def template(groups, sources, job, base, alerts):
                         t += (f"        {k}: {{{{ printf \"%s#%s\" $r.runbookUrlBase "
                               f"{go_str(anchor)} | quote }}}}\n")
                     else:
-                        t += f"        {helm_escape(json.dumps(k))}: {helm_escape(json.dumps(v))}\n"
+                        t += f"        {ystr(k)}: {ystr(v)}\n"
             t += "    {{- end }}\n"
         if guard:
             t += "  {{- end }}\n"
