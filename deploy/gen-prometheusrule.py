@@ -20,6 +20,8 @@ its chart, so this script writes what the chart needs, derived from it:
   deploy/gen-prometheusrule.py            write them
   deploy/gen-prometheusrule.py --check    exit 1 (with a diff) if any of them is stale
   deploy/gen-prometheusrule.py --stdout   print the template
+  --alerts-dir DIR, --chart DIR           other inputs/outputs (deploy/helm/test-chart.py
+                                          generator tests the generator on its own rules)
 
 The PrometheusRule object itself (deploy/monitoring/prometheusrule.yaml) is rendered
 from the chart by deploy/helm/render.sh. Labels for your Prometheus's ruleSelector:
@@ -39,6 +41,7 @@ except ImportError:
     sys.exit("gen-prometheusrule.py needs PyYAML (pip install PyYAML)")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALERTS_DIR = os.path.join(ROOT, "alerts")
 CHART = os.path.join(ROOT, "deploy", "helm", "vigil")
 TEMPLATE = os.path.join(CHART, "templates", "prometheusrule.yaml")
 VALUES = os.path.join(CHART, "values.yaml")
@@ -60,8 +63,8 @@ def fail(msg):
 
 
 def rule_files():
-    files = sorted(set(glob.glob(os.path.join(ROOT, "alerts", "*.yml")) +
-                       glob.glob(os.path.join(ROOT, "alerts", "*.yaml"))))
+    files = sorted(set(glob.glob(os.path.join(ALERTS_DIR, "*.yml")) +
+                       glob.glob(os.path.join(ALERTS_DIR, "*.yaml"))))
     if not files:
         fail("no rule files in alerts/")
     return files
@@ -332,7 +335,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="fail if any generated file is not up to date")
     ap.add_argument("--stdout", action="store_true", help="print the template instead of writing")
+    ap.add_argument("--alerts-dir", help="read the rule files here instead of alerts/ (for tests)")
+    ap.add_argument("--chart", help="write into this copy of the chart instead of deploy/helm/vigil (for tests)")
     args = ap.parse_args()
+    global ALERTS_DIR, CHART, TEMPLATE, VALUES, SCHEMA
+    if args.alerts_dir:
+        ALERTS_DIR = os.path.abspath(args.alerts_dir)
+    if args.chart:
+        CHART = os.path.abspath(args.chart)
+        TEMPLATE = os.path.join(CHART, "templates", "prometheusrule.yaml")
+        VALUES = os.path.join(CHART, "values.yaml")
+        SCHEMA = os.path.join(CHART, "values.schema.json")
     groups, sources = load_groups()
     job, base, alerts = analyse(groups)
     check_job_default(job)

@@ -84,6 +84,8 @@ check "promtool test rules" promtool test rules "${tests[@]}"
 check "alert conventions, runbooks, a firing and a quiet test per alert" "$py" alerts/lint.py
 check "chart: PrometheusRule template, per-alert values and schema generated from alerts/ are up to date" \
     "$py" deploy/gen-prometheusrule.py --check
+check "chart: gen-prometheusrule.py on synthetic rules (recording rules, ==, bool, {{ }}): renders them exactly, applies overrides" \
+    "$py" deploy/helm/test-chart.py generator
 check "chart: helm lint --strict (defaults and every deploy/helm/tests/*.values.yaml)" \
     "$py" deploy/helm/test-chart.py lint
 for case in deploy/helm/tests/*.values.yaml; do

@@ -16,6 +16,11 @@
         disabled, its `for`, severity, threshold, the job selector, the runbook
         URL base, the extra labels), and a group whose alerts are all disabled is
         absent; with the defaults the groups equal alerts/ exactly.
+  deploy/helm/test-chart.py generator
+      deploy/gen-prometheusrule.py on synthetic rules with what alerts/ does not have
+      today (a recording rule, `== N`, `>= bool N`, keep_firing_for, quotes and {{ }} in
+      annotations): rendered with the defaults they equal the source; overrides apply;
+      promtool is clean; --check notices a changed source
   deploy/helm/test-chart.py bad
       every deploy/helm/tests/bad/*.values.yaml is rejected by `helm template` and
       `helm lint`, with an error that contains each of its `# expect: TEXT` lines.
@@ -355,6 +360,129 @@ def cmd_bad(_args):
     return 1 if failures else 0
 
 
+SYNTHETIC_RULES = r"""
+groups:
+  - name: synthetic-recording
+    interval: 1m
+    rules:
+      - record: vigil:up:sum
+        expr: sum by (instance) (up{job="vigil-exporter"})
+        labels:
+          source: synthetic
+  - name: synthetic-alerts
+    rules:
+      - alert: SynthSingleLine
+        expr: vigil:up:sum{job="vigil-exporter"} == 0
+        for: 2m
+        labels: {severity: info, team: gpu}
+        annotations:
+          summary: 'It''s "quoted": {{ $labels.instance }} }} {{ "{{" }}'
+          runbook_url: https://example.com/rb.md#synthsingleline
+      - alert: SynthBool
+        expr: |
+          count(up{job="vigil-exporter"}) >= bool 3
+        for: 0m
+        keep_firing_for: 5m
+        labels: {severity: warning}
+        annotations:
+          description: >-
+            {{ $value | humanize }} of
+            {{ $labels.job }}
+          runbook_url: https://example.com/rb.md#synthbool
+  - name: synthetic-only-one
+    rules:
+      - alert: SynthLt
+        expr: min(up) < 1
+        for: 1m
+        labels: {severity: critical}
+"""
+
+SYNTHETIC_OVERRIDES = """
+prometheusRule:
+  jobSelector: job=~"a|b"
+  runbookUrlBase: https://runbooks.example.org/x
+  additionalRuleLabels: {team: platform}
+  alerts:
+    SynthLt: {enabled: false}
+    SynthBool: {threshold: 7.5, severity: page, for: 10m}
+"""
+
+
+def cmd_generator(_args):
+    """gen-prometheusrule.py on rules of its own: a recording rule, a one-line expression,
+    `== N` (no threshold), `>= bool N`, keep_firing_for, quotes and Prometheus's {{ }} in
+    annotations, a group of one alert; rendered with the defaults (equal to the source),
+    with overrides (what they ask), through promtool, and --check catching a stale chart."""
+    failures = []
+    gen = os.path.join(ROOT, "deploy", "gen-prometheusrule.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = os.path.join(tmp, "vigil")
+        subprocess.run(["cp", "-r", CHART, chart], check=True)
+        alerts = os.path.join(tmp, "alerts")
+        os.mkdir(alerts)
+        src_file = os.path.join(alerts, "synthetic.yml")
+        with open(src_file, "w") as f:
+            f.write(SYNTHETIC_RULES)
+        p = subprocess.run(["promtool", "check", "rules", src_file], capture_output=True, text=True)
+        if p.returncode != 0:
+            print(f"FAIL the synthetic rules themselves do not pass promtool:\n{p.stdout}{p.stderr}")
+            return 1
+        base = [sys.executable, gen, "--alerts-dir", alerts, "--chart", chart]
+        g = subprocess.run(base, capture_output=True, text=True)
+        if g.returncode != 0:
+            print(f"FAIL gen-prometheusrule.py on the synthetic rules:\n{g.stdout}{g.stderr}")
+            return 1
+        src_groups = yaml.safe_load(SYNTHETIC_RULES)["groups"]
+        with open(os.path.join(chart, "values.yaml")) as f:
+            defaults = yaml.safe_load(f)
+        thresholds = {n: a.get("threshold") for n, a in defaults["prometheusRule"]["alerts"].items()}
+        want = {"SynthSingleLine": None, "SynthBool": 3, "SynthLt": 1}
+        if thresholds != want:
+            failures.append(f"generated thresholds {thresholds}, expected {want} (== is no threshold)")
+        over_file = os.path.join(tmp, "over.yaml")
+        with open(over_file, "w") as f:
+            f.write(SYNTHETIC_OVERRIDES)
+        for label, extra, values in (("defaults", [], defaults),
+                                     ("overrides", ["--values", over_file],
+                                      merge(defaults, yaml.safe_load(SYNTHETIC_OVERRIDES)))):
+            r = helm("template", RELEASE, chart, "--namespace", NAMESPACE, "--show-only",
+                     "templates/prometheusrule.yaml", *extra)
+            if r.returncode != 0:
+                failures.append(f"helm template ({label}): {r.stderr.strip()}")
+                continue
+            pr = yaml.safe_load(r.stdout)
+            rules_file = os.path.join(tmp, f"{label}.yml")
+            with open(rules_file, "w") as f:
+                yaml.safe_dump({"groups": pr["spec"]["groups"]}, f, sort_keys=False)
+            p = subprocess.run(["promtool", "check", "rules", rules_file], capture_output=True, text=True)
+            if p.returncode != 0:
+                failures.append(f"promtool check rules ({label}): {p.stdout}{p.stderr}")
+            if label == "defaults" and pr["spec"]["groups"] != src_groups:
+                failures.append(f"with the defaults the groups differ from the source:\n{yaml.safe_dump(pr['spec']['groups'])}")
+            c = Checker(values, [pr], {"appVersion": "0"})
+            c.rules(pr, src_groups)
+            failures += [f"({label}) {e}" for e in c.errors]
+            if label == "overrides":
+                names = [gr["name"] for gr in pr["spec"]["groups"]]
+                if "synthetic-only-one" in names:
+                    failures.append("(overrides) the group whose only alert is disabled is still rendered")
+                if 'job=~"a|b"' not in r.stdout or "https://runbooks.example.org/x#synthbool" not in r.stdout:
+                    failures.append("(overrides) the job selector or the runbook URL base does not appear")
+        if subprocess.run(base + ["--check"], capture_output=True, text=True).returncode != 0:
+            failures.append("gen-prometheusrule.py --check fails right after generating")
+        with open(src_file, "a") as f:
+            f.write("      - alert: SynthNew\n        expr: up == 0\n        labels: {severity: info}\n")
+        if subprocess.run(base + ["--check"], capture_output=True, text=True).returncode == 0:
+            failures.append("gen-prometheusrule.py --check passes although alerts/ gained an alert")
+    for f_ in failures:
+        print(f"FAIL {f_}")
+    if not failures:
+        print("ok   gen-prometheusrule.py on synthetic rules (recording rule, ==, >= bool, keep_firing_for, "
+              "{{ }} and quotes, a one-alert group): defaults equal the source, overrides applied, "
+              "promtool clean, --check detects staleness")
+    return 1 if failures else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -363,8 +491,9 @@ def main():
     c.add_argument("file")
     c.add_argument("--kubernetes-version", "-k", action="append")
     sub.add_parser("bad")
+    sub.add_parser("generator")
     args = ap.parse_args()
-    return {"lint": cmd_lint, "case": cmd_case, "bad": cmd_bad}[args.cmd](args)
+    return {"lint": cmd_lint, "case": cmd_case, "bad": cmd_bad, "generator": cmd_generator}[args.cmd](args)
 
 
 if __name__ == "__main__":
