@@ -133,8 +133,8 @@ build() {
 # --- the stages -----------------------------------------------------------------------
 scripts_parse() {
     local f rc=0
-    for f in scripts/*.sh tests/*.sh .ci/run; do bash -n "$f" || rc=1; done
-    python3 - scripts/*.py tests/*.py <<'PY' || rc=1
+    for f in scripts/*.sh tests/*.sh deploy/helm/*.sh .ci/run; do bash -n "$f" || rc=1; done
+    python3 - scripts/*.py tests/*.py deploy/*.py deploy/helm/*.py <<'PY' || rc=1
 import ast, sys
 for f in sys.argv[1:]:
     ast.parse(open(f).read(), f)
