@@ -58,6 +58,24 @@ def installer_dest(c, is_init):
     return None
 
 
+class StrictLoader(yaml.SafeLoader):
+    """A key twice in one mapping is an error: PyYAML would keep the last silently, the
+    API server and kubectl refuse the object."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    seen = set()
+    for k, _ in node.value:
+        key = loader.construct_object(k, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", k.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
 def pod_spec(doc):
     kind = doc.get("kind")
     spec = doc.get("spec") or {}
@@ -137,7 +155,7 @@ def main():
         rel = os.path.relpath(path, ROOT)
         try:
             with open(path) as f:
-                docs = [d for d in yaml.safe_load_all(f) if d]
+                docs = [d for d in yaml.load_all(f, Loader=StrictLoader) if d]
         except yaml.YAMLError as e:
             print(f"FAIL {rel}: not YAML: {e}")
             failures += 1

@@ -49,6 +49,24 @@ THRESHOLD_RE = re.compile(r'(\s(?:>=|<=|>|<)\s*(?:bool\s+)?)([-+]?(?:\d+\.?\d*|\
 JOB_RE = re.compile(r'\bjob\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 
 
+class StrictLoader(yaml.SafeLoader):
+    """Rejects a mapping with a key twice: PyYAML keeps the last silently, the API server
+    (and kubectl) refuse the object."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    seen = set()
+    for k, _ in node.value:
+        key = loader.construct_object(k, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", k.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
 def rel(p):
     return os.path.relpath(p, ROOT)
 
@@ -292,7 +310,11 @@ def cmd_case(args):
         rendered = os.path.join(tmp, os.path.basename(path).replace(".values", ".rendered"))
         with open(rendered, "w") as f:
             f.write(r.stdout)
-        docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+        try:
+            docs = [d for d in yaml.load_all(r.stdout, Loader=StrictLoader) if d]
+        except yaml.YAMLError as e:
+            print(f"FAIL helm template with {rel(path)} rendered invalid YAML: {e}")
+            return 1
         print(f"helm template with {rel(path)}: {len(docs)} objects: "
               + ", ".join(f"{d['kind']}/{d['metadata']['name']}" for d in docs))
         vargs = [sys.executable, os.path.join(ROOT, "deploy", "validate-manifests.py")]

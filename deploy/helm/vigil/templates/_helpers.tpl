@@ -44,7 +44,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end -}}
 
-{{/* The exporter's selector labels (immutable on a DaemonSet: never add to these). */}}
+{{/* The exporter's selector labels (immutable on a DaemonSet: never add to these).
+Pod templates carry them through vigil.labels (instance) and their own name label. */}}
 {{- define "vigil.exporter.selectorLabels" -}}
 app.kubernetes.io/name: vigil-exporter
 app.kubernetes.io/instance: {{ .Release.Name }}
