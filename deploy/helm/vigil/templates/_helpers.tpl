@@ -32,8 +32,16 @@ manifests always had.
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* Labels on every object. */}}
+{{/* Labels on every object. Extra label maps may not redefine the chart's own keys:
+a key twice in one mapping is refused by kubectl and the API server. */}}
 {{- define "vigil.labels" -}}
+{{- range $what, $m := dict "commonLabels" .Values.commonLabels "serviceMonitor.labels" .Values.serviceMonitor.labels "podMonitor.labels" .Values.podMonitor.labels "prometheusRule.labels" .Values.prometheusRule.labels "exporter.podLabels" .Values.exporter.podLabels }}
+{{- range $k, $_ := $m }}
+{{- if regexMatch "^(app\\.kubernetes\\.io|helm\\.sh)/" $k }}
+{{- fail (printf "%s: %s is one of the chart's own labels (app.kubernetes.io/*, helm.sh/*); choose another key" $what $k) }}
+{{- end }}
+{{- end }}
+{{- end -}}
 helm.sh/chart: {{ include "vigil.chart" . }}
 app.kubernetes.io/part-of: vigil
 app.kubernetes.io/instance: {{ .Release.Name }}
