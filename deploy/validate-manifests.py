@@ -18,7 +18,15 @@
     args name --regions-dir or --region;
   - a container that preloads libvigil.so: CUDA_DEVICE_MEMORY_SHARED_CACHE, POD_NAME and
     POD_NAMESPACE (downward API) and CONTAINER_NAME set;
-  - hostPath volumes are only mounted read-only.
+  - hostPath volumes are only mounted read-only;
+  - the one exception: the libvigil.so node installer (the chart's installer.enabled),
+    an INIT container whose command is /opt/vigil/bin/vigil-install DEST_DIR, may run
+    as root (it writes into a root-owned host directory as its owner, which needs no
+    capability) and mount one hostPath read-write, exactly at DEST_DIR; everything else
+    above still applies to it (no capabilities, no privilege escalation, read-only root
+    filesystem), and its pod may not use hostPID, hostNetwork or hostIPC.
+The chart's sources (deploy/helm/) are not manifests: the default file list leaves them
+out (scripts/check-monitoring.sh validates what the chart renders instead).
 Exit 1 on any failure, listing every problem.
 """
 import argparse
@@ -39,6 +47,33 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CRD_SCHEMA = os.path.join(HERE, "schemas", "monitoring.coreos.com-v1.json")
 POD_KINDS = {"Deployment", "DaemonSet", "StatefulSet", "ReplicaSet", "Job", "Pod", "CronJob"}
+INSTALLER = "/opt/vigil/bin/vigil-install"
+
+
+def installer_dest(c, is_init):
+    """DEST_DIR if c is the libvigil.so node installer (an init container), else None."""
+    cmd = list(c.get("command") or []) + list(c.get("args") or [])
+    if is_init and len(cmd) == 2 and cmd[0] == INSTALLER and cmd[1].startswith("/"):
+        return cmd[1].rstrip("/") or "/"
+    return None
+
+
+class StrictLoader(yaml.SafeLoader):
+    """A key twice in one mapping is an error: PyYAML would keep the last silently, the
+    API server and kubectl refuse the object."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    seen = set()
+    for k, _ in node.value:
+        key = loader.construct_object(k, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", k.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 
 
 def pod_spec(doc):
@@ -56,22 +91,30 @@ def policy(doc):
     ps = pod_spec(doc)
     pod_sc = ps.get("securityContext") or {}
     volumes = {v["name"]: v for v in ps.get("volumes") or []}
-    for c in (ps.get("initContainers") or []) + (ps.get("containers") or []):
+    inits = ps.get("initContainers") or []
+    for idx, c in enumerate(inits + (ps.get("containers") or [])):
         n = c.get("name")
         sc = c.get("securityContext") or {}
+        dest = installer_dest(c, idx < len(inits))
+        if dest is not None:
+            for host in ("hostPID", "hostNetwork", "hostIPC"):
+                if ps.get(host):
+                    errs.append(f"container {n} (libvigil.so installer): its pod must not set {host}")
         if sc.get("allowPrivilegeEscalation") is not False:
             errs.append(f"container {n}: securityContext.allowPrivilegeEscalation must be false")
         if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
             errs.append(f"container {n}: securityContext.capabilities.drop must contain ALL")
         if sc.get("readOnlyRootFilesystem") is not True:
             errs.append(f"container {n}: securityContext.readOnlyRootFilesystem must be true")
-        if not (sc.get("runAsNonRoot") is True or (pod_sc.get("runAsNonRoot") is True and sc.get("runAsNonRoot") is not False)):
+        if dest is None and not (sc.get("runAsNonRoot") is True or (pod_sc.get("runAsNonRoot") is True and sc.get("runAsNonRoot") is not False)):
             errs.append(f"container {n}: runAsNonRoot must be true (pod or container securityContext)")
         mounts = c.get("volumeMounts") or []
-        for m in mounts:
-            v = volumes.get(m["name"], {})
-            if "hostPath" in v and not m.get("readOnly"):
-                errs.append(f"container {n}: hostPath volume {m['name']} must be mounted readOnly")
+        rw_host = [m for m in mounts if "hostPath" in volumes.get(m["name"], {}) and not m.get("readOnly")]
+        if dest is not None and len(rw_host) == 1 and rw_host[0].get("mountPath", "").rstrip("/") == dest:
+            rw_host = []  # the installer's one writable hostPath, at its DEST_DIR
+        for m in rw_host:
+            errs.append(f"container {n}: hostPath volume {m['name']} must be mounted readOnly"
+                        + (f" (the installer may write only to its DEST_DIR {dest})" if dest else ""))
         if "vigil-exporter" in (c.get("image") or ""):
             for m in mounts:
                 if not m.get("readOnly"):
@@ -99,7 +142,8 @@ def main():
     versions = args.versions or ["1.30.0"]
     files = args.files or sorted(
         f for f in glob.glob(os.path.join(HERE, "**", "*.y*ml"), recursive=True)
-        if os.path.basename(os.path.dirname(f)) != "schemas")
+        if os.path.basename(os.path.dirname(f)) != "schemas"
+        and not os.path.relpath(f, HERE).startswith("helm" + os.sep))
     with open(CRD_SCHEMA) as f:
         crd = json.load(f)
     jsonschema.Draft202012Validator.check_schema(crd)
@@ -111,7 +155,7 @@ def main():
         rel = os.path.relpath(path, ROOT)
         try:
             with open(path) as f:
-                docs = [d for d in yaml.safe_load_all(f) if d]
+                docs = [d for d in yaml.load_all(f, Loader=StrictLoader) if d]
         except yaml.YAMLError as e:
             print(f"FAIL {rel}: not YAML: {e}")
             failures += 1

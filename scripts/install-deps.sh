@@ -9,6 +9,8 @@
 #                (tests/promql_exprs.py reads the alert rules)
 #   e2e, monitoring   Debian's prometheus package (prometheus + promtool); its system
 #                service is stopped: the tests run their own instances on other ports
+#   monitoring   helm (pinned, sha256-checked, into target/tools/helm) for the chart
+#                checks: scripts/install-helm.sh says where it comes from
 #   fuzz         g++ (libfuzzer-sys compiles libFuzzer)
 # scripts/check-monitoring.sh adds its pinned kubernetes-validate to target/pyenv itself.
 set -euo pipefail
@@ -48,6 +50,10 @@ fi
 if [ "$prometheus_new" = 1 ]; then
     # The package starts a system service; the tests run their own instances.
     (as_root systemctl stop prometheus || as_root service prometheus stop) >/dev/null 2>&1 || true
+fi
+
+if want monitoring; then
+    scripts/install-helm.sh >/dev/null
 fi
 
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt || true

@@ -28,8 +28,9 @@ Stages:
                carries no fault-injection code
   scenarios    the start-up scenarios of tests/run_comprehensive_tests.sh (14 runs)
   e2e          scripts/exporter-e2e.sh 8: a real Prometheus scraping the exporter
-  monitoring   scripts/check-monitoring.sh: alert rules, PrometheusRule, manifests,
-               dashboards, every expression in a live Prometheus
+  monitoring   scripts/check-monitoring.sh: alert rules, the Helm chart (lint, several
+               value sets rendered and validated, bad values refused), the rendered
+               manifests, dashboards, every expression in a live Prometheus
   reliability  tests/kill_sweep.py (both detection modes), tests/random_kills.py
                (10 rounds, 3 more in serial mode), tests/soak.py (30 s)
   fuzz         scripts/fuzz.sh 20: saved reproducers, then each fuzz target for 20 s
@@ -132,8 +133,8 @@ build() {
 # --- the stages -----------------------------------------------------------------------
 scripts_parse() {
     local f rc=0
-    for f in scripts/*.sh tests/*.sh .ci/run; do bash -n "$f" || rc=1; done
-    python3 - scripts/*.py tests/*.py <<'PY' || rc=1
+    for f in scripts/*.sh tests/*.sh deploy/helm/*.sh .ci/run; do bash -n "$f" || rc=1; done
+    python3 - scripts/*.py tests/*.py deploy/*.py deploy/helm/*.py <<'PY' || rc=1
 import ast, sys
 for f in sys.argv[1:]:
     ast.parse(open(f).read(), f)
