@@ -64,6 +64,9 @@ expect_out() {
     return 1
 }
 
+t "vigil-install parses as POSIX sh (dash -n, busybox sh -n)" \
+    sh -c 'dash -n deploy/images/vigil-install && busybox sh -n deploy/images/vigil-install'
+
 # --- the build step, into staging trees ---------------------------------------------------
 ex_stage=$work/stage/exporter
 lib_stage=$work/stage/libvigil
@@ -573,6 +576,79 @@ t "source missing: refused, nothing created" refuse_no_source
 t "disk full: refused, no temporary file left, old library intact" refuse_disk_full
 t "installed name a symlink: refused" refuse_symlink
 t "usage errors: status 2; --help" refuse_usage
+
+# --- a real image build with buildah ------------------------------------------------------------
+# Base images cannot be pulled here, and the build stage needs a Rust image, so buildah
+# builds each Dockerfile's runtime stage verbatim (ARGs, LABELs, COPY --from=build, USER,
+# EXPOSE, ENTRYPOINT) over local stand-in bases made FROM scratch (the roots above), with
+# the build stage replaced by the staged tree; then the images' config is checked and
+# their ENTRYPOINT run inside them (buildah run, chroot isolation).
+bh() { timeout 300 buildah --root "$work/buildah/root" --runroot "$work/buildah/run" --storage-driver vfs "$@"; }
+have_buildah() {
+    command -v buildah >/dev/null && return 0
+    echo "installing buildah (Debian package)"
+    timeout 300 apt-get install -y -qq --no-install-recommends buildah >/dev/null ||
+        { timeout 300 apt-get update -qq && timeout 300 apt-get install -y -qq --no-install-recommends buildah >/dev/null; }
+}
+# base_image NAME ROOT: a FROM scratch image of the directory ROOT.
+base_image() {
+    local ctx=$work/ctx-base-$1
+    mkdir -p "$ctx" && cp -a "$2" "$ctx/root" && rm -rf "$ctx/root/dev" || return 1
+    printf 'FROM scratch\nCOPY root/ /\n' >"$ctx/Dockerfile"
+    bh bud --quiet --isolation chroot -t "localhost/vigil-check/$1:latest" "$ctx"
+}
+# runtime_stage_image DOCKERFILE STAGED TAG BUILD-ARG...: builds the Dockerfile's runtime
+# stage with its build stage replaced by the staged tree.
+runtime_stage_image() {
+    local df=$1 staged=$2 tag=$3 ctx=$work/ctx-$(basename "$1" .Dockerfile)
+    shift 3
+    mkdir -p "$ctx" && cp -a "$staged" "$ctx/rootfs" || return 1
+    awk 'BEGIN {stage = 0}
+         /^FROM / {stage++; if (stage == 1) {print "FROM scratch AS build"; print "COPY rootfs/ /rootfs/"; next}}
+         stage != 1 {print}' "$df" >"$ctx/Dockerfile" || return 1
+    bh bud --quiet --isolation chroot "$@" --build-arg REVISION=check -t "$tag" -f "$ctx/Dockerfile" "$ctx"
+}
+# image_config TAG FIELD: a field of the image's OCI config (Go template).
+image_config() { bh inspect --type image --format "$2" "$1"; }
+buildah_exporter() {
+    base_image cc "$ex_root" || return 1
+    runtime_stage_image deploy/images/exporter.Dockerfile "$ex_stage" localhost/vigil/vigil-exporter:check \
+        --build-arg RUNTIME_IMAGE=localhost/vigil-check/cc:latest || return 1
+    local img=localhost/vigil/vigil-exporter:check
+    [ "$(image_config $img '{{.OCIv1.Config.User}}')" = 65534:65534 ] || { echo "User: $(image_config $img '{{.OCIv1.Config.User}}')"; return 1; }
+    [ "$(image_config $img '{{.OCIv1.Config.Entrypoint}}')" = '[/usr/local/bin/vigil-exporter]' ] || { echo "Entrypoint: $(image_config $img '{{.OCIv1.Config.Entrypoint}}')"; return 1; }
+    image_config $img '{{.OCIv1.Config.ExposedPorts}}' | grep -q '9477/tcp' || { echo "ExposedPorts: $(image_config $img '{{.OCIv1.Config.ExposedPorts}}')"; return 1; }
+    [ "$(image_config $img '{{index .OCIv1.Config.Labels "org.opencontainers.image.version"}}')" = 0.1.0 ] || { echo "labels: $(image_config $img '{{.OCIv1.Config.Labels}}')"; return 1; }
+    local ctr
+    ctr=$(bh from --quiet --pull-never $img) || return 1
+    bh run --isolation chroot --user 65534:65534 "$ctr" -- /usr/local/bin/vigil-exporter --help >"$work/bh-help" 2>&1
+    local rc=$?
+    bh rm "$ctr" >/dev/null
+    cat "$work/bh-help"
+    [ $rc = 0 ] && expect_out "$work/bh-help" 'web\.listen-address'
+}
+buildah_libvigil() {
+    base_image busybox "$work/root/busybox" || return 1
+    runtime_stage_image deploy/images/libvigil.Dockerfile "$lib_stage" localhost/vigil/libvigil:check \
+        --build-arg BASE_IMAGE=localhost/vigil-check/busybox:latest || return 1
+    local img=localhost/vigil/libvigil:check
+    [ "$(image_config $img '{{.OCIv1.Config.User}}')" = 65534:65534 ] || { echo "User: $(image_config $img '{{.OCIv1.Config.User}}')"; return 1; }
+    [ "$(image_config $img '{{.OCIv1.Config.Entrypoint}}')" = '[/opt/vigil/bin/vigil-install]' ] || { echo "Entrypoint: $(image_config $img '{{.OCIv1.Config.Entrypoint}}')"; return 1; }
+    local ctr
+    ctr=$(bh from --quiet --pull-never $img) || return 1
+    bh run --isolation chroot --user 65534:65534 "$ctr" -- /opt/vigil/bin/vigil-install /tmp/lib >"$work/bh-install" 2>&1
+    local rc=$?
+    bh rm "$ctr" >/dev/null
+    cat "$work/bh-install"
+    [ $rc = 0 ] && expect_out "$work/bh-install" "^vigil-install: installed /tmp/lib/libvigil.so \(sha256 $(sha "$lib")\)$"
+}
+echo "==> the images built with buildah (runtime stages over local stand-in bases)"
+# The busybox stand-in: the libvigil root without the staged tree.
+mkdir -p "$work/root/busybox" && cp -a "$lib_root/bin" "$lib_root/etc" "$work/root/busybox/" && mkdir -p "$work/root/busybox/tmp" && chmod 1777 "$work/root/busybox/tmp"
+if t "buildah is installed (Debian package)" have_buildah; then
+    t "buildah builds the exporter image; config and ENTRYPOINT --help inside it" buildah_exporter
+    t "buildah builds the libvigil image; vigil-install runs inside it as 65534" buildah_libvigil
+fi
 
 # The same installer under the host's /bin/sh and coreutils (a node without busybox).
 host_sh() {
