@@ -18,7 +18,7 @@
 # busybox-static with apt-get when busybox is missing.
 # Usage: deploy/images/check.sh        (VIGIL_KEEP=1 keeps the work directory)
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 repo=$PWD
 
 if [ "$(id -u)" != 0 ]; then
@@ -281,12 +281,12 @@ exporter_help() {
     [ $rc = 0 ] && expect_out "$work/help" 'web\.listen-address'
 }
 exporter_serves() {
-    local port=$((20000 + RANDOM % 20000)) pid i
+    local port=$((20000 + RANDOM % 20000)) pid
     chroot --userspec="$(image_user exporter.Dockerfile)" "$ex_root" "$(image_entry exporter.Dockerfile)" \
         --regions-dir=/regions --web.listen-address="127.0.0.1:$port" >"$work/exporter.log" 2>&1 &
     pid=$!
     pids+=("$pid")
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
         curl -fsS "http://127.0.0.1:$port/metrics" >"$work/metrics" 2>/dev/null && break
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
@@ -414,8 +414,7 @@ start_holder() { # FILE: starts hold_mapping in the background, waits until it m
     hold_mapping "$1" "$work/ready" >"$work/holder.out" 2>&1 &
     holder=$!
     pids+=("$holder")
-    local i
-    for i in $(seq 100); do [ -s "$work/ready" ] && return 0; sleep 0.05; done
+    for _ in $(seq 100); do [ -s "$work/ready" ] && return 0; sleep 0.05; done
     echo "the mapping holder did not start"; return 1
 }
 stop_holder() { # prints the holder's verdict, returns its status
@@ -600,7 +599,8 @@ base_image() {
 # runtime_stage_image DOCKERFILE STAGED TAG BUILD-ARG...: builds the Dockerfile's runtime
 # stage with its build stage replaced by the staged tree.
 runtime_stage_image() {
-    local df=$1 staged=$2 tag=$3 ctx=$work/ctx-$(basename "$1" .Dockerfile)
+    local df=$1 staged=$2 tag=$3 ctx
+    ctx=$work/ctx-$(basename "$1" .Dockerfile)
     shift 3
     mkdir -p "$ctx" && cp -a "$staged" "$ctx/rootfs" || return 1
     awk 'BEGIN {stage = 0}
