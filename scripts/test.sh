@@ -30,8 +30,9 @@ Stages:
   e2e          scripts/exporter-e2e.sh 8: a real Prometheus scraping the exporter
   monitoring   scripts/check-monitoring.sh: alert rules, PrometheusRule, manifests,
                dashboards, every expression in a live Prometheus
-  images       deploy/images/check.sh: the image build steps into staging trees,
-               the staged exporter and libvigil.so, vigil-install (both routes)
+  images       deploy/images/check.sh: the image build steps (release builds) into
+               staging trees, the staged exporter and libvigil.so, vigil-install
+               (both routes), a buildah build of both images
   reliability  tests/kill_sweep.py (both detection modes), tests/random_kills.py
                (10 rounds, 3 more in serial mode), tests/soak.py (30 s)
   fuzz         scripts/fuzz.sh 20: saved reproducers, then each fuzz target for 20 s
