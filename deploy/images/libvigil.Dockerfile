@@ -10,8 +10,8 @@
 # libvigil.so is built against Debian 12's glibc (2.36); it loads into workloads whose
 # glibc is at least as new as the symbol versions it needs (check.sh prints them).
 ARG RUST_IMAGE=docker.io/library/rust:1.88-slim-bookworm
-# The installer needs a POSIX sh with sha256sum, mktemp, cat, chmod, mv, sync, tr,
-# grep, tail, id: busybox has them all.
+# The installer needs a POSIX sh with sha256sum, mktemp, cat, chmod, mv, mkdir, rm, sync,
+# tr, grep, tail, id, dirname, basename: busybox has them all.
 ARG BASE_IMAGE=docker.io/library/busybox:1.36.1-musl
 
 FROM ${RUST_IMAGE} AS build
