@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-STAGES=(lint unit scenarios e2e monitoring reliability fuzz)
+STAGES=(lint unit scenarios e2e monitoring images reliability fuzz)
 
 usage() {
     cat <<'EOF'
@@ -31,6 +31,9 @@ Stages:
   monitoring   scripts/check-monitoring.sh: alert rules, the Helm chart (lint, several
                value sets rendered and validated, bad values refused), the rendered
                manifests, dashboards, every expression in a live Prometheus
+  images       deploy/images/check.sh: the image build steps (release builds) into
+               staging trees, the staged exporter and libvigil.so, vigil-install
+               (both routes), a buildah build of both images
   reliability  tests/kill_sweep.py (both detection modes), tests/random_kills.py
                (10 rounds, 3 more in serial mode), tests/soak.py (30 s)
   fuzz         scripts/fuzz.sh 20: saved reproducers, then each fuzz target for 20 s
@@ -200,6 +203,10 @@ stage_e2e() {
 
 stage_monitoring() {
     check "dashboards, alerts and manifests (scripts/check-monitoring.sh)" scripts/check-monitoring.sh
+}
+
+stage_images() {
+    check "images: build steps, staged images, vigil-install (deploy/images/check.sh)" deploy/images/check.sh
 }
 
 stage_reliability() {
