@@ -598,3 +598,59 @@ fn bad_flags_are_named() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+/// Issue 15's budget: at most 60 series for a one-device region, with everything an
+/// alert or a dashboard panel reads. The worst case of the default detection mode is
+/// counted here: a detection, an attach, and contended region-lock waits (a histogram
+/// with no observation is left out). Serial mode's `detect` lock adds one more
+/// histogram, and each unenforced HAMi-core setting in use a gauge (docs/metrics.md).
+#[test]
+fn a_one_device_region_exports_at_most_60_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("0d6c-44_main");
+    std::fs::create_dir(&sub).unwrap();
+    let (w, _) = Region::open(sub.join("vigil.cache"), &params(vec![8 << 30], "", "")).unwrap();
+    let me = w.claim_slot().unwrap();
+    w.record_detection(
+        me,
+        DetectOutcome::Found,
+        Some(4242),
+        250_000_000,
+        12,
+        200_000_000,
+    );
+    w.observe(HistogramId::lock_wait(LockId::Region), 3_000_000);
+    w.reserve(me, 0, 1 << 30).unwrap();
+    let ex = Exporter::start(&["--regions-dir", dir.path().to_str().unwrap()]);
+    let m = ex.scrape();
+    let per_region: Vec<_> = m
+        .samples
+        .iter()
+        .filter(|s| s.labels.get("pod_uid").map(String::as_str) == Some("0d6c-44"))
+        .collect();
+    let n = per_region.len();
+    eprintln!("a one-device region: {n} series");
+    assert!(n <= 60, "{n} series for a one-device region (budget 60)");
+    // What the alerts and panels read is all there.
+    for family in [
+        "vigil_processes",
+        "vigil_region_recoveries_total",
+        "vigil_lock_force_posts_total",
+        "vigil_lock_fenced_releases_total",
+        "vigil_lock_wait_seconds_bucket",
+        "vigil_host_pid_detections_total",
+        "vigil_host_pid_detection_seconds_bucket",
+        "vigil_host_pid_detection_polls_total",
+        "vigil_host_pid_checks_total",
+        "vigil_init_duration_seconds_bucket",
+        "vigil_device_memory_used_bytes",
+        "vigil_device_memory_dead_bytes",
+        "vigil_device_memory_allocation_denials_total",
+        "vigil_ring_events_lost_total",
+    ] {
+        assert!(
+            per_region.iter().any(|s| s.name == family),
+            "{family} missing"
+        );
+    }
+}
