@@ -49,22 +49,20 @@ THRESHOLD_RE = re.compile(r'(\s(?:>=|<=|>|<)\s*(?:bool\s+)?)([-+]?(?:\d+\.?\d*|\
 JOB_RE = re.compile(r'\bjob\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 
 
-class StrictLoader(yaml.SafeLoader):
-    """Rejects a mapping with a key twice: PyYAML keeps the last silently, the API server
-    (and kubectl) refuse the object."""
+def _validator():
+    """deploy/validate-manifests.py as a module (its name has a dash)."""
+    import importlib.util
+    sys.dont_write_bytecode = True  # no __pycache__ in the tree
+    spec = importlib.util.spec_from_file_location(
+        "validate_manifests", os.path.join(ROOT, "deploy", "validate-manifests.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def _no_duplicates(loader, node, deep=False):
-    seen = set()
-    for k, _ in node.value:
-        key = loader.construct_object(k, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", k.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep)
-
-
-StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+# One rule for a key twice in a mapping (rendered output is refused like the API
+# server would): the validator's loader.
+StrictLoader = _validator().StrictLoader
 
 
 def rel(p):
