@@ -52,16 +52,8 @@ fn sixty_four_racing_processes_elect_exactly_one_initializer_every_round() {
 
 #[test]
 fn a_region_whose_initializer_died_mid_init_is_recovered() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
-    let mut cmd = exercise(&["attach", path.to_str().unwrap()]);
-    cmd.env("VIGIL_FAULT", "region.init.mid");
-    let out = cmd.output().unwrap();
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&out.status),
-        Some(libc::SIGKILL),
-        "the fault point must kill the initializer"
-    );
+    let (_dir, path) = scratch("r.cache");
+    run_killed_at(exercise(&["attach", path.to_str().unwrap()]), "region.init.mid", "the initializer");
     // Left in INITIALIZING: a reader refuses it, with the file named.
     let err = RegionReader::open(&path)
         .err()
@@ -164,8 +156,7 @@ fn bad_regions_get_errors_that_name_the_file_and_the_problem() {
 
 #[test]
 fn an_empty_file_is_initialized_not_rejected() {
-    let dir = tempdir();
-    let p = dir.path().join("empty.cache");
+    let (_dir, p) = scratch("empty.cache");
     write_file(&p, &[]);
     let (_r, rep) = Region::open(&p, &InitParams::default()).unwrap();
     assert_eq!(rep.path, InitPath::Initializer);
@@ -213,8 +204,7 @@ proptest! {
 
 #[test]
 fn identity_from_the_initializer_reaches_readers_and_garbage_reads_as_unknown() {
-    let dir = tempdir();
-    let path = dir.path().join("id.cache");
+    let (_dir, path) = scratch("id.cache");
     let long_pod = "p".repeat(300);
     let params = InitParams {
         identity: RegionIdentity {

@@ -32,8 +32,7 @@ fn drain_all(
 
 #[test]
 fn eight_producers_one_million_events_each_received_once_or_counted_lost() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let (_w, _) = Region::open(&path, &InitParams::default()).unwrap();
     let r = RegionReader::open(&path).unwrap();
     let mut c = r.ring_consumer().with_abandon_after(50_000_000);
@@ -101,8 +100,7 @@ fn eight_producers_one_million_events_each_received_once_or_counted_lost() {
 
 #[test]
 fn a_producer_killed_mid_write_costs_exactly_its_one_event() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let (_w, _) = Region::open(&path, &InitParams::default()).unwrap();
     let r = RegionReader::open(&path).unwrap();
     let mut c = r.ring_consumer_from_now().with_abandon_after(20_000_000);
@@ -148,8 +146,7 @@ fn a_producer_killed_mid_write_costs_exactly_its_one_event() {
 
 #[test]
 fn with_the_consumer_stopped_the_overwritten_count_is_exact() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let (w, _) = Region::open(&path, &InitParams::default()).unwrap();
     let mut c = w.ring_consumer_from_now();
     let n = 3 * RING_CAPACITY as u64 + 123;

@@ -15,10 +15,29 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
 
+/// A fresh temporary directory and the path of a region file `name` in it (not
+/// created); the file goes when the directory is dropped.
+pub fn scratch(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempdir();
+    let path = dir.path().join(name);
+    (dir, path)
+}
+
 /// `vigil-region exercise <args>` with piped stdout.
 pub fn exercise(args: &[&str]) -> Command {
     let mut c = Command::new(bin());
     c.arg("exercise")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// `vigil-region exercise <args>` as PID 1 of a new PID namespace (under `unshare`,
+/// which stays its parent), with piped stdout.
+pub fn exercise_in_pid_namespace(args: &[&str]) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--pid", "--fork", "--kill-child", "--mount-proc", bin(), "exercise"])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -137,6 +156,46 @@ pub fn can_unshare() -> bool {
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
+}
+
+/// `unshare --pid` is usable here; if not, says the test is skipped.
+pub fn unshare_or_skip() -> bool {
+    let ok = can_unshare();
+    if !ok {
+        eprintln!("SKIPPED: unshare --pid is not available here (needs root or user namespaces)");
+    }
+    ok
+}
+
+/// Runs `cmd` with the fault point `point` armed and asserts the point killed it.
+pub fn run_killed_at(mut cmd: Command, point: &str, what: &str) {
+    cmd.env("VIGIL_FAULT", point);
+    let out = cmd.output().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGKILL),
+        "the fault point must kill {what}"
+    );
+}
+
+/// Truncates the file at `path` to nothing, as another process could.
+pub fn truncate_to_zero(path: &Path) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+}
+
+/// Overwrites the first `len` bytes of the file at `path` with zeros.
+pub fn zero_fill(path: &Path, len: usize) {
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(path).unwrap(),
+        &vec![0u8; len],
+        0,
+    )
+    .unwrap();
 }
 
 pub fn region_path(dir: &Path, name: &str) -> PathBuf {
