@@ -172,7 +172,7 @@ fn a_region_whose_slots_were_lost_recovers_before_granting() {
     install_sigbus_guard();
     let (_dir, path) = scratch("r.cache");
     let limit = 256 * MIB;
-    let [(a, sa), (b, sb)] = two_holding_100_mib(&path, limit);
+    let [(a, sa), (b, _)] = two_holding_100_mib(&path, limit);
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(4096).unwrap();
     f.set_len(REGION_SIZE as u64).unwrap();
