@@ -97,12 +97,7 @@ fn logs_are_logfmt_by_default_and_json_on_request() {
 #[test]
 fn build_info_and_process_metrics_follow_the_conventions() {
     let dir = tempfile::tempdir().unwrap();
-    let ex = Exporter::start(&[
-        "--regions-dir",
-        dir.path().to_str().unwrap(),
-        "--nvml",
-        "off",
-    ]);
+    let ex = Exporter::watching(dir.path(), &["--nvml", "off"]);
     let m = ex.scrape();
     let info = m.find("vigil_exporter_build_info", &[]);
     assert_eq!(info.len(), 1);

@@ -95,9 +95,7 @@ fn docs_metrics_md_matches_metrics_endpoint() {
         || {
             m = ex.scrape();
             m.value("vigil_exporter_hami_regions", &[]) == 1.0
-                && !m
-                    .find("vigil_device_memory_accounting_drift_bytes", &[])
-                    .is_empty()
+                && m.has("vigil_device_memory_accounting_drift_bytes", &[])
         },
     );
 

@@ -105,14 +105,7 @@ fn write_i32(file: &Path, at: u64, v: i32) {
 }
 
 fn exporter(dir: &Path) -> Exporter {
-    Exporter::start(&[
-        "--regions-dir",
-        dir.to_str().unwrap(),
-        "--proc.scan-interval",
-        "10ms",
-        "--nvml",
-        "off",
-    ])
+    Exporter::watching(&dir, &["--proc.scan-interval", "10ms", "--nvml", "off"])
 }
 
 fn wait_for_region(e: &Exporter, n: usize) -> Exposition {
@@ -223,46 +216,19 @@ fn slots_are_alive_while_a_process_with_their_pid_maps_the_file() {
         "vigil_device_memory_used_bytes",
         &with(&[("device", "1")]),
     );
-    assert_eq!(
-        v(
-            &m,
-            "vigil_device_memory_dead_bytes",
-            &with(&[("device", "1")])
-        ),
-        used1
-    );
-    assert_eq!(
-        v(
-            &m,
-            "vigil_device_memory_dead_bytes",
-            &with(&[("device", "0")])
-        ),
-        0.0
-    );
-    assert_eq!(
-        v(
-            &m,
-            "vigil_device_memory_limit_bytes",
-            &with(&[("device", "0")])
-        ),
-        4294967296.0
-    );
-    assert_eq!(
-        v(
-            &m,
-            "vigil_device_memory_limit_bytes",
-            &with(&[("device", "1")])
-        ),
-        3221225472.0
-    );
-    assert_eq!(
-        v(
-            &m,
-            "vigil_hami_device_sm_limit_ratio",
-            &with(&[("device", "0")])
-        ),
-        0.5
-    );
+    for (name, device, want) in [
+        ("vigil_device_memory_dead_bytes", "1", used1),
+        ("vigil_device_memory_dead_bytes", "0", 0.0),
+        ("vigil_device_memory_limit_bytes", "0", 4294967296.0),
+        ("vigil_device_memory_limit_bytes", "1", 3221225472.0),
+        ("vigil_hami_device_sm_limit_ratio", "0", 0.5),
+    ] {
+        assert_eq!(
+            v(&m, name, &with(&[("device", device)])),
+            want,
+            "{name} of device {device}"
+        );
+    }
     let info = m.find("vigil_hami_device_info", &with(&[("device", "1")]));
     assert_eq!(
         info[0].labels["uuid"],
@@ -281,16 +247,9 @@ fn host_pid_zero_slots_are_judged_by_their_namespace_pid() {
     let regions = tmp.path().join("regions");
     let file = place(&regions, "pod-z", "hostpid0.cache.gz");
     let bin = mapper_bin(tmp.path());
-    let mut c = Command::new("unshare");
-    c.args([
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "--mount-proc",
-        "sh",
-        "-c",
-    ])
-    .arg(format!("{} {} & wait", bin.display(), file.display()));
+    let mut c = vigil_gpusim::testing::in_new_pid_namespace("sh");
+    c.arg("-c")
+        .arg(format!("{} {} & wait", bin.display(), file.display()));
     let _container = spawn_mapper(c);
     let e = exporter(&regions);
     let r = region("pod-z");
@@ -350,12 +309,10 @@ fn dead_slots_and_the_older_layout_are_exported() {
         1.0
     );
     // 1.1 has no sem_postinit.
-    assert!(m
-        .find(
-            "vigil_hami_lock_held",
-            &[(old.0, old.1.as_str()), ("lock", "sem_postinit")]
-        )
-        .is_empty());
+    assert!(!m.has(
+        "vigil_hami_lock_held",
+        &[(old.0, old.1.as_str()), ("lock", "sem_postinit")]
+    ));
 }
 
 #[test]
@@ -378,27 +335,14 @@ fn damaged_hami_files_are_counted_once_by_reason_and_the_good_ones_still_served(
     let m = wait_for_region(&e, 1);
     wait_until("the errors to be counted", Duration::from_secs(10), || {
         let m = e.scrape();
-        m.value(
-            "vigil_exporter_region_errors_total",
-            &[("reason", "corrupt")],
-        ) == 1.0
-            && m.value(
-                "vigil_exporter_region_errors_total",
-                &[("reason", "bad_version")],
-            ) == 1.0
-            && m.value(
-                "vigil_exporter_region_errors_total",
-                &[("reason", "truncated")],
-            ) == 1.0
+        m.region_errors("corrupt") == 1.0
+            && m.region_errors("bad_version") == 1.0
+            && m.region_errors("truncated") == 1.0
     });
     std::thread::sleep(Duration::from_millis(500)); // several rescans: still once each
     let again = e.scrape();
     for reason in ["corrupt", "bad_version", "truncated"] {
-        assert_eq!(
-            again.value("vigil_exporter_region_errors_total", &[("reason", reason)]),
-            1.0,
-            "{reason}"
-        );
+        assert_eq!(again.region_errors(reason), 1.0, "{reason}");
     }
     let ok = region("pod-ok");
     assert!(
@@ -420,11 +364,7 @@ fn damaged_hami_files_are_counted_once_by_reason_and_the_good_ones_still_served(
         Duration::from_secs(10),
         || {
             let m = e.scrape();
-            m.value("vigil_exporter_hami_regions", &[]) == 0.0
-                && m.value(
-                    "vigil_exporter_region_errors_total",
-                    &[("reason", "corrupt")],
-                ) == 2.0
+            m.value("vigil_exporter_hami_regions", &[]) == 0.0 && m.region_errors("corrupt") == 2.0
         },
     );
 }
@@ -438,14 +378,10 @@ fn without_the_hosts_proc_nothing_is_called_dead() {
     place(&regions, "pod-dead", "sem-dead-owner.cache.gz");
     let fake_proc = tmp.path().join("proc");
     std::fs::create_dir(&fake_proc).unwrap();
-    let e = Exporter::start(&[
-        "--regions-dir",
-        regions.to_str().unwrap(),
-        "--proc.path",
-        fake_proc.to_str().unwrap(),
-        "--nvml",
-        "off",
-    ]);
+    let e = Exporter::watching(
+        &regions,
+        &["--proc.path", fake_proc.to_str().unwrap(), "--nvml", "off"],
+    );
     let m = wait_for_region(&e, 1);
     let r = region("pod-dead");
     let base = [(r.0, r.1.as_str()), HAMI];
@@ -485,17 +421,7 @@ fn inspect_shows_a_hami_region_with_liveness() {
     let tmp = tempfile::tempdir().unwrap();
     let regions = tmp.path().join("regions");
     let file = place(&regions, "pod-i", "sem-dead-owner.cache.gz");
-    let out = Command::new(BIN)
-        .args(["inspect", "--json"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = inspect_json(&file, None);
     assert_eq!(j["kind"], "hami-core");
     assert_eq!(j["version"], "1.2");
     assert_eq!(j["sem"]["state"], "held_by_dead_owner");

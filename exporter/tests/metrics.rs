@@ -3,9 +3,8 @@
 
 mod common;
 use common::*;
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use vigil_region::{
     Counter, DetectOutcome, ForceReason, HistogramId, InitParams, LockId, Region, RegionIdentity,
@@ -29,16 +28,12 @@ fn params(limits: Vec<u64>, ns: &str, pod: &str) -> InitParams {
 #[test]
 #[ignore = "helper run as a child process by the other tests"]
 fn holder_child() {
-    let Ok(path) = std::env::var("VIGIL_TEST_HOLDER") else {
+    let Some((r, me)) = child_region("VIGIL_TEST_HOLDER") else {
         return;
     };
-    let (r, _) = Region::open(&path, &InitParams::default()).unwrap();
-    let me = r.claim_slot().unwrap();
     let _g = r.lock(LockId::Region, me).unwrap();
     println!("ready");
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    wait_to_be_killed();
 }
 
 /// Child-process mode: when VIGIL_TEST_CHARGER names a region, claim a slot, charge
@@ -47,37 +42,13 @@ fn holder_child() {
 #[test]
 #[ignore = "helper run as a child process by the other tests"]
 fn charger_child() {
-    let Ok(path) = std::env::var("VIGIL_TEST_CHARGER") else {
+    let Some((r, me)) = child_region("VIGIL_TEST_CHARGER") else {
         return;
     };
-    let (r, _) = Region::open(&path, &InitParams::default()).unwrap();
-    let me = r.claim_slot().unwrap();
     r.reserve(me, 0, 576 << 20).unwrap();
     r.reserve(me, 1, 8 << 20).unwrap();
     println!("ready");
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-fn spawn_child(test: &str, var: &str, path: &Path) -> std::process::Child {
-    let mut c = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--ignored", "--nocapture"])
-        .env(var, path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = c.stdout.take().unwrap();
-    let mut lines = std::io::BufReader::new(out).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.trim() == "ready" => break,
-            Some(Ok(_)) => {}
-            _ => panic!("{test} child did not start"),
-        }
-    }
-    c
+    wait_to_be_killed();
 }
 
 #[test]
@@ -130,12 +101,7 @@ fn memory_of_a_killed_process_shows_as_dead_without_writing_the_region() {
     assert_matches(&m, p, &truth(&path));
 
     // inspect says the same, live and dead apart.
-    let out = Command::new(BIN)
-        .args(["inspect", p, "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = inspect_json(&path, None);
     assert_eq!(v["devices"][0]["used_bytes"], 640u64 << 20);
     assert_eq!(v["devices"][0]["live_bytes"], 64u64 << 20);
     assert_eq!(v["devices"][0]["dead_bytes"], 576u64 << 20);
@@ -168,23 +134,7 @@ fn memory_of_a_killed_process_shows_as_dead_without_writing_the_region() {
 }
 
 fn spawn_holder(path: &Path) -> std::process::Child {
-    let mut c = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "holder_child", "--ignored", "--nocapture"])
-        .env("VIGIL_TEST_HOLDER", path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = c.stdout.take().unwrap();
-    let mut lines = std::io::BufReader::new(out).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.trim() == "ready" => break,
-            Some(Ok(_)) => {}
-            _ => panic!("holder child did not start"),
-        }
-    }
-    c
+    spawn_child("holder_child", "VIGIL_TEST_HOLDER", path)
 }
 
 fn truth(path: &Path) -> Snapshot {
@@ -419,16 +369,7 @@ fn series_are_exact_and_present_from_the_start() {
     for _ in 0..5 {
         drop(w.lock(LockId::Region, me).unwrap());
     }
-    let g = w.lock(LockId::Detect, me).unwrap();
-    w.record_detection(
-        me,
-        DetectOutcome::Found,
-        Some(4242),
-        3_000_000,
-        4,
-        1_000_000,
-    );
-    drop(g);
+    record_found_4242(&w, me);
     w.record_detection(other, DetectOutcome::Timeout, None, 900_000_000, 40, 0);
     let _ = w.reserve(me, 0, 512 << 20);
     let _ = w.reserve(me, 0, 1 << 30); // over the limit: denied
@@ -471,14 +412,15 @@ fn formats_health_landing_and_deletion() {
     let (_w, _) = Region::open(&path, &params(vec![0], "", "")).unwrap();
     let solo = dir.path().join("solo.region");
     let (_s, _) = Region::open(&solo, &params(vec![], "", "")).unwrap();
-    let ex = Exporter::start(&[
-        "--regions-dir",
-        dir.path().to_str().unwrap(),
-        "--region",
-        solo.to_str().unwrap(),
-        "--web.telemetry-path",
-        "/custom",
-    ]);
+    let ex = Exporter::watching(
+        dir.path(),
+        &[
+            "--region",
+            solo.to_str().unwrap(),
+            "--web.telemetry-path",
+            "/custom",
+        ],
+    );
 
     let text = http_get(ex.addr, "/custom", None);
     assert_eq!(text.status, 200);
@@ -512,9 +454,7 @@ fn formats_health_landing_and_deletion() {
         ),
         1.0
     );
-    assert!(m
-        .find("vigil_device_memory_limit_bytes", &[("region", solo_label)])
-        .is_empty());
+    assert!(!m.has("vigil_device_memory_limit_bytes", &[("region", solo_label)]));
     assert_eq!(
         m.value(
             "vigil_device_memory_limit_bytes",
@@ -528,12 +468,8 @@ fn formats_health_landing_and_deletion() {
     wait_until("deleted region dropped", Duration::from_secs(10), || {
         let r = http_get(ex.addr, "/custom", None);
         let m = Exposition::parse(&r.body);
-        m.find("vigil_ring_events_total", &[("region", "a.cache")])
-            .is_empty()
-            && m.value(
-                "vigil_exporter_region_errors_total",
-                &[("reason", "vanished")],
-            ) == 1.0
+        !m.has("vigil_ring_events_total", &[("region", "a.cache")])
+            && m.region_errors("vanished") == 1.0
     });
     assert!(ex.log_text().contains("a.cache"), "{}", ex.log_text());
 }

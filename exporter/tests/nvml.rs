@@ -102,16 +102,12 @@ fn without_a_driver_library_nvml_series_are_absent_and_the_rest_unchanged() {
     let prog = sim.build_uncounted();
     let _w = Kill(sim.workload(&prog, &["0"]));
     let regions = sim.regions();
-    let e = Exporter::start(&[
-        "--regions-dir",
-        regions.to_str().unwrap(),
-        "--nvml.library",
-        "/nonexistent/libnvidia-ml.so.1",
-    ]);
+    let e = Exporter::watching(
+        &regions,
+        &["--nvml.library", "/nonexistent/libnvidia-ml.so.1"],
+    );
     wait_until("the region", Duration::from_secs(10), || {
-        !e.scrape()
-            .find("vigil_device_memory_used_bytes", &[REGION])
-            .is_empty()
+        e.scrape().has("vigil_device_memory_used_bytes", &[REGION])
     });
     let m = e.scrape();
     assert_eq!(m.value("vigil_exporter_nvml_up", &[]), 0.0);
@@ -122,7 +118,7 @@ fn without_a_driver_library_nvml_series_are_absent_and_the_rest_unchanged() {
         "vigil_nvml_process_memory_bytes",
         "vigil_device_memory_accounting_drift_bytes",
     ] {
-        assert!(m.find(name, &[]).is_empty(), "{name} without a driver");
+        assert!(!m.has(name, &[]), "{name} without a driver");
     }
     assert!(
         e.log_text().contains("/nonexistent/libnvidia-ml.so.1"),
@@ -153,7 +149,7 @@ fn an_nvml_that_hangs_never_stalls_a_scrape() {
             t0.elapsed()
         );
         assert_eq!(m.value("vigil_exporter_nvml_up", &[]), 0.0);
-        assert!(m.find("vigil_device_info", &[]).is_empty());
+        assert!(!m.has("vigil_device_info", &[]));
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }

@@ -78,14 +78,10 @@ fn tls_and_basic_auth_with_a_real_client() {
     .unwrap();
     let regions = dir.path().join("regions");
     std::fs::create_dir(&regions).unwrap();
-    let ex = Exporter::start(&[
-        "--regions-dir",
-        regions.to_str().unwrap(),
-        "--nvml",
-        "off",
-        "--web.config.file",
-        web.to_str().unwrap(),
-    ]);
+    let ex = Exporter::watching(
+        &regions,
+        &["--nvml", "off", "--web.config.file", web.to_str().unwrap()],
+    );
     let base = format!("https://127.0.0.1:{}", ex.addr.port());
     let ca = ca.to_str().unwrap();
     let metrics = format!("{base}/metrics");
