@@ -46,15 +46,20 @@ impl Sim {
     }
 
     pub fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let out = self.workload(args, env, true).output().unwrap();
-        assert!(
-            out.status.success(),
-            "workload failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        run_ok(self.workload(args, env, true))
     }
+}
+
+/// Runs `c` to the end; it must succeed (a failure shows its stdout and stderr).
+pub fn run_ok(mut c: Command) -> Output {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 pub fn stderr(o: &Output) -> String {

@@ -1,6 +1,10 @@
 //! Helpers for tests that drive regions from real child processes.
 #![allow(dead_code)]
 
+mod tmpfs;
+#[allow(unused_imports)] // only the full-filesystem tests use it
+pub use tmpfs::Tmpfs;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -37,10 +41,17 @@ pub fn exercise(args: &[&str]) -> Command {
 /// which stays its parent), with piped stdout.
 pub fn exercise_in_pid_namespace(args: &[&str]) -> Command {
     let mut c = Command::new("unshare");
-    c.args(["--pid", "--fork", "--kill-child", "--mount-proc", bin(), "exercise"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    c.args([
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        bin(),
+        "exercise",
+    ])
+    .args(args)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     c
 }
 
@@ -206,53 +217,4 @@ pub fn p99(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     let i = ((v.len() as f64) * 0.99).ceil() as usize;
     v[i.saturating_sub(1).min(v.len() - 1)]
-}
-
-/// A tmpfs mounted for one test, lazily unmounted when dropped.
-pub struct Tmpfs {
-    _dir: tempfile::TempDir,
-    pub path: PathBuf,
-}
-
-impl Tmpfs {
-    pub fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempdir();
-        let path = dir.path().join("fs");
-        std::fs::create_dir(&path).unwrap();
-        match Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .output()
-        {
-            Ok(o) if o.status.success() => Some(Tmpfs { _dir: dir, path }),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    /// Fills the filesystem to its last block.
-    pub fn fill(&self) {
-        let out = Command::new("dd")
-            .arg("if=/dev/zero")
-            .arg(format!("of={}", self.path.join("fill").display()))
-            .arg("bs=64k")
-            .output()
-            .unwrap();
-        assert!(String::from_utf8_lossy(&out.stderr).contains("No space left"));
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
 }
