@@ -22,15 +22,9 @@ fn every_flag_can_come_from_the_environment_and_the_command_line_wins() {
             .env("VIGIL_EXPORTER_WEB_LISTEN_ADDRESS", "127.0.0.1:1")
             .env("VIGIL_EXPORTER_REGIONS_MAP_PER_READ", "true");
     });
-    let mut m = ex.scrape();
-    wait_until(
-        "the region from the environment's directory",
-        Duration::from_secs(10),
-        || {
-            m = ex.scrape();
-            m.value("vigil_exporter_regions", &[]) == 1.0
-        },
-    );
+    let m = ex.scrape_until("the region from the environment's directory", |m| {
+        m.value("vigil_exporter_regions", &[]) == 1.0
+    });
     let s = m.find(
         "vigil_region_initializations_total",
         &[("region", "u1_main/r.cache")],

@@ -105,20 +105,13 @@ fn write_i32(file: &Path, at: u64, v: i32) {
 }
 
 fn exporter(dir: &Path) -> Exporter {
-    Exporter::watching(&dir, &["--proc.scan-interval", "10ms", "--nvml", "off"])
+    Exporter::watching(dir, &["--proc.scan-interval", "10ms", "--nvml", "off"])
 }
 
 fn wait_for_region(e: &Exporter, n: usize) -> Exposition {
-    let mut m = e.scrape();
-    wait_until(
-        "HAMi-core regions to be watched",
-        Duration::from_secs(10),
-        || {
-            m = e.scrape();
-            m.value("vigil_exporter_hami_regions", &[]) == n as f64
-        },
-    );
-    m
+    e.scrape_until("HAMi-core regions to be watched", |m| {
+        m.value("vigil_exporter_hami_regions", &[]) == n as f64
+    })
 }
 
 fn v(m: &Exposition, name: &str, want: &[(&str, &str)]) -> f64 {
@@ -254,18 +247,13 @@ fn host_pid_zero_slots_are_judged_by_their_namespace_pid() {
     let e = exporter(&regions);
     let r = region("pod-z");
     let base = [(r.0, r.1.as_str()), HAMI];
-    let mut m = wait_for_region(&e, 1);
-    wait_until(
-        "the container's process to be seen",
-        Duration::from_secs(10),
-        || {
-            m = e.scrape();
-            m.value(
-                "vigil_hami_process_slots",
-                &[base[0], base[1], ("state", "alive")],
-            ) == 1.0
-        },
-    );
+    wait_for_region(&e, 1);
+    let m = e.scrape_until("the container's process to be seen", |m| {
+        m.value(
+            "vigil_hami_process_slots",
+            &[base[0], base[1], ("state", "alive")],
+        ) == 1.0
+    });
     assert_eq!(v(&m, "vigil_hami_host_pid_zero_slots", &base), 4.0);
     assert_eq!(
         v(
@@ -359,14 +347,9 @@ fn damaged_hami_files_are_counted_once_by_reason_and_the_good_ones_still_served(
     );
     // Damaged under a watching exporter: dropped and counted, never a crash.
     write_i32(&regions.join("pod-ok_main/vgpu.cache"), 56, 99); // device_num
-    wait_until(
-        "the damaged region to be dropped and counted",
-        Duration::from_secs(10),
-        || {
-            let m = e.scrape();
-            m.value("vigil_exporter_hami_regions", &[]) == 0.0 && m.region_errors("corrupt") == 2.0
-        },
-    );
+    e.scrape_until("the damaged region to be dropped and counted", |m| {
+        m.value("vigil_exporter_hami_regions", &[]) == 0.0 && m.region_errors("corrupt") == 2.0
+    });
 }
 
 #[test]

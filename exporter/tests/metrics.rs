@@ -82,22 +82,19 @@ fn memory_of_a_killed_process_shows_as_dead_without_writing_the_region() {
         || ex.scrape().value("vigil_processes", &[("region", p)]) == 1.0,
     );
     let m = ex.scrape();
-    assert_eq!(
-        m.value("vigil_device_memory_used_bytes", &dl("0")),
-        (640u64 << 20) as f64
-    );
-    assert_eq!(
-        m.value("vigil_device_memory_dead_bytes", &dl("0")),
-        (576u64 << 20) as f64
-    );
-    assert_eq!(
-        m.value("vigil_device_memory_used_bytes", &dl("1")),
-        (8u64 << 20) as f64
-    );
-    assert_eq!(
-        m.value("vigil_device_memory_dead_bytes", &dl("1")),
-        (8u64 << 20) as f64
-    );
+    // (series, device, MiB): the dead process's 576 + 8 MiB is now dead memory.
+    for (name, device, mib) in [
+        ("vigil_device_memory_used_bytes", "0", 640u64),
+        ("vigil_device_memory_dead_bytes", "0", 576),
+        ("vigil_device_memory_used_bytes", "1", 8),
+        ("vigil_device_memory_dead_bytes", "1", 8),
+    ] {
+        assert_eq!(
+            m.value(name, &dl(device)),
+            (mib << 20) as f64,
+            "{name} of device {device}"
+        );
+    }
     assert_matches(&m, p, &truth(&path));
 
     // inspect says the same, live and dead apart.

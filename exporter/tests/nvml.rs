@@ -12,12 +12,19 @@ const MIB: f64 = (1u64 << 20) as f64;
 
 const REGION: (&str, &str) = ("region", "u1_main/vigil.cache");
 
-#[test]
-fn memory_allocated_past_the_interposer_shows_as_drift() {
+/// The simulator, the uncounted fixture running with `n` contexts created past the
+/// interposer, and an exporter reading NVML.
+fn uncounted_contexts(n: u32) -> (Sim, Kill, Exporter) {
     let sim = Sim::start();
     let prog = sim.build_uncounted();
-    let _w = Kill(sim.workload(&prog, &["2"]));
+    let w = Kill(sim.workload(&prog, &[&n.to_string()]));
     let e = sim.exporter(&[]);
+    (sim, w, e)
+}
+
+#[test]
+fn memory_allocated_past_the_interposer_shows_as_drift() {
+    let (_sim, _w, e) = uncounted_contexts(2);
     let want = (2 * CTX_MIB) as f64 * MIB;
     let mut last = String::new();
     wait_until(
@@ -69,10 +76,7 @@ fn memory_allocated_past_the_interposer_shows_as_drift() {
 
 #[test]
 fn a_fully_counted_workload_has_no_drift() {
-    let sim = Sim::start();
-    let prog = sim.build_uncounted();
-    let _w = Kill(sim.workload(&prog, &["0"]));
-    let e = sim.exporter(&[]);
+    let (_sim, _w, e) = uncounted_contexts(0);
     wait_until(
         "NVML's view of the workload",
         Duration::from_secs(20),

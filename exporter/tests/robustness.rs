@@ -71,14 +71,9 @@ fn garbage_truncated_foreign_and_deleted_files_are_counted_and_serving_continues
     });
     // A region overwritten with garbage in place is dropped as corrupt-or-worse.
     std::fs::write(&good, vec![b'x'; 4096]).unwrap();
-    wait_until(
-        "overwritten region dropped",
-        Duration::from_secs(10),
-        || {
-            let m = ex.scrape();
-            m.value("vigil_exporter_regions", &[]) == 0.0 && m.region_errors("bad_magic") == 1001.0
-        },
-    );
+    ex.scrape_until("overwritten region dropped", |m| {
+        m.value("vigil_exporter_regions", &[]) == 0.0 && m.region_errors("bad_magic") == 1001.0
+    });
     assert_eq!(ex.get("/healthz").status, 200);
 }
 

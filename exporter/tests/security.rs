@@ -48,9 +48,10 @@ fn mkfifo(p: &Path) {
 }
 
 /// A valid region file, no process attached (the writer is dropped).
-fn region_at(p: &Path) {
+/// Creates a region at `p` (and its directory); the handle keeps it open.
+fn region_at(p: &Path) -> Region {
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    drop(Region::open(p, &InitParams::default()).unwrap());
+    Region::open(p, &InitParams::default()).unwrap().0
 }
 
 fn labels_of<'a>(
@@ -245,8 +246,7 @@ fn f5_forged_histograms_and_ring_head_break_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let good = d.join("uidG_main/r.cache");
-    std::fs::create_dir_all(good.parent().unwrap()).unwrap();
-    let (w, _) = Region::open(&good, &InitParams::default()).unwrap();
+    let w = region_at(&good);
     let me = w.claim_slot().unwrap();
     record_found_4242(&w, me);
 
@@ -389,8 +389,7 @@ fn f1_region_truncated_in_a_loop_while_scraped_never_kills_the_exporter() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let good = d.join("uidG_main/r.cache");
-    std::fs::create_dir_all(good.parent().unwrap()).unwrap();
-    let (_w, _) = Region::open(&good, &InitParams::default()).unwrap();
+    let _w = region_at(&good);
     let victim: PathBuf = d.join("uidT_main/r.cache");
     region_at(&victim);
     let mut ex = Exporter::start_raw(&[

@@ -616,14 +616,18 @@ fn memory_probe(sim: &Sim, reps: u32) -> Vec<Value> {
 
 #[test]
 fn nvml_process_memory_follows_cu_mem_alloc_and_free_after_the_mem_lag_exactly() {
-    let sim = Sim::start(&[
-        "--nvml-lag",
-        "0",
-        "--ctx-create-time",
-        "5ms",
-        "--nvml-mem-lag",
-        "40ms",
-    ]);
+    // Contexts show at once; only the memory lag differs between the two runs.
+    let with_mem_lag = |lag| {
+        Sim::start(&[
+            "--nvml-lag",
+            "0",
+            "--ctx-create-time",
+            "5ms",
+            "--nvml-mem-lag",
+            lag,
+        ])
+    };
+    let sim = with_mem_lag("40ms");
     for r in memory_probe(&sim, 2) {
         // From before the call: the change cannot show sooner than the lag after it.
         let from_call = r["delay_from_call_ms"].as_f64().unwrap();
@@ -643,14 +647,7 @@ fn nvml_process_memory_follows_cu_mem_alloc_and_free_after_the_mem_lag_exactly()
         );
     }
     drop(sim);
-    let sim = Sim::start(&[
-        "--nvml-lag",
-        "0",
-        "--ctx-create-time",
-        "5ms",
-        "--nvml-mem-lag",
-        "0",
-    ]);
+    let sim = with_mem_lag("0");
     for r in memory_probe(&sim, 1) {
         assert_eq!(r["polls"], 1, "with no lag the first poll shows it: {r}");
     }

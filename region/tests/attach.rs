@@ -53,7 +53,11 @@ fn sixty_four_racing_processes_elect_exactly_one_initializer_every_round() {
 #[test]
 fn a_region_whose_initializer_died_mid_init_is_recovered() {
     let (_dir, path) = scratch("r.cache");
-    run_killed_at(exercise(&["attach", path.to_str().unwrap()]), "region.init.mid", "the initializer");
+    run_killed_at(
+        exercise(&["attach", path.to_str().unwrap()]),
+        "region.init.mid",
+        "the initializer",
+    );
     // Left in INITIALIZING: a reader refuses it, with the file named.
     let err = RegionReader::open(&path)
         .err()
@@ -85,29 +89,20 @@ fn valid_region_bytes(dir: &std::path::Path) -> Vec<u8> {
 fn assert_rejected(dir: &std::path::Path, name: &str, bytes: &[u8], what: &str) {
     let p = dir.join(name);
     write_file(&p, bytes);
-    let ro = RegionReader::open(&p)
-        .err()
-        .expect("reader accepted a bad region");
-    assert!(
-        ro.to_string().contains(name),
-        "reader error must name the file: {ro}"
-    );
-    assert!(
-        ro.to_string().contains(what),
-        "reader error must say {what:?}: {ro}"
-    );
+    let says = |who: &str, err: Option<RegionError>| {
+        let err = err.unwrap_or_else(|| panic!("{who} accepted a bad region"));
+        assert!(
+            err.to_string().contains(name),
+            "{who} error must name the file: {err}"
+        );
+        assert!(
+            err.to_string().contains(what),
+            "{who} error must say {what:?}: {err}"
+        );
+    };
+    says("reader", RegionReader::open(&p).err());
     let before = std::fs::read(&p).unwrap();
-    let rw = Region::open(&p, &InitParams::default())
-        .err()
-        .expect("writer accepted a bad region");
-    assert!(
-        rw.to_string().contains(name),
-        "writer error must name the file: {rw}"
-    );
-    assert!(
-        rw.to_string().contains(what),
-        "writer error must say {what:?}: {rw}"
-    );
+    says("writer", Region::open(&p, &InitParams::default()).err());
     assert_eq!(
         before,
         std::fs::read(&p).unwrap(),

@@ -276,7 +276,10 @@ fn a_claimant_in_its_own_pid_namespace_records_that_namespace_and_its_start_time
         return;
     }
     let (_dir, path) = scratch("r.cache");
-    let mut p = Proc::spawn(exercise_in_pid_namespace(&["claim", path.to_str().unwrap()]));
+    let mut p = Proc::spawn(exercise_in_pid_namespace(&[
+        "claim",
+        path.to_str().unwrap(),
+    ]));
     let kv = p.expect("slot");
     assert_eq!(kv["pid"], "1");
     // The claimant is unshare's only child; its PID as this test sees it:

@@ -159,11 +159,8 @@ impl RegionSet {
 
     pub(super) fn drop_hami(&self, t: &Arc<HamiTracked>, r: ErrorReason, why: &str) {
         let mut inner = lock(&self.inner);
-        match inner.hami.get(&t.path) {
-            Some(cur) if Arc::ptr_eq(cur, t) => {
-                inner.hami.remove(&t.path);
-            }
-            _ => return,
+        if !remove_current(&mut inner.hami, &t.path, t) {
+            return;
         }
         if r != ErrorReason::Vanished {
             inner.failed.insert(t.path.clone(), file_key(&t.path));
@@ -179,11 +176,8 @@ impl RegionSet {
 
     pub(super) fn drop_region(&self, t: &Arc<Tracked>, r: ErrorReason, why: &str) {
         let mut inner = lock(&self.inner);
-        match inner.tracked.get(&t.path) {
-            Some(cur) if Arc::ptr_eq(cur, t) => {
-                inner.tracked.remove(&t.path);
-            }
-            _ => return,
+        if !remove_current(&mut inner.tracked, &t.path, t) {
+            return;
         }
         if r != ErrorReason::Vanished {
             inner.failed.insert(t.path.clone(), file_key(&t.path));
@@ -198,5 +192,17 @@ impl RegionSet {
             t.path.display(),
             r.name()
         );
+    }
+}
+
+/// Removes `t` from `map` if it is still the entry for its `path` (a rescan may have
+/// replaced it meanwhile); false if it was not.
+fn remove_current<T>(map: &mut BTreeMap<PathBuf, Arc<T>>, path: &Path, t: &Arc<T>) -> bool {
+    match map.get(path) {
+        Some(cur) if Arc::ptr_eq(cur, t) => {
+            map.remove(path);
+            true
+        }
+        _ => false,
     }
 }

@@ -100,6 +100,19 @@ impl Exporter {
         Exposition::parse(&r.body)
     }
 
+    /// Scrapes until `ok` holds (10 s at the most, else a panic naming `what`) and
+    /// returns that scrape.
+    pub fn scrape_until(&self, what: &str, ok: impl Fn(&Exposition) -> bool) -> Exposition {
+        let mut last = None;
+        wait_until(what, Duration::from_secs(10), || {
+            let m = self.scrape();
+            let done = ok(&m);
+            last = Some(m);
+            done
+        });
+        last.expect("scraped at least once")
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
