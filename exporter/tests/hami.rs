@@ -108,6 +108,13 @@ fn exporter(dir: &Path) -> Exporter {
     Exporter::watching(dir, &["--proc.scan-interval", "10ms", "--nvml", "off"])
 }
 
+/// A temporary directory and the HAMi regions directory to be in it.
+fn regions_dir() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let regions = tmp.path().join("regions");
+    (tmp, regions)
+}
+
 fn wait_for_region(e: &Exporter, n: usize) -> Exposition {
     e.scrape_until("HAMi-core regions to be watched", |m| {
         m.value("vigil_exporter_hami_regions", &[]) == n as f64
@@ -120,8 +127,7 @@ fn v(m: &Exposition, name: &str, want: &[(&str, &str)]) -> f64 {
 
 #[test]
 fn a_sem_held_by_a_killed_owner_is_a_dead_owner_and_a_live_owner_is_not() {
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (tmp, regions) = regions_dir();
     place(&regions, "pod-dead", "sem-dead-owner.cache.gz");
     let live = place(&regions, "pod-live", "sem-dead-owner.cache.gz");
     // In the second copy the recorded owner is a process that maps the file.
@@ -172,8 +178,7 @@ fn a_sem_held_by_a_killed_owner_is_a_dead_owner_and_a_live_owner_is_not() {
 
 #[test]
 fn slots_are_alive_while_a_process_with_their_pid_maps_the_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (tmp, regions) = regions_dir();
     let file = place(&regions, "pod-a", "live.cache.gz");
     let bin = mapper_bin(tmp.path());
     // Two of the three recorded processes are "running again": mappers whose PIDs are
@@ -236,8 +241,7 @@ fn slots_are_alive_while_a_process_with_their_pid_maps_the_file() {
 fn host_pid_zero_slots_are_judged_by_their_namespace_pid() {
     // HAMi-core's detection failed for all four processes of one container (namespace
     // PIDs 2, 5, 8, 11). A container whose PID 2 maps the file has that slot alive.
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (tmp, regions) = regions_dir();
     let file = place(&regions, "pod-z", "hostpid0.cache.gz");
     let bin = mapper_bin(tmp.path());
     let mut c = vigil_gpusim::testing::in_new_pid_namespace("sh");
@@ -267,8 +271,7 @@ fn host_pid_zero_slots_are_judged_by_their_namespace_pid() {
 
 #[test]
 fn dead_slots_and_the_older_layout_are_exported() {
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (_tmp, regions) = regions_dir();
     place(&regions, "pod-d", "dead-slots.cache.gz");
     place(&regions, "pod-old", "v1_1-dead-slots.cache.gz");
     let e = exporter(&regions);
@@ -305,8 +308,7 @@ fn dead_slots_and_the_older_layout_are_exported() {
 
 #[test]
 fn damaged_hami_files_are_counted_once_by_reason_and_the_good_ones_still_served() {
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (_tmp, regions) = regions_dir();
     place(&regions, "pod-ok", "live.cache.gz");
     let bad = place(&regions, "pod-bad", "live.cache.gz");
     write_i32(&bad, 2008896, 5000); // proc_num
@@ -356,8 +358,7 @@ fn damaged_hami_files_are_counted_once_by_reason_and_the_good_ones_still_served(
 fn without_the_hosts_proc_nothing_is_called_dead() {
     // An exporter whose /proc is not the host's (here: an empty directory) cannot see
     // who maps the files: every slot is unknown and no owner is dead.
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (tmp, regions) = regions_dir();
     place(&regions, "pod-dead", "sem-dead-owner.cache.gz");
     let fake_proc = tmp.path().join("proc");
     std::fs::create_dir(&fake_proc).unwrap();
@@ -401,8 +402,7 @@ fn without_the_hosts_proc_nothing_is_called_dead() {
 
 #[test]
 fn inspect_shows_a_hami_region_with_liveness() {
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (_tmp, regions) = regions_dir();
     let file = place(&regions, "pod-i", "sem-dead-owner.cache.gz");
     let j = inspect_json(&file, None);
     assert_eq!(j["kind"], "hami-core");

@@ -609,7 +609,7 @@ mod tests {
 
     /// What NVML reports for pid `pid` on device 0, if listed.
     fn shown(s: &Sim, pid: u32, at: Instant) -> Option<u64> {
-        listed(&s, 0, at)
+        listed(s, 0, at)
             .into_iter()
             .find(|p| p.0 == pid)
             .map(|p| p.1)

@@ -53,9 +53,14 @@ impl Sim {
 /// Runs `c` to the end; it must succeed (a failure shows its stdout and stderr).
 pub fn run_ok(mut c: Command) -> Output {
     let out = c.output().unwrap();
+    succeeded(out, &c)
+}
+
+/// `out`, which must be a success (a failure shows `what` ran, its stdout and stderr).
+pub fn succeeded(out: Output, what: &dyn std::fmt::Debug) -> Output {
     assert!(
         out.status.success(),
-        "{c:?} failed:\n{}\n{}",
+        "{what:?} failed:\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
