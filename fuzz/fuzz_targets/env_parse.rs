@@ -317,8 +317,7 @@ fn check_config(b: &mut Bytes) {
     // Limit policy: closed by default as soon as any limit variable asks for a limit:
     // set to anything but a valid 0 (which means unset, as in HAMi-core).
     let asks = |k: &str| set(k).is_some_and(|v| limits::parse_limit(k, v) != Ok(0));
-    let limit_set =
-        asks(LIMIT) || (0..limits::MAX_ORDINALS).any(|i| asks(&format!("{LIMIT}_{i}")));
+    let limit_set = asks(LIMIT) || (0..limits::MAX_ORDINALS).any(|i| asks(&format!("{LIMIT}_{i}")));
     let default_policy = if limit_set {
         config::LimitPolicy::Closed
     } else {
@@ -406,6 +405,16 @@ fn gsim_size_model(s: &str) -> Option<u128> {
     Some(d << shift)
 }
 
+/// A simulator setting's error names the setting and quotes the value refused.
+fn check_names_setting(e: &impl std::fmt::Display, setting: &str, s: &str) {
+    let m = e.to_string();
+    check!(
+        "gpusim-error-names-setting",
+        m.contains(setting) && m.contains(&format!("{s:?}")),
+        "{m}"
+    );
+}
+
 fn check_gsim_size(s: &str) {
     let got = units::parse_size("VIGIL_GPUSIM_MEMORY", s);
     match (gsim_size_model(s), &got) {
@@ -426,14 +435,7 @@ fn check_gsim_size(s: &str) {
                 }
             }
         }
-        Err(e) => {
-            let m = e.to_string();
-            check!(
-                "gpusim-error-names-setting",
-                m.contains("VIGIL_GPUSIM_MEMORY") && m.contains(&format!("{s:?}")),
-                "{m}"
-            );
-        }
+        Err(e) => check_names_setting(&e, "VIGIL_GPUSIM_MEMORY", s),
     }
 }
 
@@ -485,15 +487,7 @@ fn check_gsim_duration(s: &str) {
 fn check_lag(s: &str, u: &[u8]) {
     let lag = match gsim::Lag::parse("--nvml-lag", s) {
         Ok(l) => l,
-        Err(e) => {
-            let m = e.to_string();
-            check!(
-                "gpusim-error-names-setting",
-                m.contains("--nvml-lag") && m.contains(&format!("{s:?}")),
-                "{m}"
-            );
-            return;
-        }
+        Err(e) => return check_names_setting(&e, "--nvml-lag", s),
     };
     if let gsim::Lag::Uniform(a, b) = &lag {
         assert!(a <= b, "uniform {a:?} > {b:?}");

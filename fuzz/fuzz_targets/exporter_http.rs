@@ -116,12 +116,7 @@ fn harness() -> &'static Harness {
             }
             abort_hook(info)
         }));
-        let parent = std::env::var_os("VIGIL_FUZZ_SCRATCH")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = parent.join(format!("vigil-fuzz-http-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("harness: region dir");
+        let dir = vigil_fuzz::scratch::private_dir("http");
         if DIR.set(dir.clone()).is_ok() {
             // SAFETY: registers a plain extern "C" function.
             unsafe { libc::atexit(remove_dir_at_exit) };
@@ -149,9 +144,7 @@ fn harness() -> &'static Harness {
         let h = Harness {
             rt,
             metrics: Arc::new(Metrics::new(set)),
-            cfgs: PATHS.map(|p| {
-                Arc::new(WebConfig::plain(p.to_string()))
-            }),
+            cfgs: PATHS.map(|p| Arc::new(WebConfig::plain(p.to_string()))),
         };
         // The harness itself works: a plain scrape in both formats is judged good.
         for wire in [
@@ -381,7 +374,11 @@ fn decoded<'a>(r: &Resp<'a>, what: &str) -> std::borrow::Cow<'a, [u8]> {
     }
     let mut out = Vec::new();
     let ok = std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(r.body), &mut out);
-    check!("gzip", ok.is_ok(), "{what}: a gzip body that does not decode: {ok:?}");
+    check!(
+        "gzip",
+        ok.is_ok(),
+        "{what}: a gzip body that does not decode: {ok:?}"
+    );
     std::borrow::Cow::Owned(out)
 }
 
