@@ -317,7 +317,8 @@ fn check_config(b: &mut Bytes) {
     // Limit policy: closed by default as soon as any limit variable asks for a limit:
     // set to anything but a valid 0 (which means unset, as in HAMi-core).
     let asks = |k: &str| set(k).is_some_and(|v| limits::parse_limit(k, v) != Ok(0));
-    let limit_set = asks(LIMIT) || (0..limits::MAX_ORDINALS).any(|i| asks(&format!("{LIMIT}_{i}")));
+    let limit_set =
+        asks(LIMIT) || (0..limits::MAX_ORDINALS).any(|i| asks(&format!("{LIMIT}_{i}")));
     let default_policy = if limit_set {
         config::LimitPolicy::Closed
     } else {

@@ -144,7 +144,9 @@ fn harness() -> &'static Harness {
         let h = Harness {
             rt,
             metrics: Arc::new(Metrics::new(set)),
-            cfgs: PATHS.map(|p| Arc::new(WebConfig::plain(p.to_string()))),
+            cfgs: PATHS.map(|p| {
+                Arc::new(WebConfig::plain(p.to_string()))
+            }),
         };
         // The harness itself works: a plain scrape in both formats is judged good.
         for wire in [
@@ -374,11 +376,7 @@ fn decoded<'a>(r: &Resp<'a>, what: &str) -> std::borrow::Cow<'a, [u8]> {
     }
     let mut out = Vec::new();
     let ok = std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(r.body), &mut out);
-    check!(
-        "gzip",
-        ok.is_ok(),
-        "{what}: a gzip body that does not decode: {ok:?}"
-    );
+    check!("gzip", ok.is_ok(), "{what}: a gzip body that does not decode: {ok:?}");
     std::borrow::Cow::Owned(out)
 }
 
