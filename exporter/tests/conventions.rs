@@ -124,14 +124,7 @@ fn a_bare_port_listens_on_ipv4_and_ipv6() {
         .port();
     let dir = tempfile::tempdir().unwrap();
     let listen = format!(":{port}");
-    let child = Command::new(BIN)
-        .args([
-            "--regions-dir",
-            dir.path().to_str().unwrap(),
-            "--nvml",
-            "off",
-        ])
-        .args(["--web.listen-address", &listen])
+    let child = exporter_command(dir.path(), &listen)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

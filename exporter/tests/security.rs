@@ -54,6 +54,13 @@ fn region_at(p: &Path) -> Region {
     Region::open(p, &InitParams::default()).unwrap().0
 }
 
+/// A regions directory with one healthy region, `uidG_main/r.cache`, kept open.
+fn with_good_region() -> (tempfile::TempDir, Region) {
+    let dir = tempfile::tempdir().unwrap();
+    let w = region_at(&dir.path().join("uidG_main/r.cache"));
+    (dir, w)
+}
+
 fn labels_of<'a>(
     m: &'a Exposition,
     region: &str,
@@ -243,10 +250,8 @@ fn histogram_word(id: HistogramId, word: u64) -> u64 {
 
 #[test]
 fn f5_forged_histograms_and_ring_head_break_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, w) = with_good_region();
     let d = dir.path();
-    let good = d.join("uidG_main/r.cache");
-    let w = region_at(&good);
     let me = w.claim_slot().unwrap();
     record_found_4242(&w, me);
 
@@ -386,10 +391,8 @@ fn spawn_truncator(path: &Path) -> KillOnDrop {
 
 #[test]
 fn f1_region_truncated_in_a_loop_while_scraped_never_kills_the_exporter() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, _w) = with_good_region();
     let d = dir.path();
-    let good = d.join("uidG_main/r.cache");
-    let _w = region_at(&good);
     let victim: PathBuf = d.join("uidT_main/r.cache");
     region_at(&victim);
     let mut ex = Exporter::start_raw(&[

@@ -129,14 +129,7 @@ fn a_bad_web_config_file_stops_the_exporter_with_its_name() {
         ("tls_server_cofig: {}\n", "tls_server_cofig"),
     ] {
         std::fs::write(&web, text).unwrap();
-        let out = Command::new(BIN)
-            .args([
-                "--regions-dir",
-                dir.path().to_str().unwrap(),
-                "--nvml",
-                "off",
-            ])
-            .args(["--web.listen-address", "127.0.0.1:0"])
+        let out = exporter_command(dir.path(), "127.0.0.1:0")
             .args(["--web.config.file", web.to_str().unwrap()])
             .output()
             .unwrap();

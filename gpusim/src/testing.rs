@@ -84,6 +84,24 @@ pub fn pid_namespaces_or_skip() -> bool {
     }
 }
 
+/// Declares a test crate's own simulator type: `pub struct NAME(testing::Sim)`,
+/// dereferencing to the shared [`Sim`], to which the crate adds its defaults (its own
+/// `start`) and helpers. The doc comments given go on the type.
+#[macro_export]
+macro_rules! test_sim {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        pub struct $name($crate::testing::Sim);
+
+        impl std::ops::Deref for $name {
+            type Target = $crate::testing::Sim;
+            fn deref(&self) -> &$crate::testing::Sim {
+                &self.0
+            }
+        }
+    };
+}
+
 /// A simulator daemon and its stand-in libraries in a temporary directory; the
 /// daemon is killed (and reaped) on drop.
 pub struct Sim {

@@ -189,6 +189,29 @@ struct Churners {
     readers: Vec<(Reader, Reader)>,
 }
 
+/// Reads `r` to its end on a thread of its own, sending every line to `tx` if given;
+/// the thread returns the lines `keep` accepts, each ending in a newline.
+fn keep_lines(
+    r: impl std::io::Read + Send + 'static,
+    keep: fn(&str) -> bool,
+    tx: Option<mpsc::Sender<String>>,
+) -> Reader {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if keep(&line) {
+                kept.extend_from_slice(line.as_bytes());
+                kept.push(b'\n');
+            }
+            if let Some(tx) = &tx {
+                let _ = tx.send(line);
+            }
+        }
+        kept
+    })
+}
+
 impl Churners {
     /// Starts the first alone and the others once it runs: the first initializes the
     /// region and measures a context, and the others then start quickly, so that all
@@ -221,31 +244,10 @@ impl Churners {
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
-        let err_reader = std::thread::spawn(move || {
-            let mut kept = Vec::new();
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                if !line.contains(" DEBUG ") {
-                    kept.extend_from_slice(line.as_bytes());
-                    kept.push(b'\n');
-                }
-            }
-            kept
-        });
-        let out_reader = std::thread::spawn(move || {
-            // Only the first lines matter; the rest is drained so the child never
-            // blocks on a full pipe.
-            let mut kept = Vec::new();
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if !line.starts_with("refused") {
-                    kept.extend_from_slice(line.as_bytes());
-                    kept.push(b'\n');
-                }
-                let _ = tx.send(line);
-            }
-            kept
-        });
+        let err_reader = keep_lines(err, |l| !l.contains(" DEBUG "), None);
+        // Only the first lines matter; the rest is drained so the child never blocks on
+        // a full pipe.
+        let out_reader = keep_lines(out, |l| !l.starts_with("refused"), Some(tx));
         self.readers.push((out_reader, err_reader));
         self.children.push(child);
         self.lines.push(rx);

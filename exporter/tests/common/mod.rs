@@ -14,6 +14,15 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vigil-exporter");
 
+/// The exporter's command (not started) watching the regions directory `dir`, NVML
+/// off, listening on `listen`.
+pub fn exporter_command(dir: &Path, listen: &str) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["--regions-dir", dir.to_str().unwrap(), "--nvml", "off"])
+        .args(["--web.listen-address", listen]);
+    c
+}
+
 /// A running exporter; killed on drop.
 pub struct Exporter {
     pub child: Child,

@@ -317,35 +317,27 @@ unsafe fn device_string(
     }
 }
 
-/// # Safety
-/// `buf`: null or valid as NVML specifies for `nvmlDeviceGetUUID` (out-parameters
-/// writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetUUID(
-    h: NvmlDevice,
-    buf: *mut c_char,
-    len: c_uint,
-) -> NvmlReturn {
-    guard("nvmlDeviceGetUUID", NVML_ERROR_UNKNOWN, || {
-        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-        unsafe { device_string(h, buf, len, |d| d.uuid.clone()) }
-    })
+/// Exports `name(device, buf, len)`, which writes the string `field` of the device's
+/// description into `buf` (NVML's string getters).
+macro_rules! device_string_getter {
+    ($name:ident => $field:ident) => {
+        #[doc = concat!(
+            "# Safety\n`buf`: null or valid as NVML specifies for `",
+            stringify!($name),
+            "` (out-parameters writable, inputs readable, buffers as long as the sizes passed)."
+        )]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(h: NvmlDevice, buf: *mut c_char, len: c_uint) -> NvmlReturn {
+            guard(stringify!($name), NVML_ERROR_UNKNOWN, || {
+                // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+                unsafe { device_string(h, buf, len, |d| d.$field.clone()) }
+            })
+        }
+    };
 }
 
-/// # Safety
-/// `buf`: null or valid as NVML specifies for `nvmlDeviceGetName` (out-parameters
-/// writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetName(
-    h: NvmlDevice,
-    buf: *mut c_char,
-    len: c_uint,
-) -> NvmlReturn {
-    guard("nvmlDeviceGetName", NVML_ERROR_UNKNOWN, || {
-        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-        unsafe { device_string(h, buf, len, |d| d.name.clone()) }
-    })
-}
+device_string_getter!(nvmlDeviceGetUUID => uuid);
+device_string_getter!(nvmlDeviceGetName => name);
 
 fn memory(h: NvmlDevice) -> Result<(u64, u64, u64), NvmlReturn> {
     let d = index_of(h)?;

@@ -383,7 +383,9 @@ pub fn run_serial(
                     let fresh: Vec<u32> = now
                         .iter()
                         .filter(|(p, n)| {
-                            **n > entries(&before, **p) && !claimed.contains(p) && !foreign.contains(p)
+                            **n > entries(&before, **p)
+                                && !claimed.contains(p)
+                                && !foreign.contains(p)
                         })
                         .map(|(p, _)| *p)
                         .collect();

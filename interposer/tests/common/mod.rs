@@ -7,15 +7,10 @@ use vigil_region::{Counter, RegionReader};
 
 pub use vigil_gpusim::testing::artifact;
 
-/// The shared simulator (`vigil_gpusim::testing`) with this crate's defaults (fast
-/// context creation, a short NVML lag), plus workloads under the interposer.
-pub struct Sim(vigil_gpusim::testing::Sim);
-
-impl std::ops::Deref for Sim {
-    type Target = vigil_gpusim::testing::Sim;
-    fn deref(&self) -> &vigil_gpusim::testing::Sim {
-        &self.0
-    }
+vigil_gpusim::test_sim! {
+    /// The shared simulator (`vigil_gpusim::testing`) with this crate's defaults (fast
+    /// context creation, a short NVML lag), plus workloads under the interposer.
+    Sim
 }
 
 impl Sim {
