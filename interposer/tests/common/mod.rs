@@ -62,6 +62,11 @@ pub fn succeeded(out: Output, what: &dyn std::fmt::Debug) -> Output {
     out
 }
 
+/// `text` (a log, a line of it) contains every one of `parts`.
+pub fn says(text: &str, parts: &[&str]) {
+    assert!(parts.iter().all(|p| text.contains(p)), "{text}");
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
