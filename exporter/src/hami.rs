@@ -412,6 +412,10 @@ mod tests {
         }
     }
 
+    fn at(host_pid: u32, ns_pid: u32) -> Attached {
+        Attached { host_pid, ns_pid }
+    }
+
     fn view<'a>(mapping: &'a [Attached], unreadable: &'a [Attached]) -> Option<View<'a>> {
         Some(View {
             mapping,
@@ -422,14 +426,8 @@ mod tests {
     #[test]
     fn a_process_whose_maps_cannot_be_read_makes_its_slot_and_lock_unknown() {
         let r = region(&[(1, 0, 100), (7, 4007, 50)], 1, true);
-        let a = [Attached {
-            host_pid: 4007,
-            ns_pid: 7,
-        }];
-        let u = [Attached {
-            host_pid: 6000,
-            ns_pid: 1,
-        }];
+        let a = [at(4007, 7)];
+        let u = [at(6000, 1)];
         let e = evaluate(&r, view(&a, &u), &no_proc);
         assert_eq!(e.sem, LockState::Held);
         assert_eq!(e.slots, vec![Liveness::Unknown, Liveness::Alive]);
@@ -439,10 +437,7 @@ mod tests {
         r2.sem_postinit = Some(SemState::from_word(0));
         let e = evaluate(&r2, view(&[], &[]), &no_proc);
         assert_eq!(e.sem_postinit, Some(LockState::HeldByDeadOwner));
-        let maybe = [Attached {
-            host_pid: 77,
-            ns_pid: 4,
-        }];
+        let maybe = [at(77, 4)];
         let e = evaluate(&r2, view(&[], &maybe), &no_proc);
         assert_eq!(e.sem_postinit, Some(LockState::Held));
     }
@@ -454,33 +449,21 @@ mod tests {
     #[test]
     fn a_pid_1_owner_is_dead_when_no_attached_process_is_pid_1_in_its_namespace() {
         let r = region(&[(1, 0, 100), (7, 4007, 50)], 1, true);
-        let a = [Attached {
-            host_pid: 4007,
-            ns_pid: 7,
-        }];
+        let a = [at(4007, 7)];
         let e = evaluate(&r, view(&a, &[]), &no_proc);
         assert_eq!(e.sem, LockState::HeldByDeadOwner);
         assert_eq!(e.slots, vec![Liveness::Dead, Liveness::Alive]);
         assert_eq!(e.dead_bytes, vec![100]);
         assert_eq!(e.host_pid_zero, 1);
         // The same owner, alive in another container, keeps the lock legitimately held.
-        let a2 = [
-            a[0],
-            Attached {
-                host_pid: 5000,
-                ns_pid: 1,
-            },
-        ];
+        let a2 = [a[0], at(5000, 1)];
         assert_eq!(evaluate(&r, view(&a2, &[]), &no_proc).sem, LockState::Held);
     }
 
     #[test]
     fn a_wrong_host_pid_is_told_apart_from_a_dead_process() {
         let r = region(&[(3, 999, 10)], 0, false);
-        let a = [Attached {
-            host_pid: 4003,
-            ns_pid: 3,
-        }];
+        let a = [at(4003, 3)];
         let e = evaluate(&r, view(&a, &[]), &no_proc);
         assert_eq!(e.slots, vec![Liveness::Alive]);
         assert_eq!(e.host_pid_wrong, 1);

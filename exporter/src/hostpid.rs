@@ -194,28 +194,28 @@ pub fn scan(
         };
         stats.processes += 1;
         let dir = e.path();
-        let stat = match procfs::read_small(&dir.join("stat")) {
-            Ok(s) => s,
-            Err(e) if is_out_of_fds(&e) => {
-                stats.no_fds = true;
-                break;
-            }
-            Err(_) => continue,
-        };
+        // Reads one of the process's files. Out of descriptors: the scan stops (and
+        // says so); any other failure: on to the next process.
+        macro_rules! read_or_next {
+            ($name:literal) => {
+                match procfs::read_small(&dir.join($name)) {
+                    Ok(s) => s,
+                    Err(e) if is_out_of_fds(&e) => {
+                        stats.no_fds = true;
+                        break;
+                    }
+                    Err(_) => continue,
+                }
+            };
+        }
+        let stat = read_or_next!("stat");
         let Some(start) = procfs::parse_stat_start_time(&stat) else {
             continue;
         };
         let Some(same_start) = by_start.get(&start) else {
             continue;
         };
-        let status = match procfs::read_small(&dir.join("status")) {
-            Ok(s) => s,
-            Err(e) if is_out_of_fds(&e) => {
-                stats.no_fds = true;
-                break;
-            }
-            Err(_) => continue,
-        };
+        let status = read_or_next!("status");
         let Some(nspid) = procfs::parse_nspid(&status) else {
             continue;
         };

@@ -234,27 +234,24 @@ pub fn run(path: &Path, as_json: bool, proc_root: &Path) -> Result<(), String> {
         };
         let eval = crate::hami::evaluate(&r, scan.view(r.file_id), &look);
         let v = hami_json(path, &r, &eval, &attached, scan.complete);
-        if as_json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
-            );
-        } else {
-            print!("{}", hami_text(&v));
-        }
-        return Ok(());
+        return print_as(&v, as_json, hami_text);
     }
     let r = RegionReader::open(path).map_err(|e| e.to_string())?;
     let snap = r.snapshot();
     let checks = check_slots(proc_root, &snap.slots);
     let v = to_json(path, &snap, &checks);
+    print_as(&v, as_json, to_text)
+}
+
+/// Prints `v` as pretty JSON, or as the text `text` makes of it.
+fn print_as(v: &Value, as_json: bool, text: fn(&Value) -> String) -> Result<(), String> {
     if as_json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+            serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
         );
     } else {
-        print!("{}", to_text(&v));
+        print!("{}", text(v));
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `vigil-exporter`: serves Vigil region metrics to Prometheus (see README.md).
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc;
@@ -24,142 +24,97 @@ struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
     /// A region file to watch (repeatable). Its `region` label is the path as given.
-    #[arg(long = "region", env = "VIGIL_EXPORTER_REGION", value_name = "PATH")]
+    #[arg(long = "region", value_name = "PATH")]
     regions: Vec<PathBuf>,
     /// A directory of regions, rescanned: DIR/*.cache or HAMi's
     /// DIR/<pod-uid>_<container>/*.cache (regular, non-hidden files named *.cache one
     /// or two levels down; symlinks are never followed).
-    #[arg(
-        long = "regions-dir",
-        env = "VIGIL_EXPORTER_REGIONS_DIR",
-        value_name = "DIR"
-    )]
+    #[arg(long = "regions-dir", value_name = "DIR")]
     regions_dir: Option<PathBuf>,
     /// At most this many regions are watched in all; the rest are counted as
     /// region errors (reason="limit_exceeded").
-    #[arg(long = "regions.max", env = "VIGIL_EXPORTER_REGIONS_MAX", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long = "regions.max", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_regions: u32,
     /// At most this many regions are watched per directory (HAMi has one per container).
-    #[arg(long = "regions.max-per-dir", env = "VIGIL_EXPORTER_REGIONS_MAX_PER_DIR", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long = "regions.max-per-dir", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_per_dir: u32,
     /// Take namespace/pod/container labels from the identity block inside each region.
     /// Any process that can write a region can forge it: only for trusted workloads.
-    #[arg(
-        long = "labels.from-region-identity",
-        env = "VIGIL_EXPORTER_LABELS_FROM_REGION_IDENTITY"
-    )]
+    #[arg(long = "labels.from-region-identity")]
     labels_from_identity: bool,
     /// A fixed `namespace` label for every region (the sidecar passes its own
     /// downward-API POD_NAMESPACE). Never set it on a node-wide exporter.
-    #[arg(
-        long = "labels.namespace",
-        env = "VIGIL_EXPORTER_LABELS_NAMESPACE",
-        value_name = "NS"
-    )]
+    #[arg(long = "labels.namespace", value_name = "NS")]
     label_namespace: Option<String>,
     /// A fixed `pod` label for every region (the sidecar passes its own POD_NAME).
-    #[arg(
-        long = "labels.pod",
-        env = "VIGIL_EXPORTER_LABELS_POD",
-        value_name = "POD"
-    )]
+    #[arg(long = "labels.pod", value_name = "POD")]
     label_pod: Option<String>,
     /// A fixed `container` label for every region (the sidecar's workload container).
-    #[arg(
-        long = "labels.container",
-        env = "VIGIL_EXPORTER_LABELS_CONTAINER",
-        value_name = "NAME"
-    )]
+    #[arg(long = "labels.container", value_name = "NAME")]
     label_container: Option<String>,
     /// How often --regions-dir is rescanned for new and deleted files.
-    #[arg(long = "regions-dir.scan-interval", env = "VIGIL_EXPORTER_REGIONS_DIR_SCAN_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long = "regions-dir.scan-interval", default_value = "1s", value_parser = parse_duration)]
     scan_interval: Duration,
     /// How often each region's event ring is drained.
-    #[arg(long = "drain.interval", env = "VIGIL_EXPORTER_DRAIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long = "drain.interval", default_value = "100ms", value_parser = parse_duration)]
     drain_interval: Duration,
     /// Address to listen on: HOST:PORT, or :PORT for every interface.
-    #[arg(long = "web.listen-address", env = "VIGIL_EXPORTER_WEB_LISTEN_ADDRESS", default_value = vigil_exporter::DEFAULT_LISTEN)]
+    #[arg(long = "web.listen-address", default_value = vigil_exporter::DEFAULT_LISTEN)]
     listen_address: String,
     /// At most this many client connections at once (fewer if the descriptor limit
     /// leaves less room). At the cap, the connection idle longest (1 s at least) is
     /// closed for a new one; if none is, the new one gets a 503.
-    #[arg(long = "web.max-connections", env = "VIGIL_EXPORTER_WEB_MAX_CONNECTIONS", default_value_t = vigil_exporter::http::DEFAULT_MAX_CONNECTIONS as u32,
+    #[arg(long = "web.max-connections", default_value_t = vigil_exporter::http::DEFAULT_MAX_CONNECTIONS as u32,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_connections: u32,
     /// A reply the client has not taken within this long after it stopped reading is
     /// abandoned and the connection closed.
-    #[arg(long = "web.write-timeout", env = "VIGIL_EXPORTER_WEB_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long = "web.write-timeout", default_value = "10s", value_parser = parse_duration)]
     write_timeout: Duration,
     /// TLS and basic authentication, in the Prometheus exporter toolkit's web
     /// configuration format (tls_server_config, basic_auth_users); see the README.
-    #[arg(
-        long = "web.config.file",
-        env = "VIGIL_EXPORTER_WEB_CONFIG_FILE",
-        value_name = "FILE"
-    )]
+    #[arg(long = "web.config.file", value_name = "FILE")]
     web_config_file: Option<PathBuf>,
     /// Path under which metrics are served.
-    #[arg(
-        long = "web.telemetry-path",
-        env = "VIGIL_EXPORTER_WEB_TELEMETRY_PATH",
-        default_value = "/metrics"
-    )]
+    #[arg(long = "web.telemetry-path", default_value = "/metrics")]
     telemetry_path: String,
     /// Map each region only while reading it, instead of keeping it mapped: RSS no
     /// longer counts the regions' touched pages (shared page cache), but every read
     /// pays the mapping and its page faults.
-    #[arg(
-        long = "regions.map-per-read",
-        env = "VIGIL_EXPORTER_REGIONS_MAP_PER_READ"
-    )]
+    #[arg(long = "regions.map-per-read")]
     map_per_read: bool,
     /// The /proc to find the slots' processes in, to check their recorded host PIDs
     /// (vigil_host_pid_checks_total). Node-wide: the host's, i.e. run with hostPID.
-    #[arg(long = "proc.path", env = "VIGIL_EXPORTER_PROC_PATH", value_name = "DIR", default_value = vigil_exporter::regions::DEFAULT_PROC_PATH)]
+    #[arg(long = "proc.path", value_name = "DIR", default_value = vigil_exporter::regions::DEFAULT_PROC_PATH)]
     proc_path: PathBuf,
     /// At most one /proc scan per this interval (only when new slots await a check).
-    #[arg(long = "proc.scan-interval", env = "VIGIL_EXPORTER_PROC_SCAN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long = "proc.scan-interval", default_value = "10s", value_parser = parse_duration)]
     proc_scan_interval: Duration,
     /// NVML (the driver's view: device UUID and model, physical memory, and each
     /// region's processes' usage to compute accounting drift). auto: used if the
     /// library loads, otherwise its series are left out; off: never loaded.
-    #[arg(
-        long = "nvml",
-        env = "VIGIL_EXPORTER_NVML",
-        value_enum,
-        default_value = "auto"
-    )]
+    #[arg(long = "nvml", value_enum, default_value = "auto")]
     nvml: vigil_exporter::nvml::Mode,
     /// The NVML library to load.
     #[arg(
         long = "nvml.library",
-        env = "VIGIL_EXPORTER_NVML_LIBRARY",
         value_name = "PATH",
         default_value = "libnvidia-ml.so.1"
     )]
     nvml_library: std::ffi::OsString,
     /// How often NVML is read (in the background; scrapes serve the latest reading).
-    #[arg(long = "nvml.interval", env = "VIGIL_EXPORTER_NVML_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long = "nvml.interval", default_value = "5s", value_parser = parse_duration)]
     nvml_interval: Duration,
     /// Log line format: logfmt (key=value pairs) or json (one object a line).
-    #[arg(
-        long = "log.format",
-        env = "VIGIL_EXPORTER_LOG_FORMAT",
-        value_enum,
-        default_value = "logfmt"
-    )]
+    #[arg(long = "log.format", value_enum, default_value = "logfmt")]
     log_format: vigil_exporter::logfmt::LogFormat,
     /// Log level: error, warn, info, debug or trace.
-    #[arg(long = "log.level", env = "VIGIL_EXPORTER_LOG_LEVEL", default_value = "info",
+    #[arg(long = "log.level", default_value = "info",
           value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
     /// OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces): export one
     /// trace per process start-up, built from ring events.
-    #[arg(
-        long = "otlp-endpoint",
-        env = "VIGIL_EXPORTER_OTLP_ENDPOINT",
-        value_name = "URL"
-    )]
+    #[arg(long = "otlp-endpoint", value_name = "URL")]
     otlp_endpoint: Option<String>,
 }
 
@@ -185,8 +140,37 @@ enum Cmd {
     },
 }
 
+/// The variable a flag can also come from: `VIGIL_EXPORTER_` and the flag's long name
+/// in upper case, dots and dashes as underscores (`--web.listen-address` from
+/// `VIGIL_EXPORTER_WEB_LISTEN_ADDRESS`).
+fn env_name(long: &str) -> String {
+    format!(
+        "VIGIL_EXPORTER_{}",
+        long.to_uppercase().replace(['.', '-'], "_")
+    )
+}
+
+/// The command line's definition, every top-level flag also from its [`env_name`]
+/// (the subcommands' flags only from the command line).
+fn command() -> clap::Command {
+    Cli::command().mut_args(|a| match a.get_long() {
+        Some("help" | "version") => a,
+        // Leaked once, at start-up: clap keeps the names for the whole run.
+        Some(long) => {
+            let name: &'static str = Box::leak(env_name(long).into_boxed_str());
+            a.env(name)
+        }
+        None => a,
+    })
+}
+
+fn parse_cli() -> Cli {
+    let mut matches = command().get_matches();
+    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     if let Some(Cmd::HashPassword { cost }) = &cli.cmd {
         let mut line = String::new();
         if let Err(e) = std::io::stdin().read_line(&mut line) {
@@ -428,5 +412,32 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
                 std::future::pending::<()>().await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_has_its_variable() {
+        assert_eq!(
+            env_name("web.listen-address"),
+            "VIGIL_EXPORTER_WEB_LISTEN_ADDRESS"
+        );
+        assert_eq!(
+            env_name("regions.max-per-dir"),
+            "VIGIL_EXPORTER_REGIONS_MAX_PER_DIR"
+        );
+        let cmd = command();
+        let mut flags = 0;
+        for a in cmd.get_arguments() {
+            if let Some(long) = a.get_long() {
+                let env = a.get_env().and_then(|e| e.to_str());
+                assert_eq!(env, Some(env_name(long).as_str()), "--{long}");
+                flags += 1;
+            }
+        }
+        assert_eq!(flags, 24, "every flag of the exporter");
     }
 }

@@ -76,7 +76,7 @@ fn dropped(m: &Exposition, reason: &str) -> f64 {
 }
 
 fn region_errors(m: &Exposition, reason: &str) -> f64 {
-    m.value("vigil_exporter_region_errors_total", &[("reason", reason)])
+    m.region_errors(reason)
 }
 
 /// Row 6 of "Robustness, second round": clients that each send `GET /metrics` and
@@ -86,14 +86,10 @@ fn region_errors(m: &Exposition, reason: &str) -> f64 {
 fn clients_that_never_read_are_capped_and_dropped_and_a_scraper_still_gets_in() {
     let dir = tempfile::tempdir().unwrap();
     let _keep = regions(dir.path(), 160);
-    let ex = Exporter::start(&[
-        "--regions-dir",
-        dir.path().to_str().unwrap(),
-        "--regions.max-per-dir",
-        "1",
-        "--web.write-timeout",
-        "3s",
-    ]);
+    let ex = Exporter::watching(
+        dir.path(),
+        &["--regions.max-per-dir", "1", "--web.write-timeout", "3s"],
+    );
     let pid = ex.child.id();
     let body = ex.get("/metrics").body.len();
     assert!(

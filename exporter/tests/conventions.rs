@@ -22,15 +22,9 @@ fn every_flag_can_come_from_the_environment_and_the_command_line_wins() {
             .env("VIGIL_EXPORTER_WEB_LISTEN_ADDRESS", "127.0.0.1:1")
             .env("VIGIL_EXPORTER_REGIONS_MAP_PER_READ", "true");
     });
-    let mut m = ex.scrape();
-    wait_until(
-        "the region from the environment's directory",
-        Duration::from_secs(10),
-        || {
-            m = ex.scrape();
-            m.value("vigil_exporter_regions", &[]) == 1.0
-        },
-    );
+    let m = ex.scrape_until("the region from the environment's directory", |m| {
+        m.value("vigil_exporter_regions", &[]) == 1.0
+    });
     let s = m.find(
         "vigil_region_recoveries_total",
         &[("region", "u1_main/r.cache")],
@@ -97,12 +91,7 @@ fn logs_are_logfmt_by_default_and_json_on_request() {
 #[test]
 fn build_info_and_process_metrics_follow_the_conventions() {
     let dir = tempfile::tempdir().unwrap();
-    let ex = Exporter::start(&[
-        "--regions-dir",
-        dir.path().to_str().unwrap(),
-        "--nvml",
-        "off",
-    ]);
+    let ex = Exporter::watching(dir.path(), &["--nvml", "off"]);
     let m = ex.scrape();
     let info = m.find("vigil_exporter_build_info", &[]);
     assert_eq!(info.len(), 1);
@@ -135,14 +124,7 @@ fn a_bare_port_listens_on_ipv4_and_ipv6() {
         .port();
     let dir = tempfile::tempdir().unwrap();
     let listen = format!(":{port}");
-    let child = Command::new(BIN)
-        .args([
-            "--regions-dir",
-            dir.path().to_str().unwrap(),
-            "--nvml",
-            "off",
-        ])
-        .args(["--web.listen-address", &listen])
+    let child = exporter_command(dir.path(), &listen)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

@@ -102,18 +102,10 @@ fn docs_metrics_md_matches_metrics_endpoint() {
             c.env("VIGIL_GPUSIM_SOCKET", &sock);
         },
     );
-    let mut m = ex.scrape();
-    wait_until(
-        "every family to have series",
-        std::time::Duration::from_secs(10),
-        || {
-            m = ex.scrape();
-            m.value("vigil_exporter_hami_regions", &[]) == 1.0
-                && !m
-                    .find("vigil_device_memory_accounting_drift_bytes", &[])
-                    .is_empty()
-        },
-    );
+    let m = ex.scrape_until("every family to have series", |m| {
+        m.value("vigil_exporter_hami_regions", &[]) == 1.0
+            && m.has("vigil_device_memory_accounting_drift_bytes", &[])
+    });
 
     let mut served: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
     for (fam, ty) in &m.types {

@@ -105,27 +105,20 @@ fn write_i32(file: &Path, at: u64, v: i32) {
 }
 
 fn exporter(dir: &Path) -> Exporter {
-    Exporter::start(&[
-        "--regions-dir",
-        dir.to_str().unwrap(),
-        "--proc.scan-interval",
-        "10ms",
-        "--nvml",
-        "off",
-    ])
+    Exporter::watching(dir, &["--proc.scan-interval", "10ms", "--nvml", "off"])
+}
+
+/// A temporary directory and the HAMi regions directory to be in it.
+fn regions_dir() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let regions = tmp.path().join("regions");
+    (tmp, regions)
 }
 
 fn wait_for_region(e: &Exporter, n: usize) -> Exposition {
-    let mut m = e.scrape();
-    wait_until(
-        "HAMi-core regions to be watched",
-        Duration::from_secs(10),
-        || {
-            m = e.scrape();
-            m.value("vigil_exporter_hami_regions", &[]) == n as f64
-        },
-    );
-    m
+    e.scrape_until("HAMi-core regions to be watched", |m| {
+        m.value("vigil_exporter_hami_regions", &[]) == n as f64
+    })
 }
 
 fn v(m: &Exposition, name: &str, want: &[(&str, &str)]) -> f64 {
@@ -134,8 +127,7 @@ fn v(m: &Exposition, name: &str, want: &[(&str, &str)]) -> f64 {
 
 #[test]
 fn a_sem_held_by_a_killed_owner_is_a_dead_owner_and_a_live_owner_is_not() {
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (tmp, regions) = regions_dir();
     place(&regions, "pod-dead", "sem-dead-owner.cache.gz");
     let live = place(&regions, "pod-live", "sem-dead-owner.cache.gz");
     // In the second copy the recorded owner is a process that maps the file.
@@ -191,8 +183,7 @@ fn a_sem_held_by_a_killed_owner_is_a_dead_owner_and_a_live_owner_is_not() {
 
 #[test]
 fn slots_are_alive_while_a_process_with_their_pid_maps_the_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (tmp, regions) = regions_dir();
     let file = place(&regions, "pod-a", "live.cache.gz");
     let bin = mapper_bin(tmp.path());
     // Two of the three recorded processes are "running again": mappers whose PIDs are
@@ -228,46 +219,19 @@ fn slots_are_alive_while_a_process_with_their_pid_maps_the_file() {
         "vigil_device_memory_used_bytes",
         &with(&[("device", "1")]),
     );
-    assert_eq!(
-        v(
-            &m,
-            "vigil_device_memory_dead_bytes",
-            &with(&[("device", "1")])
-        ),
-        used1
-    );
-    assert_eq!(
-        v(
-            &m,
-            "vigil_device_memory_dead_bytes",
-            &with(&[("device", "0")])
-        ),
-        0.0
-    );
-    assert_eq!(
-        v(
-            &m,
-            "vigil_device_memory_limit_bytes",
-            &with(&[("device", "0")])
-        ),
-        4294967296.0
-    );
-    assert_eq!(
-        v(
-            &m,
-            "vigil_device_memory_limit_bytes",
-            &with(&[("device", "1")])
-        ),
-        3221225472.0
-    );
-    assert_eq!(
-        v(
-            &m,
-            "vigil_hami_device_sm_limit_ratio",
-            &with(&[("device", "0")])
-        ),
-        0.5
-    );
+    for (name, device, want) in [
+        ("vigil_device_memory_dead_bytes", "1", used1),
+        ("vigil_device_memory_dead_bytes", "0", 0.0),
+        ("vigil_device_memory_limit_bytes", "0", 4294967296.0),
+        ("vigil_device_memory_limit_bytes", "1", 3221225472.0),
+        ("vigil_hami_device_sm_limit_ratio", "0", 0.5),
+    ] {
+        assert_eq!(
+            v(&m, name, &with(&[("device", device)])),
+            want,
+            "{name} of device {device}"
+        );
+    }
     let info = m.find("vigil_hami_device_info", &with(&[("device", "1")]));
     assert_eq!(
         info[0].labels["uuid"],
@@ -282,36 +246,23 @@ fn slots_are_alive_while_a_process_with_their_pid_maps_the_file() {
 fn host_pid_zero_slots_are_judged_by_their_namespace_pid() {
     // HAMi-core's detection failed for all four processes of one container (namespace
     // PIDs 2, 5, 8, 11). A container whose PID 2 maps the file has that slot alive.
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (tmp, regions) = regions_dir();
     let file = place(&regions, "pod-z", "hostpid0.cache.gz");
     let bin = mapper_bin(tmp.path());
-    let mut c = Command::new("unshare");
-    c.args([
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "--mount-proc",
-        "sh",
-        "-c",
-    ])
-    .arg(format!("{} {} & wait", bin.display(), file.display()));
+    let mut c = vigil_gpusim::testing::in_new_pid_namespace("sh");
+    c.arg("-c")
+        .arg(format!("{} {} & wait", bin.display(), file.display()));
     let _container = spawn_mapper(c);
     let e = exporter(&regions);
     let r = region("pod-z");
     let base = [(r.0, r.1.as_str()), HAMI];
-    let mut m = wait_for_region(&e, 1);
-    wait_until(
-        "the container's process to be seen",
-        Duration::from_secs(10),
-        || {
-            m = e.scrape();
-            m.value(
-                "vigil_hami_process_slots",
-                &[base[0], base[1], ("state", "alive")],
-            ) == 1.0
-        },
-    );
+    wait_for_region(&e, 1);
+    let m = e.scrape_until("the container's process to be seen", |m| {
+        m.value(
+            "vigil_hami_process_slots",
+            &[base[0], base[1], ("state", "alive")],
+        ) == 1.0
+    });
     assert_eq!(v(&m, "vigil_hami_host_pid_zero_slots", &base), 4.0);
     assert_eq!(
         v(
@@ -325,8 +276,7 @@ fn host_pid_zero_slots_are_judged_by_their_namespace_pid() {
 
 #[test]
 fn dead_slots_and_the_older_layout_are_exported() {
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (_tmp, regions) = regions_dir();
     place(&regions, "pod-d", "dead-slots.cache.gz");
     place(&regions, "pod-old", "v1_1-dead-slots.cache.gz");
     let e = exporter(&regions);
@@ -355,18 +305,15 @@ fn dead_slots_and_the_older_layout_are_exported() {
         1.0
     );
     // 1.1 has no sem_postinit.
-    assert!(m
-        .find(
-            "vigil_hami_lock_held",
-            &[(old.0, old.1.as_str()), ("lock", "sem_postinit")]
-        )
-        .is_empty());
+    assert!(!m.has(
+        "vigil_hami_lock_held",
+        &[(old.0, old.1.as_str()), ("lock", "sem_postinit")]
+    ));
 }
 
 #[test]
 fn damaged_hami_files_are_counted_once_by_reason_and_the_good_ones_still_served() {
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (_tmp, regions) = regions_dir();
     place(&regions, "pod-ok", "live.cache.gz");
     let bad = place(&regions, "pod-bad", "live.cache.gz");
     write_i32(&bad, 2008896, 5000); // proc_num
@@ -383,27 +330,14 @@ fn damaged_hami_files_are_counted_once_by_reason_and_the_good_ones_still_served(
     let m = wait_for_region(&e, 1);
     wait_until("the errors to be counted", Duration::from_secs(10), || {
         let m = e.scrape();
-        m.value(
-            "vigil_exporter_region_errors_total",
-            &[("reason", "corrupt")],
-        ) == 1.0
-            && m.value(
-                "vigil_exporter_region_errors_total",
-                &[("reason", "bad_version")],
-            ) == 1.0
-            && m.value(
-                "vigil_exporter_region_errors_total",
-                &[("reason", "truncated")],
-            ) == 1.0
+        m.region_errors("corrupt") == 1.0
+            && m.region_errors("bad_version") == 1.0
+            && m.region_errors("truncated") == 1.0
     });
     std::thread::sleep(Duration::from_millis(500)); // several rescans: still once each
     let again = e.scrape();
     for reason in ["corrupt", "bad_version", "truncated"] {
-        assert_eq!(
-            again.value("vigil_exporter_region_errors_total", &[("reason", reason)]),
-            1.0,
-            "{reason}"
-        );
+        assert_eq!(again.region_errors(reason), 1.0, "{reason}");
     }
     let ok = region("pod-ok");
     assert!(
@@ -420,37 +354,23 @@ fn damaged_hami_files_are_counted_once_by_reason_and_the_good_ones_still_served(
     );
     // Damaged under a watching exporter: dropped and counted, never a crash.
     write_i32(&regions.join("pod-ok_main/vgpu.cache"), 56, 99); // device_num
-    wait_until(
-        "the damaged region to be dropped and counted",
-        Duration::from_secs(10),
-        || {
-            let m = e.scrape();
-            m.value("vigil_exporter_hami_regions", &[]) == 0.0
-                && m.value(
-                    "vigil_exporter_region_errors_total",
-                    &[("reason", "corrupt")],
-                ) == 2.0
-        },
-    );
+    e.scrape_until("the damaged region to be dropped and counted", |m| {
+        m.value("vigil_exporter_hami_regions", &[]) == 0.0 && m.region_errors("corrupt") == 2.0
+    });
 }
 
 #[test]
 fn without_the_hosts_proc_nothing_is_called_dead() {
     // An exporter whose /proc is not the host's (here: an empty directory) cannot see
     // who maps the files: every slot is unknown and no owner is dead.
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (tmp, regions) = regions_dir();
     place(&regions, "pod-dead", "sem-dead-owner.cache.gz");
     let fake_proc = tmp.path().join("proc");
     std::fs::create_dir(&fake_proc).unwrap();
-    let e = Exporter::start(&[
-        "--regions-dir",
-        regions.to_str().unwrap(),
-        "--proc.path",
-        fake_proc.to_str().unwrap(),
-        "--nvml",
-        "off",
-    ]);
+    let e = Exporter::watching(
+        &regions,
+        &["--proc.path", fake_proc.to_str().unwrap(), "--nvml", "off"],
+    );
     let m = wait_for_region(&e, 1);
     let r = region("pod-dead");
     let base = [(r.0, r.1.as_str()), HAMI];
@@ -487,20 +407,9 @@ fn without_the_hosts_proc_nothing_is_called_dead() {
 
 #[test]
 fn inspect_shows_a_hami_region_with_liveness() {
-    let tmp = tempfile::tempdir().unwrap();
-    let regions = tmp.path().join("regions");
+    let (_tmp, regions) = regions_dir();
     let file = place(&regions, "pod-i", "sem-dead-owner.cache.gz");
-    let out = Command::new(BIN)
-        .args(["inspect", "--json"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = inspect_json(&file, None);
     assert_eq!(j["kind"], "hami-core");
     assert_eq!(j["version"], "1.2");
     assert_eq!(j["sem"]["state"], "held_by_dead_owner");

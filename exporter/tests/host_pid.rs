@@ -11,9 +11,10 @@ mod common;
 use common::*;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
+use vigil_gpusim::testing::{in_new_pid_namespace, pid_namespaces_or_skip};
 use vigil_region::{DetectOutcome, InitParams, Region};
 
 const CHECKS: &str = "vigil_host_pid_checks_total";
@@ -25,11 +26,9 @@ const CHECKS: &str = "vigil_host_pid_checks_total";
 #[test]
 #[ignore = "helper run as a child process by the other tests"]
 fn slot_child() {
-    let Ok(path) = std::env::var("VIGIL_TEST_SLOT_REGION") else {
+    let Some((r, me)) = child_region("VIGIL_TEST_SLOT_REGION") else {
         return;
     };
-    let (r, _) = Region::open(&path, &InitParams::default()).unwrap();
-    let me = r.claim_slot().unwrap();
     println!("slot index={} pid={}", me.index, std::process::id());
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).unwrap();
@@ -55,9 +54,7 @@ fn slot_child() {
         _ => {}
     }
     println!("recorded");
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    wait_to_be_killed();
 }
 
 /// A `slot_child` in a PID namespace of its own.
@@ -74,9 +71,7 @@ struct NsWorkload {
 
 impl NsWorkload {
     fn spawn(region: &Path) -> NsWorkload {
-        let mut unshare = Command::new("unshare")
-            .args(["--pid", "--fork", "--kill-child", "--mount-proc"])
-            .arg(std::env::current_exe().unwrap())
+        let mut unshare = in_new_pid_namespace(std::env::current_exe().unwrap())
             .args(["--exact", "slot_child", "--ignored", "--nocapture"])
             .env("VIGIL_TEST_SLOT_REGION", region)
             .stdin(Stdio::piped())
@@ -141,27 +136,41 @@ fn read_until(out: &mut BufReader<ChildStdout>, word: &str) -> HashMap<String, S
     }
 }
 
-/// True if `unshare --pid` works here (root, or user namespaces allowed).
-fn can_unshare() -> bool {
-    let out = Command::new("unshare")
-        .args(["--pid", "--fork", "--kill-child", "--mount-proc", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output();
-    match out {
-        Ok(o) if o.status.success() => true,
-        Ok(o) => {
-            eprintln!(
-                "SKIPPED: unshare --pid failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            false
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: cannot run unshare: {e}");
-            false
-        }
+/// A fresh region in a temporary directory, kept open, and an exporter watching it.
+struct Watched {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+    _region: Region,
+    ex: Exporter,
+}
+
+/// Where `unshare --pid` works: a [`Watched`] region whose exporter checks host PIDs
+/// every 50 ms in the /proc that `proc_path` makes in the directory (`None`: the real
+/// one). `None` (the test is skipped) elsewhere.
+fn watched_region(proc_path: impl FnOnce(&Path) -> Option<PathBuf>) -> Option<Watched> {
+    if !pid_namespaces_or_skip() {
+        return None;
     }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.cache");
+    let (region, _) = Region::open(&path, &InitParams::default()).unwrap();
+    let mut args = vec![
+        "--region".to_string(),
+        path.to_str().unwrap().to_string(),
+        "--proc.scan-interval".to_string(),
+        "50ms".to_string(),
+    ];
+    if let Some(p) = proc_path(dir.path()) {
+        args.extend(["--proc.path".to_string(), p.to_str().unwrap().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ex = Exporter::start(&args);
+    Some(Watched {
+        dir,
+        path,
+        _region: region,
+        ex,
+    })
 }
 
 fn checks(ex: &Exporter) -> [f64; 4] {
@@ -185,21 +194,6 @@ fn wait_checks(ex: &Exporter, want: [f64; 4]) {
     );
 }
 
-fn inspect_json(region: &Path, proc_path: Option<&Path>) -> serde_json::Value {
-    let mut c = Command::new(BIN);
-    c.args(["inspect", region.to_str().unwrap(), "--json"]);
-    if let Some(p) = proc_path {
-        c.arg("--proc.path").arg(p);
-    }
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn slot_json(v: &serde_json::Value, slot: u16) -> serde_json::Value {
     v["slots"]
         .as_array()
@@ -212,18 +206,15 @@ fn slot_json(v: &serde_json::Value, slot: u16) -> serde_json::Value {
 
 #[test]
 fn recorded_host_pids_are_checked_against_the_kernel_once_per_slot_incarnation() {
-    if !can_unshare() {
+    let Some(Watched {
+        dir: _dir,
+        path,
+        _region,
+        ex,
+    }) = watched_region(|_| None)
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("r.cache");
-    let (_w, _) = Region::open(&path, &InitParams::default()).unwrap();
-    let ex = Exporter::start(&[
-        "--region",
-        path.to_str().unwrap(),
-        "--proc.scan-interval",
-        "50ms",
-    ]);
+    };
     assert_eq!(
         checks(&ex),
         [0.0; 4],
@@ -313,23 +304,21 @@ fn recorded_host_pids_are_checked_against_the_kernel_once_per_slot_incarnation()
 
 #[test]
 fn a_proc_that_does_not_show_the_process_makes_the_check_unresolvable() {
-    if !can_unshare() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("r.cache");
-    let empty = dir.path().join("empty-proc");
-    std::fs::create_dir(&empty).unwrap();
-    let (_w, _) = Region::open(&path, &InitParams::default()).unwrap();
     // As a sidecar without the host's /proc would be.
-    let ex = Exporter::start(&[
-        "--region",
-        path.to_str().unwrap(),
-        "--proc.path",
-        empty.to_str().unwrap(),
-        "--proc.scan-interval",
-        "50ms",
-    ]);
+    let Some(Watched {
+        dir,
+        path,
+        _region,
+        ex,
+    }) = watched_region(|dir| {
+        let empty = dir.join("empty-proc");
+        std::fs::create_dir(&empty).unwrap();
+        Some(empty)
+    })
+    else {
+        return;
+    };
+    let empty = dir.path().join("empty-proc");
     let mut w = NsWorkload::spawn(&path);
     w.record(&format!("found {}", w.host_pid));
     wait_checks(&ex, [0.0, 0.0, 1.0, 0.0]);

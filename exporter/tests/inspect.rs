@@ -19,16 +19,7 @@ fn inspect_json_and_text_agree_with_the_region() {
     w.record_detection(me, DetectOutcome::Found, Some(31337), 1_000_000, 2, 500_000);
     let snap = RegionReader::open(&path).unwrap().snapshot();
 
-    let out = Command::new(BIN)
-        .args(["inspect", path.to_str().unwrap(), "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = inspect_json(&path, None);
     assert_eq!(v["devices"][0]["limit_bytes"], 4u64 << 30);
     assert_eq!(v["slots"][0]["host_pid"], 31337);
     assert_eq!(v["slots"][0]["alive"], true);

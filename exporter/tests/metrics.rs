@@ -4,9 +4,8 @@
 mod common;
 use common::*;
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use vigil_region::{
     Counter, DetectOutcome, ForceReason, HistogramId, InitParams, LockId, Region, RegionIdentity,
@@ -30,16 +29,12 @@ fn params(limits: Vec<u64>, ns: &str, pod: &str) -> InitParams {
 #[test]
 #[ignore = "helper run as a child process by the other tests"]
 fn holder_child() {
-    let Ok(path) = std::env::var("VIGIL_TEST_HOLDER") else {
+    let Some((r, me)) = child_region("VIGIL_TEST_HOLDER") else {
         return;
     };
-    let (r, _) = Region::open(&path, &InitParams::default()).unwrap();
-    let me = r.claim_slot().unwrap();
     let _g = r.lock(LockId::Region, me).unwrap();
     println!("ready");
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    wait_to_be_killed();
 }
 
 /// Child-process mode: when VIGIL_TEST_CHARGER names a region, claim a slot, charge
@@ -48,37 +43,13 @@ fn holder_child() {
 #[test]
 #[ignore = "helper run as a child process by the other tests"]
 fn charger_child() {
-    let Ok(path) = std::env::var("VIGIL_TEST_CHARGER") else {
+    let Some((r, me)) = child_region("VIGIL_TEST_CHARGER") else {
         return;
     };
-    let (r, _) = Region::open(&path, &InitParams::default()).unwrap();
-    let me = r.claim_slot().unwrap();
     r.reserve(me, 0, 576 << 20).unwrap();
     r.reserve(me, 1, 8 << 20).unwrap();
     println!("ready");
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-fn spawn_child(test: &str, var: &str, path: &Path) -> std::process::Child {
-    let mut c = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--ignored", "--nocapture"])
-        .env(var, path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = c.stdout.take().unwrap();
-    let mut lines = std::io::BufReader::new(out).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.trim() == "ready" => break,
-            Some(Ok(_)) => {}
-            _ => panic!("{test} child did not start"),
-        }
-    }
-    c
+    wait_to_be_killed();
 }
 
 #[test]
@@ -112,31 +83,23 @@ fn memory_of_a_killed_process_shows_as_dead_without_writing_the_region() {
         || ex.scrape().value("vigil_processes", &[("region", p)]) == 1.0,
     );
     let m = ex.scrape();
-    assert_eq!(
-        m.value("vigil_device_memory_used_bytes", &dl("0")),
-        (640u64 << 20) as f64
-    );
-    assert_eq!(
-        m.value("vigil_device_memory_dead_bytes", &dl("0")),
-        (576u64 << 20) as f64
-    );
-    assert_eq!(
-        m.value("vigil_device_memory_used_bytes", &dl("1")),
-        (8u64 << 20) as f64
-    );
-    assert_eq!(
-        m.value("vigil_device_memory_dead_bytes", &dl("1")),
-        (8u64 << 20) as f64
-    );
+    // (series, device, MiB): the dead process's 576 + 8 MiB is now dead memory.
+    for (name, device, mib) in [
+        ("vigil_device_memory_used_bytes", "0", 640u64),
+        ("vigil_device_memory_dead_bytes", "0", 576),
+        ("vigil_device_memory_used_bytes", "1", 8),
+        ("vigil_device_memory_dead_bytes", "1", 8),
+    ] {
+        assert_eq!(
+            m.value(name, &dl(device)),
+            (mib << 20) as f64,
+            "{name} of device {device}"
+        );
+    }
     assert_matches(&m, p, &truth(&path));
 
     // inspect says the same, live and dead apart.
-    let out = Command::new(BIN)
-        .args(["inspect", p, "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = inspect_json(&path, None);
     assert_eq!(v["devices"][0]["used_bytes"], 640u64 << 20);
     assert_eq!(v["devices"][0]["live_bytes"], 64u64 << 20);
     assert_eq!(v["devices"][0]["dead_bytes"], 576u64 << 20);
@@ -169,23 +132,7 @@ fn memory_of_a_killed_process_shows_as_dead_without_writing_the_region() {
 }
 
 fn spawn_holder(path: &Path) -> std::process::Child {
-    let mut c = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "holder_child", "--ignored", "--nocapture"])
-        .env("VIGIL_TEST_HOLDER", path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = c.stdout.take().unwrap();
-    let mut lines = std::io::BufReader::new(out).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.trim() == "ready" => break,
-            Some(Ok(_)) => {}
-            _ => panic!("holder child did not start"),
-        }
-    }
-    c
+    spawn_child("holder_child", "VIGIL_TEST_HOLDER", path)
 }
 
 fn truth(path: &Path) -> Snapshot {
@@ -444,16 +391,7 @@ fn series_are_exact_and_present_from_the_start() {
     for _ in 0..5 {
         drop(w.lock(LockId::Region, me).unwrap());
     }
-    let g = w.lock(LockId::Detect, me).unwrap();
-    w.record_detection(
-        me,
-        DetectOutcome::Found,
-        Some(4242),
-        3_000_000,
-        4,
-        1_000_000,
-    );
-    drop(g);
+    record_found_4242(&w, me);
     w.record_detection(other, DetectOutcome::Timeout, None, 900_000_000, 40, 0);
     let _ = w.reserve(me, 0, 512 << 20);
     let _ = w.reserve(me, 0, 1 << 30); // over the limit: denied
@@ -496,14 +434,15 @@ fn formats_health_landing_and_deletion() {
     let (_w, _) = Region::open(&path, &params(vec![0], "", "")).unwrap();
     let solo = dir.path().join("solo.region");
     let (_s, _) = Region::open(&solo, &params(vec![], "", "")).unwrap();
-    let ex = Exporter::start(&[
-        "--regions-dir",
-        dir.path().to_str().unwrap(),
-        "--region",
-        solo.to_str().unwrap(),
-        "--web.telemetry-path",
-        "/custom",
-    ]);
+    let ex = Exporter::watching(
+        dir.path(),
+        &[
+            "--region",
+            solo.to_str().unwrap(),
+            "--web.telemetry-path",
+            "/custom",
+        ],
+    );
 
     let text = http_get(ex.addr, "/custom", None);
     assert_eq!(text.status, 200);
@@ -534,9 +473,7 @@ fn formats_health_landing_and_deletion() {
         m.value("vigil_region_recoveries_total", &[("region", solo_label)]),
         0.0
     );
-    assert!(m
-        .find("vigil_device_memory_limit_bytes", &[("region", solo_label)])
-        .is_empty());
+    assert!(!m.has("vigil_device_memory_limit_bytes", &[("region", solo_label)]));
     assert_eq!(
         m.value(
             "vigil_device_memory_limit_bytes",
@@ -550,12 +487,8 @@ fn formats_health_landing_and_deletion() {
     wait_until("deleted region dropped", Duration::from_secs(10), || {
         let r = http_get(ex.addr, "/custom", None);
         let m = Exposition::parse(&r.body);
-        m.find("vigil_ring_events_total", &[("region", "a.cache")])
-            .is_empty()
-            && m.value(
-                "vigil_exporter_region_errors_total",
-                &[("reason", "vanished")],
-            ) == 1.0
+        !m.has("vigil_ring_events_total", &[("region", "a.cache")])
+            && m.region_errors("vanished") == 1.0
     });
     assert!(ex.log_text().contains("a.cache"), "{}", ex.log_text());
 }

@@ -12,12 +12,19 @@ const MIB: f64 = (1u64 << 20) as f64;
 
 const REGION: (&str, &str) = ("region", "u1_main/vigil.cache");
 
-#[test]
-fn memory_allocated_past_the_interposer_shows_as_drift() {
+/// The simulator, the uncounted fixture running with `n` contexts created past the
+/// interposer, and an exporter reading NVML.
+fn uncounted_contexts(n: u32) -> (Sim, Kill, Exporter) {
     let sim = Sim::start();
     let prog = sim.build_uncounted();
-    let _w = Kill(sim.workload(&prog, &["2"]));
+    let w = Kill(sim.workload(&prog, &[&n.to_string()]));
     let e = sim.exporter(&[]);
+    (sim, w, e)
+}
+
+#[test]
+fn memory_allocated_past_the_interposer_shows_as_drift() {
+    let (_sim, _w, e) = uncounted_contexts(2);
     let want = (2 * CTX_MIB) as f64 * MIB;
     let mut last = String::new();
     wait_until(
@@ -69,10 +76,7 @@ fn memory_allocated_past_the_interposer_shows_as_drift() {
 
 #[test]
 fn a_fully_counted_workload_has_no_drift() {
-    let sim = Sim::start();
-    let prog = sim.build_uncounted();
-    let _w = Kill(sim.workload(&prog, &["0"]));
-    let e = sim.exporter(&[]);
+    let (_sim, _w, e) = uncounted_contexts(0);
     wait_until(
         "NVML's view of the workload",
         Duration::from_secs(20),
@@ -102,16 +106,12 @@ fn without_a_driver_library_nvml_series_are_absent_and_the_rest_unchanged() {
     let prog = sim.build_uncounted();
     let _w = Kill(sim.workload(&prog, &["0"]));
     let regions = sim.regions();
-    let e = Exporter::start(&[
-        "--regions-dir",
-        regions.to_str().unwrap(),
-        "--nvml.library",
-        "/nonexistent/libnvidia-ml.so.1",
-    ]);
+    let e = Exporter::watching(
+        &regions,
+        &["--nvml.library", "/nonexistent/libnvidia-ml.so.1"],
+    );
     wait_until("the region", Duration::from_secs(10), || {
-        !e.scrape()
-            .find("vigil_device_memory_used_bytes", &[REGION])
-            .is_empty()
+        e.scrape().has("vigil_device_memory_used_bytes", &[REGION])
     });
     let m = e.scrape();
     assert_eq!(m.value("vigil_exporter_nvml_up", &[]), 0.0);
@@ -122,7 +122,7 @@ fn without_a_driver_library_nvml_series_are_absent_and_the_rest_unchanged() {
         "vigil_nvml_process_memory_bytes",
         "vigil_device_memory_accounting_drift_bytes",
     ] {
-        assert!(m.find(name, &[]).is_empty(), "{name} without a driver");
+        assert!(!m.has(name, &[]), "{name} without a driver");
     }
     assert!(
         e.log_text().contains("/nonexistent/libnvidia-ml.so.1"),
@@ -153,7 +153,7 @@ fn an_nvml_that_hangs_never_stalls_a_scrape() {
             t0.elapsed()
         );
         assert_eq!(m.value("vigil_exporter_nvml_up", &[]), 0.0);
-        assert!(m.find("vigil_device_info", &[]).is_empty());
+        assert!(!m.has("vigil_device_info", &[]));
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }

@@ -85,12 +85,7 @@ fn traces(bodies: &[Value]) -> Traces {
 fn one_trace_per_process_startup_reaches_the_receiver() {
     let (url, got) = receiver();
     let dir = tempfile::tempdir().unwrap();
-    let ex = Exporter::start(&[
-        "--regions-dir",
-        dir.path().to_str().unwrap(),
-        "--otlp-endpoint",
-        &url,
-    ]);
+    let ex = Exporter::watching(dir.path(), &["--otlp-endpoint", &url]);
     let path = dir.path().join("r.cache");
     let mut keep = Vec::new();
     const STARTUPS: usize = 3;

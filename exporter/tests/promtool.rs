@@ -31,11 +31,7 @@ fn promtool_finds_no_problems() {
     w.record_detection(me, DetectOutcome::Found, Some(77), 5_000_000, 3, 1_000_000);
     std::fs::write(dir.path().join("junk.cache"), vec![7u8; 4096]).unwrap();
     // The identity block supplies namespace/pod/container only when trusted.
-    let ex = Exporter::start(&[
-        "--regions-dir",
-        dir.path().to_str().unwrap(),
-        "--labels.from-region-identity",
-    ]);
+    let ex = Exporter::watching(dir.path(), &["--labels.from-region-identity"]);
     let body = ex.get("/metrics").body;
     let mut p = Command::new("promtool")
         .args(["check", "metrics"])

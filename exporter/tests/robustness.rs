@@ -46,36 +46,14 @@ fn garbage_truncated_foreign_and_deleted_files_are_counted_and_serving_continues
     let (_d, _) = Region::open(&doomed, &InitParams::default()).unwrap();
 
     // Limits raised: this test is about garbage, security.rs about the limits.
-    let ex = Exporter::start(&[
-        "--regions-dir",
-        dir.path().to_str().unwrap(),
-        "--regions.max-per-dir",
-        "1000",
-        "--regions.max",
-        "2000",
-    ]);
+    let ex = Exporter::watching(
+        dir.path(),
+        &["--regions.max-per-dir", "1000", "--regions.max", "2000"],
+    );
     let m = ex.scrape();
-    assert_eq!(
-        m.value(
-            "vigil_exporter_region_errors_total",
-            &[("reason", "bad_magic")]
-        ),
-        1000.0
-    );
-    assert_eq!(
-        m.value(
-            "vigil_exporter_region_errors_total",
-            &[("reason", "truncated")]
-        ),
-        1.0
-    );
-    assert_eq!(
-        m.value(
-            "vigil_exporter_region_errors_total",
-            &[("reason", "bad_version")]
-        ),
-        1.0
-    );
+    assert_eq!(m.region_errors("bad_magic"), 1000.0);
+    assert_eq!(m.region_errors("truncated"), 1.0);
+    assert_eq!(m.region_errors("bad_version"), 1.0);
     assert_eq!(m.value("vigil_exporter_regions", &[]), 2.0);
     let log = ex.log_text();
     assert!(log.contains("short.cache") && log.contains("future.cache"));
@@ -84,36 +62,18 @@ fn garbage_truncated_foreign_and_deleted_files_are_counted_and_serving_continues
     // Rescans do not count the same broken files again.
     std::thread::sleep(Duration::from_millis(400));
     let m = ex.scrape();
-    assert_eq!(
-        m.value(
-            "vigil_exporter_region_errors_total",
-            &[("reason", "bad_magic")]
-        ),
-        1000.0
-    );
+    assert_eq!(m.region_errors("bad_magic"), 1000.0);
 
     // Deleted while watched: dropped and counted; the good region is unaffected.
     std::fs::remove_file(&doomed).unwrap();
     wait_until("doomed region dropped", Duration::from_secs(10), || {
-        ex.scrape().value(
-            "vigil_exporter_region_errors_total",
-            &[("reason", "vanished")],
-        ) == 1.0
+        ex.scrape().region_errors("vanished") == 1.0
     });
     // A region overwritten with garbage in place is dropped as corrupt-or-worse.
     std::fs::write(&good, vec![b'x'; 4096]).unwrap();
-    wait_until(
-        "overwritten region dropped",
-        Duration::from_secs(10),
-        || {
-            let m = ex.scrape();
-            m.value("vigil_exporter_regions", &[]) == 0.0
-                && m.value(
-                    "vigil_exporter_region_errors_total",
-                    &[("reason", "bad_magic")],
-                ) == 1001.0
-        },
-    );
+    ex.scrape_until("overwritten region dropped", |m| {
+        m.value("vigil_exporter_regions", &[]) == 0.0 && m.region_errors("bad_magic") == 1001.0
+    });
     assert_eq!(ex.get("/healthz").status, 200);
 }
 

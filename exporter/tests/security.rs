@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use vigil_region::layout::REGION_SIZE;
-use vigil_region::{DetectOutcome, HistogramId, InitParams, LockId, Region, RegionIdentity};
+use vigil_region::{HistogramId, InitParams, Region, RegionIdentity};
 
 /// Offsets pinned in region/src/layout.rs.
 const HISTOGRAMS_OFFSET: u64 = 1664;
@@ -20,7 +20,12 @@ const HISTOGRAM_COUNT: u64 = 240;
 const RING_HEAD_OFFSET: u64 = 3840;
 
 fn errors(m: &Exposition, reason: &str) -> f64 {
-    m.value("vigil_exporter_region_errors_total", &[("reason", reason)])
+    m.region_errors(reason)
+}
+
+/// The region labelled `region` is watched: its ring's series are exported.
+fn watched(m: &Exposition, region: &str) -> bool {
+    m.has("vigil_ring_events_total", &[("region", region)])
 }
 
 fn regions(m: &Exposition) -> f64 {
@@ -43,9 +48,17 @@ fn mkfifo(p: &Path) {
 }
 
 /// A valid region file, no process attached (the writer is dropped).
-fn region_at(p: &Path) {
+/// Creates a region at `p` (and its directory); the handle keeps it open.
+fn region_at(p: &Path) -> Region {
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    drop(Region::open(p, &InitParams::default()).unwrap());
+    Region::open(p, &InitParams::default()).unwrap().0
+}
+
+/// A regions directory with one healthy region, `uidG_main/r.cache`, kept open.
+fn with_good_region() -> (tempfile::TempDir, Region) {
+    let dir = tempfile::tempdir().unwrap();
+    let w = region_at(&dir.path().join("uidG_main/r.cache"));
+    (dir, w)
 }
 
 fn labels_of<'a>(
@@ -89,9 +102,7 @@ fn f2_symlinks_fifos_and_directories_are_never_followed_or_opened() {
         "uidC_main/x.cache",
         "uidA_main/z.cache",
     ] {
-        assert!(m
-            .find("vigil_ring_events_total", &[("region", bad)])
-            .is_empty());
+        assert!(!watched(&m, bad));
     }
     // z, alias, f, d.cache and the linked directory.
     assert_eq!(errors(&m, "not_regular"), 5.0);
@@ -128,17 +139,8 @@ fn f2_symlinks_fifos_and_directories_are_never_followed_or_opened() {
         || {
             let m = prompt_scrape(&ex, Duration::from_secs(5));
             errors(&m, "not_regular") == 6.0
-                && m.find(
-                    "vigil_ring_events_total",
-                    &[("region", "uidA_main/good.cache")],
-                )
-                .is_empty()
-                && !m
-                    .find(
-                        "vigil_ring_events_total",
-                        &[("region", "uidD_main/new.cache")],
-                    )
-                    .is_empty()
+                && !watched(&m, "uidA_main/good.cache")
+                && watched(&m, "uidD_main/new.cache")
         },
     );
     assert_eq!(ex.get("/healthz").status, 200);
@@ -250,22 +252,10 @@ fn histogram_word(id: HistogramId, word: u64) -> u64 {
 
 #[test]
 fn f5_forged_histograms_and_ring_head_break_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, w) = with_good_region();
     let d = dir.path();
-    let good = d.join("uidG_main/r.cache");
-    std::fs::create_dir_all(good.parent().unwrap()).unwrap();
-    let (w, _) = Region::open(&good, &InitParams::default()).unwrap();
     let me = w.claim_slot().unwrap();
-    let g = w.lock(LockId::Detect, me).unwrap();
-    w.record_detection(
-        me,
-        DetectOutcome::Found,
-        Some(4242),
-        3_000_000,
-        4,
-        1_000_000,
-    );
-    drop(g);
+    record_found_4242(&w, me);
 
     let bad = d.join("uidX_main/r.cache");
     region_at(&bad);
@@ -349,12 +339,7 @@ fn f5_forged_histograms_and_ring_head_break_nothing() {
     std::fs::create_dir_all(late.parent().unwrap()).unwrap();
     let (lw, _) = Region::open(&late, &InitParams::default()).unwrap();
     wait_until("late region watched", Duration::from_secs(10), || {
-        !ex.scrape()
-            .find(
-                "vigil_ring_events_total",
-                &[("region", "uidL_main/r.cache")],
-            )
-            .is_empty()
+        watched(&ex.scrape(), "uidL_main/r.cache")
     });
     drop(lw);
     assert!(!ex.log_text().contains("drain/rescan pass panicked"));
@@ -408,11 +393,8 @@ fn spawn_truncator(path: &Path) -> KillOnDrop {
 
 #[test]
 fn f1_region_truncated_in_a_loop_while_scraped_never_kills_the_exporter() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, _w) = with_good_region();
     let d = dir.path();
-    let good = d.join("uidG_main/r.cache");
-    std::fs::create_dir_all(good.parent().unwrap()).unwrap();
-    let (_w, _) = Region::open(&good, &InitParams::default()).unwrap();
     let victim: PathBuf = d.join("uidT_main/r.cache");
     region_at(&victim);
     let mut ex = Exporter::start_raw(&[
@@ -464,12 +446,7 @@ fn f1_region_truncated_in_a_loop_while_scraped_never_kills_the_exporter() {
         .set_len(REGION_SIZE as u64)
         .unwrap();
     wait_until("victim watched again", Duration::from_secs(10), || {
-        !ex.scrape()
-            .find(
-                "vigil_ring_events_total",
-                &[("region", "uidT_main/r.cache")],
-            )
-            .is_empty()
+        watched(&ex.scrape(), "uidT_main/r.cache")
     });
     assert_eq!(ex.get("/healthz").status, 200);
 }

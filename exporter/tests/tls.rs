@@ -78,14 +78,10 @@ fn tls_and_basic_auth_with_a_real_client() {
     .unwrap();
     let regions = dir.path().join("regions");
     std::fs::create_dir(&regions).unwrap();
-    let ex = Exporter::start(&[
-        "--regions-dir",
-        regions.to_str().unwrap(),
-        "--nvml",
-        "off",
-        "--web.config.file",
-        web.to_str().unwrap(),
-    ]);
+    let ex = Exporter::watching(
+        &regions,
+        &["--nvml", "off", "--web.config.file", web.to_str().unwrap()],
+    );
     let base = format!("https://127.0.0.1:{}", ex.addr.port());
     let ca = ca.to_str().unwrap();
     let metrics = format!("{base}/metrics");
@@ -133,14 +129,7 @@ fn a_bad_web_config_file_stops_the_exporter_with_its_name() {
         ("tls_server_cofig: {}\n", "tls_server_cofig"),
     ] {
         std::fs::write(&web, text).unwrap();
-        let out = Command::new(BIN)
-            .args([
-                "--regions-dir",
-                dir.path().to_str().unwrap(),
-                "--nvml",
-                "off",
-            ])
-            .args(["--web.listen-address", "127.0.0.1:0"])
+        let out = exporter_command(dir.path(), "127.0.0.1:0")
             .args(["--web.config.file", web.to_str().unwrap()])
             .output()
             .unwrap();

@@ -406,6 +406,16 @@ fn gsim_size_model(s: &str) -> Option<u128> {
     Some(d << shift)
 }
 
+/// A simulator setting's error names the setting and quotes the value refused.
+fn check_names_setting(e: &impl std::fmt::Display, setting: &str, s: &str) {
+    let m = e.to_string();
+    check!(
+        "gpusim-error-names-setting",
+        m.contains(setting) && m.contains(&format!("{s:?}")),
+        "{m}"
+    );
+}
+
 fn check_gsim_size(s: &str) {
     let got = units::parse_size("VIGIL_GPUSIM_MEMORY", s);
     match (gsim_size_model(s), &got) {
@@ -426,14 +436,7 @@ fn check_gsim_size(s: &str) {
                 }
             }
         }
-        Err(e) => {
-            let m = e.to_string();
-            check!(
-                "gpusim-error-names-setting",
-                m.contains("VIGIL_GPUSIM_MEMORY") && m.contains(&format!("{s:?}")),
-                "{m}"
-            );
-        }
+        Err(e) => check_names_setting(&e, "VIGIL_GPUSIM_MEMORY", s),
     }
 }
 
@@ -485,15 +488,7 @@ fn check_gsim_duration(s: &str) {
 fn check_lag(s: &str, u: &[u8]) {
     let lag = match gsim::Lag::parse("--nvml-lag", s) {
         Ok(l) => l,
-        Err(e) => {
-            let m = e.to_string();
-            check!(
-                "gpusim-error-names-setting",
-                m.contains("--nvml-lag") && m.contains(&format!("{s:?}")),
-                "{m}"
-            );
-            return;
-        }
+        Err(e) => return check_names_setting(&e, "--nvml-lag", s),
     };
     if let gsim::Lag::Uniform(a, b) = &lag {
         assert!(a <= b, "uniform {a:?} > {b:?}");

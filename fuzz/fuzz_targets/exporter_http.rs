@@ -116,12 +116,7 @@ fn harness() -> &'static Harness {
             }
             abort_hook(info)
         }));
-        let parent = std::env::var_os("VIGIL_FUZZ_SCRATCH")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = parent.join(format!("vigil-fuzz-http-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("harness: region dir");
+        let dir = vigil_fuzz::scratch::private_dir("http");
         if DIR.set(dir.clone()).is_ok() {
             // SAFETY: registers a plain extern "C" function.
             unsafe { libc::atexit(remove_dir_at_exit) };

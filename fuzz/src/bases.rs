@@ -143,12 +143,7 @@ fn build(dir: &Path) -> Vec<(&'static str, Vec<u8>)> {
 pub fn bases() -> &'static [(&'static str, Vec<u8>)] {
     static B: OnceLock<Vec<(&'static str, Vec<u8>)>> = OnceLock::new();
     B.get_or_init(|| {
-        let parent = std::env::var_os("VIGIL_FUZZ_SCRATCH")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = parent.join(format!("vigil-fuzz-bases-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("harness: base dir");
+        let dir = crate::scratch::private_dir("bases");
         let b = build(&dir);
         let _ = std::fs::remove_dir_all(&dir);
         b

@@ -43,6 +43,19 @@ fn dir() -> PathBuf {
     }
 }
 
+/// A fresh, empty folder `vigil-fuzz-<what>-<pid>` of this process, in
+/// `$VIGIL_FUZZ_SCRATCH` if set, else the temp dir (one left by an earlier process
+/// with the same PID is emptied first). The caller removes it.
+pub fn private_dir(what: &str) -> PathBuf {
+    let parent = std::env::var_os("VIGIL_FUZZ_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = parent.join(format!("vigil-fuzz-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("harness: {what} dir: {e}"));
+    dir
+}
+
 fn lock_byte(f: &File, offset: u64) {
     // SAFETY: flock is a plain C struct; all-zero is valid, and l_pid must be 0.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };

@@ -663,34 +663,42 @@ mod tests {
 
     #[test]
     fn reply_errors_say_what_is_wrong() {
-        let why = |req: &Request, l: &str| decode_reply(req, l).unwrap_err().why;
-        assert_eq!(
-            why(&Request::Stats, "maybe\n"),
-            "a reply starts with \"ok\" or \"err\""
-        );
-        assert_eq!(
-            why(&Request::Stats, "err melted"),
-            "unknown error code \"melted\""
-        );
-        assert_eq!(
-            why(&Request::CtxCreate { device: 0 }, "ok"),
-            "context missing"
-        );
-        assert_eq!(
-            why(&Request::NvmlProcs { device: 0 }, "ok 2 5:10"),
-            "process 1 missing"
-        );
-        assert_eq!(
-            why(&Request::NvmlProcs { device: 0 }, "ok 1 5-10"),
-            "process 0 \"5-10\" is not PID:BYTES"
-        );
-        assert_eq!(
-            why(&Request::Stats, "ok processes=1 contexts=x"),
-            "contexts \"x\" is not a number"
-        );
-        assert_eq!(
-            why(&Request::MemInfo { device: 0 }, "ok 1 2 3"),
-            "unexpected trailing value \"3\""
-        );
+        // (request, reply line, what the error says).
+        let cases = [
+            (
+                Request::Stats,
+                "maybe\n",
+                "a reply starts with \"ok\" or \"err\"",
+            ),
+            (
+                Request::Stats,
+                "err melted",
+                "unknown error code \"melted\"",
+            ),
+            (Request::CtxCreate { device: 0 }, "ok", "context missing"),
+            (
+                Request::NvmlProcs { device: 0 },
+                "ok 2 5:10",
+                "process 1 missing",
+            ),
+            (
+                Request::NvmlProcs { device: 0 },
+                "ok 1 5-10",
+                "process 0 \"5-10\" is not PID:BYTES",
+            ),
+            (
+                Request::Stats,
+                "ok processes=1 contexts=x",
+                "contexts \"x\" is not a number",
+            ),
+            (
+                Request::MemInfo { device: 0 },
+                "ok 1 2 3",
+                "unexpected trailing value \"3\"",
+            ),
+        ];
+        for (req, line, why) in cases {
+            assert_eq!(decode_reply(&req, line).unwrap_err().why, why, "{line:?}");
+        }
     }
 }

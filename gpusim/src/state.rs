@@ -403,16 +403,11 @@ impl Sim {
         bytes: u64,
         now: Instant,
     ) -> Result<u64, SimError> {
-        if bytes == 0 {
-            return Err(SimError::InvalidValue);
-        }
-        self.charge(conn, device, bytes, None, now)?;
-        let addr = self.next_addr[device as usize];
-        self.next_addr[device as usize] = addr + bytes.div_ceil(512) * 512;
-        self.proc_mut(conn)?
-            .allocations
-            .insert(addr, (device, bytes));
-        Ok(addr)
+        self.allocate(conn, device, bytes, now, |sim| {
+            let addr = sim.next_addr[device as usize];
+            sim.next_addr[device as usize] = addr + bytes.div_ceil(512) * 512;
+            addr
+        })
     }
 
     /// A VMM physical allocation (cuMemCreate); returns its handle.
@@ -423,13 +418,26 @@ impl Sim {
         bytes: u64,
         now: Instant,
     ) -> Result<u64, SimError> {
+        self.allocate(conn, device, bytes, now, |sim| sim.fresh_id() << 8)
+    }
+
+    /// Charges `bytes` (none is invalid) on `device` to `conn`, then records them
+    /// under the id that `id` picks: a device address or a VMM handle.
+    fn allocate(
+        &mut self,
+        conn: u64,
+        device: u32,
+        bytes: u64,
+        now: Instant,
+        id: impl FnOnce(&mut Self) -> u64,
+    ) -> Result<u64, SimError> {
         if bytes == 0 {
             return Err(SimError::InvalidValue);
         }
         self.charge(conn, device, bytes, None, now)?;
-        let h = self.fresh_id() << 8;
-        self.proc_mut(conn)?.allocations.insert(h, (device, bytes));
-        Ok(h)
+        let id = id(self);
+        self.proc_mut(conn)?.allocations.insert(id, (device, bytes));
+        Ok(id)
     }
 
     /// Frees a device address or a VMM handle; returns the bytes freed.
@@ -507,35 +515,27 @@ mod tests {
         })
     }
 
+    /// What NVML lists on `device` at `at`: (pid, bytes) per process.
+    fn listed(s: &Sim, device: u32, at: Instant) -> Vec<(u32, u64)> {
+        s.nvml_processes(device, at).unwrap()
+    }
+
     #[test]
     fn contexts_become_visible_after_the_lag_and_vanish_with_the_process() {
         let mut s = sim(100);
         let t0 = Instant::now();
         s.connect(1, 4242, 7);
         s.create_context(1, 0, t0, t0).unwrap();
-        assert!(s
-            .nvml_processes(0, t0 + Duration::from_millis(99))
-            .unwrap()
-            .is_empty());
+        assert!(listed(&s, 0, t0 + Duration::from_millis(99)).is_empty());
         assert_eq!(
-            s.nvml_processes(0, t0 + Duration::from_millis(100))
-                .unwrap(),
+            listed(&s, 0, t0 + Duration::from_millis(100)),
             vec![(4242, 100 << 20)]
         );
-        assert!(s
-            .nvml_processes(1, t0 + Duration::from_secs(1))
-            .unwrap()
-            .is_empty());
+        assert!(listed(&s, 1, t0 + Duration::from_secs(1)).is_empty());
         s.cfg.pid_mode = PidMode::Namespace;
-        assert_eq!(
-            s.nvml_processes(0, t0 + Duration::from_secs(1)).unwrap()[0].0,
-            7
-        );
+        assert_eq!(listed(&s, 0, t0 + Duration::from_secs(1))[0].0, 7);
         s.disconnect(1, t0);
-        assert!(s
-            .nvml_processes(0, t0 + Duration::from_secs(1))
-            .unwrap()
-            .is_empty());
+        assert!(listed(&s, 0, t0 + Duration::from_secs(1)).is_empty());
         assert_eq!(
             s.stats(None),
             Stats {
@@ -588,9 +588,9 @@ mod tests {
         s.create_context(1, 0, t0, t0).unwrap();
         s.disconnect(1, t0);
         let at = |ms| t0 + Duration::from_millis(ms);
-        assert_eq!(s.nvml_processes(0, at(99)).unwrap().len(), 1);
+        assert_eq!(listed(&s, 0, at(99)).len(), 1);
         assert_eq!(s.device_used(0, at(99)), 100 << 20);
-        assert!(s.nvml_processes(0, at(100)).unwrap().is_empty());
+        assert!(listed(&s, 0, at(100)).is_empty());
         assert_eq!(s.mem_info(0, at(100)).unwrap().0, 1 << 30);
         s.purge(at(100));
         assert_eq!(s.stats(None).used, 0);
@@ -609,8 +609,7 @@ mod tests {
 
     /// What NVML reports for pid `pid` on device 0, if listed.
     fn shown(s: &Sim, pid: u32, at: Instant) -> Option<u64> {
-        s.nvml_processes(0, at)
-            .unwrap()
+        listed(s, 0, at)
             .into_iter()
             .find(|p| p.0 == pid)
             .map(|p| p.1)

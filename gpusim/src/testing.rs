@@ -51,6 +51,57 @@ pub fn install_libs(dir: &Path) -> PathBuf {
     lib
 }
 
+/// `unshare --pid --fork --kill-child --mount-proc PROGRAM`: `PROGRAM` (and its
+/// arguments, added by the caller) as PID 1 of a new PID namespace, with `unshare`
+/// as its parent in this one; killed when `unshare` is.
+pub fn in_new_pid_namespace(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--pid", "--fork", "--kill-child", "--mount-proc"])
+        .arg(program);
+    c
+}
+
+/// Whether new PID namespaces can be made here (root, or user namespaces allowed);
+/// if not, prints why the test calling it is skipped.
+pub fn pid_namespaces_or_skip() -> bool {
+    match in_new_pid_namespace("true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+    {
+        Ok(o) if o.status.success() => true,
+        Ok(o) => {
+            eprintln!(
+                "SKIPPED: unshare --pid failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            false
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: cannot run unshare: {e}");
+            false
+        }
+    }
+}
+
+/// Declares a test crate's own simulator type: `pub struct NAME(testing::Sim)`,
+/// dereferencing to the shared [`Sim`], to which the crate adds its defaults (its own
+/// `start`) and helpers. The doc comments given go on the type.
+#[macro_export]
+macro_rules! test_sim {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        pub struct $name($crate::testing::Sim);
+
+        impl std::ops::Deref for $name {
+            type Target = $crate::testing::Sim;
+            fn deref(&self) -> &$crate::testing::Sim {
+                &self.0
+            }
+        }
+    };
+}
+
 /// A simulator daemon and its stand-in libraries in a temporary directory; the
 /// daemon is killed (and reaped) on drop.
 pub struct Sim {

@@ -9,7 +9,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 use vigil_gpusim::protocol::{Conn, Reply, Request};
 use vigil_gpusim::sys::monotonic_ns;
-use vigil_gpusim::testing::{self, install_libs};
+use vigil_gpusim::testing::{self, in_new_pid_namespace, install_libs, pid_namespaces_or_skip};
 
 fn python() -> String {
     std::env::var("VIGIL_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -172,25 +172,9 @@ fn find_child(pid: u32) -> u32 {
     }
 }
 
-fn unshare_available() -> bool {
-    Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", "true"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
 fn namespaced_workload(sim: &Sim) -> (Workload, u32) {
-    let mut c = Command::new("unshare");
-    c.args([
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "--mount-proc",
-        env!("CARGO_BIN_EXE_vigil-workload"),
-        "--exit",
-        "wait",
-    ]);
+    let mut c = in_new_pid_namespace(env!("CARGO_BIN_EXE_vigil-workload"));
+    c.args(["--exit", "wait"]);
     let mut w = sim.spawn(c);
     let ready = w.expect("ready");
     assert_eq!(
@@ -203,8 +187,7 @@ fn namespaced_workload(sim: &Sim) -> (Workload, u32) {
 
 #[test]
 fn a_workload_in_a_pid_namespace_appears_with_its_host_pid() {
-    if !unshare_available() {
-        eprintln!("SKIPPED: unshare --pid is not permitted here");
+    if !pid_namespaces_or_skip() {
         return;
     }
     let sim = Sim::start(&["--nvml-lag", "0"]);
@@ -215,8 +198,7 @@ fn a_workload_in_a_pid_namespace_appears_with_its_host_pid() {
 
 #[test]
 fn in_namespace_pid_mode_it_appears_with_its_namespace_pid() {
-    if !unshare_available() {
-        eprintln!("SKIPPED: unshare --pid is not permitted here");
+    if !pid_namespaces_or_skip() {
         return;
     }
     let sim = Sim::start(&["--nvml-lag", "0", "--pid-mode", "namespace"]);
@@ -406,29 +388,22 @@ fn thirty_two_concurrent_workloads_are_all_tracked_and_accounting_returns_to_zer
 
 #[test]
 fn refused_contexts_and_oom_return_the_real_error_codes() {
-    let sim = Sim::start(&[
+    // A 1 GiB device with 100 MiB contexts: first one that refuses every context.
+    let one_gib = [
         "--nvml-lag",
         "0",
         "--memory",
         "1GiB",
         "--ctx-memory",
         "100MiB",
-        "--ctx-refuse-rate",
-        "1",
-    ]);
+    ];
+    let sim = Sim::start(&[&one_gib[..], &["--ctx-refuse-rate", "1"]].concat());
     let mut w = sim.workload(&[]);
     let e = w.expect("error");
     assert_eq!(e["call"], "cuDevicePrimaryCtxRetain");
     assert_eq!(e["code"], "999", "CUDA_ERROR_UNKNOWN");
     drop(sim);
-    let sim = Sim::start(&[
-        "--nvml-lag",
-        "0",
-        "--memory",
-        "1GiB",
-        "--ctx-memory",
-        "100MiB",
-    ]);
+    let sim = Sim::start(&one_gib);
     let mut w = sim.workload(&["--alloc", "2GiB"]);
     let e = w.expect("error");
     assert_eq!(
@@ -536,22 +511,14 @@ fn probe_in_namespace(sim: &Sim, with_workload: bool) -> Value {
     } else {
         r#""$PY" "$PROBE" list"#
     };
-    let mut c = Command::new("unshare");
-    c.args([
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "--mount-proc",
-        "sh",
-        "-c",
-        script,
-    ])
-    .env("W", env!("CARGO_BIN_EXE_vigil-workload"))
-    .env("PY", python())
-    .env(
-        "PROBE",
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nvml_probe.py"),
-    );
+    let mut c = in_new_pid_namespace("sh");
+    c.args(["-c", script])
+        .env("W", env!("CARGO_BIN_EXE_vigil-workload"))
+        .env("PY", python())
+        .env(
+            "PROBE",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nvml_probe.py"),
+        );
     sim.env(&mut c);
     let out = c.output().unwrap();
     assert!(
@@ -564,8 +531,7 @@ fn probe_in_namespace(sim: &Sim, with_workload: bool) -> Value {
 
 #[test]
 fn in_caller_pid_mode_each_namespace_sees_its_own_pids() {
-    if !unshare_available() {
-        eprintln!("SKIPPED: unshare --pid is not permitted here");
+    if !pid_namespaces_or_skip() {
         return;
     }
     let sim = Sim::start(&[
@@ -650,14 +616,18 @@ fn memory_probe(sim: &Sim, reps: u32) -> Vec<Value> {
 
 #[test]
 fn nvml_process_memory_follows_cu_mem_alloc_and_free_after_the_mem_lag_exactly() {
-    let sim = Sim::start(&[
-        "--nvml-lag",
-        "0",
-        "--ctx-create-time",
-        "5ms",
-        "--nvml-mem-lag",
-        "40ms",
-    ]);
+    // Contexts show at once; only the memory lag differs between the two runs.
+    let with_mem_lag = |lag| {
+        Sim::start(&[
+            "--nvml-lag",
+            "0",
+            "--ctx-create-time",
+            "5ms",
+            "--nvml-mem-lag",
+            lag,
+        ])
+    };
+    let sim = with_mem_lag("40ms");
     for r in memory_probe(&sim, 2) {
         // From before the call: the change cannot show sooner than the lag after it.
         let from_call = r["delay_from_call_ms"].as_f64().unwrap();
@@ -677,14 +647,7 @@ fn nvml_process_memory_follows_cu_mem_alloc_and_free_after_the_mem_lag_exactly()
         );
     }
     drop(sim);
-    let sim = Sim::start(&[
-        "--nvml-lag",
-        "0",
-        "--ctx-create-time",
-        "5ms",
-        "--nvml-mem-lag",
-        "0",
-    ]);
+    let sim = with_mem_lag("0");
     for r in memory_probe(&sim, 1) {
         assert_eq!(r["polls"], 1, "with no lag the first poll shows it: {r}");
     }

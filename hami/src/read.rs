@@ -47,10 +47,7 @@ impl HamiError {
     /// The reason this failure is counted under: the same list as Vigil's own regions.
     pub fn reason(&self) -> ErrorReason {
         match self {
-            HamiError::Io { source, .. } => match source.raw_os_error() {
-                Some(libc::EMFILE) | Some(libc::ENFILE) => ErrorReason::FdExhausted,
-                _ => ErrorReason::OpenFailed,
-            },
+            HamiError::Io { source, .. } => ErrorReason::of_io(source),
             HamiError::NotRegularFile { .. } => ErrorReason::NotRegular,
             HamiError::WrongMagic { .. } => ErrorReason::BadMagic,
             HamiError::UnsupportedVersion { .. } => ErrorReason::BadVersion,

@@ -160,34 +160,14 @@ unsafe extern "C" fn dlmopen_prepare(
 #[unsafe(naked)]
 #[no_mangle]
 pub unsafe extern "C" fn dlopen(_file: *const c_char, _mode: c_int) -> *mut c_void {
-    std::arch::naked_asm!(
-        ".cfi_startproc",
-        "endbr64",
-        "push rdi",
-        ".cfi_adjust_cfa_offset 8",
-        "push rsi",
-        ".cfi_adjust_cfa_offset 8",
-        "sub rsp, 8",
-        ".cfi_adjust_cfa_offset 8",
-        "mov qword ptr [rsp], 0",
-        "mov rdx, rsp",
-        "call {prepare}",
-        "mov r11, qword ptr [rsp]",
-        "add rsp, 8",
-        ".cfi_adjust_cfa_offset -8",
-        "pop rsi",
-        ".cfi_adjust_cfa_offset -8",
-        "pop rdi",
-        ".cfi_adjust_cfa_offset -8",
-        "mov esi, eax",
-        "test r11, r11",
-        "jz 2f",
-        "jmp r11",
-        "2:",
-        "xor eax, eax",
-        "ret",
-        ".cfi_endproc",
-        prepare = sym dlopen_prepare,
+    trampoline!(
+        prepare = dlopen_prepare,
+        save = ["rdi", "rsi"],
+        restore = ["rsi", "rdi"],
+        slot = 8 in "rdx",
+        // The mode dlopen_prepare chose.
+        after = ["mov esi, eax"],
+        on_null = ["xor eax, eax"],
     )
 }
 
@@ -204,38 +184,14 @@ pub unsafe extern "C" fn dlmopen(
     _file: *const c_char,
     _mode: c_int,
 ) -> *mut c_void {
-    std::arch::naked_asm!(
-        ".cfi_startproc",
-        "endbr64",
-        "push rdi",
-        ".cfi_adjust_cfa_offset 8",
-        "push rsi",
-        ".cfi_adjust_cfa_offset 8",
-        "push rdx",
-        ".cfi_adjust_cfa_offset 8",
-        "sub rsp, 16",
-        ".cfi_adjust_cfa_offset 16",
-        "mov qword ptr [rsp], 0",
-        "mov rcx, rsp",
-        "call {prepare}",
-        "mov r11, qword ptr [rsp]",
-        "add rsp, 16",
-        ".cfi_adjust_cfa_offset -16",
-        "pop rdx",
-        ".cfi_adjust_cfa_offset -8",
-        "pop rsi",
-        ".cfi_adjust_cfa_offset -8",
-        "pop rdi",
-        ".cfi_adjust_cfa_offset -8",
-        "mov edx, eax",
-        "test r11, r11",
-        "jz 2f",
-        "jmp r11",
-        "2:",
-        "xor eax, eax",
-        "ret",
-        ".cfi_endproc",
-        prepare = sym dlmopen_prepare,
+    trampoline!(
+        prepare = dlmopen_prepare,
+        save = ["rdi", "rsi", "rdx"],
+        restore = ["rdx", "rsi", "rdi"],
+        slot = 16 in "rcx",
+        // The mode dlmopen_prepare chose.
+        after = ["mov edx, eax"],
+        on_null = ["xor eax, eax"],
     )
 }
 

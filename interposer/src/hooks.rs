@@ -50,6 +50,29 @@ macro_rules! missing {
     };
 }
 
+/// Exports a function and its per-thread-default-stream variant (`_ptsz`): each
+/// looks up its own real function and hands it, with its own name for the log and
+/// the caller's arguments, to the one hook they share.
+macro_rules! with_ptsz {
+    ($name:ident / $real:ident, $ptsz:ident / $real_ptsz:ident,
+     $hook:ident($($arg:ident: $ty:ty),*)) => {
+        with_ptsz!(@export $name / $real, $hook($($arg: $ty),*));
+        with_ptsz!(@export $ptsz / $real_ptsz, $hook($($arg: $ty),*));
+    };
+    (@export $name:ident / $real:ident, $hook:ident($($arg:ident: $ty:ty),*)) => {
+        #[no_mangle]
+        #[doc = concat!(
+            "# Safety\nThe caller keeps `", stringify!($name), "`'s contract in the CUDA/NVML ",
+            "documentation: every pointer argument is null or valid for what the real ",
+            "function does with it."
+        )]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> u32 {
+            let f = missing!(real::$real());
+            $hook(stringify!($name), f, $($arg),*)
+        }
+    };
+}
+
 #[no_mangle]
 pub extern "C" fn cuInit(flags: u32) -> u32 {
     let Some(real_init) = real::cu_init() else {
@@ -353,32 +376,14 @@ unsafe extern "C" fn dlsym_prepare(
 #[unsafe(naked)]
 #[no_mangle]
 pub unsafe extern "C" fn dlsym(_handle: *mut c_void, _name: *const c_char) -> *mut c_void {
-    std::arch::naked_asm!(
-        ".cfi_startproc",
-        "endbr64",
-        "push rdi",
-        ".cfi_adjust_cfa_offset 8",
-        "push rsi",
-        ".cfi_adjust_cfa_offset 8",
-        "sub rsp, 8",
-        ".cfi_adjust_cfa_offset 8",
-        "mov qword ptr [rsp], 0",
-        "mov rdx, rsp",
-        "call {prepare}",
-        "mov r11, qword ptr [rsp]",
-        "add rsp, 8",
-        ".cfi_adjust_cfa_offset -8",
-        "pop rsi",
-        ".cfi_adjust_cfa_offset -8",
-        "pop rdi",
-        ".cfi_adjust_cfa_offset -8",
-        "test r11, r11",
-        "jz 2f",
-        "jmp r11",
-        "2:",
-        "ret",
-        ".cfi_endproc",
-        prepare = sym dlsym_prepare,
+    trampoline!(
+        prepare = dlsym_prepare,
+        save = ["rdi", "rsi"],
+        restore = ["rsi", "rdi"],
+        slot = 8 in "rdx",
+        after = [],
+        // dlsym_prepare's own answer is in rax.
+        on_null = [],
     )
 }
 
@@ -473,6 +478,24 @@ fn allocate(
     r
 }
 
+/// [`allocate`] of `bytes` on the current device, where the real call writes the new
+/// address to the caller's `dptr`.
+fn allocate_into(
+    what: &'static str,
+    dptr: *mut u64,
+    bytes: usize,
+    real: impl FnOnce() -> u32,
+) -> u32 {
+    allocate(
+        what,
+        bytes as u64,
+        current_device,
+        real,
+        // SAFETY: the caller's out-pointer, written by the successful real call.
+        || unsafe { read_out(dptr) }.map(|p| (Key::Ptr(p), bytes as u64)),
+    )
+}
+
 /// The shape of every free hook: the entry leaves the map before the real free, so a
 /// thread that gets the same address back at once cannot have its entry freed by us.
 fn release(what: &'static str, key: Key, real: impl FnOnce() -> u32) -> u32 {
@@ -496,15 +519,8 @@ fn release(what: &'static str, key: Key, real: impl FnOnce() -> u32) -> u32 {
 /// pointer argument is null or valid for what the real function does with it.
 pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> u32 {
     let f = missing!(real::cu_mem_alloc());
-    allocate(
-        "cuMemAlloc_v2",
-        bytes as u64,
-        current_device,
-        // SAFETY: the real function, with the caller's arguments.
-        || unsafe { f(dptr, bytes) },
-        // SAFETY: the caller's out-pointer, written by the successful real call.
-        || unsafe { read_out(dptr) }.map(|p| (Key::Ptr(p), bytes as u64)),
-    )
+    // SAFETY: the real function, with the caller's arguments.
+    allocate_into("cuMemAlloc_v2", dptr, bytes, || unsafe { f(dptr, bytes) })
 }
 
 /// The driver pads each row to its pitch alignment (512 bytes on current GPUs);
@@ -551,15 +567,10 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
 /// pointer argument is null or valid for what the real function does with it.
 pub unsafe extern "C" fn cuMemAllocManaged(dptr: *mut u64, bytes: usize, flags: u32) -> u32 {
     let f = missing!(real::cu_mem_alloc_managed());
-    allocate(
-        "cuMemAllocManaged",
-        bytes as u64,
-        current_device,
-        // SAFETY: the real function, with the caller's arguments.
-        || unsafe { f(dptr, bytes, flags) },
-        // SAFETY: the caller's out-pointer, written by the successful real call.
-        || unsafe { read_out(dptr) }.map(|p| (Key::Ptr(p), bytes as u64)),
-    )
+    // SAFETY: the real function, with the caller's arguments.
+    allocate_into("cuMemAllocManaged", dptr, bytes, || unsafe {
+        f(dptr, bytes, flags)
+    })
 }
 
 fn alloc_async(
@@ -569,37 +580,14 @@ fn alloc_async(
     bytes: usize,
     stream: *mut c_void,
 ) -> u32 {
-    allocate(
-        what,
-        bytes as u64,
-        current_device,
-        // SAFETY: the real function, with the caller's arguments.
-        || unsafe { f(dptr, bytes, stream) },
-        // SAFETY: the caller's out-pointer, written by the successful real call.
-        || unsafe { read_out(dptr) }.map(|p| (Key::Ptr(p), bytes as u64)),
-    )
+    // SAFETY: the real function, with the caller's arguments.
+    allocate_into(what, dptr, bytes, || unsafe { f(dptr, bytes, stream) })
 }
 
-#[no_mangle]
-/// # Safety
-/// The caller keeps `cuMemAllocAsync`'s contract in the CUDA/NVML documentation: every
-/// pointer argument is null or valid for what the real function does with it.
-pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut u64, bytes: usize, stream: *mut c_void) -> u32 {
-    let f = missing!(real::cu_mem_alloc_async());
-    alloc_async("cuMemAllocAsync", f, dptr, bytes, stream)
-}
-
-#[no_mangle]
-/// # Safety
-/// The caller keeps `cuMemAllocAsync_ptsz`'s contract in the CUDA/NVML documentation: every
-/// pointer argument is null or valid for what the real function does with it.
-pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
-    dptr: *mut u64,
-    bytes: usize,
-    stream: *mut c_void,
-) -> u32 {
-    let f = missing!(real::cu_mem_alloc_async_ptsz());
-    alloc_async("cuMemAllocAsync_ptsz", f, dptr, bytes, stream)
+with_ptsz! {
+    cuMemAllocAsync / cu_mem_alloc_async,
+    cuMemAllocAsync_ptsz / cu_mem_alloc_async_ptsz,
+    alloc_async(dptr: *mut u64, bytes: usize, stream: *mut c_void)
 }
 
 fn alloc_from_pool(
@@ -610,43 +598,16 @@ fn alloc_from_pool(
     pool: *mut c_void,
     stream: *mut c_void,
 ) -> u32 {
-    allocate(
-        what,
-        bytes as u64,
-        current_device,
-        // SAFETY: the real function, with the caller's arguments.
-        || unsafe { f(dptr, bytes, pool, stream) },
-        // SAFETY: the caller's out-pointer, written by the successful real call.
-        || unsafe { read_out(dptr) }.map(|p| (Key::Ptr(p), bytes as u64)),
-    )
+    // SAFETY: the real function, with the caller's arguments.
+    allocate_into(what, dptr, bytes, || unsafe {
+        f(dptr, bytes, pool, stream)
+    })
 }
 
-#[no_mangle]
-/// # Safety
-/// The caller keeps `cuMemAllocFromPoolAsync`'s contract in the CUDA/NVML documentation: every
-/// pointer argument is null or valid for what the real function does with it.
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
-    dptr: *mut u64,
-    bytes: usize,
-    pool: *mut c_void,
-    stream: *mut c_void,
-) -> u32 {
-    let f = missing!(real::cu_mem_alloc_from_pool());
-    alloc_from_pool("cuMemAllocFromPoolAsync", f, dptr, bytes, pool, stream)
-}
-
-#[no_mangle]
-/// # Safety
-/// The caller keeps `cuMemAllocFromPoolAsync_ptsz`'s contract in the CUDA/NVML documentation: every
-/// pointer argument is null or valid for what the real function does with it.
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
-    dptr: *mut u64,
-    bytes: usize,
-    pool: *mut c_void,
-    stream: *mut c_void,
-) -> u32 {
-    let f = missing!(real::cu_mem_alloc_from_pool_ptsz());
-    alloc_from_pool("cuMemAllocFromPoolAsync_ptsz", f, dptr, bytes, pool, stream)
+with_ptsz! {
+    cuMemAllocFromPoolAsync / cu_mem_alloc_from_pool,
+    cuMemAllocFromPoolAsync_ptsz / cu_mem_alloc_from_pool_ptsz,
+    alloc_from_pool(dptr: *mut u64, bytes: usize, pool: *mut c_void, stream: *mut c_void)
 }
 
 #[no_mangle]
@@ -656,28 +617,15 @@ pub extern "C" fn cuMemFree_v2(dptr: u64) -> u32 {
     release("cuMemFree_v2", Key::Ptr(dptr), || unsafe { f(dptr) })
 }
 
-#[no_mangle]
-/// # Safety
-/// The caller keeps `cuMemFreeAsync`'s contract in the CUDA/NVML documentation: every
-/// pointer argument is null or valid for what the real function does with it.
-pub unsafe extern "C" fn cuMemFreeAsync(dptr: u64, stream: *mut c_void) -> u32 {
-    let f = missing!(real::cu_mem_free_async());
+fn free_async(what: &'static str, f: real::CuMemFreeAsync, dptr: u64, stream: *mut c_void) -> u32 {
     // SAFETY: the real function, with the caller's arguments.
-    release("cuMemFreeAsync", Key::Ptr(dptr), || unsafe {
-        f(dptr, stream)
-    })
+    release(what, Key::Ptr(dptr), || unsafe { f(dptr, stream) })
 }
 
-#[no_mangle]
-/// # Safety
-/// The caller keeps `cuMemFreeAsync_ptsz`'s contract in the CUDA/NVML documentation: every
-/// pointer argument is null or valid for what the real function does with it.
-pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: u64, stream: *mut c_void) -> u32 {
-    let f = missing!(real::cu_mem_free_async_ptsz());
-    // SAFETY: the real function, with the caller's arguments.
-    release("cuMemFreeAsync_ptsz", Key::Ptr(dptr), || unsafe {
-        f(dptr, stream)
-    })
+with_ptsz! {
+    cuMemFreeAsync / cu_mem_free_async,
+    cuMemFreeAsync_ptsz / cu_mem_free_async_ptsz,
+    free_async(dptr: u64, stream: *mut c_void)
 }
 
 /// CUmemAllocationProp: `location.type` at byte 8, `location.id` at byte 12.

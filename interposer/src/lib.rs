@@ -12,6 +12,10 @@
 // `dlsym` or `cuInit`), so what only the hooks call is unused there.
 #![cfg_attr(test, allow(dead_code))]
 
+#[cfg(all(not(test), target_arch = "x86_64"))]
+#[macro_use]
+mod trampoline;
+
 mod cuda;
 mod dl;
 #[cfg(not(test))]

@@ -84,26 +84,28 @@ fn build(sim: &Sim) -> Fixtures {
     args.extend([o("-o"), f.deepbind.as_os_str(), src.as_os_str()]);
     args.extend(link_cuda);
     cc(&args);
-    let src = fixture("dep_lib.c");
-    cc(&[
-        o("-shared"),
-        o("-fPIC"),
-        o("-o"),
-        f.dep.as_os_str(),
-        src.as_os_str(),
-    ]);
+    shared_lib(&f.dep, "dep_lib.c", &[]);
     // RUNPATH (not RPATH): what current toolchains write for -rpath.
-    let src = fixture("runpath_lib.c");
-    cc(&[
-        o("-shared"),
-        o("-fPIC"),
-        o("-Wl,--enable-new-dtags,-rpath,$ORIGIN/dep"),
-        o("-o"),
-        f.runpath.as_os_str(),
-        src.as_os_str(),
-        o("-ldl"),
-    ]);
+    shared_lib(
+        &f.runpath,
+        "runpath_lib.c",
+        &["-Wl,--enable-new-dtags,-rpath,$ORIGIN/dep", "-ldl"],
+    );
     f
+}
+
+/// Compiles the fixture `src` into the shared library `out`, with `extra` flags.
+fn shared_lib(out: &Path, src: &str, extra: &[&str]) {
+    let src = fixture(src);
+    let mut args = vec![
+        OsStr::new("-shared"),
+        OsStr::new("-fPIC"),
+        OsStr::new("-o"),
+        out.as_os_str(),
+        src.as_os_str(),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    cc(&args);
 }
 
 /// `prog` with the environment the simulator's workloads get (LD_PRELOAD included
@@ -119,17 +121,6 @@ fn command(sim: &Sim, prog: &Path, args: &[&str], env: &[(&str, &str)], preload:
         };
     }
     c
-}
-
-fn run(mut c: Command) -> Output {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// The `key=N` a fixture printed.
@@ -154,38 +145,56 @@ fn a_deepbind_library_linked_against_the_driver_is_limited_on_every_path() {
     let sim = Sim::start(&["--ctx-memory", "2MiB"]);
     let f = build(&sim);
     let lib = f.deepbind.to_str().unwrap();
-    let (mut escapes, mut unlogged) = (Vec::new(), Vec::new());
-    for first in [false, true] {
-        for path in [
+    every_path_is_limited(
+        &sim,
+        &f,
+        &["deepbind", lib],
+        &[
             "linked",
             "dlsym-default",
             "dlsym-next",
             "dlsym-self",
             "proc-address",
-        ] {
-            let mut args = vec!["deepbind", lib, path];
+        ],
+        |err| err.contains("RTLD_DEEPBIND") && err.contains("libvigil_deepbind.so"),
+        "the dropped flag is logged with the library's name",
+    );
+}
+
+/// Runs `main` as `[--init-first] <args> <path>` for every path, with Vigil started
+/// first and not: no run may escape the 1 GiB limit, and every run's stderr must be
+/// `logged` (said in `what` when not).
+fn every_path_is_limited(
+    sim: &Sim,
+    f: &Fixtures,
+    args: &[&str],
+    paths: &[&str],
+    logged: impl Fn(&str) -> bool,
+    what: &str,
+) {
+    let (mut escapes, mut unlogged) = (Vec::new(), Vec::new());
+    for first in [false, true] {
+        for path in paths {
+            let mut all = args.to_vec();
+            all.push(path);
             if first {
-                args.insert(0, "--init-first");
+                all.insert(0, "--init-first");
             }
-            let out = run(command(&sim, &f.main, &args, &LIMIT, true));
+            let out = run_ok(command(sim, &f.main, &all, &LIMIT, true));
             check(
-                &sim,
+                sim,
                 &mut escapes,
                 &out,
                 &format!("{path} (Vigil started first: {first})"),
             );
             let err = stderr(&out);
-            if !(err.contains("RTLD_DEEPBIND") && err.contains("libvigil_deepbind.so")) {
+            if !logged(&err) {
                 unlogged.push(err);
             }
         }
     }
     assert!(escapes.is_empty(), "{}", escapes.join("\n"));
-    assert!(
-        unlogged.is_empty(),
-        "the dropped flag is logged with the library's name:\n{}",
-        unlogged.join("\n")
-    );
+    assert!(unlogged.is_empty(), "{what}:\n{}", unlogged.join("\n"));
 }
 
 /// Records an escape: more granted than the limit, or the device itself past it.
@@ -208,7 +217,7 @@ fn without_a_limit_deepbind_is_left_alone() {
     let sim = Sim::start(&["--ctx-memory", "2MiB"]);
     let f = build(&sim);
     let lib = f.deepbind.to_str().unwrap();
-    let out = run(command(
+    let out = run_ok(command(
         &sim,
         &f.main,
         &["deepbind", lib, "linked"],
@@ -229,31 +238,13 @@ fn a_private_copy_of_the_driver_is_answered_by_the_interposed_one() {
     let copy = x.join("libcuda-copy.so");
     std::fs::copy(sim.dir.path().join("lib/libcuda.so.1"), &copy).unwrap();
     let copy = copy.to_str().unwrap();
-    let (mut escapes, mut unlogged) = (Vec::new(), Vec::new());
-    for first in [false, true] {
-        for path in ["dlsym", "proc-address"] {
-            let mut args = vec!["copy", copy, path];
-            if first {
-                args.insert(0, "--init-first");
-            }
-            let out = run(command(&sim, &f.main, &args, &LIMIT, true));
-            check(
-                &sim,
-                &mut escapes,
-                &out,
-                &format!("{path} (Vigil started first: {first})"),
-            );
-            let err = stderr(&out);
-            if !(err.contains("libcuda-copy.so") && err.contains("second copy")) {
-                unlogged.push(err);
-            }
-        }
-    }
-    assert!(escapes.is_empty(), "{}", escapes.join("\n"));
-    assert!(
-        unlogged.is_empty(),
-        "the redirection is logged with the copy's path:\n{}",
-        unlogged.join("\n")
+    every_path_is_limited(
+        &sim,
+        &f,
+        &["copy", copy],
+        &["dlsym", "proc-address"],
+        |err| err.contains("libcuda-copy.so") && err.contains("second copy"),
+        "the redirection is logged with the copy's path",
     );
 }
 
@@ -269,7 +260,7 @@ fn dlopen_under_vigil_keeps_the_callers_runpath_and_origin() {
         for flags in ["now", "deepbind"] {
             for preload in [false, true] {
                 let args = ["runpath", lib, how, flags];
-                let out = run(command(&sim, &f.main, &args, &LIMIT, preload));
+                let out = run_ok(command(&sim, &f.main, &args, &LIMIT, preload));
                 assert_eq!(
                     printed(&out, "loaded"),
                     42,
@@ -282,19 +273,10 @@ fn dlopen_under_vigil_keeps_the_callers_runpath_and_origin() {
     // The check has teeth: an interposed dlopen that calls the real one as an
     // ordinary function loses the library's RUNPATH.
     let naive = sim.dir.path().join("fixtures/libnaive_dlopen.so");
-    let src = fixture("naive_dlopen.c");
-    let o = OsStr::new;
-    cc(&[
-        o("-shared"),
-        o("-fPIC"),
-        o("-o"),
-        naive.as_os_str(),
-        src.as_os_str(),
-        o("-ldl"),
-    ]);
+    shared_lib(&naive, "naive_dlopen.c", &["-ldl"]);
     let mut c = command(&sim, &f.main, &["runpath", lib, "plain", "now"], &[], false);
     c.env("LD_PRELOAD", &naive);
-    assert_eq!(printed(&run(c), "loaded"), 0);
+    assert_eq!(printed(&run_ok(c), "loaded"), 0);
 }
 
 #[test]
@@ -304,16 +286,7 @@ fn rtld_next_from_a_library_after_vigil_finds_the_next_definition() {
     let sim = Sim::start(&["--ctx-memory", "2MiB"]);
     let f = build(&sim);
     let wrap = sim.dir.path().join("fixtures/libnext_puts.so");
-    let src = fixture("next_puts.c");
-    let o = OsStr::new;
-    cc(&[
-        o("-shared"),
-        o("-fPIC"),
-        o("-o"),
-        wrap.as_os_str(),
-        src.as_os_str(),
-        o("-ldl"),
-    ]);
+    shared_lib(&wrap, "next_puts.c", &["-ldl"]);
     let mut c = command(&sim, &f.main, &["hello"], &LIMIT, true);
     let preload = format!("{} {}", artifact("libvigil.so").display(), wrap.display());
     c.env("LD_PRELOAD", preload);
@@ -332,12 +305,9 @@ fn dlmopen_into_a_new_namespace_is_said_to_be_uncounted() {
     let sim = Sim::start(&["--ctx-memory", "2MiB"]);
     let f = build(&sim);
     let lib = f.dep.to_str().unwrap();
-    let out = run(command(&sim, &f.main, &["dlmopen", lib], &LIMIT, true));
+    let out = run_ok(command(&sim, &f.main, &["dlmopen", lib], &LIMIT, true));
     let err = stderr(&out);
-    assert!(
-        err.contains("dlmopen") && err.contains("libvigil_dep.so") && err.contains("namespace"),
-        "{err}"
-    );
+    says(&err, &["dlmopen", "libvigil_dep.so", "namespace"]);
 }
 
 #[test]
@@ -354,18 +324,12 @@ fn a_zero_limit_and_a_limit_for_a_missing_device_are_explained_at_start() {
         .lines()
         .find(|l| l.contains("CUDA_DEVICE_MEMORY_LIMIT=\"0\""))
         .unwrap_or_else(|| panic!("nothing says what 0 means:\n{err}"));
-    assert!(
-        zero.contains("WARN") && zero.contains("no limit") && zero.contains("HAMi-core"),
-        "{zero}"
-    );
+    says(zero, &["WARN", "no limit", "HAMi-core"]);
     let past = err
         .lines()
         .find(|l| l.contains("CUDA_DEVICE_MEMORY_LIMIT_5"))
         .unwrap_or_else(|| panic!("nothing says device 5 does not exist:\n{err}"));
-    assert!(
-        past.contains("WARN") && past.contains("2 CUDA devices"),
-        "{past}"
-    );
+    says(past, &["WARN", "2 CUDA devices"]);
 }
 
 #[test]
@@ -376,7 +340,7 @@ fn a_panic_in_the_dlopen_hook_passes_the_call_through() {
     let f = build(&sim);
     let lib = f.deepbind.to_str().unwrap();
     let env = [LIMIT[0], ("VIGIL_FAULT", "hook.panic")];
-    let out = run(command(
+    let out = run_ok(command(
         &sim,
         &f.main,
         &["deepbind", lib, "linked"],

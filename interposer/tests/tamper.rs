@@ -17,64 +17,13 @@ use std::time::Duration;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
-/// A tmpfs mounted for one test, unmounted (lazily, so a straggler cannot keep it)
-/// when dropped.
-struct Tmpfs {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-}
+#[path = "../../region/tests/common/tmpfs.rs"]
+mod tmpfs;
+use tmpfs::Tmpfs;
 
-impl Tmpfs {
-    /// None (with the reason printed) where this process may not mount.
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("fs");
-        std::fs::create_dir(&path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs { _dir: dir, path }),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs ({}): {}",
-                    o.status,
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    fn region(&self) -> PathBuf {
-        self.path.join("region.cache")
-    }
-
-    /// Fills the filesystem to the last block, as `dd` does.
-    fn fill(&self) {
-        let out = Command::new("dd")
-            .arg("if=/dev/zero")
-            .arg(format!("of={}", self.path.join("fill").display()))
-            .arg("bs=64k")
-            .output()
-            .unwrap();
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("No space left"),
-            "dd should have filled the filesystem: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
+/// The region file on a tmpfs.
+fn region_on(fs: &Tmpfs) -> PathBuf {
+    fs.path.join("region.cache")
 }
 
 /// A workload on `region` (instead of the simulator's default path).
@@ -126,7 +75,7 @@ fn a_full_filesystem_is_a_clear_error_never_a_signal() {
     let Some(fs) = Tmpfs::mount("4m") else { return };
     fs.fill();
     let sim = Sim::start(&["--ctx-memory", "2MiB"]);
-    let region = fs.region();
+    let region = region_on(&fs);
     let limit = ("CUDA_DEVICE_MEMORY_LIMIT", "1g");
     let check_error = |out: &Output, what: &str| {
         let err = String::from_utf8_lossy(&out.stderr);
@@ -186,7 +135,7 @@ fn a_full_filesystem_is_a_clear_error_never_a_signal() {
 fn a_region_created_before_the_filesystem_filled_keeps_enforcing() {
     let Some(fs) = Tmpfs::mount("4m") else { return };
     let sim = Sim::start(&["--ctx-memory", "2MiB"]);
-    let region = fs.region();
+    let region = region_on(&fs);
     let limit = [("CUDA_DEVICE_MEMORY_LIMIT", "1g")];
     let first = run_all(vec![workload(&sim, &region, &["--alloc", "16MiB"], &limit)]);
     assert_no_signal(&first[0], "the first workload");
@@ -240,6 +189,29 @@ struct Churners {
     readers: Vec<(Reader, Reader)>,
 }
 
+/// Reads `r` to its end on a thread of its own, sending every line to `tx` if given;
+/// the thread returns the lines `keep` accepts, each ending in a newline.
+fn keep_lines(
+    r: impl std::io::Read + Send + 'static,
+    keep: fn(&str) -> bool,
+    tx: Option<mpsc::Sender<String>>,
+) -> Reader {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if keep(&line) {
+                kept.extend_from_slice(line.as_bytes());
+                kept.push(b'\n');
+            }
+            if let Some(tx) = &tx {
+                let _ = tx.send(line);
+            }
+        }
+        kept
+    })
+}
+
 impl Churners {
     /// Starts the first alone and the others once it runs: the first initializes the
     /// region and measures a context, and the others then start quickly, so that all
@@ -272,31 +244,10 @@ impl Churners {
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
-        let err_reader = std::thread::spawn(move || {
-            let mut kept = Vec::new();
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                if !line.contains(" DEBUG ") {
-                    kept.extend_from_slice(line.as_bytes());
-                    kept.push(b'\n');
-                }
-            }
-            kept
-        });
-        let out_reader = std::thread::spawn(move || {
-            // Only the first lines matter; the rest is drained so the child never
-            // blocks on a full pipe.
-            let mut kept = Vec::new();
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if !line.starts_with("refused") {
-                    kept.extend_from_slice(line.as_bytes());
-                    kept.push(b'\n');
-                }
-                let _ = tx.send(line);
-            }
-            kept
-        });
+        let err_reader = keep_lines(err, |l| !l.contains(" DEBUG "), None);
+        // Only the first lines matter; the rest is drained so the child never blocks on
+        // a full pipe.
+        let out_reader = keep_lines(out, |l| !l.starts_with("refused"), Some(tx));
         self.readers.push((out_reader, err_reader));
         self.children.push(child);
         self.lines.push(rx);
@@ -449,7 +400,7 @@ fn tamper_under_six_churners(
         return;
     };
     let sim = Sim::start(&["--ctx-memory", "2MiB"]);
-    let region = fs.region();
+    let region = region_on(&fs);
     let mut env = env.to_vec();
     env.push(("CUDA_DEVICE_MEMORY_LIMIT", "1g"));
     let c = churn(&sim, &region, 6, "160MiB", "32MiB", 5, &env);
@@ -518,7 +469,7 @@ fn zero_filling_the_live_region_never_lets_the_device_past_the_limit() {
         return;
     };
     let sim = Sim::start(&["--ctx-memory", "2MiB"]);
-    let region = fs.region();
+    let region = region_on(&fs);
     let env = [("CUDA_DEVICE_MEMORY_LIMIT", "2g")];
     // Four churners that would hold up to 4 GiB between them without the limit.
     let c = churn(&sim, &region, 4, "1GiB", "128MiB", 5, &env);

@@ -199,6 +199,17 @@ crate::wire_enum! {
     }
 }
 
+impl ErrorReason {
+    /// What a failure to open or read a file counts as: running out of file
+    /// descriptors says nothing about the file; anything else is a failed open.
+    pub fn of_io(e: &std::io::Error) -> ErrorReason {
+        match e.raw_os_error() {
+            Some(libc::EMFILE) | Some(libc::ENFILE) => ErrorReason::FdExhausted,
+            _ => ErrorReason::OpenFailed,
+        }
+    }
+}
+
 impl RegionError {
     /// What a reader counts this failure of `open` or `revalidate` as. `None` when
     /// nothing is wrong with the file yet: a region being created (not ready, empty,
@@ -210,8 +221,7 @@ impl RegionError {
             | RegionError::WrongMagic { found: 0, .. } => return None,
             RegionError::Io { source, .. } => match source.raw_os_error() {
                 Some(libc::ELOOP) => ErrorReason::NotRegular,
-                Some(libc::EMFILE) | Some(libc::ENFILE) => ErrorReason::FdExhausted,
-                _ => ErrorReason::OpenFailed,
+                _ => ErrorReason::of_io(source),
             },
             RegionError::NotRegularFile { .. } => ErrorReason::NotRegular,
             RegionError::Truncated { .. } => ErrorReason::Truncated,

@@ -67,21 +67,18 @@ pub(crate) fn validate(
             "exceeds 16 devices",
         ));
     }
-    let sc = h.slot_count.load(Relaxed);
-    if sc as usize != MAX_SLOTS {
-        return Err(corrupt(
-            "header.slot_count",
-            sc as u64,
-            "does not match layout",
-        ));
-    }
-    let rc = h.ring_capacity.load(Relaxed);
-    if rc as usize != RING_CAPACITY {
-        return Err(corrupt(
+    // The fixed-size arrays: a region of another build's layout is corrupt here.
+    for (what, found, want) in [
+        ("header.slot_count", h.slot_count.load(Relaxed), MAX_SLOTS),
+        (
             "header.ring_capacity",
-            rc as u64,
-            "does not match layout",
-        ));
+            h.ring_capacity.load(Relaxed),
+            RING_CAPACITY,
+        ),
+    ] {
+        if found as usize != want {
+            return Err(corrupt(what, found as u64, "does not match layout"));
+        }
     }
     for l in &layout.locks {
         if l.lease_ns.load(Relaxed) == 0 {

@@ -52,15 +52,11 @@ fn sixty_four_racing_processes_elect_exactly_one_initializer_every_round() {
 
 #[test]
 fn a_region_whose_initializer_died_mid_init_is_recovered() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
-    let mut cmd = exercise(&["attach", path.to_str().unwrap()]);
-    cmd.env("VIGIL_FAULT", "region.init.mid");
-    let out = cmd.output().unwrap();
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&out.status),
-        Some(libc::SIGKILL),
-        "the fault point must kill the initializer"
+    let (_dir, path) = scratch("r.cache");
+    run_killed_at(
+        exercise(&["attach", path.to_str().unwrap()]),
+        "region.init.mid",
+        "the initializer",
     );
     // Left in INITIALIZING: a reader refuses it, with the file named.
     let err = RegionReader::open(&path)
@@ -93,29 +89,20 @@ fn valid_region_bytes(dir: &std::path::Path) -> Vec<u8> {
 fn assert_rejected(dir: &std::path::Path, name: &str, bytes: &[u8], what: &str) {
     let p = dir.join(name);
     write_file(&p, bytes);
-    let ro = RegionReader::open(&p)
-        .err()
-        .expect("reader accepted a bad region");
-    assert!(
-        ro.to_string().contains(name),
-        "reader error must name the file: {ro}"
-    );
-    assert!(
-        ro.to_string().contains(what),
-        "reader error must say {what:?}: {ro}"
-    );
+    let says = |who: &str, err: Option<RegionError>| {
+        let err = err.unwrap_or_else(|| panic!("{who} accepted a bad region"));
+        assert!(
+            err.to_string().contains(name),
+            "{who} error must name the file: {err}"
+        );
+        assert!(
+            err.to_string().contains(what),
+            "{who} error must say {what:?}: {err}"
+        );
+    };
+    says("reader", RegionReader::open(&p).err());
     let before = std::fs::read(&p).unwrap();
-    let rw = Region::open(&p, &InitParams::default())
-        .err()
-        .expect("writer accepted a bad region");
-    assert!(
-        rw.to_string().contains(name),
-        "writer error must name the file: {rw}"
-    );
-    assert!(
-        rw.to_string().contains(what),
-        "writer error must say {what:?}: {rw}"
-    );
+    says("writer", Region::open(&p, &InitParams::default()).err());
     assert_eq!(
         before,
         std::fs::read(&p).unwrap(),
@@ -164,8 +151,7 @@ fn bad_regions_get_errors_that_name_the_file_and_the_problem() {
 
 #[test]
 fn an_empty_file_is_initialized_not_rejected() {
-    let dir = tempdir();
-    let p = dir.path().join("empty.cache");
+    let (_dir, p) = scratch("empty.cache");
     write_file(&p, &[]);
     let (_r, rep) = Region::open(&p, &InitParams::default()).unwrap();
     assert_eq!(rep.path, InitPath::Initializer);
@@ -213,8 +199,7 @@ proptest! {
 
 #[test]
 fn identity_from_the_initializer_reaches_readers_and_garbage_reads_as_unknown() {
-    let dir = tempdir();
-    let path = dir.path().join("id.cache");
+    let (_dir, path) = scratch("id.cache");
     let long_pod = "p".repeat(300);
     let params = InitParams {
         identity: RegionIdentity {

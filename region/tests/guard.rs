@@ -8,20 +8,14 @@ use vigil_region::*;
 #[test]
 fn a_truncated_region_poisons_the_reader_instead_of_killing_it() {
     install_sigbus_guard();
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (dir, path) = scratch("r.cache");
     let (w, _) = Region::open(&path, &InitParams::default()).unwrap();
     let me = w.claim_slot().unwrap();
     let reader = RegionReader::open(&path).unwrap();
     assert_eq!(reader.snapshot().slots.len(), 1);
     assert!(!reader.is_poisoned());
     // Another process of the container truncates the file (here: us).
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(0)
-        .unwrap();
+    truncate_to_zero(&path);
     // Every page now faults; the guard maps zeros over them one by one.
     let snap = reader.snapshot();
     let mut c = reader.ring_consumer();
@@ -45,8 +39,7 @@ fn a_truncated_region_poisons_the_reader_instead_of_killing_it() {
 
 #[test]
 fn readers_refuse_symlinks_and_fifos() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (dir, path) = scratch("r.cache");
     let _ = Region::open(&path, &InitParams::default()).unwrap();
     let link = dir.path().join("link.cache");
     std::os::unix::fs::symlink(&path, &link).unwrap();
@@ -67,8 +60,7 @@ fn readers_refuse_symlinks_and_fifos() {
 #[test]
 fn a_forged_ring_head_never_panics_the_consumer() {
     use std::os::unix::fs::FileExt;
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let (w, _) = Region::open(&path, &InitParams::default()).unwrap();
     for i in 0..10 {
         w.emit(&Event::new(EventKind::Marker, 0, 0, i, 0, 0));

@@ -57,8 +57,7 @@ fn lock_loop(region: &Path, data: &Path, iterations: u64, id: u32, hold_us: u64)
 
 #[test]
 fn sixteen_processes_two_thousand_sections_each_count_exactly() {
-    let dir = tempdir();
-    let region = dir.path().join("r.cache");
+    let (dir, region) = scratch("r.cache");
     let data = dir.path().join("data");
     make_data(&data, 32_000);
     let procs: Vec<Proc> = (0..16)
@@ -86,8 +85,7 @@ fn sixteen_processes_two_thousand_sections_each_count_exactly() {
 
 #[test]
 fn mutual_exclusion_holds_while_holders_are_killed_inside_the_section() {
-    let dir = tempdir();
-    let region = dir.path().join("r.cache");
+    let (dir, region) = scratch("r.cache");
     let data = dir.path().join("data");
     let iterations = 400;
     make_data(&data, 16 * iterations);
@@ -197,8 +195,7 @@ fn hold(region: &Path, lock: &str, hold_ms: u64, lease_ms: u64) -> Proc {
 
 #[test]
 fn a_dead_owner_is_taken_over_within_50ms_p99_and_counted_once_per_kill() {
-    let dir = tempdir();
-    let region = dir.path().join("r.cache");
+    let (_dir, region) = scratch("r.cache");
     let mut latencies = Vec::new();
     for trial in 0..100 {
         let mut holder = hold(&region, "region", 0, 5000);
@@ -238,8 +235,7 @@ fn a_dead_owner_is_taken_over_within_50ms_p99_and_counted_once_per_kill() {
 
 #[test]
 fn a_stalled_owner_is_evicted_and_its_late_release_is_fenced() {
-    let dir = tempdir();
-    let region = dir.path().join("r.cache");
+    let (_dir, region) = scratch("r.cache");
     // Lease 100 ms. The holder would hold 300 ms, but we stop it first.
     let mut stalled = hold(&region, "region", 300, 100);
     stalled.expect("locked");
@@ -335,8 +331,7 @@ fn forge_word(path: &Path, f: impl Fn(u64) -> u64) {
 
 #[test]
 fn bumping_the_epoch_does_not_restart_the_lease() {
-    let dir = tempdir();
-    let region = dir.path().join("r.cache");
+    let (_dir, region) = scratch("r.cache");
     let mut holder = hold(&region, "region", 0, 100);
     holder.expect("locked");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -369,8 +364,7 @@ fn bumping_the_epoch_does_not_restart_the_lease() {
 
 #[test]
 fn a_word_that_keeps_changing_hands_gives_up_instead_of_waiting_for_ever() {
-    let dir = tempdir();
-    let region = dir.path().join("r.cache");
+    let (_dir, region) = scratch("r.cache");
     // Two live processes with slots; the hostile writer makes the word name each in
     // turn, so no owner ever holds it past the lease.
     let mut a = hold(&region, "region", 0, 100);

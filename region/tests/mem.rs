@@ -23,8 +23,7 @@ fn mem(path: &std::path::Path, limit: u64, iterations: u64, seed: u64) -> Comman
 
 #[test]
 fn sixteen_racing_processes_never_pass_the_limit_and_leave_nothing_behind() {
-    let dir = tempdir();
-    let path = dir.path().join("mem.cache");
+    let (_dir, path) = scratch("mem.cache");
     let limit = 1024 * MIB;
     let procs: Vec<Proc> = (0..16)
         .map(|i| Proc::spawn(mem(&path, limit, 3000, i + 1)))
@@ -56,8 +55,7 @@ fn sixteen_racing_processes_never_pass_the_limit_and_leave_nothing_behind() {
 
 #[test]
 fn killed_holders_are_credited_back_and_survivors_are_never_falsely_refused() {
-    let dir = tempdir();
-    let path = dir.path().join("mem.cache");
+    let (_dir, path) = scratch("mem.cache");
     let limit = 512 * MIB;
     // Holders take memory and are SIGKILLed while holding it.
     for seed in 0..4 {
@@ -97,18 +95,10 @@ fn killed_holders_are_credited_back_and_survivors_are_never_falsely_refused() {
 
 #[test]
 fn a_process_killed_in_the_middle_of_a_reservation_is_repaired() {
-    let dir = tempdir();
-    let path = dir.path().join("mem.cache");
+    let (_dir, path) = scratch("mem.cache");
     let limit = 256 * MIB;
     // Dies between charging its slot and charging the device, holding the lock.
-    let mut cmd = mem(&path, limit, 10, 7);
-    cmd.env("VIGIL_FAULT", "mem.reserve.mid");
-    let out = cmd.output().unwrap();
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&out.status),
-        Some(libc::SIGKILL),
-        "the fault point must kill the process"
-    );
+    run_killed_at(mem(&path, limit, 10, 7), "mem.reserve.mid", "the process");
     let (r, _) = Region::open(&path, &InitParams::default()).unwrap();
     let me = r.claim_slot().unwrap();
     // The next reservation force-posts the lock, rebuilds the totals from the slots
@@ -125,8 +115,7 @@ fn a_process_killed_in_the_middle_of_a_reservation_is_repaired() {
 #[test]
 fn a_forged_device_total_does_not_cause_lasting_false_ooms() {
     use std::os::unix::fs::FileExt;
-    let dir = tempdir();
-    let path = dir.path().join("mem.cache");
+    let (_dir, path) = scratch("mem.cache");
     let limit = 256 * MIB;
     let params = InitParams {
         device_limits: vec![limit],
@@ -146,8 +135,7 @@ fn a_forged_device_total_does_not_cause_lasting_false_ooms() {
 
 #[test]
 fn a_process_cap_below_the_region_limit_is_enforced_in_the_same_check() {
-    let dir = tempdir();
-    let path = dir.path().join("mem.cache");
+    let (dir, path) = scratch("mem.cache");
     let params = InitParams {
         device_limits: vec![1024 * MIB],
         ..InitParams::default()

@@ -8,6 +8,15 @@ use std::time::{Duration, Instant};
 use vigil_region::layout::RING_CAPACITY;
 use vigil_region::*;
 
+/// A fresh region (its writer kept open) and a reader of it, for producers in other
+/// processes to fill.
+fn ring_under_test() -> (tempfile::TempDir, std::path::PathBuf, Region, RegionReader) {
+    let (dir, path) = scratch("r.cache");
+    let (w, _) = Region::open(&path, &InitParams::default()).unwrap();
+    let r = RegionReader::open(&path).unwrap();
+    (dir, path, w, r)
+}
+
 /// Drains until the consumer has passed every position up to the current head and
 /// all producers have exited.
 fn drain_all(
@@ -32,10 +41,7 @@ fn drain_all(
 
 #[test]
 fn eight_producers_one_million_events_each_received_once_or_counted_lost() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
-    let (_w, _) = Region::open(&path, &InitParams::default()).unwrap();
-    let r = RegionReader::open(&path).unwrap();
+    let (_dir, path, _w, r) = ring_under_test();
     let mut c = r.ring_consumer().with_abandon_after(50_000_000);
     let per = 125_000u64;
     let start = monotonic_ns() + 200_000_000;
@@ -101,10 +107,7 @@ fn eight_producers_one_million_events_each_received_once_or_counted_lost() {
 
 #[test]
 fn a_producer_killed_mid_write_costs_exactly_its_one_event() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
-    let (_w, _) = Region::open(&path, &InitParams::default()).unwrap();
-    let r = RegionReader::open(&path).unwrap();
+    let (_dir, path, _w, r) = ring_under_test();
     let mut c = r.ring_consumer_from_now().with_abandon_after(20_000_000);
     // Dies inside its very first event write (its init event), half-written.
     let mut victim = exercise(&[
@@ -148,8 +151,7 @@ fn a_producer_killed_mid_write_costs_exactly_its_one_event() {
 
 #[test]
 fn with_the_consumer_stopped_the_overwritten_count_is_exact() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let (w, _) = Region::open(&path, &InitParams::default()).unwrap();
     let mut c = w.ring_consumer_from_now();
     let n = 3 * RING_CAPACITY as u64 + 123;

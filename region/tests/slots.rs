@@ -8,8 +8,7 @@ use vigil_region::*;
 
 #[test]
 fn claim_release_and_reclaim_after_sigkill() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let (r, _) = Region::open(&path, &InitParams::default()).unwrap();
     let a = r.claim_slot().unwrap();
     let b = r.claim_slot().unwrap();
@@ -68,8 +67,7 @@ fn claim_release_and_reclaim_after_sigkill() {
 
 #[test]
 fn slots_reclaimed_by_a_new_claimer_when_space_runs_out_of_free_ones() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let mut child = Proc::spawn(exercise(&["hold", path.to_str().unwrap()]));
     let slot = get(&child.expect("slot"), "index") as u16;
     child.expect("locked");
@@ -116,8 +114,7 @@ fn fork_pair(path: &std::path::Path, extra: &[&str]) -> (Proc, u64, u64, u64) {
 
 #[test]
 fn a_forked_child_takes_its_own_slot_and_not_its_parents_identity() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let (mut parent, parent_slot, child_slot, child_pid) = fork_pair(&path, &[]);
     assert_ne!(parent_slot, child_slot);
     parent.kill9();
@@ -144,8 +141,7 @@ fn a_forked_child_takes_its_own_slot_and_not_its_parents_identity() {
 #[test]
 fn without_reattach_a_child_would_keep_its_dead_parent_looking_alive() {
     // The negative control for the test above: it proves the check can fail.
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let (mut parent, parent_slot, _, child_pid) = fork_pair(&path, &["--no-reattach"]);
     parent.kill9();
     let r = RegionReader::open(&path).unwrap();
@@ -161,28 +157,17 @@ fn without_reattach_a_child_would_keep_its_dead_parent_looking_alive() {
 
 #[test]
 fn processes_in_separate_pid_namespaces_both_pid_1_get_distinct_live_slots() {
-    if !can_unshare() {
-        eprintln!("SKIPPED: unshare --pid is not available here (needs root or user namespaces)");
+    if !unshare_or_skip() {
         return;
     }
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let ns = |lock: &str| {
-        let mut c = std::process::Command::new("unshare");
-        c.args([
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
-            bin(),
-            "exercise",
+        Proc::spawn(exercise_in_pid_namespace(&[
             "hold",
-        ])
-        .arg(&path)
-        .args(["--lock", lock])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-        Proc::spawn(c)
+            path.to_str().unwrap(),
+            "--lock",
+            lock,
+        ]))
     };
     let mut a = ns("region");
     let ka = a.expect("slot");
@@ -248,8 +233,7 @@ fn slot_identity(path: &std::path::Path, index: u64) -> ProcessIdentity {
 
 #[test]
 fn every_claimant_records_its_kernel_identity_forked_children_included() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let (r, _) = Region::open(&path, &InitParams::default()).unwrap();
     let me = r.claim_slot().unwrap();
     let mine = slot_identity(&path, me.index as u64);
@@ -288,26 +272,14 @@ fn every_claimant_records_its_kernel_identity_forked_children_included() {
 
 #[test]
 fn a_claimant_in_its_own_pid_namespace_records_that_namespace_and_its_start_time() {
-    if !can_unshare() {
-        eprintln!("SKIPPED: unshare --pid is not available here (needs root or user namespaces)");
+    if !unshare_or_skip() {
         return;
     }
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
-    let mut c = std::process::Command::new("unshare");
-    c.args([
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "--mount-proc",
-        bin(),
-        "exercise",
+    let (_dir, path) = scratch("r.cache");
+    let mut p = Proc::spawn(exercise_in_pid_namespace(&[
         "claim",
-    ])
-    .arg(&path)
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped());
-    let mut p = Proc::spawn(c);
+        path.to_str().unwrap(),
+    ]));
     let kv = p.expect("slot");
     assert_eq!(kv["pid"], "1");
     // The claimant is unshare's only child; its PID as this test sees it:

@@ -51,8 +51,7 @@ fn attaching_to_a_sparse_region_on_a_full_filesystem_is_refused_not_a_later_sigb
     let Some(fs) = Tmpfs::mount("4m") else { return };
     // A region whose pages are holes, as one created before this fix (or copied
     // sparse) is: made elsewhere, copied in with its zeros as holes.
-    let dir = tempdir();
-    let src = dir.path().join("r.cache");
+    let (_dir, src) = scratch("r.cache");
     drop(Region::open(&src, &InitParams::default()).unwrap());
     let path = fs.path.join("r.cache");
     let st = Command::new("cp")

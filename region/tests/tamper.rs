@@ -35,20 +35,24 @@ fn reserve_settled(r: &Region, me: SlotHandle, bytes: u64) -> Result<Reservation
     }
 }
 
+/// Two handles on the region at `path` (two processes), each granted 100 MiB.
+fn two_holding_100_mib(path: &Path, limit: u64) -> [(Region, SlotHandle); 2] {
+    [(), ()].map(|()| {
+        let (r, _) = Region::open(path, &limited(limit)).unwrap();
+        let me = r.claim_slot().unwrap();
+        assert_eq!(r.reserve(me, 0, 100 * MIB).unwrap(), Reservation::Granted);
+        (r, me)
+    })
+}
+
 #[test]
 fn a_writer_whose_file_is_truncated_lives_and_sees_damage() {
     install_sigbus_guard();
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let (r, _) = Region::open(&path, &limited(1 << 30)).unwrap();
     let me = r.claim_slot().unwrap();
     assert_eq!(r.reserve(me, 0, 64 * MIB).unwrap(), Reservation::Granted);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(0)
-        .unwrap();
+    truncate_to_zero(&path);
     // Without the guard this reservation died of SIGBUS.
     let err = r.reserve(me, 0, MIB).unwrap_err();
     assert!(
@@ -66,8 +70,7 @@ fn a_writer_whose_file_is_truncated_lives_and_sees_damage() {
 
 #[test]
 fn a_zero_filled_or_forged_region_never_grants_past_the_limit_attached_with() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let limit = 256 * MIB;
     let mut f = std::fs::OpenOptions::new();
     f.write(true);
@@ -114,20 +117,10 @@ fn a_zero_filled_or_forged_region_never_grants_past_the_limit_attached_with() {
 /// has re-attached and re-charged what it holds: then the limit holds for both.
 #[test]
 fn a_region_reinitialized_under_live_processes_grants_nothing_until_they_are_back() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let limit = 256 * MIB;
-    let (a, _) = Region::open(&path, &limited(limit)).unwrap();
-    let (b, _) = Region::open(&path, &limited(limit)).unwrap();
-    let (sa, sb) = (a.claim_slot().unwrap(), b.claim_slot().unwrap());
-    assert_eq!(a.reserve(sa, 0, 100 * MIB).unwrap(), Reservation::Granted);
-    assert_eq!(b.reserve(sb, 0, 100 * MIB).unwrap(), Reservation::Granted);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .write_all_at(&vec![0u8; REGION_SIZE], 0)
-        .unwrap();
+    let [(a, sa), (b, sb)] = two_holding_100_mib(&path, limit);
+    zero_fill(&path, REGION_SIZE);
     assert!(matches!(
         a.reserve(sa, 0, MIB),
         Err(RegionError::Damaged { .. })
@@ -177,14 +170,9 @@ fn a_region_reinitialized_under_live_processes_grants_nothing_until_they_are_bac
 #[test]
 fn a_region_whose_slots_were_lost_recovers_before_granting() {
     install_sigbus_guard();
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let limit = 256 * MIB;
-    let (a, _) = Region::open(&path, &limited(limit)).unwrap();
-    let (b, _) = Region::open(&path, &limited(limit)).unwrap();
-    let (sa, sb) = (a.claim_slot().unwrap(), b.claim_slot().unwrap());
-    assert_eq!(a.reserve(sa, 0, 100 * MIB).unwrap(), Reservation::Granted);
-    assert_eq!(b.reserve(sb, 0, 100 * MIB).unwrap(), Reservation::Granted);
+    let [(a, sa), (b, _)] = two_holding_100_mib(&path, limit);
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(4096).unwrap();
     f.set_len(REGION_SIZE as u64).unwrap();
@@ -219,16 +207,10 @@ fn a_region_whose_slots_were_lost_recovers_before_granting() {
 /// does not lift the limit a re-attaching process knew.
 #[test]
 fn re_attaching_keeps_the_stricter_limit_known_before() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let (a, _) = Region::open(&path, &limited(100 * MIB)).unwrap();
     let sa = a.claim_slot().unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(0)
-        .unwrap();
+    truncate_to_zero(&path);
     // The damage is only noticed at the next call; here the file was re-created
     // empty, so the damaged handle reads zeros (no mapping fault: the guard is not
     // needed for a file grown back before the next access).
@@ -308,12 +290,7 @@ fn the_guard_leaves_other_sigbus_faults_to_the_application_or_the_default() {
         let path = dir.path().join("r.cache");
         let (r, _) = Region::open(&path, &limited(1 << 30)).unwrap();
         let me = r.claim_slot().unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(0)
-            .unwrap();
+        truncate_to_zero(&path);
         assert!(r.reserve(me, 0, 1).is_err());
         assert!(r.is_poisoned());
         // Then a fault in a mapping that is not a region's.
@@ -339,8 +316,7 @@ fn the_guard_leaves_other_sigbus_faults_to_the_application_or_the_default() {
 /// would wait for it for as long as they live.
 #[test]
 fn re_attaching_releases_the_old_token_even_where_forked_children_share_it() {
-    let dir = tempdir();
-    let path = dir.path().join("r.cache");
+    let (_dir, path) = scratch("r.cache");
     let (a, _) = Region::open(&path, &limited(MIB << 10)).unwrap();
     let sa = a.claim_slot().unwrap();
     // SAFETY: the child only sleeps and exits (async-signal-safe calls only).
@@ -353,12 +329,7 @@ fn re_attaching_releases_the_old_token_even_where_forked_children_share_it() {
         }
     }
     assert!(child > 0);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .write_all_at(&vec![0u8; REGION_SIZE], 0)
-        .unwrap();
+    zero_fill(&path, REGION_SIZE);
     assert!(a.reserve(sa, 0, MIB).is_err());
     let (a2, sa2) = a.reattach_after_damage(&limited(MIB << 10)).unwrap();
     drop(a);

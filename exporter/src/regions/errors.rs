@@ -157,46 +157,53 @@ impl RegionSet {
         );
     }
 
-    pub(super) fn drop_hami(&self, t: &Arc<HamiTracked>, r: ErrorReason, why: &str) {
+    /// Stops watching `t`, if it is still the entry for `path` in the map `map` picks
+    /// (a rescan may have replaced it meanwhile): false if it was not. A file that
+    /// failed, rather than vanished, is remembered, to be skipped until it changes;
+    /// a vanished one only if `explicit` (a --region path: its absence is already
+    /// counted, as vanished). The error is counted.
+    fn unwatch<T>(
+        &self,
+        map: impl FnOnce(&mut Inner) -> &mut BTreeMap<PathBuf, Arc<T>>,
+        (path, t): (&Path, &Arc<T>),
+        r: ErrorReason,
+        explicit: bool,
+    ) -> bool {
         let mut inner = lock(&self.inner);
-        match inner.hami.get(&t.path) {
+        let m = map(&mut inner);
+        match m.get(path) {
             Some(cur) if Arc::ptr_eq(cur, t) => {
-                inner.hami.remove(&t.path);
+                m.remove(path);
             }
-            _ => return,
+            _ => return false,
         }
         if r != ErrorReason::Vanished {
-            inner.failed.insert(t.path.clone(), file_key(&t.path));
+            inner.failed.insert(path.to_path_buf(), file_key(path));
+        } else if explicit {
+            inner.failed.insert(path.to_path_buf(), None);
         }
         drop(inner);
         self.count_error(r);
-        warn!(
-            "HAMi-core region {} no longer watched: {why} (counted as reason=\"{}\")",
-            t.path.display(),
-            r.name()
-        );
+        true
+    }
+
+    pub(super) fn drop_hami(&self, t: &Arc<HamiTracked>, r: ErrorReason, why: &str) {
+        if self.unwatch(|i| &mut i.hami, (&t.path, t), r, false) {
+            warn!(
+                "HAMi-core region {} no longer watched: {why} (counted as reason=\"{}\")",
+                t.path.display(),
+                r.name()
+            );
+        }
     }
 
     pub(super) fn drop_region(&self, t: &Arc<Tracked>, r: ErrorReason, why: &str) {
-        let mut inner = lock(&self.inner);
-        match inner.tracked.get(&t.path) {
-            Some(cur) if Arc::ptr_eq(cur, t) => {
-                inner.tracked.remove(&t.path);
-            }
-            _ => return,
+        if self.unwatch(|i| &mut i.tracked, (&t.path, t), r, t.rel.is_none()) {
+            info!(
+                "dropping region {} ({why}; counted as reason=\"{}\"); its series are gone",
+                t.path.display(),
+                r.name()
+            );
         }
-        if r != ErrorReason::Vanished {
-            inner.failed.insert(t.path.clone(), file_key(&t.path));
-        } else if t.rel.is_none() {
-            // An explicit --region path: its absence is already counted (vanished).
-            inner.failed.insert(t.path.clone(), None);
-        }
-        drop(inner);
-        self.count_error(r);
-        info!(
-            "dropping region {} ({why}; counted as reason=\"{}\"); its series are gone",
-            t.path.display(),
-            r.name()
-        );
     }
 }

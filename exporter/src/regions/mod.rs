@@ -419,24 +419,21 @@ impl RegionSet {
         // Directory files that are no longer listed are gone (or were replaced by
         // something that is not a regular file).
         let unseen = |p: &Path| scan.incomplete.iter().any(|d| p.starts_with(d));
+        let gone = |p: &Path, in_dir: bool| in_dir && !listed.contains(p) && !unseen(p);
+        let why = |p: &Path| match rejected.get(p) {
+            Some(what) => (ErrorReason::NotRegular, format!("now {what}")),
+            None => (ErrorReason::Vanished, "file deleted".to_string()),
+        };
         for (p, t) in &known {
-            if t.rel.is_some() && !listed.contains(p.as_path()) && !unseen(p) {
-                match rejected.get(p.as_path()) {
-                    Some(what) => {
-                        self.drop_region(t, ErrorReason::NotRegular, &format!("now {what}"))
-                    }
-                    None => self.drop_region(t, ErrorReason::Vanished, "file deleted"),
-                }
+            if gone(p, t.rel.is_some()) {
+                let (r, w) = why(p);
+                self.drop_region(t, r, &w);
             }
         }
         for (p, t) in &known_hami {
-            if t.rel.is_some() && !listed.contains(p.as_path()) && !unseen(p) {
-                match rejected.get(p.as_path()) {
-                    Some(what) => {
-                        self.drop_hami(t, ErrorReason::NotRegular, &format!("now {what}"))
-                    }
-                    None => self.drop_hami(t, ErrorReason::Vanished, "file deleted"),
-                }
+            if gone(p, t.rel.is_some()) {
+                let (r, w) = why(p);
+                self.drop_hami(t, r, &w);
             }
         }
         for (path, key, what) in &scan.rejected {

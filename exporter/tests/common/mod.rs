@@ -14,6 +14,15 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vigil-exporter");
 
+/// The exporter's command (not started) watching the regions directory `dir`, NVML
+/// off, listening on `listen`.
+pub fn exporter_command(dir: &Path, listen: &str) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["--regions-dir", dir.to_str().unwrap(), "--nvml", "off"])
+        .args(["--web.listen-address", listen]);
+    c
+}
+
 /// A running exporter; killed on drop.
 pub struct Exporter {
     pub child: Child,
@@ -33,6 +42,13 @@ impl Exporter {
         ];
         all.extend_from_slice(args);
         Exporter::start_raw(&all)
+    }
+
+    /// `start` watching the regions directory `dir`, plus `args`.
+    pub fn watching(dir: impl AsRef<Path>, args: &[&str]) -> Exporter {
+        let mut all = vec!["--regions-dir", dir.as_ref().to_str().unwrap()];
+        all.extend_from_slice(args);
+        Exporter::start(&all)
     }
 
     /// Like `start`, with only the listen address added to `args`.
@@ -91,6 +107,19 @@ impl Exporter {
         let r = self.get("/metrics");
         assert_eq!(r.status, 200, "{}", r.body);
         Exposition::parse(&r.body)
+    }
+
+    /// Scrapes until `ok` holds (10 s at the most, else a panic naming `what`) and
+    /// returns that scrape.
+    pub fn scrape_until(&self, what: &str, ok: impl Fn(&Exposition) -> bool) -> Exposition {
+        let mut last = None;
+        wait_until(what, Duration::from_secs(10), || {
+            let m = self.scrape();
+            let done = ok(&m);
+            last = Some(m);
+            done
+        });
+        last.expect("scraped at least once")
     }
 
     pub fn log_text(&self) -> String {
@@ -285,9 +314,88 @@ impl Exposition {
         f[0].value
     }
 
+    /// There is a sample of `name` with these labels.
+    pub fn has(&self, name: &str, want: &[(&str, &str)]) -> bool {
+        !self.find(name, want).is_empty()
+    }
+
+    /// `vigil_exporter_region_errors_total{reason}`.
+    pub fn region_errors(&self, reason: &str) -> f64 {
+        self.value("vigil_exporter_region_errors_total", &[("reason", reason)])
+    }
+
     pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
         self.find(name, want).iter().map(|s| s.value).sum()
     }
+}
+
+/// `vigil-exporter inspect REGION --json` (with `--proc.path` when given), which must
+/// succeed, parsed.
+pub fn inspect_json(region: &Path, proc_path: Option<&Path>) -> serde_json::Value {
+    let mut c = Command::new(BIN);
+    c.args(["inspect", region.to_str().unwrap(), "--json"]);
+    if let Some(p) = proc_path {
+        c.arg("--proc.path").arg(p);
+    }
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// For a test run as a child process (`spawn_child`): the region that `var` names,
+/// opened, with a slot claimed; `None` in an ordinary run, where `var` is unset.
+pub fn child_region(var: &str) -> Option<(vigil_region::Region, vigil_region::SlotHandle)> {
+    let path = std::env::var(var).ok()?;
+    let (r, _) = vigil_region::Region::open(&path, &Default::default()).unwrap();
+    let me = r.claim_slot().unwrap();
+    Some((r, me))
+}
+
+/// Records a detection that found host PID 4242 (3 ms, 4 polls, 1 ms creating the
+/// context), under the detect lock as the interposer does.
+pub fn record_found_4242(w: &vigil_region::Region, me: vigil_region::SlotHandle) {
+    let _g = w.lock(vigil_region::LockId::Detect, me).unwrap();
+    w.record_detection(
+        me,
+        vigil_region::DetectOutcome::Found,
+        Some(4242),
+        3_000_000,
+        4,
+        1_000_000,
+    );
+}
+
+/// The end of a child process's test: it waits to be killed.
+pub fn wait_to_be_killed() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Runs the ignored test `test` of this test binary as a child process with `var`
+/// set to `path`, and returns once it printed "ready".
+pub fn spawn_child(test: &str, var: &str, path: &Path) -> Child {
+    let mut c = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--ignored", "--nocapture"])
+        .env(var, path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = c.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.trim() == "ready" => break,
+            Some(Ok(_)) => {}
+            _ => panic!("{test} child did not start"),
+        }
+    }
+    c
 }
 
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {

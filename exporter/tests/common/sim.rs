@@ -15,15 +15,10 @@ pub fn need(name: &str) -> PathBuf {
     })
 }
 
-/// The shared simulator (`vigil_gpusim::testing`) with this crate's defaults and
-/// one container's regions directory; killed on drop.
-pub struct Sim(vigil_gpusim::testing::Sim);
-
-impl std::ops::Deref for Sim {
-    type Target = vigil_gpusim::testing::Sim;
-    fn deref(&self) -> &vigil_gpusim::testing::Sim {
-        &self.0
-    }
+vigil_gpusim::test_sim! {
+    /// The shared simulator (`vigil_gpusim::testing`) with this crate's defaults and
+    /// one container's regions directory; killed on drop.
+    Sim
 }
 
 impl Sim {

@@ -1,7 +1,7 @@
 //! The CUDA driver API subset. Return codes and out-parameters follow the real API.
 
 use crate::client::{self, call, current_ctx, log_warn, sim_error, state, Alloc, CHUNK};
-use crate::ffi::{self, guard, out};
+use crate::ffi::{self, guard, out, put};
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use vigil_gpusim::protocol::{Reply, Request};
 
@@ -95,6 +95,22 @@ fn cuda_err(e: &vigil_gpusim::protocol::CallError) -> CUresult {
     )
 }
 
+/// An export whose whole work is `call` (which takes the export's pointer arguments),
+/// run under `guard`: a panic becomes CUDA_ERROR_UNKNOWN, never an unwind into C.
+/// The doc comments given (its `# Safety`) go on the export.
+macro_rules! guarded {
+    ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),* $(,)?) => $call:expr) => {
+        $(#[$doc])*
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> CUresult {
+            guard(stringify!($name), CUDA_ERROR_UNKNOWN, || {
+                // SAFETY: the pointers passed on are under this function's `# Safety` contract.
+                unsafe { $call }
+            })
+        }
+    };
+}
+
 #[no_mangle]
 pub extern "C" fn cuInit(flags: c_uint) -> CUresult {
     guard("cuInit", CUDA_ERROR_UNKNOWN, || {
@@ -145,9 +161,7 @@ pub unsafe extern "C" fn cuDeviceGet(dev: *mut CUdevice, ordinal: c_int) -> CUre
     guard("cuDeviceGet", CUDA_ERROR_UNKNOWN, || {
         code(device_ok(ordinal).and_then(|d| {
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(dev, d as c_int) }
-                .then_some(())
-                .ok_or(CUDA_ERROR_INVALID_VALUE)
+            unsafe { put(dev, d as c_int, CUDA_ERROR_INVALID_VALUE) }
         }))
     })
 }
@@ -161,9 +175,7 @@ pub unsafe extern "C" fn cuDeviceGetCount(n: *mut c_int) -> CUresult {
         code(initialized().and_then(|_| {
             let c = state().as_ref().map(|s| s.devices.len()).unwrap_or(0);
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(n, c as c_int) }
-                .then_some(())
-                .ok_or(CUDA_ERROR_INVALID_VALUE)
+            unsafe { put(n, c as c_int, CUDA_ERROR_INVALID_VALUE) }
         }))
     })
 }
@@ -217,20 +229,16 @@ pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: CUdevice) -> 
                 .map(|s| s.devices[d as usize].uuid.clone())
                 .unwrap_or_default();
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(uuid, uuid_bytes(&u)) }
-                .then_some(())
-                .ok_or(CUDA_ERROR_INVALID_VALUE)
+            unsafe { put(uuid, uuid_bytes(&u), CUDA_ERROR_INVALID_VALUE) }
         }))
     })
 }
 
-/// # Safety
-/// `uuid`: null or valid as the CUDA driver API specifies for `cuDeviceGetUuid_v2`
-/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: CUdevice) -> CUresult {
-    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-    unsafe { cuDeviceGetUuid(uuid, dev) }
+twin! {
+    /// # Safety
+    /// `uuid`: null or valid as the CUDA driver API specifies for `cuDeviceGetUuid_v2`
+    /// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+    cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: CUdevice) -> CUresult = cuDeviceGetUuid
 }
 
 /// # Safety
@@ -245,9 +253,7 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -
                 .map(|s| s.devices[d as usize].total)
                 .unwrap_or(0);
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(bytes, t as usize) }
-                .then_some(())
-                .ok_or(CUDA_ERROR_INVALID_VALUE)
+            unsafe { put(bytes, t as usize, CUDA_ERROR_INVALID_VALUE) }
         }))
     })
 }
@@ -281,9 +287,7 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(
                 _ => return Err(CUDA_ERROR_INVALID_VALUE),
             };
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(pi, v) }
-                .then_some(())
-                .ok_or(CUDA_ERROR_INVALID_VALUE)
+            unsafe { put(pi, v, CUDA_ERROR_INVALID_VALUE) }
         }))
     })
 }
@@ -436,54 +440,38 @@ unsafe fn ctx_create(pctx: *mut CUcontext, dev: CUdevice) -> CUresult {
     }))
 }
 
-/// # Safety
-/// `pctx`: null or valid as the CUDA driver API specifies for `cuCtxCreate_v2`
-/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuCtxCreate_v2(
-    pctx: *mut CUcontext,
-    _flags: c_uint,
-    dev: CUdevice,
-) -> CUresult {
-    guard("cuCtxCreate_v2", CUDA_ERROR_UNKNOWN, || {
-        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-        unsafe { ctx_create(pctx, dev) }
-    })
+guarded! {
+    /// # Safety
+    /// `pctx`: null or valid as the CUDA driver API specifies for `cuCtxCreate_v2`
+    /// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+    cuCtxCreate_v2(pctx: *mut CUcontext, _flags: c_uint, dev: CUdevice) => ctx_create(pctx, dev)
 }
 
-/// # Safety
-/// `pctx`, `_params`: null or valid as the CUDA driver API specifies for
-/// `cuCtxCreate_v3` (out-parameters writable, inputs readable, buffers as long as the
-/// sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuCtxCreate_v3(
-    pctx: *mut CUcontext,
-    _params: *mut c_void,
-    _num: c_int,
-    _flags: c_uint,
-    dev: CUdevice,
-) -> CUresult {
-    guard("cuCtxCreate_v3", CUDA_ERROR_UNKNOWN, || {
-        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-        unsafe { ctx_create(pctx, dev) }
-    })
+guarded! {
+    /// # Safety
+    /// `pctx`, `_params`: null or valid as the CUDA driver API specifies for
+    /// `cuCtxCreate_v3` (out-parameters writable, inputs readable, buffers as long as the
+    /// sizes passed).
+    cuCtxCreate_v3(
+        pctx: *mut CUcontext,
+        _params: *mut c_void,
+        _num: c_int,
+        _flags: c_uint,
+        dev: CUdevice,
+    ) => ctx_create(pctx, dev)
 }
 
-/// # Safety
-/// `pctx`, `_params`: null or valid as the CUDA driver API specifies for
-/// `cuCtxCreate_v4` (out-parameters writable, inputs readable, buffers as long as the
-/// sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuCtxCreate_v4(
-    pctx: *mut CUcontext,
-    _params: *mut c_void,
-    _flags: c_uint,
-    dev: CUdevice,
-) -> CUresult {
-    guard("cuCtxCreate_v4", CUDA_ERROR_UNKNOWN, || {
-        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-        unsafe { ctx_create(pctx, dev) }
-    })
+guarded! {
+    /// # Safety
+    /// `pctx`, `_params`: null or valid as the CUDA driver API specifies for
+    /// `cuCtxCreate_v4` (out-parameters writable, inputs readable, buffers as long as the
+    /// sizes passed).
+    cuCtxCreate_v4(
+        pctx: *mut CUcontext,
+        _params: *mut c_void,
+        _flags: c_uint,
+        dev: CUdevice,
+    ) => ctx_create(pctx, dev)
 }
 
 #[no_mangle]
@@ -522,9 +510,7 @@ pub unsafe extern "C" fn cuCtxGetCurrent(pctx: *mut CUcontext) -> CUresult {
         code(initialized().and_then(|_| {
             let c = current_ctx().unwrap_or(0);
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(pctx, c as CUcontext) }
-                .then_some(())
-                .ok_or(CUDA_ERROR_INVALID_VALUE)
+            unsafe { put(pctx, c as CUcontext, CUDA_ERROR_INVALID_VALUE) }
         }))
     })
 }
@@ -578,9 +564,7 @@ pub unsafe extern "C" fn cuCtxGetDevice(dev: *mut CUdevice) -> CUresult {
     guard("cuCtxGetDevice", CUDA_ERROR_UNKNOWN, || {
         code(current_device().and_then(|d| {
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(dev, d as c_int) }
-                .then_some(())
-                .ok_or(CUDA_ERROR_INVALID_VALUE)
+            unsafe { put(dev, d as c_int, CUDA_ERROR_INVALID_VALUE) }
         }))
     })
 }
@@ -649,15 +633,11 @@ fn free(dptr: CUdeviceptr) -> CUresult {
     }))
 }
 
-/// # Safety
-/// `dptr`: null or valid as the CUDA driver API specifies for `cuMemAlloc_v2`
-/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, size: usize) -> CUresult {
-    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-    guard("cuMemAlloc_v2", CUDA_ERROR_UNKNOWN, || unsafe {
-        alloc(dptr, size)
-    })
+guarded! {
+    /// # Safety
+    /// `dptr`: null or valid as the CUDA driver API specifies for `cuMemAlloc_v2`
+    /// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+    cuMemAlloc_v2(dptr: *mut CUdeviceptr, size: usize) => alloc(dptr, size)
 }
 
 /// # Safety
@@ -690,79 +670,51 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
     })
 }
 
-/// # Safety
-/// `dptr`: null or valid as the CUDA driver API specifies for `cuMemAllocManaged`
-/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocManaged(
-    dptr: *mut CUdeviceptr,
-    size: usize,
-    _flags: c_uint,
-) -> CUresult {
-    guard("cuMemAllocManaged", CUDA_ERROR_UNKNOWN, || {
-        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-        unsafe { alloc(dptr, size) }
-    })
+guarded! {
+    /// # Safety
+    /// `dptr`: null or valid as the CUDA driver API specifies for `cuMemAllocManaged`
+    /// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+    cuMemAllocManaged(dptr: *mut CUdeviceptr, size: usize, _flags: c_uint) => alloc(dptr, size)
 }
 
-/// # Safety
-/// `dptr`: null or valid as the CUDA driver API specifies for `cuMemAllocAsync`
-/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocAsync(
-    dptr: *mut CUdeviceptr,
-    size: usize,
-    _stream: CUstream,
-) -> CUresult {
-    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-    guard("cuMemAllocAsync", CUDA_ERROR_UNKNOWN, || unsafe {
-        alloc(dptr, size)
-    })
+guarded! {
+    /// # Safety
+    /// `dptr`: null or valid as the CUDA driver API specifies for `cuMemAllocAsync`
+    /// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+    cuMemAllocAsync(dptr: *mut CUdeviceptr, size: usize, _stream: CUstream) => alloc(dptr, size)
 }
 
-/// # Safety
-/// `dptr`: null or valid as the CUDA driver API specifies for `cuMemAllocAsync_ptsz`
-/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
-    dptr: *mut CUdeviceptr,
-    size: usize,
-    stream: CUstream,
-) -> CUresult {
-    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-    unsafe { cuMemAllocAsync(dptr, size, stream) }
+twin! {
+    /// # Safety
+    /// `dptr`: null or valid as the CUDA driver API specifies for `cuMemAllocAsync_ptsz`
+    /// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+    cuMemAllocAsync_ptsz(dptr: *mut CUdeviceptr, size: usize, stream: CUstream) -> CUresult = cuMemAllocAsync
 }
 
-/// # Safety
-/// `dptr`, `_pool`: null or valid as the CUDA driver API specifies for
-/// `cuMemAllocFromPoolAsync` (out-parameters writable, inputs readable, buffers as long
-/// as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
-    dptr: *mut CUdeviceptr,
-    size: usize,
-    _pool: *mut c_void,
-    _stream: CUstream,
-) -> CUresult {
-    guard("cuMemAllocFromPoolAsync", CUDA_ERROR_UNKNOWN, || {
-        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-        unsafe { alloc(dptr, size) }
-    })
+guarded! {
+    /// # Safety
+    /// `dptr`, `_pool`: null or valid as the CUDA driver API specifies for
+    /// `cuMemAllocFromPoolAsync` (out-parameters writable, inputs readable, buffers as long
+    /// as the sizes passed).
+    cuMemAllocFromPoolAsync(
+        dptr: *mut CUdeviceptr,
+        size: usize,
+        _pool: *mut c_void,
+        _stream: CUstream,
+    ) => alloc(dptr, size)
 }
 
-/// # Safety
-/// `dptr`, `pool`: null or valid as the CUDA driver API specifies for
-/// `cuMemAllocFromPoolAsync_ptsz` (out-parameters writable, inputs readable, buffers as
-/// long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
-    dptr: *mut CUdeviceptr,
-    size: usize,
-    pool: *mut c_void,
-    stream: CUstream,
-) -> CUresult {
-    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-    unsafe { cuMemAllocFromPoolAsync(dptr, size, pool, stream) }
+twin! {
+    /// # Safety
+    /// `dptr`, `pool`: null or valid as the CUDA driver API specifies for
+    /// `cuMemAllocFromPoolAsync_ptsz` (out-parameters writable, inputs readable, buffers as
+    /// long as the sizes passed).
+    cuMemAllocFromPoolAsync_ptsz(
+        dptr: *mut CUdeviceptr,
+        size: usize,
+        pool: *mut c_void,
+        stream: CUstream,
+    ) -> CUresult = cuMemAllocFromPoolAsync
 }
 
 #[no_mangle]
@@ -870,56 +822,40 @@ unsafe fn access(dptr: CUdeviceptr, n: usize, op: Access) -> CUresult {
     }))
 }
 
-/// # Safety
-/// `src`: null or valid as the CUDA driver API specifies for `cuMemcpyHtoD_v2`
-/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuMemcpyHtoD_v2(
-    dst: CUdeviceptr,
-    src: *const c_void,
-    n: usize,
-) -> CUresult {
-    guard("cuMemcpyHtoD_v2", CUDA_ERROR_UNKNOWN, || {
-        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-        unsafe { access(dst, n, Access::FromHost(src.cast())) }
-    })
+guarded! {
+    /// # Safety
+    /// `src`: null or valid as the CUDA driver API specifies for `cuMemcpyHtoD_v2`
+    /// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+    cuMemcpyHtoD_v2(
+        dst: CUdeviceptr,
+        src: *const c_void,
+        n: usize,
+    ) => access(dst, n, Access::FromHost(src.cast()))
 }
 
-/// # Safety
-/// `src`: null or valid as the CUDA driver API specifies for `cuMemcpyHtoD_v2_ptds`
-/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuMemcpyHtoD_v2_ptds(
-    dst: CUdeviceptr,
-    src: *const c_void,
-    n: usize,
-) -> CUresult {
-    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-    unsafe { cuMemcpyHtoD_v2(dst, src, n) }
+twin! {
+    /// # Safety
+    /// `src`: null or valid as the CUDA driver API specifies for `cuMemcpyHtoD_v2_ptds`
+    /// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+    cuMemcpyHtoD_v2_ptds(dst: CUdeviceptr, src: *const c_void, n: usize) -> CUresult = cuMemcpyHtoD_v2
 }
 
-/// # Safety
-/// `dst`: null or valid as the CUDA driver API specifies for `cuMemcpyDtoH_v2`
-/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, n: usize) -> CUresult {
-    guard("cuMemcpyDtoH_v2", CUDA_ERROR_UNKNOWN, || {
-        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-        unsafe { access(src, n, Access::ToHost(dst.cast())) }
-    })
+guarded! {
+    /// # Safety
+    /// `dst`: null or valid as the CUDA driver API specifies for `cuMemcpyDtoH_v2`
+    /// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+    cuMemcpyDtoH_v2(
+        dst: *mut c_void,
+        src: CUdeviceptr,
+        n: usize,
+    ) => access(src, n, Access::ToHost(dst.cast()))
 }
 
-/// # Safety
-/// `dst`: null or valid as the CUDA driver API specifies for `cuMemcpyDtoH_v2_ptds`
-/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuMemcpyDtoH_v2_ptds(
-    dst: *mut c_void,
-    src: CUdeviceptr,
-    n: usize,
-) -> CUresult {
-    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-    unsafe { cuMemcpyDtoH_v2(dst, src, n) }
+twin! {
+    /// # Safety
+    /// `dst`: null or valid as the CUDA driver API specifies for `cuMemcpyDtoH_v2_ptds`
+    /// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+    cuMemcpyDtoH_v2_ptds(dst: *mut c_void, src: CUdeviceptr, n: usize) -> CUresult = cuMemcpyDtoH_v2
 }
 
 #[no_mangle]
@@ -1074,9 +1010,7 @@ pub unsafe extern "C" fn cuMemGetAllocationGranularity(
     guard("cuMemGetAllocationGranularity", CUDA_ERROR_UNKNOWN, || {
         code(initialized().and_then(|_| {
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(gran, 2 << 20) }
-                .then_some(())
-                .ok_or(CUDA_ERROR_INVALID_VALUE)
+            unsafe { put(gran, 2 << 20, CUDA_ERROR_INVALID_VALUE) }
         }))
     })
 }
@@ -1125,39 +1059,31 @@ pub unsafe extern "C" fn cuGetErrorName(e: CUresult, p: *mut *const c_char) -> C
     })
 }
 
-/// # Safety
-/// `symbol`, `pfn`: null or valid as the CUDA driver API specifies for
-/// `cuGetProcAddress` (out-parameters writable, inputs readable, buffers as long as the
-/// sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuGetProcAddress(
-    symbol: *const c_char,
-    pfn: *mut *mut c_void,
-    version: c_int,
-    flags: u64,
-) -> CUresult {
-    guard("cuGetProcAddress", CUDA_ERROR_UNKNOWN, || {
-        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-        unsafe { crate::procaddress::lookup(symbol, pfn, version, flags, std::ptr::null_mut()) }
-    })
+guarded! {
+    /// # Safety
+    /// `symbol`, `pfn`: null or valid as the CUDA driver API specifies for
+    /// `cuGetProcAddress` (out-parameters writable, inputs readable, buffers as long as the
+    /// sizes passed).
+    cuGetProcAddress(
+        symbol: *const c_char,
+        pfn: *mut *mut c_void,
+        version: c_int,
+        flags: u64,
+    ) => crate::procaddress::lookup(symbol, pfn, version, flags, std::ptr::null_mut())
 }
 
-/// # Safety
-/// `symbol`, `pfn`, `status`: null or valid as the CUDA driver API specifies for
-/// `cuGetProcAddress_v2` (out-parameters writable, inputs readable, buffers as long as
-/// the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn cuGetProcAddress_v2(
-    symbol: *const c_char,
-    pfn: *mut *mut c_void,
-    version: c_int,
-    flags: u64,
-    status: *mut c_int,
-) -> CUresult {
-    guard("cuGetProcAddress_v2", CUDA_ERROR_UNKNOWN, || {
-        // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-        unsafe { crate::procaddress::lookup(symbol, pfn, version, flags, status) }
-    })
+guarded! {
+    /// # Safety
+    /// `symbol`, `pfn`, `status`: null or valid as the CUDA driver API specifies for
+    /// `cuGetProcAddress_v2` (out-parameters writable, inputs readable, buffers as long as
+    /// the sizes passed).
+    cuGetProcAddress_v2(
+        symbol: *const c_char,
+        pfn: *mut *mut c_void,
+        version: c_int,
+        flags: u64,
+        status: *mut c_int,
+    ) => crate::procaddress::lookup(symbol, pfn, version, flags, status)
 }
 
 /// Entry points that exist in the real driver but not here: each logs its name and

@@ -32,6 +32,19 @@ pub unsafe fn out<T>(p: *mut T, v: T) -> bool {
     true
 }
 
+/// [`out`] for an export's result: `Err(null)` if `p` is null.
+///
+/// # Safety
+/// `p` is null or valid for a write of one aligned `T`.
+pub unsafe fn put<T, E>(p: *mut T, v: T, null: E) -> Result<(), E> {
+    // SAFETY: our caller's guarantee, passed on.
+    if unsafe { out(p, v) } {
+        Ok(())
+    } else {
+        Err(null)
+    }
+}
+
 /// Reads through `p`; None if null.
 ///
 /// # Safety

@@ -2,7 +2,7 @@
 //! the `nvml-wrapper` crate work against it unchanged.
 
 use crate::client::{self, call, sim_error, state};
-use crate::ffi::{self, guard, out};
+use crate::ffi::{self, guard, out, put};
 use std::ffi::{c_char, c_int, c_uint};
 use vigil_gpusim::protocol::{Reply, Request};
 
@@ -218,20 +218,16 @@ pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion(v: *mut c_int) -> NvmlRe
         code(nvml_initialized().and_then(|_| {
             let ver = state().as_ref().map(|s| s.cuda_version).unwrap_or(0);
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(v, ver as c_int) }
-                .then_some(())
-                .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+            unsafe { put(v, ver as c_int, NVML_ERROR_INVALID_ARGUMENT) }
         }))
     })
 }
 
-/// # Safety
-/// `v`: null or valid as NVML specifies for `nvmlSystemGetCudaDriverVersion_v2`
-/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion_v2(v: *mut c_int) -> NvmlReturn {
-    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-    unsafe { nvmlSystemGetCudaDriverVersion(v) }
+twin! {
+    /// # Safety
+    /// `v`: null or valid as NVML specifies for `nvmlSystemGetCudaDriverVersion_v2`
+    /// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+    nvmlSystemGetCudaDriverVersion_v2(v: *mut c_int) -> NvmlReturn = nvmlSystemGetCudaDriverVersion
 }
 
 /// # Safety
@@ -243,20 +239,16 @@ pub unsafe extern "C" fn nvmlDeviceGetCount_v2(n: *mut c_uint) -> NvmlReturn {
         code(nvml_initialized().and_then(|_| {
             let c = state().as_ref().map(|s| s.devices.len()).unwrap_or(0);
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(n, c as c_uint) }
-                .then_some(())
-                .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+            unsafe { put(n, c as c_uint, NVML_ERROR_INVALID_ARGUMENT) }
         }))
     })
 }
 
-/// # Safety
-/// `n`: null or valid as NVML specifies for `nvmlDeviceGetCount` (out-parameters
-/// writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetCount(n: *mut c_uint) -> NvmlReturn {
-    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-    unsafe { nvmlDeviceGetCount_v2(n) }
+twin! {
+    /// # Safety
+    /// `n`: null or valid as NVML specifies for `nvmlDeviceGetCount` (out-parameters
+    /// writable, inputs readable, buffers as long as the sizes passed).
+    nvmlDeviceGetCount(n: *mut c_uint) -> NvmlReturn = nvmlDeviceGetCount_v2
 }
 
 /// # Safety
@@ -274,20 +266,19 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
                 return Err(NVML_ERROR_INVALID_ARGUMENT);
             }
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(h, handle_of(i)) }
-                .then_some(())
-                .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+            unsafe { put(h, handle_of(i), NVML_ERROR_INVALID_ARGUMENT) }
         }))
     })
 }
 
-/// # Safety
-/// `h`: null or valid as NVML specifies for `nvmlDeviceGetHandleByIndex`
-/// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(i: c_uint, h: *mut NvmlDevice) -> NvmlReturn {
-    // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-    unsafe { nvmlDeviceGetHandleByIndex_v2(i, h) }
+twin! {
+    /// # Safety
+    /// `h`: null or valid as NVML specifies for `nvmlDeviceGetHandleByIndex`
+    /// (out-parameters writable, inputs readable, buffers as long as the sizes passed).
+    nvmlDeviceGetHandleByIndex(
+        i: c_uint,
+        h: *mut NvmlDevice,
+    ) -> NvmlReturn = nvmlDeviceGetHandleByIndex_v2
 }
 
 /// # Safety
@@ -298,60 +289,55 @@ pub unsafe extern "C" fn nvmlDeviceGetIndex(h: NvmlDevice, i: *mut c_uint) -> Nv
     guard("nvmlDeviceGetIndex", NVML_ERROR_UNKNOWN, || {
         code(index_of(h).and_then(|d| {
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(i, d) }
-                .then_some(())
-                .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+            unsafe { put(i, d, NVML_ERROR_INVALID_ARGUMENT) }
         }))
     })
 }
 
+/// Writes the string `field` picks from device `h`'s description into `buf`.
+///
 /// # Safety
-/// `buf`: null or valid as NVML specifies for `nvmlDeviceGetUUID` (out-parameters
-/// writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetUUID(
+/// `buf` is null or valid for writes of `len` bytes.
+unsafe fn device_string(
     h: NvmlDevice,
     buf: *mut c_char,
     len: c_uint,
+    field: impl Fn(&crate::client::DeviceInfo) -> String,
 ) -> NvmlReturn {
-    guard("nvmlDeviceGetUUID", NVML_ERROR_UNKNOWN, || {
-        match index_of(h) {
-            Ok(d) => {
-                let u = state()
-                    .as_ref()
-                    .map(|s| s.devices[d as usize].uuid.clone())
-                    .unwrap_or_default();
-                // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-                unsafe { write_string(buf, len, &u) }
-            }
-            Err(e) => e,
+    match index_of(h) {
+        Ok(d) => {
+            let v = state()
+                .as_ref()
+                .map(|s| field(&s.devices[d as usize]))
+                .unwrap_or_default();
+            // SAFETY: our caller's guarantee, passed on.
+            unsafe { write_string(buf, len, &v) }
         }
-    })
+        Err(e) => e,
+    }
 }
 
-/// # Safety
-/// `buf`: null or valid as NVML specifies for `nvmlDeviceGetName` (out-parameters
-/// writable, inputs readable, buffers as long as the sizes passed).
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetName(
-    h: NvmlDevice,
-    buf: *mut c_char,
-    len: c_uint,
-) -> NvmlReturn {
-    guard("nvmlDeviceGetName", NVML_ERROR_UNKNOWN, || {
-        match index_of(h) {
-            Ok(d) => {
-                let n = state()
-                    .as_ref()
-                    .map(|s| s.devices[d as usize].name.clone())
-                    .unwrap_or_default();
+/// Exports `name(device, buf, len)`, which writes the string `field` of the device's
+/// description into `buf` (NVML's string getters).
+macro_rules! device_string_getter {
+    ($name:ident => $field:ident) => {
+        #[doc = concat!(
+            "# Safety\n`buf`: null or valid as NVML specifies for `",
+            stringify!($name),
+            "` (out-parameters writable, inputs readable, buffers as long as the sizes passed)."
+        )]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(h: NvmlDevice, buf: *mut c_char, len: c_uint) -> NvmlReturn {
+            guard(stringify!($name), NVML_ERROR_UNKNOWN, || {
                 // SAFETY: the pointers passed on are under this function's `# Safety` contract.
-                unsafe { write_string(buf, len, &n) }
-            }
-            Err(e) => e,
+                unsafe { device_string(h, buf, len, |d| d.$field.clone()) }
+            })
         }
-    })
+    };
 }
+
+device_string_getter!(nvmlDeviceGetUUID => uuid);
+device_string_getter!(nvmlDeviceGetName => name);
 
 fn memory(h: NvmlDevice) -> Result<(u64, u64, u64), NvmlReturn> {
     let d = index_of(h)?;
@@ -369,9 +355,13 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(h: NvmlDevice, m: *mut NvmlMemo
     guard("nvmlDeviceGetMemoryInfo", NVML_ERROR_UNKNOWN, || {
         code(memory(h).and_then(|(total, free, used)| {
             // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-            unsafe { out(m, NvmlMemory { total, free, used }) }
-                .then_some(())
-                .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+            unsafe {
+                put(
+                    m,
+                    NvmlMemory { total, free, used },
+                    NVML_ERROR_INVALID_ARGUMENT,
+                )
+            }
         }))
     })
 }
@@ -539,9 +529,7 @@ pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
         || {
             code(index_of(h).and_then(|_| {
                 // SAFETY: the pointers are null or valid, as this function's `# Safety` requires.
-                unsafe { out(count, 0) }
-                    .then_some(())
-                    .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+                unsafe { put(count, 0, NVML_ERROR_INVALID_ARGUMENT) }
             }))
         },
     )

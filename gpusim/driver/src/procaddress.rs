@@ -237,38 +237,34 @@ mod tests {
             ask("cuMemAllocAsync", 11000, 0, false).0,
             CUDA_ERROR_NOT_FOUND
         );
-        assert_eq!(
-            ask("cuMemAllocAsync", 12000, 2, true).2,
-            cuMemAllocAsync_ptsz as *const () as usize
-        );
-        assert_eq!(
-            ask("cuMemcpyHtoD", 12000, 2, true).2,
-            cuMemcpyHtoD_v2_ptds as *const () as usize
-        );
-        assert_eq!(
-            ask("cuMemcpyHtoD", 12000, 0, true).2,
-            cuMemcpyHtoD_v2 as *const () as usize
-        );
-        assert_eq!(
-            ask("cuDevicePrimaryCtxRelease", 10000, 0, true).2,
-            cuDevicePrimaryCtxRelease as *const () as usize
-        );
-        assert_eq!(
-            ask("cuDevicePrimaryCtxRelease", 11000, 0, true).2,
-            cuDevicePrimaryCtxRelease_v2 as *const () as usize
-        );
-        assert_eq!(
-            ask("cuCtxCreate", 12080, 0, true).2,
-            cuCtxCreate_v4 as *const () as usize
-        );
-        assert_eq!(
-            ask("cuCtxCreate", 11040, 0, true).2,
-            cuCtxCreate_v3 as *const () as usize
-        );
-        assert_eq!(
-            ask("cuGetProcAddress", 12000, 0, true).2,
-            cuGetProcAddress_v2 as *const () as usize
-        );
+        // (symbol, version, flags): the entry point the real driver resolves it to.
+        let resolved: [(&str, c_int, u64, *const ()); 8] = [
+            ("cuMemAllocAsync", 12000, 2, cuMemAllocAsync_ptsz as _),
+            ("cuMemcpyHtoD", 12000, 2, cuMemcpyHtoD_v2_ptds as _),
+            ("cuMemcpyHtoD", 12000, 0, cuMemcpyHtoD_v2 as _),
+            (
+                "cuDevicePrimaryCtxRelease",
+                10000,
+                0,
+                cuDevicePrimaryCtxRelease as _,
+            ),
+            (
+                "cuDevicePrimaryCtxRelease",
+                11000,
+                0,
+                cuDevicePrimaryCtxRelease_v2 as _,
+            ),
+            ("cuCtxCreate", 12080, 0, cuCtxCreate_v4 as _),
+            ("cuCtxCreate", 11040, 0, cuCtxCreate_v3 as _),
+            ("cuGetProcAddress", 12000, 0, cuGetProcAddress_v2 as _),
+        ];
+        for (name, version, flags, want) in resolved {
+            assert_eq!(
+                ask(name, version, flags, true).2,
+                want as usize,
+                "{name} at {version}, flags {flags}"
+            );
+        }
         // Known but unimplemented here: resolvable, and returns NOT_SUPPORTED when called.
         let (r, st, p) = ask("cuStreamCreate", 12000, 0, true);
         assert_eq!((r, st), (0, 0));

@@ -90,6 +90,11 @@ fn counts(procs: &[(u32, u64)]) -> BTreeMap<u32, usize> {
     m
 }
 
+/// How many entries `counts` found for `pid`.
+fn entries(m: &BTreeMap<u32, usize>, pid: u32) -> usize {
+    m.get(&pid).copied().unwrap_or(0)
+}
+
 fn used_of(procs: &[(u32, u64)], pid: u32) -> Option<u64> {
     procs.iter().find(|(p, _)| *p == pid).map(|(_, u)| *u)
 }
@@ -121,8 +126,8 @@ fn ours_by_namespace(
     me: u32,
     probe: &mut impl Probe,
 ) -> bool {
-    let had = |m: &BTreeMap<u32, usize>| m.get(&me).copied().unwrap_or(0);
-    had(now) > had(before) || (had(now) > 0 && probe.namespace_pids_seen())
+    let mine = |m| entries(m, me);
+    mine(now) > mine(before) || (mine(now) > 0 && probe.namespace_pids_seen())
 }
 
 /// Takes a staircase step of `bytes` (or one page if that is refused); Err says why
@@ -169,7 +174,6 @@ pub fn run_signature(
     probe: &mut impl Probe,
 ) -> Detection {
     let before = counts(before);
-    let had = |m: &BTreeMap<u32, usize>, p: u32| m.get(&p).copied().unwrap_or(0);
     let mut t = Tracker::new();
     let mut held: Vec<u64> = Vec::new();
     let mut sizes: Vec<u64> = Vec::new();
@@ -219,7 +223,7 @@ pub fn run_signature(
                 let mut unavailable = 0usize;
                 for &(pid, used) in &procs {
                     // Fresh, listed once (a repeated PID is a namespace PID), unclaimed.
-                    if had(&now_c, pid) <= had(&before, pid) || had(&now_c, pid) != 1 {
+                    if entries(&now_c, pid) <= entries(&before, pid) || entries(&now_c, pid) != 1 {
                         continue;
                     }
                     if claimed.contains(&pid) {
@@ -333,7 +337,6 @@ pub fn run_serial(
     probe: &mut impl Probe,
 ) -> Detection {
     let before = counts(before);
-    let had = |m: &BTreeMap<u32, usize>, p: u32| m.get(&p).copied().unwrap_or(0);
     let mut wait = policy.poll_start;
     let mut polls = 0u32;
     let mut last_candidates: Vec<u32> = Vec::new();
@@ -380,7 +383,9 @@ pub fn run_serial(
                     let fresh: Vec<u32> = now
                         .iter()
                         .filter(|(p, n)| {
-                            **n > had(&before, **p) && !claimed.contains(p) && !foreign.contains(p)
+                            **n > entries(&before, **p)
+                                && !claimed.contains(p)
+                                && !foreign.contains(p)
                         })
                         .map(|(p, _)| *p)
                         .collect();

@@ -152,11 +152,15 @@ mod tests {
 
     #[test]
     fn hami_syntax() {
-        assert_eq!(parse_limit("X", "1073741824"), Ok(1 << 30));
-        assert_eq!(parse_limit("X", "4g"), Ok(4 << 30));
-        assert_eq!(parse_limit("X", "4G"), Ok(4 << 30));
-        assert_eq!(parse_limit("X", "512m"), Ok(512 << 20));
-        assert_eq!(parse_limit("X", "64K"), Ok(64 << 10));
+        for (text, bytes) in [
+            ("1073741824", 1 << 30),
+            ("4g", 4 << 30),
+            ("4G", 4 << 30),
+            ("512m", 512 << 20),
+            ("64K", 64 << 10),
+        ] {
+            assert_eq!(parse_limit("X", text), Ok(bytes), "{text}");
+        }
         for bad in ["", "-1", "4gb", "four", "1.5g", "g"] {
             let e = parse_limit("CUDA_DEVICE_MEMORY_LIMIT", bad).unwrap_err();
             assert!(e.contains("CUDA_DEVICE_MEMORY_LIMIT"), "{e}");
@@ -230,6 +234,11 @@ mod tests {
             .collect()
     }
 
+    /// `line` contains every one of `parts`.
+    fn says(line: &str, parts: &[&str]) {
+        assert!(parts.iter().all(|p| line.contains(p)), "{line}");
+    }
+
     #[test]
     fn explain_says_what_zero_means_and_names_missing_devices() {
         let w = explain(
@@ -242,19 +251,17 @@ mod tests {
             ]),
         );
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(
-            w[0].contains("CUDA_DEVICE_MEMORY_LIMIT=\"0\"")
-                && w[0].contains("no limit")
-                && w[0].contains("HAMi-core"),
-            "{}",
-            w[0]
+        says(
+            &w[0],
+            &["CUDA_DEVICE_MEMORY_LIMIT=\"0\"", "no limit", "HAMi-core"],
         );
-        assert!(
-            w[1].contains("CUDA_DEVICE_MEMORY_LIMIT_5")
-                && w[1].contains("2 CUDA devices")
-                && w[1].contains("limits nothing"),
-            "{}",
-            w[1]
+        says(
+            &w[1],
+            &[
+                "CUDA_DEVICE_MEMORY_LIMIT_5",
+                "2 CUDA devices",
+                "limits nothing",
+            ],
         );
         // A per-device 0 says where its device falls back to.
         let w = explain(
@@ -265,11 +272,7 @@ mod tests {
             ]),
         );
         assert_eq!(w.len(), 1, "{w:?}");
-        assert!(
-            w[0].contains("falls back") && w[0].contains("1073741824"),
-            "{}",
-            w[0]
-        );
+        says(&w[0], &["falls back", "1073741824"]);
         let w = explain(1, vars(&[("CUDA_DEVICE_MEMORY_LIMIT_0", "0")]));
         assert!(w[0].contains("device 0 has no limit"), "{}", w[0]);
         // Names that are never read; one device; an unknown device count.

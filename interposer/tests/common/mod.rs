@@ -7,15 +7,10 @@ use vigil_region::{Counter, RegionReader};
 
 pub use vigil_gpusim::testing::artifact;
 
-/// The shared simulator (`vigil_gpusim::testing`) with this crate's defaults (fast
-/// context creation, a short NVML lag), plus workloads under the interposer.
-pub struct Sim(vigil_gpusim::testing::Sim);
-
-impl std::ops::Deref for Sim {
-    type Target = vigil_gpusim::testing::Sim;
-    fn deref(&self) -> &vigil_gpusim::testing::Sim {
-        &self.0
-    }
+vigil_gpusim::test_sim! {
+    /// The shared simulator (`vigil_gpusim::testing`) with this crate's defaults (fast
+    /// context creation, a short NVML lag), plus workloads under the interposer.
+    Sim
 }
 
 impl Sim {
@@ -46,15 +41,30 @@ impl Sim {
     }
 
     pub fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let out = self.workload(args, env, true).output().unwrap();
-        assert!(
-            out.status.success(),
-            "workload failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        run_ok(self.workload(args, env, true))
     }
+}
+
+/// Runs `c` to the end; it must succeed (a failure shows its stdout and stderr).
+pub fn run_ok(mut c: Command) -> Output {
+    let out = c.output().unwrap();
+    succeeded(out, &c)
+}
+
+/// `out`, which must be a success (a failure shows `what` ran, its stdout and stderr).
+pub fn succeeded(out: Output, what: &dyn std::fmt::Debug) -> Output {
+    assert!(
+        out.status.success(),
+        "{what:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `text` (a log, a line of it) contains every one of `parts`.
+pub fn says(text: &str, parts: &[&str]) {
+    assert!(parts.iter().all(|p| text.contains(p)), "{text}");
 }
 
 pub fn stderr(o: &Output) -> String {

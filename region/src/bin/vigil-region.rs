@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use vigil_region::{
     monotonic_ns, Counter, DetectOutcome, Event, EventKind, ForceReason, InitParams, LockId,
-    Payload, Region, RegionRead, RegionReader, ReleaseOutcome, Snapshot,
+    Payload, Region, RegionRead, RegionReader, ReleaseOutcome, SlotHandle, Snapshot,
 };
 
 #[derive(Parser)]
@@ -332,6 +332,14 @@ fn spin_until(t: Option<u64>) {
     }
 }
 
+/// Opens the region as `init` says and claims a slot, printing `slot index= pid=`.
+fn attach_and_claim(path: &Path, init: &InitArgs) -> Result<(Region, SlotHandle)> {
+    let (r, _) = Region::open(path, &init.params())?;
+    let me = r.claim_slot()?;
+    println!("slot index={} pid={}", me.index, std::process::id());
+    Ok((r, me))
+}
+
 fn exercise(e: Exercise) -> Result<ExitCode> {
     match e {
         Exercise::Attach {
@@ -354,9 +362,7 @@ fn exercise(e: Exercise) -> Result<ExitCode> {
             hold_ms,
             init,
         } => {
-            let (r, _) = Region::open(&path, &init.params())?;
-            let me = r.claim_slot()?;
-            println!("slot index={} pid={}", me.index, std::process::id());
+            let (r, me) = attach_and_claim(&path, &init)?;
             let g = r.lock(lock.into(), me)?;
             let o = g.outcome();
             println!(
@@ -477,9 +483,7 @@ fn exercise(e: Exercise) -> Result<ExitCode> {
             hold,
             init,
         } => {
-            let (r, _) = Region::open(&path, &init.params())?;
-            let me = r.claim_slot()?;
-            println!("slot index={} pid={}", me.index, std::process::id());
+            let (r, me) = attach_and_claim(&path, &init)?;
             spin_until(start_at_ns);
             let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
             let mut next = move || {
@@ -703,27 +707,33 @@ fn event_fields(e: &Event) -> Vec<(&'static str, Val)> {
     v
 }
 
-/// One event as `key=value` pairs.
-fn format_event(e: &Event) -> String {
-    let fields: Vec<String> = event_fields(e)
+/// Every field of an event, a number rendered by `num`, a name by `name`.
+fn rendered_fields(
+    e: &Event,
+    num: impl Fn(&str, u64) -> String,
+    name: impl Fn(&str, &str) -> String,
+) -> Vec<String> {
+    event_fields(e)
         .into_iter()
         .map(|(k, v)| match v {
-            Val::Num(n) => format!("{k}={n}"),
-            Val::Name(s) => format!("{k}={s}"),
+            Val::Num(n) => num(k, n),
+            Val::Name(s) => name(k, s),
         })
-        .collect();
-    fields.join(" ")
+        .collect()
+}
+
+/// One event as `key=value` pairs.
+fn format_event(e: &Event) -> String {
+    rendered_fields(e, |k, n| format!("{k}={n}"), |k, s| format!("{k}={s}")).join(" ")
 }
 
 /// One event as a JSON object (names are our own ASCII labels: nothing to escape).
 fn json_event(e: &Event) -> String {
-    let fields: Vec<String> = event_fields(e)
-        .into_iter()
-        .map(|(k, v)| match v {
-            Val::Num(n) => format!("\"{k}\":{n}"),
-            Val::Name(s) => format!("\"{k}\":\"{s}\""),
-        })
-        .collect();
+    let fields = rendered_fields(
+        e,
+        |k, n| format!("\"{k}\":{n}"),
+        |k, s| format!("\"{k}\":\"{s}\""),
+    );
     format!("{{{}}}", fields.join(","))
 }
 

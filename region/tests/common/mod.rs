@@ -1,6 +1,10 @@
 //! Helpers for tests that drive regions from real child processes.
 #![allow(dead_code)]
 
+mod tmpfs;
+#[allow(unused_imports)] // only the full-filesystem tests use it
+pub use tmpfs::Tmpfs;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,6 +19,14 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
 
+/// A fresh temporary directory and the path of a region file `name` in it (not
+/// created); the file goes when the directory is dropped.
+pub fn scratch(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempdir();
+    let path = dir.path().join(name);
+    (dir, path)
+}
+
 /// `vigil-region exercise <args>` with piped stdout.
 pub fn exercise(args: &[&str]) -> Command {
     let mut c = Command::new(bin());
@@ -22,6 +34,24 @@ pub fn exercise(args: &[&str]) -> Command {
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    c
+}
+
+/// `vigil-region exercise <args>` as PID 1 of a new PID namespace (under `unshare`,
+/// which stays its parent), with piped stdout.
+pub fn exercise_in_pid_namespace(args: &[&str]) -> Command {
+    let mut c = Command::new("unshare");
+    c.args([
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        bin(),
+        "exercise",
+    ])
+    .args(args)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     c
 }
 
@@ -139,6 +169,46 @@ pub fn can_unshare() -> bool {
         .unwrap_or(false)
 }
 
+/// `unshare --pid` is usable here; if not, says the test is skipped.
+pub fn unshare_or_skip() -> bool {
+    let ok = can_unshare();
+    if !ok {
+        eprintln!("SKIPPED: unshare --pid is not available here (needs root or user namespaces)");
+    }
+    ok
+}
+
+/// Runs `cmd` with the fault point `point` armed and asserts the point killed it.
+pub fn run_killed_at(mut cmd: Command, point: &str, what: &str) {
+    cmd.env("VIGIL_FAULT", point);
+    let out = cmd.output().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGKILL),
+        "the fault point must kill {what}"
+    );
+}
+
+/// Truncates the file at `path` to nothing, as another process could.
+pub fn truncate_to_zero(path: &Path) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+}
+
+/// Overwrites the first `len` bytes of the file at `path` with zeros.
+pub fn zero_fill(path: &Path, len: usize) {
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(path).unwrap(),
+        &vec![0u8; len],
+        0,
+    )
+    .unwrap();
+}
+
 pub fn region_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
@@ -147,53 +217,4 @@ pub fn p99(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     let i = ((v.len() as f64) * 0.99).ceil() as usize;
     v[i.saturating_sub(1).min(v.len() - 1)]
-}
-
-/// A tmpfs mounted for one test, lazily unmounted when dropped.
-pub struct Tmpfs {
-    _dir: tempfile::TempDir,
-    pub path: PathBuf,
-}
-
-impl Tmpfs {
-    pub fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempdir();
-        let path = dir.path().join("fs");
-        std::fs::create_dir(&path).unwrap();
-        match Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .output()
-        {
-            Ok(o) if o.status.success() => Some(Tmpfs { _dir: dir, path }),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    /// Fills the filesystem to its last block.
-    pub fn fill(&self) {
-        let out = Command::new("dd")
-            .arg("if=/dev/zero")
-            .arg(format!("of={}", self.path.join("fill").display()))
-            .arg("bs=64k")
-            .output()
-            .unwrap();
-        assert!(String::from_utf8_lossy(&out.stderr).contains("No space left"));
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
 }
