@@ -246,6 +246,9 @@ fn run(cli: Cli) -> Result<(), String> {
         ));
     }
     let addr = parse_listen_address(&cli.listen_address)?;
+    if !vigil_exporter::util::keep_scrape_buffers_on_heap() {
+        tracing::debug!("mallopt(M_MMAP_THRESHOLD) not taken: scrape buffers stay mmapped");
+    }
     // Every watched region and every client connection is a descriptor: use all the
     // hard limit allows (containers often start with a soft limit of 1024).
     match vigil_exporter::util::raise_nofile_limit() {
