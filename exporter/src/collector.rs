@@ -1014,13 +1014,13 @@ fn encode_nvml(
         enc,
         "vigil_nvml_process_memory_bytes",
         "Device memory NVML reports for the region's live processes whose host PID is known (device is the region's ordinal, paired with the physical device its processes use)",
-        rows.iter().map(|(l, v, _)| (l.clone(), *v)),
+        rows.iter().map(|(l, v, _)| (*l, *v)),
     )?;
     gauges(
         enc,
         "vigil_device_memory_accounting_drift_bytes",
         "NVML's usage of the region's live processes minus what the interposer accounted to them: positive means allocations Vigil did not count",
-        rows.iter().map(|(l, _, d)| (l.clone(), *d)),
+        rows.iter().map(|(l, _, d)| (*l, *d)),
     )?;
     Ok(())
 }
@@ -1066,7 +1066,7 @@ fn encode_process(enc: &mut DescriptorEncoder, p: &crate::process::ProcessStats)
             enc,
             name,
             help,
-            v.map(|v| (none.clone(), v.min(i64::MAX as u64) as i64)),
+            v.map(|v| (none, v.min(i64::MAX as u64) as i64)),
         )?;
     }
     let mut m = enc.encode_descriptor(
