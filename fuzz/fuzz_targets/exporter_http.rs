@@ -41,6 +41,7 @@
 //!     the same headers and no body;
 //!   * `/healthz`: 200 "ok"; `/`: 200 HTML linking the (escaped) telemetry path;
 //!   * any other path (no decoding: `/%6Detrics` is not `/metrics`): 404.
+//!
 //! After `Connection: close` nothing more is answered and the connection closes. The
 //! first request the harness cannot judge exactly ends the exact part; its answer must
 //! still be one of the service's (with a valid body) or one of hyper's error answers.

@@ -220,7 +220,9 @@ pub fn check(body: &[u8], fmt: Format) -> Result<Stats, String> {
                 .split_once(' ')
                 .ok_or_else(|| at("bare comment".into()))?;
             let (name, arg) = rest.split_once(' ').unwrap_or((rest, ""));
-            if !matches!(kind, "HELP" | "TYPE") && !(fmt == Format::OpenMetrics && kind == "UNIT") {
+            let known =
+                matches!(kind, "HELP" | "TYPE") || (fmt == Format::OpenMetrics && kind == "UNIT");
+            if !known {
                 return Err(at(format!("unknown comment {kind}")));
             }
             if !is_metric_name(name) {
