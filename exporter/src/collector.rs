@@ -204,28 +204,22 @@ impl EncodeLabelSet for Labels<'_> {
     }
 }
 
-/// `base` plus `extra` (at most three; more is a bug in this file, caught by tests).
+/// `base` plus `extra`. At most three of a family's own: every caller is in this file
+/// with a literal list, and more would panic here, which the scrape's `catch_unwind`
+/// turns into a logged error rather than a series with a label missing.
 fn with<'a>(base: &'a [(&'static str, &'a str)], extra: &[(&'static str, &'a str)]) -> Labels<'a> {
     let mut l = Labels {
         base,
         extra: [("", ""); 3],
-        n: extra.len().min(3),
+        n: extra.len(),
     };
-    debug_assert!(extra.len() <= 3, "more than three labels of a family's own");
-    l.extra[..l.n].copy_from_slice(&extra[..l.n]);
+    l.extra[..extra.len()].copy_from_slice(extra);
     l
 }
 
-impl<'a> Labels<'a> {
-    /// These labels and one more.
-    fn plus(mut self, kv: (&'static str, &'a str)) -> Labels<'a> {
-        debug_assert!(self.n < 3, "more than three labels of a family's own");
-        let i = self.n.min(2);
-        self.extra[i] = kv;
-        self.n = i + 1;
-        self
-    }
-}
+/// A region as the NVML check sees it: its labels, the host PIDs of its live
+/// processes, and what the interposer accounted to them per device.
+type Checked<'a> = (&'a [(&'static str, &'a str)], Vec<u32>, Vec<u64>);
 
 /// Labels of a series that belongs to no region (the exporter's own, NVML's devices).
 fn own<'a>(extra: &[(&'static str, &'a str)]) -> Labels<'a> {
@@ -712,7 +706,7 @@ fn encode_views(
         encode_hami(enc, hami, &hbases, &hdevs)?;
         if extra.nvml.enabled {
             // Per region and device: (host PIDs of live slots, what Vigil accounted to them).
-            let mut checked: Vec<(Labels, Vec<u32>, Vec<u64>)> = Vec::new();
+            let mut checked: Vec<Checked> = Vec::new();
             for (v, b) in each() {
                 let live: Vec<_> = v
                     .snap
@@ -726,7 +720,7 @@ fn encode_views(
                         *a = a.saturating_add(u);
                     }
                 }
-                checked.push((with(b, &[]), live.iter().map(|s| s.host_pid).collect(), acc));
+                checked.push((b.as_slice(), live.iter().map(|s| s.host_pid).collect(), acc));
             }
             for ((h, b), ev) in heach().zip(hami.iter().map(|h| &h.eval)) {
                 let live: Vec<_> = h
@@ -743,7 +737,7 @@ fn encode_views(
                             .fold(0u64, |a, s| a.saturating_add(s.devices[d].total))
                     })
                     .collect();
-                checked.push((with(b, &[]), live.iter().map(|s| s.host_pid).collect(), acc));
+                checked.push((b.as_slice(), live.iter().map(|s| s.host_pid).collect(), acc));
             }
             encode_nvml(enc, &extra.nvml, &checked)?;
         }
@@ -928,11 +922,7 @@ fn encode_hami(
 
 /// NVML's families: devices, and per region NVML's usage of its live processes next
 /// to Vigil's accounting of them (see `nvml`).
-fn encode_nvml(
-    enc: &mut DescriptorEncoder,
-    st: &NvmlState,
-    regions: &[(Labels, Vec<u32>, Vec<u64>)],
-) -> fmt::Result {
+fn encode_nvml(enc: &mut DescriptorEncoder, st: &NvmlState, regions: &[Checked]) -> fmt::Result {
     gauges(
         enc,
         "vigil_exporter_nvml_up",
@@ -1003,7 +993,7 @@ fn encode_nvml(
                 let seen = n.map_or(0, |n| crate::nvml::usage_of(s, n, pids));
                 let drift = seen as i128 - acc[d] as i128;
                 rows.push((
-                    b.plus(("device", name.as_str())),
+                    with(b, &[("device", name.as_str())]),
                     clamp(seen),
                     drift.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
                 ));
