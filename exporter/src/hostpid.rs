@@ -29,7 +29,7 @@
 //! answer is confirmed by the next scrape: the slot must still be alive then (so its
 //! process was alive during the scan), otherwise it is not counted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -316,7 +316,8 @@ pub struct RegionChecks {
     /// The region's init nonce: a re-created region's slots are new incarnations even
     /// where index and generation repeat.
     nonce: u64,
-    slots: HashMap<u16, Incarnation>,
+    /// By slot index, in index order.
+    slots: Vec<(u16, Incarnation)>,
     counts: [u64; 4],
 }
 
@@ -336,21 +337,39 @@ impl RegionChecks {
             self.nonce = nonce;
             self.slots.clear();
         }
-        // Forget slots that are gone (released, reaped): memory stays bounded by the
-        // slots of the current snapshot.
-        let present: HashSet<u16> = slots.iter().map(|s| s.index).collect();
-        self.slots.retain(|i, _| present.contains(i));
-        let mut wanted = Vec::new();
-        for s in slots {
-            let inc = self
+        // Keep the incarnations of slots still present: as they are when the same
+        // slots are in use, else by one merge of two lists in slot order (no
+        // hashing: this runs for every region on every scrape). Slots that are gone
+        // (released, reaped) are forgotten, so memory stays bounded by the current
+        // snapshot.
+        let mut order: Vec<&SlotInfo> = slots.iter().collect();
+        if !order.windows(2).all(|w| w[0].index < w[1].index) {
+            order.sort_by_key(|s| s.index);
+            order.dedup_by_key(|s| s.index);
+        }
+        let same_slots = self.slots.len() == order.len()
+            && self
                 .slots
-                .entry(s.index)
-                .and_modify(|inc| {
-                    if inc.generation != s.generation {
-                        *inc = Incarnation::new(s);
-                    }
-                })
-                .or_insert_with(|| Incarnation::new(s));
+                .iter()
+                .zip(&order)
+                .all(|((i, _), s)| *i == s.index);
+        if !same_slots {
+            let mut old = std::mem::take(&mut self.slots).into_iter().peekable();
+            self.slots.reserve(order.len());
+            for s in &order {
+                while old.next_if(|(i, _)| *i < s.index).is_some() {}
+                let inc = old
+                    .next_if(|(i, _)| *i == s.index)
+                    .map_or_else(|| Incarnation::new(s), |(_, inc)| inc);
+                self.slots.push((s.index, inc));
+            }
+        }
+        let mut wanted = Vec::new();
+        let mut counted = Vec::new();
+        for (s, (_, inc)) in order.iter().zip(self.slots.iter_mut()) {
+            if inc.generation != s.generation {
+                *inc = Incarnation::new(s);
+            }
             if inc.done {
                 continue;
             }
@@ -381,9 +400,10 @@ impl RegionChecks {
                 r => r,
             };
             inc.done = true;
-            if let Some(r) = result {
-                self.count(r);
-            }
+            counted.extend(result);
+        }
+        for r in counted {
+            self.count(r);
         }
         wanted
     }
@@ -393,7 +413,7 @@ impl RegionChecks {
     /// the owner was alive.
     pub fn resolved(&mut self, results: &HashMap<ProcessIdentity, Resolution>) {
         let mut counted = Vec::new();
-        for inc in self.slots.values_mut() {
+        for (_, inc) in self.slots.iter_mut() {
             if inc.done || inc.resolution.is_some() {
                 continue;
             }
@@ -448,6 +468,11 @@ impl HostPidChecker {
             warned_denied: AtomicBool::new(false),
             warned_list: AtomicBool::new(false),
         }
+    }
+
+    /// When the last `/proc` scan began, if one has.
+    pub fn last_scan(&self) -> Option<Instant> {
+        *crate::util::lock(&self.last_scan)
     }
 
     pub fn root(&self) -> &Path {
@@ -522,7 +547,7 @@ mod tests {
             start_time_ticks: 1000 + generation as u64,
             host_pid,
             detect_outcome: outcome,
-            mem_used: vec![],
+            mem_used: Default::default(),
             alive,
             unenforced: vec![],
         }

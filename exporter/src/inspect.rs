@@ -99,7 +99,7 @@ pub fn to_json(path: &Path, s: &Snapshot, checks: &[SlotCheck]) -> Value {
                 "resolved_host_pid": resolution.and_then(Resolution::host_pid),
                 "resolution": resolution.map(Resolution::name).unwrap_or("not_checked"),
                 "host_pid_check": c.map(|c| c.result).unwrap_or("not_checked"),
-                "alive": sl.alive, "mem_used_bytes": sl.mem_used,
+                "alive": sl.alive, "mem_used_bytes": &sl.mem_used[..],
             })
         }).collect::<Vec<_>>(),
         "locks": LockId::ALL.iter().zip(&s.locks).map(|(id, l)| json!({

@@ -16,6 +16,7 @@ pub mod hostpid;
 pub mod http;
 pub mod inspect;
 pub mod labels;
+pub mod liveness;
 pub mod logfmt;
 pub mod negotiate;
 pub mod nvml;

@@ -131,6 +131,38 @@ fn memory_of_a_killed_process_shows_as_dead_without_writing_the_region() {
     });
 }
 
+/// Scrapes take slot liveness from the background pass's probe only while it is at
+/// most a second old: with `--drain.interval 60m` there is no pass after the first, and
+/// a death is seen by the very next scrape, as when every scrape probed every slot.
+#[test]
+fn a_background_probe_older_than_a_second_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.cache");
+    let (w, _) = Region::open(&path, &params(vec![4 << 30, 0], "", "")).unwrap();
+    let _me = w.claim_slot().unwrap();
+    let mut child = spawn_child("charger_child", "VIGIL_TEST_CHARGER", &path);
+    let p = path.to_str().unwrap();
+    // The only background pass runs at start, and probes both slots alive.
+    let ex = Exporter::start_raw(&["--region", p, "--drain.interval", "60m"]);
+    assert_eq!(ex.scrape().value("vigil_processes", &[("region", p)]), 2.0);
+    std::thread::sleep(vigil_exporter::liveness::MAX_AGE + Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let m = ex.scrape();
+    assert_eq!(
+        m.value("vigil_processes", &[("region", p)]),
+        1.0,
+        "the first scrape after the kill, with only a stale probe to go by"
+    );
+    assert_eq!(
+        m.value(
+            "vigil_device_memory_dead_bytes",
+            &[("region", p), ("device", "0")]
+        ),
+        (576u64 << 20) as f64
+    );
+}
+
 fn spawn_holder(path: &Path) -> std::process::Child {
     spawn_child("holder_child", "VIGIL_TEST_HOLDER", path)
 }
@@ -403,6 +435,11 @@ fn series_are_exact_and_present_from_the_start() {
     holder.kill().unwrap();
     holder.wait().unwrap();
     w.release_slot(other).unwrap();
+    // Liveness comes from the background pass's probe (every --drain.interval):
+    // the death is seen within one pass.
+    wait_until("holder seen dead", Duration::from_secs(10), || {
+        ex.scrape().value("vigil_processes", &[("region", label)]) == 1.0
+    });
 
     let t = truth(&path);
     let m = ex.scrape();

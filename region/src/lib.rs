@@ -41,5 +41,7 @@ pub use region::{install_sigbus_guard, Region};
 pub use ring::{DrainStats, Event, EventKind, LostCounts, Payload, RingConsumer, NO_SLOT};
 pub use slot::DetectOutcome;
 pub use slot::SlotHandle;
-pub use snapshot::{DeviceInfo, LockInfo, RegionIdentity, SlotInfo, Snapshot};
+pub use snapshot::{
+    DeviceInfo, KnownLiveness, LockInfo, PerDevice, RegionIdentity, SlotInfo, Snapshot,
+};
 pub use sys::{getpid, monotonic_ns, realtime_ns};

@@ -6,7 +6,7 @@ use crate::file::file_len;
 use crate::layout::*;
 use crate::region::{layout_of, Region};
 use crate::ring::Event;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{KnownLiveness, Snapshot};
 use crate::sys::{self, Mapping};
 use crate::validate::validate;
 use std::fs::{File, OpenOptions};
@@ -214,6 +214,13 @@ impl RegionReader {
     /// Check [`revalidate`](Self::revalidate) first: a copy of a damaged region is
     /// garbage, if harmless garbage.
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot::read(self.layout(), &self._file)
+        Snapshot::read(self.layout(), &self._file, &|_| None)
+    }
+
+    /// [`snapshot`](Self::snapshot), taking each slot's liveness from `known` where
+    /// it has an answer: probing a token is a syscall per slot, and an exporter that
+    /// probes in the background need not pay for it in every scrape.
+    pub fn snapshot_with(&self, known: KnownLiveness) -> Snapshot {
+        Snapshot::read(self.layout(), &self._file, known)
     }
 }

@@ -495,6 +495,6 @@ impl Region {
 
     /// A consistent-enough copy for tools and tests (same as the reader's).
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot::read(self.layout(), &self.file)
+        Snapshot::read(self.layout(), &self.file, &|_| None)
     }
 }

@@ -42,6 +42,7 @@ use crate::drain::RegionDrain;
 use crate::hami::Attachments;
 use crate::hostpid::{HostPidChecker, RegionChecks};
 use crate::labels::{region_labels, LabelPolicy, RegionLabels};
+use crate::liveness::Probed;
 use crate::trace::TraceSink;
 use crate::util::{lock, panic_text};
 use discovery::{file_key, same_file, Candidate, FileKey};
@@ -55,7 +56,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 use vigil_region::{RegionError, RegionReader, Snapshot};
 
@@ -123,6 +124,8 @@ pub struct Tracked {
     /// the region cannot be opened for lack of file descriptors. (A kept mapping
     /// needs no new descriptor, and is itself the fallback otherwise.)
     last: Mutex<Option<Arc<Snapshot>>>,
+    /// Slot liveness from the last background probe (see `liveness`).
+    liveness: Mutex<Option<Arc<Probed>>>,
 }
 
 impl std::fmt::Debug for Tracked {
@@ -150,6 +153,13 @@ impl Tracked {
 
     pub fn labels(&self) -> RegionLabels {
         lock(&self.labels).clone()
+    }
+
+    /// Probes every slot's token and keeps the answers for scrapes.
+    fn probe_liveness(&self, r: &RegionReader) {
+        let at = Instant::now();
+        let probed = Probed::new(at, &r.snapshot().slots);
+        *lock(&self.liveness) = Some(Arc::new(probed));
     }
 }
 
@@ -351,7 +361,14 @@ impl RegionSet {
     pub fn scrape_snapshot(&self, t: &Arc<Tracked>) -> Option<Snapshot> {
         match self.reader(t) {
             Ok(r) => {
-                let snap = r.snapshot();
+                let scan_began = self.host_pid.last_scan();
+                let probed = lock(&t.liveness)
+                    .clone()
+                    .filter(|p| p.usable(Instant::now(), scan_began));
+                let snap = match probed {
+                    Some(p) => r.snapshot_with(&|s| p.get(s)),
+                    None => r.snapshot(),
+                };
                 if r.is_poisoned() {
                     self.mapping_faulted(t);
                     return None;
@@ -523,6 +540,7 @@ impl RegionSet {
                     corrupt_histograms: AtomicBool::new(false),
                     host_pid_checks: Mutex::new(RegionChecks::default()),
                     last: Mutex::new(None),
+                    liveness: Mutex::new(None),
                 });
                 let mut inner = lock(&self.inner);
                 inner.failed.remove(&c.path);
@@ -576,18 +594,21 @@ impl RegionSet {
         }
         let start = self.drain_start.load(Relaxed) % tracked.len();
         let mut n: u64 = 0;
+        // Where the budget ran out: the next pass starts there.
+        let mut unserved = None;
         for i in 0..tracked.len() {
             let idx = (start + i) % tracked.len();
             let t = &tracked[idx];
             let budget = MAX_EVENTS_PER_PASS.saturating_sub(n);
-            if budget == 0 {
-                self.drain_start.store(idx, Relaxed);
-                return n;
+            if budget == 0 && unserved.is_none() {
+                unserved = Some(idx);
             }
             let max = (budget as usize).min(MAX_EVENTS_PER_REGION_PASS);
             let res = catch_unwind(AssertUnwindSafe(|| {
                 let r = self.open_tracked(t)?;
-                let got = t.drain_once(&r, max);
+                let got = if max > 0 { t.drain_once(&r, max) } else { 0 };
+                // Every region's liveness every pass, budget or not (see `liveness`).
+                t.probe_liveness(&r);
                 if r.is_poisoned() {
                     self.mapping_faulted(t);
                 }
@@ -602,7 +623,8 @@ impl RegionSet {
                 ),
             }
         }
-        self.drain_start.store(start.wrapping_add(1), Relaxed);
+        self.drain_start
+            .store(unserved.unwrap_or(start.wrapping_add(1)), Relaxed);
         n
     }
 
