@@ -46,13 +46,22 @@ fn sysconf(name: libc::c_int, default: i64) -> i64 {
     }
 }
 
+/// The boot time from `/proc/stat`, read once: it does not change, and `/proc/stat`
+/// (every CPU's times, every interrupt's count) is costly to generate on every scrape.
+fn boot_time() -> Option<f64> {
+    static BOOT: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+    })
+}
+
 /// Reads this process's figures now.
 pub fn read() -> ProcessStats {
-    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("btime "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    });
+    let boot = boot_time();
     let mut st = std::fs::read_to_string("/proc/self/stat")
         .map(|s| {
             parse(
