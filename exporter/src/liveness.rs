@@ -10,6 +10,10 @@
 //! older than [`MAX_AGE`] are not used (a long `--drain.interval`, or a pass stuck on
 //! one region): scrapes then probe every slot themselves, as before.
 //!
+//! Answers are kept per slot index, that is per token byte. The incarnation fields are
+//! tenant-written (docs/security.md, F5), but rewriting them can at most make a scrape
+//! reuse what the kernel said of that same token at the last pass.
+//!
 //! One exception keeps the host-PID check exact (see `hostpid`): a "no such process"
 //! answer is confirmed by the *next* read of the slot finding its owner alive, which
 //! is only proof if that read probed after the `/proc` scan began. Answers probed
