@@ -9,7 +9,10 @@ its chart, so this script writes what the chart needs, derived from it:
       a comparison `> N`, `>= N`, `< N` or `<= N`; `== N` tests a state, not a
       threshold, and stays), the job selector (each `job="..."` matcher) and the runbook
       URL base (each runbook_url's part before `#`) taken from values, and each alert
-      wrapped in its `enabled`; recording rules are rendered as they are (with the job
+      wrapped in its `enabled`, and where its description quotes that threshold
+      (`threshold N`, `threshold N%` or `threshold Ns`, N being the expression's number,
+      times 100 for `%`), the quote taken from values too, so that a changed threshold
+      is the one the alert says; recording rules are rendered as they are (with the job
       selector substituted); Prometheus's own `{{ }}` templates are escaped from Helm
   deploy/helm/vigil/values.yaml                     the block between the `>>> generated`
       and `<<< end` markers under prometheusRule: runbookUrlBase and, per alert,
@@ -52,6 +55,10 @@ END = "  # <<< end of generated values\n"
 JOB_RE = re.compile(r'\bjob\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 # The expression's final comparison with a number (optionally `bool`), then only space.
 THRESHOLD_RE = re.compile(r'(\s(?:>=|<=|>|<)\s*(?:bool\s+)?)([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(\s*)$')
+# A description's quote of a threshold: `threshold 5%`, `threshold 10s`, `threshold 0.9`.
+QUOTE_RE = re.compile(r'\bthreshold (\d+(?:\.\d+)?)(%|s)?(?![\w.])')
+# Stands in for a quote while the description is YAML-quoted and Helm-escaped.
+QUOTE_MARK = "VIGILTHRESHOLDQUOTE"
 DURATION_PATTERN = ("^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
                     "(([0-9]+)ms)?)$")
 RULE_KEYS_ALERT = {"alert", "expr", "for", "labels", "annotations", "keep_firing_for"}
@@ -221,7 +228,9 @@ def template(groups, sources, job, base, alerts):
                 t += "      annotations:\n"
                 for k, v in ann.items():
                     v = str(v)
-                    if k == "runbook_url" and base and v.startswith(base + "#"):
+                    if k == "description" and "threshold" in alerts[n]:
+                        t += f"        {ystr(k)}: {quote_threshold(n, v, alerts[n]['threshold'], a)}\n"
+                    elif k == "runbook_url" and base and v.startswith(base + "#"):
                         anchor = v[len(base) + 1:]
                         t += (f"        {k}: {{{{ printf \"%s#%s\" $r.runbookUrlBase "
                               f"{go_str(anchor)} | quote }}}}\n")
@@ -232,6 +241,38 @@ def template(groups, sources, job, base, alerts):
             t += "  {{- end }}\n"
     t += "{{- end }}\n"
     return t
+
+
+def quote_threshold(name, text, threshold, var):
+    """The description `text` as a YAML scalar whose quote of the alert's threshold
+    renders the chart value `var`.threshold. Other numbers stay: an alert may quote a
+    fixed threshold next to its configurable one (only the expression's final
+    comparison is a chart value). Fails if the text quotes thresholds but not this one."""
+    found = []
+    for m in QUOTE_RE.finditer(text):
+        num = float(m.group(1)) / (100 if m.group(2) == "%" else 1)
+        if abs(num - float(threshold)) <= 1e-9 * max(1.0, abs(float(threshold))):
+            found.append(m)
+    if not found:
+        quoted = [m.group(0) for m in QUOTE_RE.finditer(text)]
+        if quoted:
+            fail(f"alert {name!r}: its description quotes {quoted} but its expression's "
+                 f"threshold is {threshold}; write it as `threshold N` (N% for a ratio)")
+        return ystr(text)
+    if len(found) > 1:
+        fail(f"alert {name!r}: its description quotes its threshold {threshold} more than once")
+    m = found[0]
+    if m.group(2) == "%":
+        action = f"{{{{ round (mulf {var}.threshold 100) 6 }}}}%"
+    else:
+        action = f"{{{{ {var}.threshold }}}}" + (m.group(2) or "")
+    if QUOTE_MARK in text:
+        fail(f"alert {name!r}: its description contains {QUOTE_MARK!r}")
+    marked = text[:m.start()] + "threshold " + QUOTE_MARK + text[m.end():]
+    out = ystr(marked)
+    if out.count(QUOTE_MARK) != 1:
+        fail(f"alert {name!r}: the threshold quote was lost in escaping")
+    return out.replace(QUOTE_MARK, action)
 
 
 def block_raw(key, text_t, indent):
@@ -269,7 +310,7 @@ def values_block(base, alerts):
     out += ("  # Per alert: enabled (false: left out of the PrometheusRule), for, severity (any\n"
             "  # label value your Alertmanager routes on) and, where the expression ends in a\n"
             "  # comparison with a number, threshold (that number; docs/runbooks.md justifies\n"
-            "  # each default). The descriptions still quote the default thresholds.\n")
+            "  # each default; descriptions quote the one set here).\n")
     out += "  alerts:\n"
     for n, a in alerts.items():
         out += f"    # {a['summary']}\n" if a["summary"] else ""

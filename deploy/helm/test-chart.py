@@ -250,6 +250,11 @@ class Checker:
                         rule["annotations"]["runbook_url"] = r["runbookUrlBase"] + "#" + url.split("#", 1)[1]
                     if "threshold" in a:
                         rule["threshold"] = float(a["threshold"])
+                        desc = (rule.get("annotations") or {}).get("description")
+                        m_src = THRESHOLD_RE.search(rule["expr"])
+                        if desc and m_src:
+                            rule["annotations"]["description"] = requote(
+                                desc, float(m_src.group(2)), float(a["threshold"]))
                 rules.append(rule)
             if rules:
                 expected_groups.append({**g, "rules": rules})
@@ -288,6 +293,25 @@ class Checker:
                                                f"expected {str(x.get(kk))[:300]!r}")
                 elif g != x:
                     self.errors.append(f"PrometheusRule: {name}: {k} is {str(g)[:300]!r}, expected {str(x)[:300]!r}")
+
+
+def go_float(x):
+    """x as Go's templates print a float64 (shortest form, no `.0`)."""
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def requote(desc, default, value):
+    """A description whose quote of its alert's default threshold (`threshold N`,
+    `threshold N%` = N/100, `threshold Ns`) says `value` instead: what the chart must
+    render when the values change the threshold. Other quoted numbers stay."""
+    def sub(m):
+        num = float(m.group(1)) / (100 if m.group(2) == "%" else 1)
+        if abs(num - default) > 1e-9 * max(1.0, abs(default)):
+            return m.group(0)
+        shown = go_float(round(value * 100, 6)) if m.group(2) == "%" else go_float(value)
+        return f"threshold {shown}{m.group(2) or ''}"
+    return re.sub(r"\bthreshold (\d+(?:\.\d+)?)(%|s)?(?![\w.])", sub, desc)
 
 
 def cmd_case(args):
@@ -414,8 +438,15 @@ groups:
         annotations:
           description: >-
             {{ $value | humanize }} of
-            {{ $labels.job }}
+            {{ $labels.job }} (threshold 3; the fixed threshold 2s stays)
           runbook_url: https://example.com/rb.md#synthbool
+      - alert: SynthPct
+        expr: avg(up) < 0.25
+        for: 0m
+        labels: {severity: warning}
+        annotations:
+          description: '{{ $value | humanizePercentage }} up (threshold 25%)'
+
   - name: synthetic-only-one
     rules:
       - alert: SynthLt
@@ -432,6 +463,7 @@ prometheusRule:
   alerts:
     SynthLt: {enabled: false}
     SynthBool: {threshold: 7.5, severity: page, for: 10m}
+    SynthPct: {threshold: 0.3}
 """
 
 
@@ -463,7 +495,7 @@ def cmd_generator(_args):
         with open(os.path.join(chart, "values.yaml")) as f:
             defaults = yaml.safe_load(f)
         thresholds = {n: a.get("threshold") for n, a in defaults["prometheusRule"]["alerts"].items()}
-        want = {"SynthSingleLine": None, "SynthBool": 3, "SynthLt": 1}
+        want = {"SynthSingleLine": None, "SynthBool": 3, "SynthPct": 0.25, "SynthLt": 1}
         if thresholds != want:
             failures.append(f"generated thresholds {thresholds}, expected {want} (== is no threshold)")
         over_file = os.path.join(tmp, "over.yaml")
@@ -493,6 +525,10 @@ def cmd_generator(_args):
                 names = [gr["name"] for gr in pr["spec"]["groups"]]
                 if "synthetic-only-one" in names:
                     failures.append("(overrides) the group whose only alert is disabled is still rendered")
+                # Descriptions quote the threshold in force; a fixed one stays.
+                for quote in ("(threshold 7.5; the fixed threshold 2s stays)", "up (threshold 30%)"):
+                    if quote not in r.stdout:
+                        failures.append(f"(overrides) no description says {quote!r}")
                 if 'job=~"a|b"' not in r.stdout or "https://runbooks.example.org/x#synthbool" not in r.stdout:
                     failures.append("(overrides) the job selector or the runbook URL base does not appear")
         if subprocess.run(base + ["--check"], capture_output=True, text=True).returncode != 0:
@@ -501,12 +537,22 @@ def cmd_generator(_args):
             f.write("      - alert: SynthNew\n        expr: up == 0\n        labels: {severity: info}\n")
         if subprocess.run(base + ["--check"], capture_output=True, text=True).returncode == 0:
             failures.append("gen-prometheusrule.py --check passes although alerts/ gained an alert")
+        # A description quoting a threshold the expression does not have is refused:
+        # the chart could not keep it true.
+        with open(src_file, "a") as f:
+            f.write("      - alert: SynthWrongQuote\n        expr: up < 1\n        labels: {severity: info}\n"
+                    "        annotations: {description: 'down (threshold 5%)'}\n")
+        g = subprocess.run(base, capture_output=True, text=True)
+        if g.returncode == 0 or "SynthWrongQuote" not in g.stderr + g.stdout:
+            failures.append(f"gen-prometheusrule.py accepts a description quoting another threshold: "
+                            f"{g.stdout}{g.stderr}")
     for f_ in failures:
         print(f"FAIL {f_}")
     if not failures:
         print("ok   gen-prometheusrule.py on synthetic rules (recording rule, ==, >= bool, keep_firing_for, "
-              "{{ }} and quotes, a one-alert group): defaults equal the source, overrides applied, "
-              "promtool clean, --check detects staleness")
+              "{{ }} and quotes, a one-alert group, threshold quotes in descriptions): defaults equal "
+              "the source, overrides applied, promtool clean, --check detects staleness, a wrong "
+              "quote is refused")
     return 1 if failures else 0
 
 
