@@ -155,11 +155,14 @@ impl Tracked {
         lock(&self.labels).clone()
     }
 
-    /// Probes every slot's token and keeps the answers for scrapes.
+    /// Probes every slot's token and keeps the answers for scrapes (unless the
+    /// mapping faulted meanwhile: then what was read is zeros).
     fn probe_liveness(&self, r: &RegionReader) {
         let at = Instant::now();
-        let probed = Probed::new(at, &r.snapshot().slots);
-        *lock(&self.liveness) = Some(Arc::new(probed));
+        let slots = r.snapshot().slots;
+        if !r.is_poisoned() {
+            *lock(&self.liveness) = Some(Arc::new(Probed::new(at, &slots)));
+        }
     }
 }
 
