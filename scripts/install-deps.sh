@@ -11,6 +11,8 @@
 #                service is stopped: the tests run their own instances on other ports
 #   monitoring   helm (pinned, sha256-checked, into target/tools/helm) for the chart
 #                checks: scripts/install-helm.sh says where it comes from
+#   images       zig and cargo-zigbuild into target/pyenv (pinned with hashes in
+#                deploy/images/build-requirements.txt): libvigil.so is linked for glibc 2.17
 #   fuzz         g++ (libfuzzer-sys compiles libFuzzer)
 # scripts/check-monitoring.sh adds its pinned kubernetes-validate to target/pyenv itself.
 set -euo pipefail
@@ -63,4 +65,19 @@ if ! "$venv/bin/python" -c 'import pynvml, yaml' 2>/dev/null; then
     echo "==> installing nvidia-ml-py and PyYAML into $venv"
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check nvidia-ml-py pyyaml
+fi
+
+if want images; then
+    # zig and cargo-zigbuild, pinned with hashes: deploy/images/build.sh links
+    # libvigil.so for glibc 2.17 with them.
+    req=deploy/images/build-requirements.txt
+    pins=$(sed -nE 's/^([a-z-]+)==([0-9.]+).*/\1 \2/p' "$req")
+    if ! "$venv/bin/python" - "$pins" <<'PY' 2>/dev/null; then
+import importlib.metadata as m, sys
+pairs = sys.argv[1].split()
+assert all(m.version(n) == v for n, v in zip(pairs[::2], pairs[1::2]))
+PY
+        echo "==> installing zig and cargo-zigbuild into $venv ($req)"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check --require-hashes -r "$req"
+    fi
 fi

@@ -206,6 +206,7 @@ stage_monitoring() {
 }
 
 stage_images() {
+    build
     check "images: build steps, staged images, vigil-install (deploy/images/check.sh)" deploy/images/check.sh
 }
 

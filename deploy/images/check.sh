@@ -7,7 +7,9 @@
 #     .dockerignore, build.sh calls, ENTRYPOINT, USER, EXPOSE, labels, versions);
 #   - the exporter: links only what its base has, runs --help and serves /metrics from
 #     the staged path as a non-root UID (under chroot);
-#   - libvigil.so: loads as a preload library, has no test-only fault points;
+#   - libvigil.so: loads as a preload library, has no test-only fault points, needs no
+#     glibc newer than build.sh's floor (2.17), and enforces a memory limit under the
+#     simulator (the debug simulator and workload: cargo build --workspace);
 #   - vigil-install (under the image's busybox, in chroot): both routes (an emptyDir
 #     for an init container; HAMi's host directory with its ld.so.preload), fresh
 #     install, unchanged, updated, a process holding the old library keeps it, the
@@ -70,7 +72,10 @@ t "vigil-install parses as POSIX sh (dash -n, busybox sh -n)" \
 # --- the build step, into staging trees ---------------------------------------------------
 ex_stage=$work/stage/exporter
 lib_stage=$work/stage/libvigil
-echo "==> deploy/images/build.sh exporter|libvigil (cargo build --release --locked)"
+# build.sh links libvigil.so with zig through cargo-zigbuild, which scripts/install-deps.sh
+# (stage images) puts in target/pyenv/bin.
+export PATH=$repo/target/pyenv/bin:$PATH
+echo "==> deploy/images/build.sh exporter|libvigil (cargo build --release --locked; cargo zigbuild)"
 t "build.sh exporter stages usr/local/bin/vigil-exporter" \
     bash -c "deploy/images/build.sh exporter '$ex_stage' && test -x '$ex_stage/usr/local/bin/vigil-exporter'"
 t "build.sh libvigil stages opt/vigil/lib/libvigil.so and opt/vigil/bin/vigil-install" \
@@ -333,12 +338,46 @@ libvigil_clean() {
         echo "$lib contains test-only fault points"
         return 1
     fi
-    echo "glibc symbol versions needed: $(objdump -T "$lib" | grep -oE 'GLIBC_[0-9.]+' | sort -uV | tail -1)"
+}
+glibc_floor=$(sed -n 's/^GLIBC_FLOOR=//p' deploy/images/build.sh)
+libvigil_glibc_floor() {
+    local newest
+    newest=$(objdump -T "$lib" | grep -oE 'GLIBC_[0-9]+(\.[0-9]+)*' | sed 's/^GLIBC_//' | sort -uV | tail -1)
+    echo "the newest glibc symbol version it needs: $newest (build.sh's floor: $glibc_floor)"
+    [ -n "$newest" ] && [ -n "$glibc_floor" ] &&
+        [ "$(printf '%s\n%s\n' "$newest" "$glibc_floor" | sort -V | tail -1)" = "$glibc_floor" ]
+}
+# The zig-linked library does its job: a CUDA workload under the simulator, preloaded
+# with it, gets an allocation within its limit and is refused one over it.
+libvigil_enforces() {
+    local d=$work/sim bin=$repo/target/debug rc
+    if [ ! -x "$bin/vigil-gpusim" ] || [ ! -x "$bin/vigil-workload" ]; then
+        echo "needs the debug simulator and workload (cargo build --workspace)"
+        return 1
+    fi
+    mkdir -p "$d"
+    "$bin/vigil-gpusim" install-libs "$d/lib" >/dev/null || return 1
+    "$bin/vigil-gpusim" --socket "$d/gpu.sock" --devices 1 --memory 8GiB >"$d/sim.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do [ -S "$d/gpu.sock" ] && break; sleep 0.05; done
+    work_load() { # work_load ALLOC: one workload, preloaded, limited to 2 GiB
+        env VIGIL_GPUSIM_SOCKET="$d/gpu.sock" LD_LIBRARY_PATH="$d/lib" LD_PRELOAD="$lib" \
+            CUDA_DEVICE_MEMORY_SHARED_CACHE="$d/r.cache" CUDA_DEVICE_MEMORY_LIMIT=2g \
+            timeout 60 "$bin/vigil-workload" --alloc "$1" >"$d/w.log" 2>&1
+    }
+    work_load 256MiB || { echo "256 MiB under a 2 GiB limit failed:"; cat "$d/w.log"; return 1; }
+    work_load 4GiB
+    rc=$?
+    cat "$d/w.log"
+    [ "$rc" = 3 ] || { echo "4 GiB under a 2 GiB limit: exit $rc, expected 3 (refused)"; return 1; }
+    expect_out "$d/w.log" 'refused: .*CUDA_DEVICE_MEMORY_LIMIT'
 }
 echo "==> the libvigil image (staged tree over busybox)"
 t "the libvigil runtime root assembles (busybox + staged tree)" make_libvigil_root
 t "the staged libvigil.so loads as a preload library" libvigil_preloads
 t "the staged libvigil.so has no test-only fault points" libvigil_clean
+t "the staged libvigil.so loads with glibc $glibc_floor (no newer symbol version)" libvigil_glibc_floor
+t "the staged libvigil.so enforces a memory limit (simulator, LD_PRELOAD)" libvigil_enforces
 
 # inst USER ARGS...: runs the image's installer in the image root (chroot) as USER.
 inst() {

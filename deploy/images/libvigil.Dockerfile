@@ -7,14 +7,21 @@
 # The build stage runs deploy/images/build.sh, which deploy/images/check.sh also runs
 # (into a staging directory) and checks; keep the two in step.
 
-# libvigil.so is built against Debian 12's glibc (2.36); it loads into workloads whose
-# glibc is at least as new as the symbol versions it needs (check.sh prints them).
+# libvigil.so is linked for glibc 2.17 with zig (cargo-zigbuild, pinned with hashes in
+# deploy/images/build-requirements.txt), so it loads into workloads of any image from
+# CentOS 7 and Ubuntu 18.04 on, whatever the build image's own glibc.
 ARG RUST_IMAGE=docker.io/library/rust:1.88-slim-bookworm
 # The installer needs a POSIX sh with sha256sum, mktemp, cat, chmod, mv, mkdir, rm, sync,
 # tr, grep, tail, id, dirname, basename: busybox has them all.
 ARG BASE_IMAGE=docker.io/library/busybox:1.36.1-musl
 
 FROM ${RUST_IMAGE} AS build
+RUN apt-get update && apt-get install -y --no-install-recommends python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+COPY deploy/images/build-requirements.txt /tmp/build-requirements.txt
+RUN python3 -m venv /opt/zig \
+    && /opt/zig/bin/pip install --no-cache-dir --require-hashes -r /tmp/build-requirements.txt
+ENV PATH=/opt/zig/bin:$PATH
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
