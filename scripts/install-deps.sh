@@ -12,7 +12,9 @@
 #   monitoring   helm (pinned, sha256-checked, into target/tools/helm) for the chart
 #                checks: scripts/install-helm.sh says where it comes from
 #   images       zig and cargo-zigbuild into target/pyenv (pinned with hashes in
-#                deploy/images/build-requirements.txt): libvigil.so is linked for glibc 2.17
+#                deploy/images/build-requirements.txt): libvigil.so is linked for glibc 2.17;
+#                Debian 11's glibc 2.31 unpacked into target/tools/glibc-2.31
+#                (scripts/install-old-glibc.sh) to run it under an older glibc
 #   fuzz         g++ (libfuzzer-sys compiles libFuzzer)
 # scripts/check-monitoring.sh adds its pinned kubernetes-validate to target/pyenv itself.
 set -euo pipefail
@@ -68,6 +70,8 @@ if ! "$venv/bin/python" -c 'import pynvml, yaml' 2>/dev/null; then
 fi
 
 if want images; then
+    # Debian 11's glibc 2.31, for running a preloaded workload under an older glibc.
+    scripts/install-old-glibc.sh >/dev/null
     # zig and cargo-zigbuild, pinned with hashes: deploy/images/build.sh links
     # libvigil.so for glibc 2.17 with them.
     req=deploy/images/build-requirements.txt

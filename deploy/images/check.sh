@@ -9,7 +9,9 @@
 #     the staged path as a non-root UID (under chroot);
 #   - libvigil.so: loads as a preload library, has no test-only fault points, needs no
 #     glibc newer than build.sh's floor (2.17), and enforces a memory limit under the
-#     simulator (the debug simulator and workload: cargo build --workspace);
+#     simulator (the debug simulator and workload: cargo build --workspace), on this
+#     machine's glibc and on Debian 11's 2.31 (scripts/install-old-glibc.sh), where a
+#     library linked against this machine's glibc is refused (control);
 #   - vigil-install (under the image's busybox, in chroot): both routes (an emptyDir
 #     for an init container; HAMi's host directory with its ld.so.preload), fresh
 #     install, unchanged, updated, a process holding the old library keeps it, the
@@ -378,6 +380,61 @@ t "the staged libvigil.so loads as a preload library" libvigil_preloads
 t "the staged libvigil.so has no test-only fault points" libvigil_clean
 t "the staged libvigil.so loads with glibc $glibc_floor (no newer symbol version)" libvigil_glibc_floor
 t "the staged libvigil.so enforces a memory limit (simulator, LD_PRELOAD)" libvigil_enforces
+
+# Under an older glibc than this machine's: Debian 11's 2.31 (Ubuntu 20.04's), unpacked by
+# scripts/install-old-glibc.sh and used through its own loader. The workload and the
+# simulator's driver are linked for 2.17 too (test fixtures), so that every object in the
+# process runs on 2.31.
+old_root=
+old_glibc_ready() {
+    old_root=$(scripts/install-old-glibc.sh | tail -1) || return 1
+    old_root=$repo/$old_root
+    [ -x "$old_root/lib/$(uname -m)-linux-gnu/ld-2.31.so" ] || { echo "no ld-2.31.so under $old_root"; return 1; }
+    cargo zigbuild --quiet --release --locked -p vigil-gpusim-driver -p vigil-gpusim \
+        --target "$(uname -m)-unknown-linux-gnu.$glibc_floor"
+}
+# old_run PRELOAD ARGS...: vigil-workload ARGS under glibc 2.31 with PRELOAD preloaded,
+# every symbol bound at load (LD_BIND_NOW), against the simulator of libvigil_enforces.
+old_run() {
+    local pre=$1 d=$work/sim z=$repo/target/$(uname -m)-unknown-linux-gnu/release
+    local libdir=$old_root/lib/$(uname -m)-linux-gnu
+    shift
+    mkdir -p "$d/oldlib"
+    "$repo/target/debug/vigil-gpusim" install-libs --driver "$z/libvigil_gpusim_driver.so" "$d/oldlib" >/dev/null || return 1
+    env VIGIL_GPUSIM_SOCKET="$d/gpu.sock" CUDA_DEVICE_MEMORY_SHARED_CACHE="$d/old.cache" \
+        CUDA_DEVICE_MEMORY_LIMIT=2g LD_BIND_NOW=1 \
+        timeout 60 "$libdir/ld-2.31.so" --library-path "$libdir:$d/oldlib" --preload "$pre" \
+        "$z/vigil-workload" "$@" >"$d/old.log" 2>&1
+}
+libvigil_on_old_glibc() {
+    local rc api
+    old_run "$lib" --alloc 256MiB || { echo "256 MiB under a 2 GiB limit failed on glibc 2.31:"; cat "$work/sim/old.log"; return 1; }
+    expect_out "$work/sim/old.log" '^ready .*total=2147483648 ' || return 1
+    # Both ways the CUDA runtime resolves entry points: cuGetProcAddress, and dlsym
+    # (through Vigil's dlsym trampoline, which on 2.31 fronts libdl's).
+    for api in procaddress dlsym; do
+        old_run "$lib" --api "$api" --alloc 4GiB
+        rc=$?
+        cat "$work/sim/old.log"
+        [ "$rc" = 3 ] || { echo "4 GiB under a 2 GiB limit (--api $api): exit $rc, expected 3 (refused)"; return 1; }
+        expect_out "$work/sim/old.log" 'refused: .*CUDA_DEVICE_MEMORY_LIMIT' || return 1
+    done
+}
+# Control: linked against this machine's glibc (as the debug build is), the library
+# asks for newer symbol versions than 2.31 has, and the loader refuses it.
+host_linked_refused_on_old_glibc() {
+    if old_run "$repo/target/debug/libvigil.so" --alloc 256MiB; then
+        echo "the host-linked debug libvigil.so loaded under glibc 2.31:"
+        cat "$work/sim/old.log"
+        return 1
+    fi
+    cat "$work/sim/old.log"
+    expect_out "$work/sim/old.log" "version .GLIBC_2\.3[2-9]. not found"
+}
+echo "==> libvigil.so under glibc 2.31 (Debian 11, as in Ubuntu 20.04 images)"
+t "Debian 11's glibc 2.31 unpacked (signature and hashes checked); workload and driver linked for $glibc_floor" old_glibc_ready
+t "the staged libvigil.so enforces the limit under glibc 2.31 (cuGetProcAddress and dlsym)" libvigil_on_old_glibc
+t "control: a libvigil.so linked against this machine's glibc is refused by 2.31" host_linked_refused_on_old_glibc
 
 # inst USER ARGS...: runs the image's installer in the image root (chroot) as USER.
 inst() {
