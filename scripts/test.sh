@@ -31,9 +31,10 @@ Stages:
   monitoring   scripts/check-monitoring.sh: alert rules, the Helm chart (lint, several
                value sets rendered and validated, bad values refused), the rendered
                manifests, dashboards, every expression in a live Prometheus
-  images       deploy/images/check.sh: the image build steps (release builds) into
-               staging trees, the staged exporter and libvigil.so, vigil-install
-               (both routes), a buildah build of both images
+  images       deploy/images/check.sh: the image build steps (release builds;
+               libvigil.so linked for glibc 2.17 with zig) into staging trees, the
+               staged exporter and libvigil.so (also under Debian 11's glibc 2.31),
+               vigil-install (both routes), a buildah build of both images
   reliability  tests/kill_sweep.py (both detection modes), tests/random_kills.py
                (10 rounds, 3 more in serial mode), tests/soak.py (30 s)
   fuzz         scripts/fuzz.sh 20: saved reproducers, then each fuzz target for 20 s
