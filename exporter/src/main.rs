@@ -55,8 +55,8 @@ struct Cli {
     /// How often --regions-dir is rescanned for new and deleted files.
     #[arg(long = "regions-dir.scan-interval", default_value = "1s", value_parser = parse_duration)]
     scan_interval: Duration,
-    /// How often each region's event ring is drained and its slots' liveness probed
-    /// (scrapes use that probe while it is under a second old).
+    /// How often each region's event ring is drained (and its slots' liveness probed,
+    /// at most every 250 ms; scrapes use that probe while it is under a second old).
     #[arg(long = "drain.interval", default_value = "100ms", value_parser = parse_duration)]
     drain_interval: Duration,
     /// Address to listen on: HOST:PORT, or :PORT for every interface.

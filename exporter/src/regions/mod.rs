@@ -155,10 +155,14 @@ impl Tracked {
         lock(&self.labels).clone()
     }
 
-    /// Probes every slot's token and keeps the answers for scrapes (unless the
-    /// mapping faulted meanwhile: then what was read is zeros).
+    /// Probes every slot's token and keeps the answers for scrapes, when the last
+    /// probe is due (see `liveness`), unless the mapping faulted meanwhile (then what
+    /// was read is zeros).
     fn probe_liveness(&self, r: &RegionReader) {
         let at = Instant::now();
+        if lock(&self.liveness).as_ref().is_some_and(|p| !p.due(at)) {
+            return;
+        }
         let slots = r.snapshot().slots;
         if !r.is_poisoned() {
             *lock(&self.liveness) = Some(Arc::new(Probed::new(at, &slots)));
@@ -610,7 +614,7 @@ impl RegionSet {
             let res = catch_unwind(AssertUnwindSafe(|| {
                 let r = self.open_tracked(t)?;
                 let got = if max > 0 { t.drain_once(&r, max) } else { 0 };
-                // Every region's liveness every pass, budget or not (see `liveness`).
+                // Every region's liveness when due, budget or not (see `liveness`).
                 t.probe_liveness(&r);
                 if r.is_poisoned() {
                     self.mapping_faulted(t);
