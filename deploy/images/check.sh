@@ -399,6 +399,7 @@ old_run() {
     local pre=$1 d=$work/sim z=$repo/target/$(uname -m)-unknown-linux-gnu/release
     local libdir=$old_root/lib/$(uname -m)-linux-gnu
     shift
+    [ -S "$d/gpu.sock" ] || { echo "no simulator at $d/gpu.sock (libvigil_enforces starts it)"; return 1; }
     mkdir -p "$d/oldlib"
     "$repo/target/debug/vigil-gpusim" install-libs --driver "$z/libvigil_gpusim_driver.so" "$d/oldlib" >/dev/null || return 1
     env VIGIL_GPUSIM_SOCKET="$d/gpu.sock" CUDA_DEVICE_MEMORY_SHARED_CACHE="$d/old.cache" \

@@ -21,13 +21,13 @@
 //! before the last scan are therefore not used.
 
 use std::time::{Duration, Instant};
+use vigil_region::SlotInfo;
 
 /// The oldest probe a scrape uses.
 pub const MAX_AGE: Duration = Duration::from_secs(1);
 /// How old a region's probe gets before the background pass probes again: probing on
 /// every 100 ms pass cost an idle exporter 1 % of a core at 2,048 live slots.
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
-use vigil_region::SlotInfo;
 
 /// One owner of one slot: a slot reused by another process, or by the same PID after
 /// the region was re-created, is another incarnation. The slot index comes first, so

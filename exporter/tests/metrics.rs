@@ -4,12 +4,12 @@
 mod common;
 use common::*;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use vigil_region::{
     Counter, DetectOutcome, ForceReason, HistogramId, InitParams, LockId, Region, RegionIdentity,
-    RegionReader, Snapshot,
+    RegionReader, SlotHandle, Snapshot,
 };
 
 fn params(limits: Vec<u64>, ns: &str, pod: &str) -> InitParams {
@@ -52,15 +52,22 @@ fn charger_child() {
     wait_to_be_killed();
 }
 
+/// `dir/r.cache` (a 4 GiB limit on device 0) with two live slots: this process, holding
+/// 64 MiB on device 0, and a `charger_child` (576 MiB on device 0, 8 MiB on device 1),
+/// ready to be killed.
+fn region_with_charger(dir: &Path) -> (PathBuf, Region, SlotHandle, std::process::Child) {
+    let path = dir.join("r.cache");
+    let (w, _) = Region::open(&path, &params(vec![4 << 30, 0], "", "")).unwrap();
+    let me = w.claim_slot().unwrap();
+    w.reserve(me, 0, 64 << 20).unwrap();
+    let child = spawn_child("charger_child", "VIGIL_TEST_CHARGER", &path);
+    (path, w, me, child)
+}
+
 #[test]
 fn memory_of_a_killed_process_shows_as_dead_without_writing_the_region() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("r.cache");
-    let (w, _) = Region::open(&path, &params(vec![4 << 30, 0], "", "")).unwrap();
-    // This process stays alive with 64 MiB on device 0.
-    let me = w.claim_slot().unwrap();
-    w.reserve(me, 0, 64 << 20).unwrap();
-    let mut child = spawn_child("charger_child", "VIGIL_TEST_CHARGER", &path);
+    let (path, w, me, mut child) = region_with_charger(dir.path());
     let ex = Exporter::start(&["--region", path.to_str().unwrap()]);
     let p = path.to_str().unwrap();
     let dl = |d: &'static str| [("region", p), ("device", d)];
@@ -137,10 +144,7 @@ fn memory_of_a_killed_process_shows_as_dead_without_writing_the_region() {
 #[test]
 fn a_background_probe_older_than_a_second_is_not_used() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("r.cache");
-    let (w, _) = Region::open(&path, &params(vec![4 << 30, 0], "", "")).unwrap();
-    let _me = w.claim_slot().unwrap();
-    let mut child = spawn_child("charger_child", "VIGIL_TEST_CHARGER", &path);
+    let (path, _w, _me, mut child) = region_with_charger(dir.path());
     let p = path.to_str().unwrap();
     // The only background pass runs at start, and probes both slots alive.
     let ex = Exporter::start_raw(&["--region", p, "--drain.interval", "60m"]);
@@ -435,8 +439,8 @@ fn series_are_exact_and_present_from_the_start() {
     holder.kill().unwrap();
     holder.wait().unwrap();
     w.release_slot(other).unwrap();
-    // Liveness comes from the background pass's probe (every --drain.interval):
-    // the death is seen within one pass.
+    // Liveness comes from the background pass's probe (every 250 ms): the death is
+    // seen within a few tenths of a second.
     wait_until("holder seen dead", Duration::from_secs(10), || {
         ex.scrape().value("vigil_processes", &[("region", label)]) == 1.0
     });
